@@ -1,0 +1,42 @@
+"""Packaging for hostlink_tw, the Twisted agent uplink of a Hostlink control plane."""
+
+from setuptools import setup
+
+setup(
+    name="hostlink_tw",
+    version="0.1.0",
+    description=(
+        "Agent-side WebSocket uplink to a Hostlink control plane, "
+        "on Twisted and Autobahn"
+    ),
+    long_description=open("README.rst", encoding="utf-8").read(),
+    long_description_content_type="text/x-rst",
+    python_requires=">=3.10",
+    # "twisted.plugins" ships our plugin files (no __init__.py there: the
+    # directory belongs to Twisted's namespace of plugin modules).
+    packages=["hostlink_tw", "twisted.plugins"],
+    package_data={"hostlink_tw": ["py.typed"]},
+    install_requires=[
+        "twisted[tls]>=24.7.0",
+        "autobahn>=24.4.2",
+        "txaio>=23.1.1",
+        "cryptography>=42.0.0",
+        "zope.interface>=6.0",
+        "prometheus_client>=0.20.0",
+    ],
+    extras_require={
+        "dev": [
+            "hypothesis>=6.100",
+            "ruff>=0.6",
+            "mypy>=1.10",
+        ],
+    },
+    entry_points={
+        "console_scripts": ["hostlink-tw = hostlink_tw.cli:main"],
+    },
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: MIT License",
+    ],
+)
