@@ -13,10 +13,8 @@ TESTS  ?= tests
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	# compat mode puts the source tree on sys.path, so twistd finds
-	# twisted/plugins/ from a checkout as it does from an installed wheel.
-	$(BIN)/python -m pip install --quiet -e '.[dev]' --config-settings editable_mode=compat
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
 venv: $(STAMP)

@@ -34,9 +34,9 @@ setup(
     entry_points={
         "console_scripts": ["hostlink-tw = hostlink_tw.cli:main"],
     },
+    license="MIT",
     classifiers=[
         "Framework :: Twisted",
         "Programming Language :: Python :: 3",
-        "License :: OSI Approved :: MIT License",
     ],
 )
