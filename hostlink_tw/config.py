@@ -1,0 +1,610 @@
+"""The agent's settings: environment variables and command-line options.
+
+One immutable L{Settings} is built by L{load_settings} from two sources:
+
+* the environment, read I{leniently} as the reference agent reads it
+  (PROTOCOL §4): an empty value means the default, an unparsable value logs a
+  warning and uses the default, a value out of range logs a warning and is
+  clamped to the nearest bound.  An operator's existing environment therefore
+  behaves the same here as with the Go agent;
+* overrides from command-line options, read I{strictly}: a value someone just
+  typed that cannot be used raises L{ConfigError} naming the option and what
+  it accepts, instead of being quietly replaced.
+
+L{SETTINGS} describes every variable once (name, meaning, default, range,
+option name); the README table, the twistd options and the parsing here are
+all driven by it.
+
+Everything here is a plain function of its arguments: no reactor, and the only
+I/O is reading the CA file named by C{HOSTLINK_WS_CA_FILE}.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal, TypeVar
+from urllib.parse import SplitResult, urlsplit, urlunsplit
+
+from cryptography import x509
+from twisted.logger import Logger
+
+from hostlink_tw.duration import DurationError, format_duration, parse_go_duration
+
+__all__ = [
+    "SETTINGS",
+    "ConfigError",
+    "SettingSpec",
+    "Settings",
+    "derive_ws_url",
+    "load_settings",
+]
+
+_log = Logger()
+
+# PROTOCOL §3: the gateway's path below the control plane's base URL.
+_WS_PATH = "/api/v1/agents/ws"
+# PROTOCOL §1 fixes the state file's name inside the state directory.
+_AGENT_STATE_FILENAME = "agent.json"
+# A CA bundle is a few hundred kilobytes at most; refusing anything far larger
+# keeps a mistaken path (a disk image, a log) from being read into memory.
+_CA_FILE_MAX_BYTES = 16 * 1024 * 1024
+
+_TRUE = frozenset({"true", "1", "yes"})
+# Values that disable the flag without a warning.  Anything else outside _TRUE
+# disables it too (PROTOCOL §4) but is reported, since "on" or "ture" was
+# surely meant to enable it.
+_FALSE = frozenset({"", "false", "0", "no", "off"})
+
+_Kind = Literal[
+    "flag", "url", "ws-url", "duration", "bytes", "path", "ca-file", "choice", "endpoint"
+]
+_Number = TypeVar("_Number", int, float)
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used.
+
+    Raised by L{load_settings} for any unusable command-line override and,
+    from either source, for a C{HOSTLINK_WS_CA_FILE} that is set but cannot
+    be read as PEM certificates.  The message is one line naming the option
+    or variable, the value and what would be accepted.
+    """
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """One configuration variable, described once for code and documentation.
+
+    @ivar env: the environment variable, e.g. C{HOSTLINK_WS_RECONNECT_MIN}.
+    @ivar attribute: the L{Settings} attribute it sets.
+    @ivar meaning: a short description for the README table and C{--help}.
+    @ivar default: the default as documentation text (C{"1s"},
+        C{"disabled"}); for durations, integers, paths, URLs and choices it
+        is also the value used.
+    @ivar option: the long command-line option, without dashes.
+    @ivar kind: how the value is parsed.
+    @ivar minimum: the lower bound as text (a Go duration or an integer), or
+        C{""} when unbounded.
+    @ivar maximum: the upper bound, likewise.
+    @ivar choices: the accepted values of a C{"choice"} setting.
+    """
+
+    env: str
+    attribute: str
+    meaning: str
+    default: str
+    option: str
+    kind: _Kind
+    minimum: str = ""
+    maximum: str = ""
+    choices: tuple[str, ...] = ()
+
+    @property
+    def range(self) -> str:
+        """The accepted values as documentation text, or C{""} when any is."""
+        if self.minimum or self.maximum:
+            return f"{self.minimum} \u2013 {self.maximum}"
+        if self.choices:
+            return ", ".join(self.choices)
+        return ""
+
+
+SETTINGS: tuple[SettingSpec, ...] = (
+    SettingSpec(
+        env="HOSTLINK_WS_ENABLED",
+        attribute="enabled",
+        meaning="feature flag: true, 1 or yes (any case) enable the WebSocket uplink",
+        default="disabled",
+        option="enable",
+        kind="flag",
+    ),
+    SettingSpec(
+        env="SH_CONTROL_PLANE_URL",
+        attribute="control_plane_url",
+        meaning="control plane base URL; the gateway URL is derived from it",
+        default="https://api.selfhost.dev",
+        option="control-plane-url",
+        kind="url",
+    ),
+    SettingSpec(
+        env="HOSTLINK_WS_URL",
+        attribute="ws_url",
+        meaning="gateway URL override, used as is",
+        default="derived from SH_CONTROL_PLANE_URL",
+        option="url",
+        kind="ws-url",
+    ),
+    SettingSpec(
+        env="HOSTLINK_WS_RECONNECT_MIN",
+        attribute="reconnect_min",
+        meaning="first reconnect delay",
+        default="1s",
+        option="reconnect-min",
+        kind="duration",
+        minimum="100ms",
+        maximum="5m",
+    ),
+    SettingSpec(
+        env="HOSTLINK_WS_RECONNECT_MAX",
+        attribute="reconnect_max",
+        meaning="reconnect delay ceiling (raised to the minimum if below it)",
+        default="5m",
+        option="reconnect-max",
+        kind="duration",
+        minimum="1s",
+        maximum="1h",
+    ),
+    SettingSpec(
+        env="HOSTLINK_WS_PING_INTERVAL",
+        attribute="ping_interval",
+        meaning="keepalive ping period",
+        default="30s",
+        option="ping-interval",
+        kind="duration",
+        minimum="5s",
+        maximum="5m",
+    ),
+    SettingSpec(
+        env="HOSTLINK_WS_PONG_TIMEOUT",
+        attribute="pong_timeout",
+        meaning="how long to wait for a pong before reconnecting",
+        default="10s",
+        option="pong-timeout",
+        kind="duration",
+        minimum="1s",
+        maximum="5m",
+    ),
+    SettingSpec(
+        env="HOSTLINK_WS_HELLO_TIMEOUT",
+        attribute="hello_timeout",
+        meaning="how long to wait for agent.hello_ack before reconnecting",
+        default="30s",
+        option="hello-timeout",
+        kind="duration",
+        minimum="1s",
+        maximum="5m",
+    ),
+    SettingSpec(
+        env="HOSTLINK_WS_HANDSHAKE_TIMEOUT",
+        attribute="handshake_timeout",
+        meaning="limit on connecting, TLS and the WebSocket upgrade together",
+        default="30s",
+        option="handshake-timeout",
+        kind="duration",
+        minimum="1s",
+        maximum="5m",
+    ),
+    SettingSpec(
+        env="HOSTLINK_WS_MAX_MESSAGE_BYTES",
+        attribute="max_message_bytes",
+        meaning="largest inbound message accepted, in bytes",
+        default="1048576",
+        option="max-message-bytes",
+        kind="bytes",
+        minimum="1024",
+        maximum="67108864",
+    ),
+    SettingSpec(
+        env="HOSTLINK_WS_CA_FILE",
+        attribute="ca_file",
+        meaning="PEM file of extra trusted CA certificates (must exist and parse when set)",
+        default="unset (system CAs only)",
+        option="ca-file",
+        kind="ca-file",
+    ),
+    SettingSpec(
+        env="HOSTLINK_WS_RECONNECT_JITTER",
+        attribute="reconnect_jitter",
+        meaning="reconnect jitter: go (uniform \u00b125 %, as the Go agent) or full",
+        default="go",
+        option="reconnect-jitter",
+        kind="choice",
+        choices=("go", "full"),
+    ),
+    SettingSpec(
+        env="HOSTLINK_WS_STATUS_LISTEN",
+        attribute="status_listen",
+        meaning="Twisted endpoint for the local status page, e.g. tcp:8089:interface=127.0.0.1",
+        default="unset (no status page)",
+        option="status-listen",
+        kind="endpoint",
+    ),
+    SettingSpec(
+        env="HOSTLINK_STATE_PATH",
+        attribute="state_path",
+        meaning="state directory holding agent.json",
+        default="/var/lib/hostlink",
+        option="state-path",
+        kind="path",
+    ),
+    SettingSpec(
+        env="HOSTLINK_PRIVATE_KEY_PATH",
+        attribute="private_key_path",
+        meaning="agent RSA private key (PEM)",
+        default="/var/lib/hostlink/agent.key",
+        option="private-key-path",
+        kind="path",
+    ),
+)
+
+_SPECS: dict[str, SettingSpec] = {spec.env: spec for spec in SETTINGS}
+
+
+def _spec(env: str) -> SettingSpec:
+    return _SPECS[env]
+
+
+def _default_duration(env: str) -> float:
+    return parse_go_duration(_spec(env).default)
+
+
+def derive_ws_url(control_plane_url: str, log: Logger | None = None) -> str:
+    """The gateway URL for a control plane base URL (PROTOCOL §3).
+
+    The scheme C{https} becomes C{wss} and C{http} becomes C{ws} (any other
+    scheme is kept), and C{/api/v1/agents/ws} is joined onto the existing
+    path, whatever trailing slashes it has::
+
+        https://api.selfhost.dev      -> wss://api.selfhost.dev/api/v1/agents/ws
+        https://cp.example/base/      -> wss://cp.example/base/api/v1/agents/ws
+        http://cp.example:8080?x=1#y  -> ws://cp.example:8080/api/v1/agents/ws?x=1
+
+    A query is kept, after the new path: a deployment behind a gateway that
+    routes on it needs it on the upgrade too.  A fragment is dropped: RFC 6455
+    forbids fragments in WebSocket URLs.
+
+    A URL that cannot be parsed (bad brackets, a non-numeric port, a bad
+    C{%} escape, whitespace or control characters) is logged as a warning
+    and the path is appended to it as text, as the reference agent does.
+    """
+    parts = _split_url(control_plane_url)
+    if parts is None:
+        used = control_plane_url.rstrip("/") + _WS_PATH
+        (log or _log).warn(
+            "SH_CONTROL_PLANE_URL={value!r} cannot be parsed as a URL; "
+            "using {used!r} as the WebSocket URL",
+            variable="SH_CONTROL_PLANE_URL",
+            value=control_plane_url,
+            used=used,
+            reason="unparsable URL",
+        )
+        return used
+    scheme = {"https": "wss", "http": "ws"}.get(parts.scheme, parts.scheme)
+    path = parts.path.rstrip("/") + _WS_PATH
+    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+
+_BAD_URL_CHARACTERS = re.compile(r"[\x00-\x20\x7f]")
+_BAD_PERCENT_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def _split_url(text: str) -> SplitResult | None:
+    """Split *text* as a URL, or return C{None} where Go's parser would fail."""
+    if _BAD_URL_CHARACTERS.search(text) or _BAD_PERCENT_ESCAPE.search(text):
+        return None
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - urlsplit checks the port only when asked
+    except ValueError:
+        return None
+    return parts
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the agent is configured with; durations are in seconds.
+
+    Build it with L{load_settings}.  Every field has the documented default,
+    so C{Settings()} equals C{load_settings({})} and tests can name only the
+    fields they care about (note that C{ws_url} is not re-derived when only
+    C{control_plane_url} is given).
+    """
+
+    enabled: bool = False
+    ws_url: str = field(
+        default_factory=lambda: derive_ws_url(_spec("SH_CONTROL_PLANE_URL").default)
+    )
+    control_plane_url: str = _spec("SH_CONTROL_PLANE_URL").default
+    reconnect_min: float = _default_duration("HOSTLINK_WS_RECONNECT_MIN")
+    reconnect_max: float = _default_duration("HOSTLINK_WS_RECONNECT_MAX")
+    ping_interval: float = _default_duration("HOSTLINK_WS_PING_INTERVAL")
+    pong_timeout: float = _default_duration("HOSTLINK_WS_PONG_TIMEOUT")
+    hello_timeout: float = _default_duration("HOSTLINK_WS_HELLO_TIMEOUT")
+    handshake_timeout: float = _default_duration("HOSTLINK_WS_HANDSHAKE_TIMEOUT")
+    max_message_bytes: int = int(_spec("HOSTLINK_WS_MAX_MESSAGE_BYTES").default)
+    ca_file: str | None = None
+    reconnect_jitter: str = _spec("HOSTLINK_WS_RECONNECT_JITTER").default
+    status_listen: str | None = None
+    state_path: str = _spec("HOSTLINK_STATE_PATH").default
+    private_key_path: str = _spec("HOSTLINK_PRIVATE_KEY_PATH").default
+
+    @property
+    def agent_state_file(self) -> str:
+        """The agent state file, C{agent.json} inside L{state_path}."""
+        return os.path.join(self.state_path, _AGENT_STATE_FILENAME)
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, str] | None = None,
+    log: Logger | None = None,
+) -> Settings:
+    """Build L{Settings} from the environment and command-line overrides.
+
+    @param environ: the environment (default L{os.environ}), read leniently:
+        empty means the default, unparsable warns and uses the default, out
+        of range warns and clamps.  C{HOSTLINK_WS_RECONNECT_MAX} below
+        C{HOSTLINK_WS_RECONNECT_MIN} warns and is raised to it.
+    @param overrides: raw option values keyed by environment variable name
+        (see L{SettingSpec.env}); they win over C{environ} and are read
+        strictly.  An empty override means "unset" for the optional settings
+        (C{HOSTLINK_WS_URL}, C{HOSTLINK_WS_CA_FILE},
+        C{HOSTLINK_WS_STATUS_LISTEN}) and is an error for the others.
+    @param log: where warnings go; each is a warning-level event with the
+        fields C{variable}, C{value} (the text given), C{used} (the value used,
+        as text) and C{reason}.
+
+    C{HOSTLINK_WS_CA_FILE}, when set from either source, must be a readable
+    file holding at least one PEM certificate.  An unusable one raises
+    L{ConfigError} even from the environment: ignoring it would silently
+    drop the CA the operator asked to trust, and the agent would then fail
+    every TLS handshake with a misleading certificate error instead of
+    saying what is wrong at startup.
+
+    C{HOSTLINK_WS_STATUS_LISTEN} is kept as text: checking an endpoint
+    description needs the reactor's endpoint parsers, which run where the
+    status page is started.
+
+    @raise ConfigError: for an unusable override, an unknown override name,
+        or an unusable CA file.
+    """
+    reader = _Reader(
+        os.environ if environ is None else environ,
+        {} if overrides is None else overrides,
+        _log if log is None else log,
+    )
+    control_plane_url = reader.text("SH_CONTROL_PLANE_URL")
+    ws_url = reader.optional("HOSTLINK_WS_URL")
+    reconnect_min = reader.duration("HOSTLINK_WS_RECONNECT_MIN")
+    reconnect_max = reader.duration("HOSTLINK_WS_RECONNECT_MAX")
+    if reconnect_max < reconnect_min:
+        reconnect_max = reader.raise_to_minimum(
+            "HOSTLINK_WS_RECONNECT_MAX", reconnect_max, "HOSTLINK_WS_RECONNECT_MIN", reconnect_min
+        )
+    return Settings(
+        enabled=reader.flag("HOSTLINK_WS_ENABLED"),
+        ws_url=ws_url if ws_url is not None else derive_ws_url(control_plane_url, reader.log),
+        control_plane_url=control_plane_url,
+        reconnect_min=reconnect_min,
+        reconnect_max=reconnect_max,
+        ping_interval=reader.duration("HOSTLINK_WS_PING_INTERVAL"),
+        pong_timeout=reader.duration("HOSTLINK_WS_PONG_TIMEOUT"),
+        hello_timeout=reader.duration("HOSTLINK_WS_HELLO_TIMEOUT"),
+        handshake_timeout=reader.duration("HOSTLINK_WS_HANDSHAKE_TIMEOUT"),
+        max_message_bytes=reader.integer("HOSTLINK_WS_MAX_MESSAGE_BYTES"),
+        ca_file=reader.optional("HOSTLINK_WS_CA_FILE"),
+        reconnect_jitter=reader.choice("HOSTLINK_WS_RECONNECT_JITTER"),
+        status_listen=reader.optional("HOSTLINK_WS_STATUS_LISTEN"),
+        state_path=reader.text("HOSTLINK_STATE_PATH"),
+        private_key_path=reader.text("HOSTLINK_PRIVATE_KEY_PATH"),
+    )
+
+
+class _Reader:
+    """Reads one setting at a time, from an override (strict) or the environment.
+
+    Each method takes the variable's name, looks its L{SettingSpec} up for the
+    default and bounds, and returns the typed value, warning or raising as the
+    source demands.
+    """
+
+    def __init__(self, environ: Mapping[str, str], overrides: Mapping[str, str], log: Logger):
+        unknown = sorted(set(overrides) - set(_SPECS))
+        if unknown:
+            raise ConfigError(f"unknown setting {unknown[0]!r} in overrides")
+        self._environ = environ
+        self._overrides = overrides
+        self.log = log
+
+    def _get(self, env: str, *kinds: _Kind) -> tuple[SettingSpec, str, bool]:
+        """The spec, the raw text and whether it came from an override."""
+        spec = _spec(env)
+        # A mismatch is a bug in load_settings, not a user error.
+        assert spec.kind in kinds, (env, spec.kind, kinds)
+        if env in self._overrides:
+            return spec, self._overrides[env], True
+        return spec, self._environ.get(env, ""), False
+
+    def _warn(self, spec: SettingSpec, value: str, used: str, reason: str) -> None:
+        self.log.warn(
+            "{variable}={value!r} {reason}; using {used}",
+            variable=spec.env,
+            value=value,
+            used=used,
+            reason=reason,
+        )
+
+    def flag(self, env: str) -> bool:
+        """A feature flag: C{true}, C{1} or C{yes}, in any case, enable it."""
+        spec, raw, strict = self._get(env, "flag")
+        word = raw.strip().lower()
+        if word in _TRUE:
+            return True
+        if word not in _FALSE or (strict and not word):
+            if strict:
+                accepted = "true, 1, yes, false, 0, no"
+                raise _strict_error(spec, raw, "is not a yes/no value", accepted)
+            self._warn(spec, raw, "disabled", "is not one of true, 1, yes")
+        return False
+
+    def duration(self, env: str) -> float:
+        """A Go duration within the spec's bounds, in seconds."""
+        spec, raw, strict = self._get(env, "duration")
+        low, high = parse_go_duration(spec.minimum), parse_go_duration(spec.maximum)
+        if raw == "" and not strict:
+            return parse_go_duration(spec.default)
+        try:
+            value = parse_go_duration(raw)
+        except DurationError as error:
+            if strict:
+                problem = "is not a Go duration such as 300ms, 1.5s or 2m"
+                raise _strict_error(spec, raw, problem) from error
+            self._warn(spec, raw, spec.default, "is not a Go duration")
+            return parse_go_duration(spec.default)
+        return self._bounded(spec, raw, strict, value, low, high)
+
+    def integer(self, env: str) -> int:
+        """A decimal integer within the spec's bounds."""
+        spec, raw, strict = self._get(env, "bytes")
+        low, high = int(spec.minimum), int(spec.maximum)
+        if raw == "" and not strict:
+            return int(spec.default)
+        # int() alone would also take "1_000", " 5" and non-ASCII digits.
+        if re.fullmatch(r"[-+]?[0-9]+", raw, re.ASCII) is None:
+            if strict:
+                raise _strict_error(spec, raw, "is not a whole number of bytes")
+            self._warn(spec, raw, spec.default, "is not a whole number")
+            return int(spec.default)
+        return self._bounded(spec, raw, strict, int(raw), low, high)
+
+    def _bounded(
+        self,
+        spec: SettingSpec,
+        raw: str,
+        strict: bool,
+        value: _Number,
+        low: _Number,
+        high: _Number,
+    ) -> _Number:
+        """*value* if within [low, high]; otherwise clamp with a warning, or raise."""
+        if low <= value <= high:
+            return value
+        if strict:
+            raise _strict_error(spec, raw, "is out of range")
+        bound, text = (low, spec.minimum) if value < low else (high, spec.maximum)
+        self._warn(spec, raw, text, f"is outside {spec.range}")
+        return bound
+
+    def raise_to_minimum(
+        self, env: str, value: float, minimum_env: str, minimum: float
+    ) -> float:
+        """Resolve a ceiling below its floor: raise it, or refuse an override."""
+        spec, raw, strict = self._get(env, "duration")
+        if strict:
+            raise ConfigError(
+                f"--{spec.option} ({spec.env}): {raw!r} is below "
+                f"{minimum_env} ({_show_duration(minimum)}); "
+                f"accepted: {_show_duration(minimum)} \u2013 {spec.maximum}"
+            )
+        self.log.warn(
+            "{variable}={value!r} is below {minimum_variable}; using {used}",
+            variable=spec.env,
+            value=raw if raw else spec.default,
+            used=_show_duration(minimum),
+            reason=f"below {minimum_env}",
+            minimum_variable=minimum_env,
+        )
+        return minimum
+
+    def text(self, env: str) -> str:
+        """A URL or path: empty means the default; an override must not be empty."""
+        spec, raw, strict = self._get(env, "url", "path")
+        if spec.kind == "url":
+            # URLs are trimmed as HOSTLINK_WS_URL is (PROTOCOL §3); paths are taken as given.
+            raw = raw.strip()
+        if not strict:
+            return raw or spec.default
+        if not raw:
+            raise _strict_error(spec, raw, "is empty")
+        if spec.kind == "url":
+            parts = _split_url(raw)
+            if parts is None or not parts.scheme or not parts.netloc:
+                raise _strict_error(spec, raw, "is not an absolute URL", "e.g. https://cp.example")
+        return raw
+
+    def optional(self, env: str) -> str | None:
+        """A setting that may be unset: the gateway URL, the CA file, the status endpoint."""
+        spec, raw, strict = self._get(env, "ws-url", "ca-file", "endpoint")
+        if spec.kind == "ca-file":
+            # A path may legitimately start or end with a space: only empty is unset.
+            if raw == "":
+                return None
+            _check_ca_file(spec, raw, strict)
+            return raw
+        value = raw.strip()
+        if not value:
+            return None
+        if strict and spec.kind == "ws-url":
+            parts = _split_url(value)
+            if parts is None or parts.scheme not in ("ws", "wss") or not parts.netloc:
+                raise _strict_error(
+                    spec, raw, "is not a ws:// or wss:// URL", "e.g. wss://cp.example/api/v1/agents/ws"
+                )
+        return value
+
+    def choice(self, env: str) -> str:
+        """One of the spec's choices, in any case; anything else means the default."""
+        spec, raw, strict = self._get(env, "choice")
+        word = raw.strip().lower()
+        if word in spec.choices:
+            return word
+        if strict:
+            raise _strict_error(spec, raw, "is not a known choice")
+        if word:
+            self._warn(spec, raw, spec.default, f"is not one of {spec.range}")
+        return spec.default
+
+
+def _show_duration(seconds: float) -> str:
+    """Go's form without its trailing zero units: C{5m}, not C{5m0s}, as in L{SETTINGS}."""
+    text = re.sub(r"([hm])0s$", r"\1", format_duration(seconds))
+    return re.sub(r"h0m$", "h", text)
+
+
+def _strict_error(spec: SettingSpec, raw: str, problem: str, accepted: str = "") -> ConfigError:
+    """The one-line error for an unusable command-line value."""
+    accepted = accepted or spec.range
+    suffix = f"; accepted: {accepted}" if accepted else ""
+    return ConfigError(f"--{spec.option} ({spec.env}): {raw!r} {problem}{suffix}")
+
+
+def _check_ca_file(spec: SettingSpec, path: str, strict: bool) -> None:
+    """Refuse a CA file that cannot be read or holds no PEM certificate."""
+    where = f"--{spec.option} ({spec.env})" if strict else spec.env
+    fix = "point it at a PEM file of CA certificates, or unset it"
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(_CA_FILE_MAX_BYTES + 1)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise ConfigError(f"{where}: cannot read {path!r} ({reason}); {fix}") from error
+    if len(data) > _CA_FILE_MAX_BYTES:
+        raise ConfigError(f"{where}: {path!r} is larger than a CA bundle can be; {fix}")
+    try:
+        x509.load_pem_x509_certificates(data)
+    except ValueError as error:
+        # cryptography's own message is about PEM framing, not about this file.
+        raise ConfigError(f"{where}: {path!r} holds no PEM certificate; {fix}") from error
