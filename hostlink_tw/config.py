@@ -276,9 +276,10 @@ def derive_ws_url(control_plane_url: str, log: Logger | None = None) -> str:
     routes on it needs it on the upgrade too.  A fragment is dropped: RFC 6455
     forbids fragments in WebSocket URLs.
 
-    A URL that cannot be parsed (bad brackets, a non-numeric port, a bad
-    C{%} escape, whitespace or control characters) is logged as a warning
-    and the path is appended to it as text, as the reference agent does.
+    A URL that cannot be parsed (bad brackets, a port that is not a number
+    from 0 to 65535, a bad C{%} escape, whitespace or control characters) is
+    logged as a warning and the path is appended to it as text (PROTOCOL §3),
+    after dropping its trailing slashes.
     """
     parts = _split_url(control_plane_url)
     if parts is None:
