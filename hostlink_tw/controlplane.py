@@ -1,0 +1,1439 @@
+"""
+The reference Hostlink control plane: a real agent gateway for tests, demos
+and local development.
+
+It serves the server side of the Hostlink agent protocol (PROTOCOL.md) over
+Autobahn and Twisted Web, on any Twisted server endpoint (``tcp:…`` plain,
+``ssl:…`` TLS), on one listener:
+
+* ``GET /api/v1/agents/ws`` — the agent gateway (WebSocket upgrade).  Every
+  upgrade is authenticated from the four signed headers (PROTOCOL §2):
+  agent known, timestamp within ±C{max_skew} of our clock, RSA-PSS signature
+  valid (salt length auto-detected, as Go's C{VerifyPSS(…, nil)}), nonce not
+  seen inside the window.  Refusals are HTTP 401 with a short text body and
+  one log line; a full nonce memory answers 503.
+* ``GET /healthz`` — C{200 ok}.
+* ``GET /status`` — JSON: the open sessions.
+* anything else — 404.
+
+Sessions
+========
+The agent's first message must be C{agent.hello}; it is answered with
+C{agent.hello_ack} acking its C{message_id}, and from then on the session is
+I{active}.  Each inbound frame is validated against the authenticated agent
+id; an invalid one gets an C{error} envelope (C{retryable: false}) and a
+close.  C{task.*} messages are acknowledged with C{ack}.
+
+Close codes this control plane sends:
+
+==========  ===========================================================
+1000        closed on request (L{Session.close} default)
+1001        the control plane is stopping (L{ControlPlane.stop})
+1007        a frame is not valid UTF-8 or not valid JSON (L{CLOSE_INVALID_PAYLOAD})
+1008        a policy violation: invalid envelope, binary frame, wrong first
+            message, a type an agent may not send (L{CLOSE_POLICY})
+1009        a message larger than C{max_message_bytes} (L{CLOSE_TOO_BIG})
+4001        replaced: the same agent opened a newer session (L{CLOSE_REPLACED})
+==========  ===========================================================
+
+In-process use (tests, demos)
+=============================
+::
+
+    from hostlink_tw.controlplane import start_control_plane
+
+    cp = yield start_control_plane({"agent-1": public_key})   # RSAPublicKey or base64/PEM text
+    cp.ws_url                       # "ws://127.0.0.1:<port>/api/v1/agents/ws"
+    session = yield cp.wait_active("agent-1", timeout=10)   # hello acked
+    cp.send_envelope("agent-1", make_envelope(ACK, "agent-1", {...}))
+    cp.close("agent-1", 1008, "policy")   # any code, 1001/1008/… included
+    cp.abort("agent-1")                   # drop TCP, no close frame
+    cp.answer_pings = False               # stop answering the agent's pings
+    cp.refuse_upgrades(503, duration=5)   # refuse every upgrade for 5 s
+    cp.stall_upgrades()                   # hold upgrades unanswered (clear_stall() releases)
+    cp.withhold_hello_ack = True          # hellos stay unanswered
+    cp.attempts                           # every upgrade attempt and its verdict
+    yield cp.stop()                       # closes everything, stops listening
+
+Options (keyword arguments of L{ControlPlane} and L{start_control_plane}):
+C{agents_file}, C{clock}, C{max_skew}, C{max_message_bytes},
+C{handshake_timeout}, C{ping_interval}, C{ping_timeout}, C{max_connections},
+C{nonce_cache_size}, C{reload_interval}, C{log}.  As a daemon it runs under
+twistd: ``twistd -n hostlink-controlplane --agents agents.json``
+(L{hostlink_tw.controlplane_tap}).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+import txaio
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IAddress, ISSLTransport
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
+from twisted.web.pages import notFound
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request, Site
+from zope.interface import directlyProvides, noLongerProvides, providedBy
+
+from hostlink_tw.identity import IdentityError, load_public_key
+from hostlink_tw.protocol import (
+    ACK,
+    AGENT_HELLO,
+    AGENT_HELLO_ACK,
+    DUPLICATE_KEY,
+    ERROR,
+    INVALID_JSON,
+    INVALID_UTF8,
+    NESTING_TOO_DEEP,
+    NUMBER_OUT_OF_RANGE,
+    TASK_OUTPUT,
+    TASK_TYPES,
+    Envelope,
+    ProtocolError,
+    ack_payload,
+    error_payload,
+    format_sent_at,
+    make_envelope,
+)
+from hostlink_tw.signing import (
+    HEADER_AGENT_ID,
+    HEADER_NONCE,
+    HEADER_SIGNATURE,
+    HEADER_TIMESTAMP,
+    verify_signature,
+)
+
+__all__ = [
+    "CLOSE_GOING_AWAY",
+    "CLOSE_INVALID_PAYLOAD",
+    "CLOSE_NORMAL",
+    "CLOSE_POLICY",
+    "CLOSE_REPLACED",
+    "CLOSE_TOO_BIG",
+    "GATEWAY_PATH",
+    "AgentsFileError",
+    "ConnectionAttempt",
+    "ControlPlane",
+    "NoSessionError",
+    "NonceCache",
+    "Session",
+    "load_agents_file",
+    "parse_agents",
+    "start_control_plane",
+]
+
+log = Logger()
+
+#: Where agents open their WebSocket (PROTOCOL §3).
+GATEWAY_PATH = "/api/v1/agents/ws"
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+#: A frame that is not UTF-8 or not JSON.
+CLOSE_INVALID_PAYLOAD = 1007
+#: An envelope that breaks the protocol's rules, or a binary frame.
+CLOSE_POLICY = 1008
+#: A message larger than the configured maximum.
+CLOSE_TOO_BIG = 1009
+#: The agent opened a newer session; this one is closed (private-use range).
+CLOSE_REPLACED = 4001
+CLOSE_ABNORMAL = 1006
+
+DEFAULT_MAX_SKEW = 300.0
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_PING_INTERVAL = 30.0
+DEFAULT_PING_TIMEOUT = 20.0
+DEFAULT_MAX_CONNECTIONS = 1000
+DEFAULT_NONCE_CACHE_SIZE = 100_000
+DEFAULT_RELOAD_INTERVAL = 1.0
+DEFAULT_LISTEN = "tcp:0:interface=127.0.0.1"
+
+# A nonce is 24 characters of base64; anything far longer is not a nonce and
+# must not be allowed to grow the replay memory.
+_MAX_NONCE_LENGTH = 128
+_MAX_AGENT_ID_LENGTH = 256
+# Go's strconv.ParseInt syntax for the timestamp: ASCII digits, optional sign.
+_TIMESTAMP = re.compile(r"[+-]?[0-9]{1,19}", re.ASCII)
+_BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?", re.ASCII)
+# Frames that fail before there is any JSON object to look at: close 1007.
+_PAYLOAD_ERRORS = frozenset(
+    {INVALID_UTF8, INVALID_JSON, NESTING_TOO_DEEP, NUMBER_OUT_OF_RANGE, DUPLICATE_KEY}
+)
+# The agents file is a few keys; refusing huge files keeps a mistake cheap.
+_MAX_AGENTS_FILE_BYTES = 16 << 20
+_RECEIVED_KEPT = 1000
+
+
+class AgentsFileError(ValueError):
+    """The authorized-agents file (or mapping) cannot be used; the message says why."""
+
+
+class NoSessionError(KeyError):
+    """The agent has no open session on this control plane."""
+
+    def __str__(self) -> str:
+        return f"no open session for agent {self.args[0]!r}"
+
+
+def parse_agents(agents: Mapping[str, object], source: str = "agents") -> dict[str, RSAPublicKey]:
+    """
+    Check an agent id → public key mapping.
+
+    @param agents: Values are L{RSAPublicKey} objects, or text: standard
+        base64 of the PKIX DER encoding (what the Go control plane stores)
+        or PEM.
+    @param source: Names the origin in error messages (a file path).
+    @raise AgentsFileError: An id is empty or not a string, or a key cannot
+        be parsed.
+    """
+    if not isinstance(agents, Mapping):
+        raise AgentsFileError(
+            f"{source}: must be a JSON object mapping agent id to public key, "
+            f"not {type(agents).__name__}"
+        )
+    result: dict[str, RSAPublicKey] = {}
+    for agent_id, key in agents.items():
+        if not isinstance(agent_id, str) or not agent_id.strip():
+            raise AgentsFileError(f"{source}: agent id {agent_id!r} must be a non-empty string")
+        if isinstance(key, RSAPublicKey):
+            result[agent_id] = key
+            continue
+        if not isinstance(key, str):
+            raise AgentsFileError(
+                f"{source}: agent {agent_id!r}: the public key must be a string "
+                f"(base64 of PKIX DER, or PEM), not {type(key).__name__}"
+            )
+        try:
+            result[agent_id] = load_public_key(key)
+        except IdentityError as e:
+            raise AgentsFileError(f"{source}: agent {agent_id!r}: {e}") from None
+    return result
+
+
+def load_agents_file(path: str) -> dict[str, RSAPublicKey]:
+    """
+    Read the authorized-agents file: a JSON object mapping agent id to
+    public key (see L{parse_agents}).
+
+    @raise AgentsFileError: The file is missing, unreadable, not JSON, or
+        holds a bad entry; the message names the file.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_MAX_AGENTS_FILE_BYTES + 1)
+    except OSError as e:
+        raise AgentsFileError(f"{path}: cannot read the agents file: {e.strerror or e}") from None
+    if len(data) > _MAX_AGENTS_FILE_BYTES:
+        raise AgentsFileError(f"{path}: the agents file is larger than 16 MiB")
+    try:
+        document = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise AgentsFileError(f"{path}: not valid JSON: {e}") from None
+    return parse_agents(document, source=path)
+
+
+class NonceCache:
+    """
+    The replay memory: nonces accepted inside the time window.
+
+    An entry is kept until its signed timestamp leaves the window (after
+    that the same headers are refused as stale anyway), so memory is bounded
+    by the request rate; C{max_entries} is the hard cap on top.
+    """
+
+    def __init__(self, window: float, max_entries: int) -> None:
+        """
+        @param window: Seconds a timestamp stays acceptable (the max skew).
+        @param max_entries: Hard cap on remembered nonces.
+        """
+        self.window = window
+        self.max_entries = max_entries
+        self._expiry: dict[tuple[str, str], float] = {}
+        self._heap: list[tuple[float, tuple[str, str]]] = []
+
+    def __len__(self) -> int:
+        return len(self._expiry)
+
+    def evict(self, now: float) -> None:
+        """Forget every nonce whose timestamp left the window before C{now}."""
+        while self._heap and self._heap[0][0] < now:
+            expires, key = heapq.heappop(self._heap)
+            if self._expiry.get(key) == expires:
+                del self._expiry[key]
+
+    def seen(self, agent_id: str, nonce: str, now: float) -> bool:
+        """True if this agent used this nonce inside the window."""
+        self.evict(now)
+        return (agent_id, nonce) in self._expiry
+
+    def full(self, now: float) -> bool:
+        """True if no new nonce can be remembered (after eviction)."""
+        self.evict(now)
+        return len(self._expiry) >= self.max_entries
+
+    def add(self, agent_id: str, nonce: str, timestamp: float) -> None:
+        """Remember a nonce until C{timestamp + window}."""
+        expires = timestamp + self.window
+        key = (agent_id, nonce)
+        self._expiry[key] = expires
+        heapq.heappush(self._heap, (expires, key))
+
+    def clear(self) -> None:
+        """Forget every nonce."""
+        self._expiry.clear()
+        self._heap.clear()
+
+
+@dataclass(frozen=True)
+class ConnectionAttempt:
+    """
+    One upgrade attempt as the control plane judged it (kept in memory for
+    tests; never logged, as it holds the nonce).
+
+    @ivar status: 101 when accepted, else the HTTP status of the refusal.
+    """
+
+    at: float
+    remote: str
+    path: str
+    agent_id: str | None
+    timestamp: str | None
+    nonce: str | None
+    status: int
+    reason: str
+
+    @property
+    def accepted(self) -> bool:
+        """True if the upgrade was accepted."""
+        return self.status == 101
+
+
+class Session:
+    """
+    One open WebSocket session of an authenticated agent.
+
+    Counters and timestamps are what C{/status} reports.  C{received} keeps
+    the last inbound envelopes (for tests).
+    """
+
+    def __init__(self, protocol: _GatewayProtocol, agent_id: str, remote: str, now: float) -> None:
+        self._protocol = protocol
+        self.agent_id = agent_id
+        self.remote = remote
+        self.connected_since = now
+        self.last_message_at: float | None = None
+        self.messages_in = 0
+        self.messages_out = 0
+        self.pings_received = 0
+        self.active = False
+        self.active_since: float | None = None
+        self.hello_message_id: str | None = None
+        self.received: deque[Envelope] = deque(maxlen=_RECEIVED_KEPT)
+        self.close_code: int | None = None
+        self.close_reason: str | None = None
+        self.closed = False
+        self._closed_waiters: list[Deferred[int | None]] = []
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("active" if self.active else "open")
+        return f"<Session agent_id={self.agent_id!r} remote={self.remote} {state}>"
+
+    def send_envelope(self, envelope: Envelope) -> None:
+        """Send one envelope as a text frame (not validated: tests may send bad ones)."""
+        self.send_text(envelope.to_json())
+
+    def send_text(self, text: str) -> None:
+        """Send a raw text frame."""
+        self._protocol.send_frame(text.encode("utf-8"), is_binary=False)
+
+    def send_binary(self, data: bytes) -> None:
+        """Send a raw binary frame."""
+        self._protocol.send_frame(data, is_binary=True)
+
+    def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> Deferred[int | None]:
+        """
+        Start the closing handshake with any code (1001, 1008, 4xxx… are
+        all allowed here) and fire with the close code once the connection
+        is gone.
+        """
+        self._protocol.close_with(code, reason)
+        return self.when_closed()
+
+    def abort(self) -> Deferred[int | None]:
+        """Drop the TCP connection without a close frame; fire when it is gone."""
+        self._protocol.abort()
+        return self.when_closed()
+
+    def when_closed(self) -> Deferred[int | None]:
+        """Fire with the close code once the connection is gone."""
+        if self.closed:
+            return defer.succeed(self.close_code)
+        d: Deferred[int | None] = Deferred()
+        self._closed_waiters.append(d)
+        return d
+
+    def snapshot(self) -> dict[str, Any]:
+        """The JSON-able state C{/status} shows."""
+        return {
+            "agent_id": self.agent_id,
+            "remote": self.remote,
+            "active": self.active,
+            "connected_since": format_sent_at(self.connected_since),
+            "last_message_at": (
+                None if self.last_message_at is None else format_sent_at(self.last_message_at)
+            ),
+            "messages_in": self.messages_in,
+            "messages_out": self.messages_out,
+        }
+
+    def _ended(self, code: int | None, reason: str | None) -> None:
+        self.closed = True
+        self.active = False
+        self.close_code = code
+        self.close_reason = reason
+        waiters, self._closed_waiters = self._closed_waiters, []
+        for d in waiters:
+            d.callback(code)
+
+
+def _printable(text: str | None, limit: int = 128) -> str:
+    """A header value made safe for one log line (hostile input)."""
+    if text is None:
+        return "-"
+    cleaned = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return cleaned + ("…" if len(text) > limit else "")
+
+
+def _phrase(status: int) -> str:
+    """The standard reason phrase of an HTTP status."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def _format_address(address: IAddress | str) -> str:
+    if isinstance(address, (IPv4Address, IPv6Address)):
+        host = f"[{address.host}]" if isinstance(address, IPv6Address) else address.host
+        return f"{host}:{address.port}"
+    return str(address)
+
+
+class _GatewayProtocol(WebSocketServerProtocol):
+    """One agent connection: the authenticated upgrade, then the session."""
+
+    # Autobahn's debug lines would show the request headers, signature and
+    # nonce included: pin its logger at warn whatever the global level.
+    log = txaio.make_logger(level="warn")  # type: ignore[attr-defined]
+
+    factory: _GatewayFactory
+    _agent_id: str | None = None
+    _session: Session | None = None
+    _attempt_recorded = False
+    _stalled: Deferred[None] | None = None
+
+    @property
+    def _cp(self) -> ControlPlane:
+        return self.factory.control_plane
+
+    @property
+    def remote(self) -> str:
+        """The peer as C{host:port}."""
+        transport: Any = self.transport
+        if transport is None:
+            return "-"
+        return _format_address(transport.getPeer())
+
+    # -- connection lifetime ------------------------------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._cp._connections.add(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cp._connections.discard(self)
+        self._cp._stalled.pop(self, None)
+        # Autobahn leaves a pending close-handshake timer behind when the
+        # peer vanishes mid-close; cancel it so nothing outlives the socket.
+        call = getattr(self, "closeHandshakeTimeoutCall", None)
+        if call is not None:
+            call.cancel()
+            self.closeHandshakeTimeoutCall = None
+        super().connectionLost(reason)
+
+    # -- the upgrade ----------------------------------------------------------
+
+    def onConnect(self, request: ConnectionRequest) -> Any:
+        cp = self._cp
+        if request.path != GATEWAY_PATH:
+            raise self._deny(request, 404, "not found")
+        if self.factory.countConnections > cp.max_connections:
+            raise self._deny(request, 503, "too many connections")
+        if cp._refusal is not None:
+            raise self._deny(request, cp._refusal[0], cp._refusal[1])
+        if cp._stalling:
+            # Hold the upgrade unanswered (for client handshake-timeout
+            # tests) until clear_stall() releases it into the normal path.
+            d: Deferred[None] = Deferred()
+            cp._stalled[self] = d
+            d.addCallback(lambda _: self._authenticate(request))
+            return d
+        self._authenticate(request)
+        return None
+
+    def _authenticate(self, request: ConnectionRequest) -> None:
+        cp = self._cp
+        headers = request.headers
+        agent_id = headers.get(HEADER_AGENT_ID.lower(), "")
+        timestamp = headers.get(HEADER_TIMESTAMP.lower(), "")
+        nonce = headers.get(HEADER_NONCE.lower(), "")
+        signature = headers.get(HEADER_SIGNATURE.lower(), "")
+        for name, value in (
+            (HEADER_AGENT_ID, agent_id),
+            (HEADER_TIMESTAMP, timestamp),
+            (HEADER_NONCE, nonce),
+            (HEADER_SIGNATURE, signature),
+        ):
+            if not value:
+                raise self._deny(request, 401, f"missing {name} header")
+        if len(agent_id) > _MAX_AGENT_ID_LENGTH:
+            raise self._deny(request, 401, f"malformed {HEADER_AGENT_ID} header")
+        if not _TIMESTAMP.fullmatch(timestamp):
+            raise self._deny(request, 401, f"malformed {HEADER_TIMESTAMP} header")
+        if len(nonce) > _MAX_NONCE_LENGTH:
+            raise self._deny(request, 401, f"malformed {HEADER_NONCE} header")
+        now = cp.clock()
+        signed_at = int(timestamp)
+        if abs(now - signed_at) > cp.max_skew:
+            raise self._deny(request, 401, "timestamp outside the allowed window")
+        public_key = cp._agents.get(agent_id)
+        if public_key is None:
+            raise self._deny(request, 401, "unknown agent")
+        if not _BASE64.fullmatch(signature):
+            raise self._deny(request, 401, f"malformed {HEADER_SIGNATURE} header (bad base64)")
+        if not verify_signature(public_key, agent_id, timestamp, nonce, signature):
+            raise self._deny(request, 401, "invalid signature")
+        if cp._nonces.seen(agent_id, nonce, now):
+            raise self._deny(request, 401, "replayed nonce")
+        if cp._nonces.full(now):
+            raise self._deny(request, 503, "replay cache full, try again later")
+        cp._nonces.add(agent_id, nonce, float(signed_at))
+        self._agent_id = agent_id
+        self._record(request, 101, "accepted")
+
+    def _deny(self, request: ConnectionRequest, status: int, reason: str) -> ConnectionDeny:
+        self._record(request, status, reason)
+        return ConnectionDeny(status, reason)  # type: ignore[no-untyped-call]
+
+    def _record(self, request: ConnectionRequest | None, status: int, reason: str) -> None:
+        if self._attempt_recorded:
+            return
+        self._attempt_recorded = True
+        headers: Mapping[str, str] = {}
+        path = "-"
+        if request is not None:
+            headers, path = request.headers, request.path
+        elif isinstance(getattr(self, "http_headers", None), dict):
+            headers = self.http_headers
+        self._cp._record_attempt(
+            ConnectionAttempt(
+                at=self._cp.clock(),
+                remote=self.remote,
+                path=path,
+                agent_id=headers.get(HEADER_AGENT_ID.lower()),
+                timestamp=headers.get(HEADER_TIMESTAMP.lower()),
+                nonce=headers.get(HEADER_NONCE.lower()),
+                status=status,
+                reason=reason,
+            )
+        )
+
+    def failHandshake(
+        self, reason: str, code: int = 400, responseHeaders: Iterable[tuple[str, str]] | None = None
+    ) -> None:
+        """
+        Refuse the upgrade: an HTTP error with the reason as a short text body,
+        and exactly one log line (no headers, no traceback).
+        """
+        self._record(None, code, reason)
+        headers = getattr(self, "http_headers", None) or {}
+        log.warn(
+            "upgrade refused: {reason} (HTTP {status}) agent_id={agent_id} remote={remote}",
+            reason=reason,
+            status=code,
+            agent_id=_printable(headers.get(HEADER_AGENT_ID.lower())),
+            remote=self.remote,
+        )
+        self.wasNotCleanReason = reason
+        # A refused upgrade is a complete HTTP exchange, not an unclean
+        # WebSocket close: this keeps Autobahn from logging it a second time.
+        self.wasClean = True
+        self.sendHttpErrorResponse(code, reason, responseHeaders)
+        self.dropConnection(abort=False)
+
+    def sendHttpErrorResponse(
+        self, code: int, reason: str, responseHeaders: Iterable[tuple[str, str]] | None = None
+    ) -> None:
+        """An HTTP error response whose body is the reason (Autobahn sends none)."""
+        body = (reason + "\n").encode("utf-8")
+        phrase = _phrase(code)
+        lines = [
+            f"HTTP/1.1 {code} {phrase}",
+            "Content-Type: text/plain; charset=utf-8",
+            f"Content-Length: {len(body)}",
+            "Connection: close",
+        ]
+        lines.extend(f"{name}: {value}" for name, value in responseHeaders or ())
+        self.sendData(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + body)
+
+    # -- the session ----------------------------------------------------------
+
+    def onOpen(self) -> None:
+        assert self._agent_id is not None
+        cp = self._cp
+        self._session = Session(self, self._agent_id, self.remote, cp.clock())
+        cp._session_opened(self._session)
+
+    def onPing(self, payload: bytes) -> None:
+        if self._session is not None:
+            self._session.pings_received += 1
+        if self._cp.answer_pings:
+            super().onPing(payload)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        session = self._session
+        if session is None or session.closed or self.state != self.STATE_OPEN:
+            return
+        now = self._cp.clock()
+        session.last_message_at = now
+        session.messages_in += 1
+        if isBinary:
+            self._refuse(CLOSE_POLICY, "binary_frame", "binary frames are not accepted", "")
+            return
+        try:
+            envelope = Envelope.from_json(payload)
+        except ProtocolError as e:
+            code = CLOSE_INVALID_PAYLOAD if e.code in _PAYLOAD_ERRORS else CLOSE_POLICY
+            self._refuse(code, e.code, e.message, "")
+            return
+        try:
+            envelope.validate(session.agent_id)
+        except ProtocolError as e:
+            self._refuse(CLOSE_POLICY, e.code, e.message, envelope.message_id)
+            return
+        session.received.append(envelope)
+        self._dispatch(session, envelope)
+        # After dispatch, so a waiter sees the answer (hello_ack) already sent.
+        self._cp._message_received(session, envelope)
+
+    def _dispatch(self, session: Session, envelope: Envelope) -> None:
+        cp = self._cp
+        if envelope.type == AGENT_HELLO:
+            session.hello_message_id = envelope.message_id
+            if cp.withhold_hello_ack:
+                log.info(
+                    "hello_ack withheld agent_id={agent_id} remote={remote}",
+                    agent_id=session.agent_id,
+                    remote=session.remote,
+                )
+                return
+            self.send_envelope(
+                make_envelope(
+                    AGENT_HELLO_ACK,
+                    session.agent_id,
+                    ack_payload(envelope.message_id, envelope.type),
+                    now=cp.clock(),
+                )
+            )
+            if not session.active:
+                session.active = True
+                session.active_since = cp.clock()
+                log.info(
+                    "session active agent_id={agent_id} remote={remote}",
+                    agent_id=session.agent_id,
+                    remote=session.remote,
+                )
+                cp._session_activated(session)
+            return
+        if session.hello_message_id is None:
+            self._refuse(
+                CLOSE_POLICY,
+                "hello_required",
+                f"the first message must be {AGENT_HELLO}, not {envelope.type}",
+                envelope.message_id,
+            )
+            return
+        if envelope.type in (ACK,):
+            return
+        if envelope.type == ERROR:
+            log.warn(
+                "agent reported an error agent_id={agent_id} code={code} message={message}",
+                agent_id=session.agent_id,
+                code=_printable(str(envelope.payload.get("code", ""))),
+                message=_printable(str(envelope.payload.get("message", "")), 200),
+            )
+            return
+        if envelope.type in TASK_TYPES and envelope.type != "task.deliver":
+            self.send_envelope(
+                make_envelope(
+                    ACK,
+                    session.agent_id,
+                    ack_payload(
+                        envelope.message_id,
+                        envelope.type,
+                        envelope.task_id,
+                        envelope.execution_attempt_id,
+                        envelope.sequence if envelope.type == TASK_OUTPUT else None,
+                    ),
+                    now=cp.clock(),
+                    task_id=envelope.task_id,
+                    execution_attempt_id=envelope.execution_attempt_id,
+                )
+            )
+            return
+        self._refuse(
+            CLOSE_POLICY,
+            "unexpected_type",
+            f"an agent may not send {envelope.type}",
+            envelope.message_id,
+        )
+
+    def _refuse(self, close_code: int, code: str, message: str, related: str) -> None:
+        """Answer a bad frame with an C{error} envelope, then close."""
+        session = self._session
+        assert session is not None
+        log.warn(
+            "invalid frame agent_id={agent_id} remote={remote} code={code}: {message}",
+            agent_id=session.agent_id,
+            remote=session.remote,
+            code=code,
+            message=_printable(message, 200),
+        )
+        self.send_envelope(
+            make_envelope(
+                ERROR,
+                session.agent_id,
+                error_payload(code, message, False, related),
+                now=self._cp.clock(),
+            )
+        )
+        self.close_with(close_code, code)
+
+    def send_envelope(self, envelope: Envelope) -> None:
+        """Send one envelope as a text frame."""
+        self.send_frame(envelope.to_json().encode("utf-8"), is_binary=False)
+
+    def send_frame(self, data: bytes, *, is_binary: bool) -> None:
+        """Send one message frame and count it."""
+        if self.state != self.STATE_OPEN:
+            raise NoSessionError(self._agent_id)
+        self.sendMessage(data, isBinary=is_binary)  # type: ignore[no-untyped-call]
+        if self._session is not None:
+            self._session.messages_out += 1
+
+    def close_with(self, code: int, reason: str = "") -> None:
+        """Send a close frame with any code (Autobahn's sendClose refuses 1001/1008/…)."""
+        if self.state == self.STATE_OPEN:
+            encoded = reason.encode("utf-8")[:123] if reason else None
+            self.sendCloseFrame(code=code, reasonUtf8=encoded, isReply=False)
+
+    def abort(self) -> None:
+        """Drop the TCP connection at once."""
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        session = self._session
+        if session is None:
+            return
+        if self.closedByMe and self.localCloseCode is not None:
+            close_code: int | None = self.localCloseCode
+            close_reason = (self.localCloseReason or b"").decode("utf-8", "replace")
+        elif wasClean:
+            close_code, close_reason = code, reason
+        else:
+            close_code, close_reason = CLOSE_ABNORMAL, "connection lost"
+        cp = self._cp
+        duration = cp.clock() - session.connected_since
+        log.info(
+            "session ended agent_id={agent_id} remote={remote} duration={duration:.3f}s "
+            "close_code={close_code} in={messages_in} out={messages_out}",
+            agent_id=session.agent_id,
+            remote=session.remote,
+            duration=duration,
+            close_code=close_code,
+            messages_in=session.messages_in,
+            messages_out=session.messages_out,
+        )
+        session._ended(close_code, close_reason)
+        cp._session_closed(session)
+
+
+class _GatewayFactory(WebSocketServerFactory):
+    protocol = _GatewayProtocol  # type: ignore[assignment]
+
+    def __init__(self, control_plane: ControlPlane, url: str) -> None:
+        super().__init__(url=url, server="hostlink-controlplane")  # type: ignore[no-untyped-call]
+        self.control_plane = control_plane
+
+
+class _TrackedConnection(ProtocolWrapper):
+    """
+    Every TCP connection of the listener: counted for the connection cap,
+    aborted on stop, and given C{handshake_timeout} to deliver its first
+    request (the WebSocket upgrade is one).
+    """
+
+    factory: _ConnectionTracker
+    _timer: Any = None
+
+    def makeConnection(self, transport: Any) -> None:
+        timeout = self.factory.control_plane.handshake_timeout
+        if timeout > 0:
+            self._timer = self.factory.control_plane.reactor.callLater(timeout, self._timed_out)
+        directlyProvides(self, providedBy(transport))
+        # Autobahn reads TLS channel details only from a real TLS protocol
+        # and fails on a wrapper that merely claims ISSLTransport.
+        if ISSLTransport.providedBy(self):
+            noLongerProvides(self, ISSLTransport)
+        Protocol.makeConnection(self, transport)  # type: ignore[no-untyped-call]
+        self.factory.registerProtocol(self)  # type: ignore[no-untyped-call]
+        wrapped: Any = self.wrappedProtocol
+        wrapped.makeConnection(self)
+
+    def request_received(self) -> None:
+        """The first request arrived: the handshake deadline no longer applies."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        transport: Any = self.transport
+        log.info("handshake timeout remote={remote}", remote=_format_address(transport.getPeer()))
+        transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.request_received()
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+        for d in self.factory.lost_waiters.pop(self, []):
+            d.callback(None)
+
+
+class _OverCapacity(Protocol):
+    """Answers 503 and hangs up: the listener is at its connection cap."""
+
+    def connectionMade(self) -> None:
+        body = b"too many connections\n"
+        assert self.transport is not None
+        transport: Any = self.transport
+        transport.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        transport.loseConnection()
+
+
+class _ConnectionTracker(WrappingFactory):
+    protocol = _TrackedConnection
+
+    def __init__(self, site: Site, control_plane: ControlPlane) -> None:
+        super().__init__(site)  # type: ignore[no-untyped-call]
+        self.control_plane = control_plane
+        self.lost_waiters: dict[_TrackedConnection, list[Deferred[None]]] = {}
+
+    def buildProtocol(self, addr: IAddress) -> Protocol | None:  # type: ignore[override]
+        # The cap counts every TCP connection, WebSocket or plain HTTP, with
+        # a little room so the WebSocket-level check answers first.
+        if len(self.protocols) >= self.control_plane.max_connections + 1:
+            log.warn(
+                "connection refused: at the cap of {cap} connections remote={remote}",
+                cap=self.control_plane.max_connections,
+                remote=_format_address(addr),
+            )
+            over = _OverCapacity()
+            return over
+        return super().buildProtocol(addr)
+
+    def when_lost(self, connection: _TrackedConnection) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.lost_waiters.setdefault(connection, []).append(d)
+        return d
+
+
+class _Site(Site):
+    """A Site that tells the connection wrapper when its first request is in."""
+
+    def getResourceFor(self, request: Request) -> IResource:
+        transport = request.channel.transport if request.channel is not None else None
+        if isinstance(transport, _TrackedConnection):
+            transport.request_received()
+        resource: IResource = super().getResourceFor(request)  # type: ignore[no-untyped-call]
+        return resource
+
+
+class _Root(Resource):
+    """Routes on the whole path: exactly three paths exist, the rest is 404."""
+
+    def __init__(self, routes: Mapping[bytes, Any]) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._routes: dict[bytes, IResource] = dict(routes)
+
+    def getChildWithDefault(self, path: bytes, request: Request) -> IResource:
+        resource = self._routes.get(request.path)
+        if resource is None:
+            return notFound()
+        # The routed resources are leaves: traversal stops here.
+        return resource
+
+
+class _Healthz(Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")  # type: ignore[no-untyped-call]
+        return b"ok"
+
+
+class _Status(Resource):
+    isLeaf = True
+
+    def __init__(self, control_plane: ControlPlane) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._cp = control_plane
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"Content-Type", b"application/json")  # type: ignore[no-untyped-call]
+        return json.dumps(self._cp.status(), indent=2).encode("utf-8") + b"\n"
+
+
+class ControlPlane:
+    """
+    The reference control plane: gateway, session table and test controls.
+
+    Create it, then L{listen}; or use L{start_control_plane}.  The attributes
+    C{answer_pings} and C{withhold_hello_ack} may be flipped at any time.
+    """
+
+    def __init__(
+        self,
+        agents: Mapping[str, RSAPublicKey | str] | None = None,
+        *,
+        agents_file: str | None = None,
+        reactor: Any = None,
+        clock: Callable[[], float] = time.time,
+        max_skew: float = DEFAULT_MAX_SKEW,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        ping_interval: float = DEFAULT_PING_INTERVAL,
+        ping_timeout: float = DEFAULT_PING_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        nonce_cache_size: int = DEFAULT_NONCE_CACHE_SIZE,
+        reload_interval: float = DEFAULT_RELOAD_INTERVAL,
+    ) -> None:
+        """
+        @param agents: Agent id → public key (L{RSAPublicKey}, or base64 of
+            PKIX DER, or PEM).  Merged under the file's entries when both
+            are given.
+        @param agents_file: JSON file of the same mapping; re-read when its
+            size or modification time changes (polled every
+            C{reload_interval} seconds; 0 disables polling) and on
+            L{reload_agents}.
+        @param reactor: Defaults to the global reactor.
+        @param clock: Wall-clock Unix time, for timestamps and the nonce window.
+        @param max_skew: Seconds a signed timestamp may differ from C{clock()}.
+        @param max_message_bytes: Larger inbound messages close with 1009.
+        @param handshake_timeout: Seconds a new connection has to send its
+            request (the WebSocket upgrade); 0 disables.
+        @param ping_interval: Our keepalive ping period (0: no pings).
+        @param ping_timeout: Seconds to wait for the pong before dropping.
+        @param max_connections: Concurrent connections; above it, 503.
+        @param nonce_cache_size: Hard cap of the replay memory; when full,
+            new upgrades get 503.
+        @raise AgentsFileError: The agents or the file are unusable.
+        @raise ValueError: An option is out of range.
+        """
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        for name, value in (
+            ("max_skew", max_skew),
+            ("handshake_timeout", handshake_timeout),
+            ("ping_interval", ping_interval),
+            ("ping_timeout", ping_timeout),
+            ("reload_interval", reload_interval),
+        ):
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, not {value!r}")
+        for name, count in (
+            ("max_message_bytes", max_message_bytes),
+            ("max_connections", max_connections),
+            ("nonce_cache_size", nonce_cache_size),
+        ):
+            if not isinstance(count, int) or count < 1:
+                raise ValueError(f"{name} must be a positive integer, not {count!r}")
+        self.reactor = reactor
+        self.clock = clock
+        self.max_skew = max_skew
+        self.max_message_bytes = max_message_bytes
+        self.handshake_timeout = handshake_timeout
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.max_connections = max_connections
+        self.reload_interval = reload_interval
+        self.agents_file = agents_file
+
+        #: False: the control plane ignores pings (no pong), for keepalive tests.
+        self.answer_pings = True
+        #: True: C{agent.hello} is recorded but never acknowledged.
+        self.withhold_hello_ack = False
+        #: Every upgrade attempt, oldest first (tests only; never logged).
+        self.attempts: list[ConnectionAttempt] = []
+
+        self._static_agents = parse_agents(agents or {})
+        self._agents: dict[str, RSAPublicKey] = dict(self._static_agents)
+        self._file_signature: tuple[int, int, int] | None = None
+        if agents_file is not None:
+            self._agents.update(load_agents_file(agents_file))
+            self._file_signature = self._stat_agents_file()
+        self._nonces = NonceCache(max_skew, nonce_cache_size)
+        self._sessions: dict[str, Session] = {}
+        self._active_waiters: dict[str, list[Deferred[Session]]] = {}
+        self._message_waiters: list[tuple[str, str | None, Deferred[Envelope]]] = []
+        self._connections: set[_GatewayProtocol] = set()
+        self._stalled: dict[_GatewayProtocol, Deferred[None]] = {}
+        self._stalling = False
+        self._refusal: tuple[int, str] | None = None
+        # Twisted's interface types; Any because mypy cannot see zope interfaces.
+        self._timers: dict[str, Any] = {}
+        self._port: Any = None
+        self._secure = False
+        self._poller: LoopingCall | None = None
+
+        factory = _GatewayFactory(self, "ws://127.0.0.1")
+        factory.setProtocolOptions(  # type: ignore[no-untyped-call]
+            webStatus=False,
+            # Invalid UTF-8 must reach onMessage, so the agent gets an error
+            # envelope before the 1007 close.
+            utf8validateIncoming=False,
+            maxFramePayloadSize=max_message_bytes,
+            maxMessagePayloadSize=max_message_bytes,
+            # Close with 1009/1002 instead of dropping TCP, so peers see why.
+            failByDrop=False,
+            # The upgrade is answered synchronously; the handshake deadline
+            # is enforced per TCP connection by _TrackedConnection instead.
+            openHandshakeTimeout=0,
+            autoPingInterval=ping_interval,
+            autoPingTimeout=ping_timeout if ping_interval else 0,
+        )
+        self._ws_factory = factory
+        self._site = _Site(  # type: ignore[no-untyped-call]
+            _Root(
+                {
+                    GATEWAY_PATH.encode("ascii"): WebSocketResource(factory),  # type: ignore[no-untyped-call]
+                    b"/healthz": _Healthz(),
+                    b"/status": _Status(self),
+                }
+            )
+        )
+        self._site.noisy = False
+        self._tracker = _ConnectionTracker(self._site, self)
+        self._tracker.noisy = False
+
+    # -- lifetime ---------------------------------------------------------------
+
+    def listen(self, description: str = DEFAULT_LISTEN) -> Deferred[ControlPlane]:
+        """
+        Start listening on a Twisted server endpoint description (C{tcp:…},
+        C{ssl:…}); fire with this control plane once the port is bound.
+        """
+        if self._port is not None:
+            raise RuntimeError("this control plane is already listening")
+        self._secure = description.split(":", 1)[0].strip().lower() in ("ssl", "tls")
+        endpoint = serverFromString(self.reactor, description)  # type: ignore[no-untyped-call]
+        d: Deferred[Any] = endpoint.listen(self._tracker)
+
+        def listening(port: Any) -> ControlPlane:
+            self._port = port
+            if self.agents_file is not None and self.reload_interval > 0:
+                self._poller = LoopingCall(self.poll_agents_file)
+                self._poller.clock = self.reactor
+                self._poller.start(self.reload_interval, now=False).addErrback(
+                    lambda f: log.failure("agents file polling stopped", f)
+                )
+            log.info(
+                "control plane listening on {url} ({count} agents authorized)",
+                url=self.ws_url,
+                count=len(self._agents),
+            )
+            return self
+
+        return d.addCallback(listening)
+
+    @property
+    def port(self) -> int:
+        """The TCP port we listen on."""
+        if self._port is None:
+            raise RuntimeError("the control plane is not listening")
+        return int(self._port.getHost().port)
+
+    @property
+    def url(self) -> str:
+        """The base HTTP URL (C{http://127.0.0.1:port} or C{https://…})."""
+        if self._port is None:
+            raise RuntimeError("the control plane is not listening")
+        address = self._port.getHost()
+        host = getattr(address, "host", "127.0.0.1")
+        if host in ("0.0.0.0", ""):  # noqa: S104 - describing, not binding
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{'https' if self._secure else 'http'}://{host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        """The agent gateway URL (what C{HOSTLINK_WS_URL} should be)."""
+        return "ws" + self.url[len("http") :] + GATEWAY_PATH
+
+    def stop(self) -> Deferred[None]:
+        """
+        Stop listening, close every session with 1001, drop every other
+        connection, and fire once all are gone (sessions that do not finish
+        the closing handshake within a second are aborted).
+        """
+        if self._poller is not None and self._poller.running:
+            self._poller.stop()
+        self._poller = None
+        for call in self._timers.values():
+            if call.active():
+                call.cancel()
+        self._timers.clear()
+        self._stalling = False
+        waits: list[Deferred[Any]] = []
+        if self._port is not None:
+            waits.append(defer.maybeDeferred(self._port.stopListening))
+        gone = [self._tracker.when_lost(c) for c in list(self._tracker.protocols)]
+        for connection in list(self._tracker.protocols):
+            inner = connection.wrappedProtocol
+            if isinstance(inner, _GatewayProtocol) and inner.state == inner.STATE_OPEN:
+                inner.close_with(CLOSE_GOING_AWAY, "control plane stopping")
+            else:
+                connection.transport.abortConnection()
+        pending = list(self._tracker.protocols)
+
+        def force() -> None:
+            for connection in pending:
+                if connection in self._tracker.protocols:
+                    connection.transport.abortConnection()
+
+        deadline = self.reactor.callLater(1.0, force)
+        all_gone = defer.gatherResults(gone, consumeErrors=True)
+
+        def done(result: object) -> None:
+            if deadline.active():
+                deadline.cancel()
+
+        all_gone.addBoth(done)
+        waits.append(all_gone)
+        for waiters in self._active_waiters.values():
+            for waiter in waiters:
+                waiter.cancel()
+        self._active_waiters.clear()
+        for _, _, message_waiter in list(self._message_waiters):
+            message_waiter.cancel()
+        self._message_waiters.clear()
+        result = defer.gatherResults(waits, consumeErrors=True)
+        return result.addCallback(lambda _: None)
+
+    # -- agents -----------------------------------------------------------------
+
+    @property
+    def agents(self) -> Mapping[str, RSAPublicKey]:
+        """The authorized agents now in force."""
+        return dict(self._agents)
+
+    def set_agents(self, agents: Mapping[str, RSAPublicKey | str]) -> None:
+        """Replace the in-memory agents (file entries stay on top); open sessions stay."""
+        self._static_agents = parse_agents(agents)
+        merged = dict(self._static_agents)
+        if self.agents_file is not None:
+            merged.update(self._file_agents_or_current())
+        self._agents = merged
+
+    def _file_agents_or_current(self) -> Mapping[str, RSAPublicKey]:
+        try:
+            assert self.agents_file is not None
+            return load_agents_file(self.agents_file)
+        except AgentsFileError:
+            return {k: v for k, v in self._agents.items() if k not in self._static_agents}
+
+    def reload_agents(self) -> bool:
+        """
+        Re-read the agents file now (what SIGHUP does).  Open sessions are
+        kept, even of agents no longer listed.  On error the current set is
+        kept and the reason logged.
+
+        @return: True if the new set is in force.
+        """
+        if self.agents_file is None:
+            return False
+        self._file_signature = self._stat_agents_file()
+        try:
+            loaded = load_agents_file(self.agents_file)
+        except AgentsFileError as e:
+            log.error("agents file not reloaded, keeping {count} agents: {error}",
+                      count=len(self._agents), error=str(e))
+            return False
+        merged = dict(self._static_agents)
+        merged.update(loaded)
+        added = sorted(set(merged) - set(self._agents))
+        removed = sorted(set(self._agents) - set(merged))
+        self._agents = merged
+        log.info(
+            "agents file reloaded: {count} agents (added {added}, removed {removed})",
+            count=len(merged),
+            added=", ".join(added) or "none",
+            removed=", ".join(removed) or "none",
+        )
+        return True
+
+    def poll_agents_file(self) -> None:
+        """Reload the agents file if its size, mtime or inode changed."""
+        if self.agents_file is None:
+            return
+        signature = self._stat_agents_file()
+        if signature != self._file_signature:
+            self.reload_agents()
+
+    def _stat_agents_file(self) -> tuple[int, int, int] | None:
+        assert self.agents_file is not None
+        try:
+            st = os.stat(self.agents_file)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    # -- sessions -----------------------------------------------------------------
+
+    def sessions(self) -> list[Session]:
+        """The open sessions (one per agent), oldest first."""
+        return sorted(self._sessions.values(), key=lambda s: s.connected_since)
+
+    def session(self, agent_id: str) -> Session:
+        """
+        The agent's open session.
+
+        @raise NoSessionError: It has none.
+        """
+        session = self._sessions.get(agent_id)
+        if session is None:
+            raise NoSessionError(agent_id)
+        return session
+
+    def wait_active(
+        self, agent_id: str, *, new: bool = False, timeout: float | None = None
+    ) -> Deferred[Session]:
+        """
+        Fire with the agent's session once its hello is acked.
+
+        @param new: Wait for a session that becomes active after this call,
+            even if one is active now (after a reconnect).
+        @param timeout: Seconds, then fail with L{defer.TimeoutError}.
+        """
+        current = self._sessions.get(agent_id)
+        if not new and current is not None and current.active:
+            return defer.succeed(current)
+        d: Deferred[Session] = Deferred()
+        waiters = self._active_waiters.setdefault(agent_id, [])
+        waiters.append(d)
+
+        def forget(result: object) -> object:
+            if d in waiters:
+                waiters.remove(d)
+            return result
+
+        d.addBoth(forget)
+        if timeout is not None:
+            d.addTimeout(timeout, self.reactor)
+        return d
+
+    def wait_message(
+        self, agent_id: str, message_type: str | None = None, *, timeout: float | None = None
+    ) -> Deferred[Envelope]:
+        """Fire with the next valid envelope from the agent (of that type, if given)."""
+        d: Deferred[Envelope] = Deferred()
+        entry = (agent_id, message_type, d)
+        self._message_waiters.append(entry)
+
+        def forget(result: object) -> object:
+            if entry in self._message_waiters:
+                self._message_waiters.remove(entry)
+            return result
+
+        d.addBoth(forget)
+        if timeout is not None:
+            d.addTimeout(timeout, self.reactor)
+        return d
+
+    def send_envelope(self, agent_id: str, envelope: Envelope) -> None:
+        """Send an envelope to the agent (not validated)."""
+        self.session(agent_id).send_envelope(envelope)
+
+    def send_text(self, agent_id: str, text: str) -> None:
+        """Send a raw text frame to the agent."""
+        self.session(agent_id).send_text(text)
+
+    def send_binary(self, agent_id: str, data: bytes) -> None:
+        """Send a raw binary frame to the agent."""
+        self.session(agent_id).send_binary(data)
+
+    def close(
+        self, agent_id: str, code: int = CLOSE_NORMAL, reason: str = ""
+    ) -> Deferred[int | None]:
+        """Close the agent's session with any code; fire when it is gone."""
+        return self.session(agent_id).close(code, reason)
+
+    def abort(self, agent_id: str) -> Deferred[int | None]:
+        """Drop the agent's TCP connection without a close frame."""
+        return self.session(agent_id).abort()
+
+    def status(self) -> dict[str, Any]:
+        """What C{GET /status} returns."""
+        return {
+            "agents_authorized": len(self._agents),
+            "connections": len(self._tracker.protocols),
+            "sessions": [s.snapshot() for s in self.sessions()],
+        }
+
+    # -- chaos controls ---------------------------------------------------------------
+
+    def refuse_upgrades(
+        self, status: int = 503, *, duration: float | None = None, reason: str = ""
+    ) -> None:
+        """
+        Refuse every upgrade with this HTTP status, for C{duration} seconds
+        or until L{clear_refusal}.
+        """
+        self._refusal = (status, reason or _phrase(status))
+        self._set_timer("refusal", duration, self.clear_refusal)
+
+    def clear_refusal(self) -> None:
+        """Accept upgrades again."""
+        self._refusal = None
+        self._cancel_timer("refusal")
+
+    def stall_upgrades(self, *, duration: float | None = None) -> None:
+        """
+        Hold every new upgrade unanswered (the client's handshake timeout is
+        the only way out) for C{duration} seconds or until L{clear_stall}.
+        """
+        self._stalling = True
+        self._set_timer("stall", duration, self.clear_stall)
+
+    def clear_stall(self) -> None:
+        """Stop stalling; held upgrades still connected proceed normally."""
+        self._stalling = False
+        self._cancel_timer("stall")
+        held, self._stalled = self._stalled, {}
+        for d in held.values():
+            d.callback(None)
+
+    @property
+    def stalled_count(self) -> int:
+        """How many upgrades are being held now."""
+        return len(self._stalled)
+
+    def _set_timer(self, name: str, duration: float | None, action: Callable[[], None]) -> None:
+        self._cancel_timer(name)
+        if duration is not None:
+            self._timers[name] = self.reactor.callLater(duration, action)
+
+    def _cancel_timer(self, name: str) -> None:
+        call = self._timers.pop(name, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    # -- bookkeeping called by the protocol -------------------------------------------
+
+    def _record_attempt(self, attempt: ConnectionAttempt) -> None:
+        self.attempts.append(attempt)
+
+    def _session_opened(self, session: Session) -> None:
+        previous = self._sessions.get(session.agent_id)
+        self._sessions[session.agent_id] = session
+        log.info(
+            "session started agent_id={agent_id} remote={remote}",
+            agent_id=session.agent_id,
+            remote=session.remote,
+        )
+        if previous is not None and not previous.closed:
+            log.info(
+                "session replaced agent_id={agent_id} old_remote={old} new_remote={new}",
+                agent_id=session.agent_id,
+                old=previous.remote,
+                new=session.remote,
+            )
+            previous._protocol.close_with(CLOSE_REPLACED, "replaced")
+
+    def _session_activated(self, session: Session) -> None:
+        for d in list(self._active_waiters.get(session.agent_id, [])):
+            d.callback(session)
+
+    def _session_closed(self, session: Session) -> None:
+        if self._sessions.get(session.agent_id) is session:
+            del self._sessions[session.agent_id]
+
+    def _message_received(self, session: Session, envelope: Envelope) -> None:
+        for agent_id, message_type, d in list(self._message_waiters):
+            if agent_id == session.agent_id and message_type in (None, envelope.type):
+                d.callback(envelope)
+
+
+def start_control_plane(
+    agents: Mapping[str, RSAPublicKey | str],
+    *,
+    listen: str = DEFAULT_LISTEN,
+    reactor: Any = None,
+    **options: Any,
+) -> Deferred[ControlPlane]:
+    """
+    Build a L{ControlPlane} and listen; fire with it once the port is bound.
+
+    @param agents: Agent id → public key (L{RSAPublicKey}, base64 PKIX DER, or PEM).
+    @param listen: A Twisted server endpoint description; the default is an
+        ephemeral port on 127.0.0.1 (read L{ControlPlane.port} / C{ws_url}).
+    @param options: Keyword arguments of L{ControlPlane}.
+    """
+    try:
+        control_plane = ControlPlane(agents, reactor=reactor, **options)
+    except (AgentsFileError, ValueError, TypeError):
+        return defer.fail()
+    return control_plane.listen(listen)
