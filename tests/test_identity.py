@@ -134,7 +134,11 @@ class _TempDirMixin:
 
     def zero_umask(self) -> None:
         """Run the rest of the test with umask 0, the worst case for new files."""
-        old = os.umask(0)
+        self.set_umask(0)
+
+    def set_umask(self, mask: int) -> None:
+        """Run the rest of the test with umask C{mask}."""
+        old = os.umask(mask)
         self.addCleanup(os.umask, old)
 
 
@@ -323,9 +327,9 @@ class AgentStateLoadTests(_TempDirMixin, SynchronousTestCase):
     def test_last_sync_time_wrong_type(self) -> None:
         """Go refuses non-integers for an int64 field; so do we, clearly."""
         cases = [
-            ("1.0", "not an integer"),
-            ("1.5", "not an integer"),
-            ("1e9", "not an integer"),
+            ("1.0", "1.0, not an integer (no fraction or exponent)"),
+            ("1.5", "1.5, not an integer (no fraction or exponent)"),
+            ("1e9", "not an integer (no fraction or exponent)"),
             ('"1714215780"', "a string"),
             ("true", "a boolean"),
             ("[1]", "an array"),
@@ -431,6 +435,17 @@ class AgentStateWriteTests(_TempDirMixin, SynchronousTestCase):
         directory = self.make_dir()
         path = write_agent_state(directory, AgentState("a"))
         self.assertEqual(file_mode(path), 0o600)
+
+    def test_mode_exactly_0600_with_strict_umask(self) -> None:
+        """
+        A umask that removes owner bits does not leave a 0400 file or a 0500
+        directory: modes are set exactly, not left to the umask.
+        """
+        self.set_umask(0o277)
+        directory = os.path.join(os.path.abspath(self.mktemp()), "state")
+        path = write_agent_state(directory, AgentState("a"))
+        self.assertEqual(file_mode(path), 0o600)
+        self.assertEqual(file_mode(directory), 0o700)
 
     def test_replaces_wider_file(self) -> None:
         """An existing 0644 agent.json is replaced by a 0600 one."""

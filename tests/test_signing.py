@@ -6,6 +6,7 @@ import base64
 import os
 import shutil
 import subprocess
+import time
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -193,8 +194,6 @@ class SignHeadersTests(SynchronousTestCase):
 
     def test_default_clock_is_now(self) -> None:
         """Without an injected clock the timestamp is the current Unix time."""
-        import time
-
         before = int(time.time())
         timestamp = int(self.signer.sign_headers()[HEADER_TIMESTAMP])
         self.assertTrue(before <= timestamp <= int(time.time()))
