@@ -1,0 +1,125 @@
+"""Tests for L{hostlink_tw.controlplane_tap}: twistd options and the service."""
+
+from __future__ import annotations
+
+import json
+import signal
+from types import FrameType
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.python import usage
+from twisted.trial.unittest import TestCase
+
+from hostlink_tw.controlplane_tap import ControlPlaneService, Options, makeService
+from hostlink_tw.identity import public_key_base64
+
+KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+class OptionsTests(TestCase):
+    def agents_file(self, agents: dict[str, str] | None = None) -> str:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            json.dump({"agent-1": public_key_base64(KEY)} if agents is None else agents, f)
+        return path
+
+    def parse(self, *args: str) -> Options:
+        options = Options()
+        options.parseOptions(list(args))
+        return options
+
+    def test_defaults(self) -> None:
+        path = self.agents_file()
+        options = self.parse("--agents", path)
+        self.assertEqual(options["listen"], "tcp:8080:interface=127.0.0.1")
+        self.assertEqual(
+            options.settings,
+            {
+                "agents_file": path,
+                "max_skew": 300.0,
+                "handshake_timeout": 10.0,
+                "ping_interval": 30.0,
+                "ping_timeout": 20.0,
+                "reload_interval": 1.0,
+                "max_message_bytes": 1 << 20,
+                "max_connections": 1000,
+                "nonce_cache_size": 100_000,
+            },
+        )
+
+    def test_values(self) -> None:
+        options = self.parse(
+            "--agents", self.agents_file(), "--max-skew", "1m30s", "--max-message-bytes", "4096",
+            "--ping-interval", "0s", "--listen", "tcp:0",
+        )
+        self.assertEqual(options.settings["max_skew"], 90.0)
+        self.assertEqual(options.settings["max_message_bytes"], 4096)
+        self.assertEqual(options.settings["ping_interval"], 0.0)
+        self.assertEqual(options["listen"], "tcp:0")
+
+    def assertUsageError(self, expected: str, *args: str) -> None:
+        error = self.assertRaises(usage.UsageError, self.parse, *args)
+        self.assertIn(expected, str(error))
+        self.assertNotIn("\n", str(error))
+
+    def test_bad_options(self) -> None:
+        good = self.agents_file()
+        self.assertUsageError("--agents FILE is required")
+        self.assertUsageError("--max-skew", "--agents", good, "--max-skew", "300")
+        self.assertUsageError("must not be negative", "--agents", good, "--max-skew", "-1s")
+        self.assertUsageError("--max-connections", "--agents", good, "--max-connections", "0")
+        self.assertUsageError("--nonce-cache-size", "--agents", good, "--nonce-cache-size", "1e5")
+        self.assertUsageError("--listen", "--agents", good, "--listen", "bogus:1")
+        self.assertUsageError("cannot read", "--agents", self.mktemp())
+        self.assertUsageError("agent 'a'", "--agents", self.agents_file({"a": "nope"}))
+
+
+class ServiceTests(TestCase):
+    @inlineCallbacks
+    def test_listen_and_sighup_reload(self) -> Any:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            json.dump({"agent-1": public_key_base64(KEY)}, f)
+        chained: list[int] = []
+
+        def previous(signum: int, frame: FrameType | None) -> None:
+            chained.append(signum)
+
+        original = signal.signal(signal.SIGHUP, previous)
+        self.addCleanup(signal.signal, signal.SIGHUP, original)
+        options = Options()
+        options.parseOptions(
+            ["--agents", path, "--listen", "tcp:0:interface=127.0.0.1", "--reload-interval", "0s"]
+        )
+        service = makeService(options)
+        self.assertIsInstance(service, ControlPlaneService)
+        service.privilegedStartService()
+        service.startService()
+        stopped = False
+
+        def stop() -> Any:
+            if not stopped:
+                return service.stopService()
+            return None
+
+        self.addCleanup(stop)
+        cp = service.control_plane
+        self.assertTrue(cp.ws_url.startswith("ws://127.0.0.1:"))
+        with open(path, "w") as f:
+            json.dump({"agent-2": public_key_base64(KEY)}, f)
+        handler = signal.getsignal(signal.SIGHUP)
+        assert callable(handler)
+        handler(signal.SIGHUP, None)
+        self.assertEqual(chained, [signal.SIGHUP])
+        for _ in range(100):
+            if "agent-2" in cp.agents:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(sorted(cp.agents), ["agent-2"])
+        stopped = True
+        yield service.stopService()
+        self.assertIs(signal.getsignal(signal.SIGHUP), previous)
