@@ -1,0 +1,201 @@
+"""
+HostlinkService: the agent uplink as a Twisted service.
+
+Add it to any Twisted application::
+
+    from hostlink_tw.config import load_settings
+    from hostlink_tw.service import HostlinkService
+
+    HostlinkService(load_settings()).setServiceParent(application)
+
+``startService`` never blocks and never raises because of configuration or
+identity: everything that can go wrong is logged in one clear line and the
+rest of the application runs on.  Unlike the reference agent, a missing or
+broken identity is not final: the service looks again on the reconnect
+backoff and starts the client by itself once registration has written
+``agent.json`` and the key.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.base import DelayedCall
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.logger import Logger
+
+from hostlink_tw.backoff import Backoff
+from hostlink_tw.client import ClientEvent, HostlinkClient, redact_url
+from hostlink_tw.config import Settings
+from hostlink_tw.identity import IdentityError, load_agent_state
+from hostlink_tw.signing import RequestSigner, SigningError
+from hostlink_tw.status import make_status_service
+
+__all__ = ["HostlinkService"]
+
+_log = Logger(namespace="hostlink_tw.service")
+
+ENABLE_HINT = "set HOSTLINK_WS_ENABLED=true (or pass --enable to twistd hostlink)"
+
+
+class HostlinkService(MultiService):
+    """
+    Keeps this host's WebSocket session to its control plane while running.
+
+    :param settings: the agent's configuration.
+    :param reactor: the reactor to run on (the global one by default).
+    :param rng: jitter source for the identity re-checks and the client.
+    :param log: where log events go.
+    :param client_factory: builds the client once the identity is loaded
+        (``HostlinkClient`` by default; tests and embedders may wrap it).
+
+    The service is also the status source of the local status endpoint:
+    :meth:`snapshot` and :meth:`add_observer` work before the client exists
+    (identity missing, flag off) and forward to it afterwards.
+    """
+
+    name = "hostlink"
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        reactor: Any = None,
+        rng: random.Random | None = None,
+        log: Logger | None = None,
+        client_factory: Callable[..., HostlinkClient] = HostlinkClient,
+    ) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.settings = settings
+        self.reactor = reactor
+        self.log = log if log is not None else _log
+        self._rng = rng
+        self._client_factory = client_factory
+        self.client: HostlinkClient | None = None
+        self._identity_problem: str | None = None
+        self._next_check: DelayedCall | None = None
+        self._checks = Backoff(
+            settings.reconnect_min, settings.reconnect_max, settings.reconnect_jitter, rng
+        )
+        self._observers: list[Callable[[ClientEvent], None]] = []
+        if settings.status_listen:
+            status, self.metrics = make_status_service(settings.status_listen, self, reactor)
+            status.setName("status")  # type: ignore[no-untyped-call]
+            status.setServiceParent(self)  # type: ignore[no-untyped-call]
+
+    # -- IService ------------------------------------------------------------------
+
+    def startService(self) -> None:
+        """Start the children and, behind the feature flag, the client (asynchronously)."""
+        super().startService()  # type: ignore[no-untyped-call]
+        if not self.settings.enabled:
+            self.log.info(
+                "Hostlink WebSocket uplink is disabled; to enable it, {hint}", hint=ENABLE_HINT
+            )
+            return
+        self._next_check = self.reactor.callLater(0, self._start_client)
+
+    def stopService(self) -> Deferred[None]:
+        """Stop the client (close 1000, no timers left); fires when all is closed."""
+        if self._next_check is not None and self._next_check.active():
+            self._next_check.cancel()
+        self._next_check = None
+        waits: list[Deferred[Any]] = []
+        if self.client is not None:
+            waits.append(self.client.stop())
+        stopped_children = super().stopService()  # type: ignore[no-untyped-call]
+        if stopped_children is not None:
+            waits.append(stopped_children)
+        done: Deferred[Any] = DeferredList(waits, fireOnOneErrback=True, consumeErrors=True)
+        return done.addCallback(lambda _: None)
+
+    # -- identity and client -------------------------------------------------------
+
+    def _start_client(self) -> None:
+        self._next_check = None
+        if not self.running or self.client is not None:
+            return
+        settings = self.settings
+        try:
+            state = load_agent_state(settings.state_path)
+            signer = RequestSigner(settings.private_key_path, state.agent_id)
+        except (IdentityError, SigningError) as e:
+            self._wait_for_identity(str(e))
+            return
+        try:
+            client = self._client_factory(settings, signer, reactor=self.reactor, rng=self._rng)
+        except ValueError as e:
+            # A configuration the client cannot use does not fix itself.
+            self.log.error("Hostlink WebSocket uplink not started: {error}", error=str(e))
+            self._identity_problem = str(e)
+            return
+        self._identity_problem = None
+        self.client = client
+        client.add_observer(self._forward)
+        self.log.info(
+            "Hostlink WebSocket uplink starting agent_id={agent_id} url={url}",
+            agent_id=client.agent_id,
+            url=client.snapshot()["url"],
+        )
+        client.start()
+
+    def _wait_for_identity(self, problem: str) -> None:
+        delay = self._checks.next_delay()
+        if problem != self._identity_problem:
+            # One error line per distinct problem, not one per re-check.
+            self.log.error(
+                "Hostlink WebSocket uplink waiting for this agent's identity: {problem}"
+                " (checking again in {delay:.1f}s, then on the reconnect backoff)",
+                problem=problem,
+                delay=delay,
+            )
+        self._identity_problem = problem
+        self._next_check = self.reactor.callLater(delay, self._start_client)
+
+    # -- status source -------------------------------------------------------------
+
+    def _forward(self, event: ClientEvent) -> None:
+        for observer in list(self._observers):
+            observer(event)
+
+    def add_observer(self, observer: Callable[[ClientEvent], None]) -> Callable[[], None]:
+        """Receive the client's events, including those of a client started later."""
+        self._observers.append(observer)
+
+        def unsubscribe() -> None:
+            if observer in self._observers:
+                self._observers.remove(observer)
+
+        return unsubscribe
+
+    def snapshot(self) -> dict[str, Any]:
+        """The client's state, or why there is no client yet."""
+        if self.client is not None:
+            return self.client.snapshot()
+        if not self.settings.enabled:
+            state = "disabled"
+        elif self._identity_problem is not None:
+            state = "waiting_for_identity"
+        else:
+            state = "starting" if self.running else "stopped"
+        retry = self._next_check
+        return {
+            "state": state,
+            "active": False,
+            "agent_id": None,
+            "url": redact_url(self.settings.ws_url),
+            "connected_since": None,
+            "last_ack": None,
+            "last_ack_at": None,
+            "attempts": 0,
+            "last_failure": self._identity_problem,
+            "next_retry_at": retry.getTime() if retry is not None and retry.active() else None,
+            "current_delay": None,
+        }

@@ -1,0 +1,253 @@
+"""HostlinkService: feature flag, identity waiting, client start/stop, status source."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import replace
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.logger import Logger, LogLevel
+from twisted.trial.unittest import SynchronousTestCase
+
+from hostlink_tw.client import ClientEvent
+from hostlink_tw.config import Settings
+from hostlink_tw.identity import AgentState, generate_private_key, write_agent_state
+from hostlink_tw.service import HostlinkService
+
+_KEY_CACHE: dict[str, bytes] = {}
+
+
+def _install_identity(state_path: str, key_path: str, agent_id: str = "agent-1") -> None:
+    """Write agent.json and a key (the key generated once per test run)."""
+    if "pem" not in _KEY_CACHE:
+        scratch = os.path.abspath("_service_key_cache.pem")
+        generate_private_key(scratch)
+        with open(scratch, "rb") as f:
+            _KEY_CACHE["pem"] = f.read()
+        os.remove(scratch)
+    write_agent_state(state_path, AgentState(agent_id=agent_id))
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(_KEY_CACHE["pem"])
+
+
+class FakeClient:
+    """Records what the service asks of its client."""
+
+    def __init__(self, settings: Settings, signer: Any, **kwargs: Any) -> None:
+        self.settings = settings
+        self.signer = signer
+        self.agent_id = signer.agent_id
+        self.kwargs = kwargs
+        self.started = 0
+        self.stopped = 0
+        self.stop_result: Deferred[None] = succeed(None)
+        self.observers: list[Any] = []
+
+    def start(self) -> None:
+        self.started += 1
+
+    def stop(self) -> Deferred[None]:
+        self.stopped += 1
+        return self.stop_result
+
+    def add_observer(self, observer: Any) -> Any:
+        self.observers.append(observer)
+        return lambda: self.observers.remove(observer)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"active": True, "url": "ws://127.0.0.1:1/api/v1/agents/ws", "state": "active"}
+
+
+class ServiceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.state_path = os.path.join(self.dir, "state")
+        self.key_path = os.path.join(self.dir, "state", "agent.key")
+        self.settings = Settings(
+            enabled=True,
+            ws_url="ws://127.0.0.1:1/api/v1/agents/ws",
+            state_path=self.state_path,
+            private_key_path=self.key_path,
+            reconnect_min=1.0,
+            reconnect_max=8.0,
+        )
+        self.clock = Clock()
+        self.events: list[dict[str, Any]] = []
+        self.log = Logger(observer=self.events.append)
+        self.clients: list[FakeClient] = []
+
+    def make(self, settings: Settings | None = None) -> HostlinkService:
+        def factory(settings: Settings, signer: Any, **kwargs: Any) -> FakeClient:
+            client = FakeClient(settings, signer, **kwargs)
+            self.clients.append(client)
+            return client
+
+        return HostlinkService(
+            settings or self.settings,
+            reactor=self.clock,
+            rng=random.Random(7),
+            log=self.log,
+            client_factory=factory,
+        )
+
+    def errors(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["log_level"] in (LogLevel.error, LogLevel.critical)]
+
+    def test_disabled_makes_no_attempt_and_says_how_to_enable(self) -> None:
+        _install_identity(self.state_path, self.key_path)
+        service = self.make(replace(self.settings, enabled=False))
+        service.startService()
+        self.clock.advance(3600)
+        self.assertEqual(self.clients, [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        infos = [e for e in self.events if "HOSTLINK_WS_ENABLED=true" in e.get("hint", "")]
+        self.assertEqual(len(infos), 1)
+        self.assertEqual(service.snapshot()["state"], "disabled")
+        self.successResultOf(service.stopService())
+
+    def test_start_is_asynchronous_then_starts_client(self) -> None:
+        _install_identity(self.state_path, self.key_path, agent_id="agent-42")
+        service = self.make()
+        service.startService()
+        self.assertEqual(self.clients, [], "startService must not do the work inline")
+        self.clock.advance(0)
+        (client,) = self.clients
+        self.assertEqual(client.started, 1)
+        self.assertEqual(client.agent_id, "agent-42")
+        self.assertIs(client.kwargs["reactor"], self.clock)
+        self.assertTrue(service.snapshot()["active"])
+        self.successResultOf(service.stopService())
+        self.assertEqual(client.stopped, 1)
+
+    def test_missing_identity_logs_once_then_starts_when_it_appears(self) -> None:
+        service = self.make()
+        service.startService()
+        self.clock.advance(0)
+        self.assertEqual(self.clients, [])
+        (error,) = self.errors()
+        self.assertIn(os.path.join(self.state_path, "agent.json"), error["problem"])
+        snapshot = service.snapshot()
+        self.assertEqual(snapshot["state"], "waiting_for_identity")
+        self.assertFalse(snapshot["active"])
+        self.assertIsNotNone(snapshot["next_retry_at"])
+        # Re-checks follow the reconnect backoff and do not repeat the error.
+        for _ in range(4):
+            self.clock.advance(10)
+        self.assertEqual(len(self.errors()), 1)
+        self.assertEqual(self.clients, [])
+        # Registration writes the identity: the service notices by itself.
+        _install_identity(self.state_path, self.key_path)
+        self.clock.advance(10 * 1.25)
+        (client,) = self.clients
+        self.assertEqual(client.started, 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.successResultOf(service.stopService())
+
+    def test_recheck_delays_grow_and_are_capped(self) -> None:
+        service = self.make()
+        service.startService()
+        self.clock.advance(0)
+        delays = []
+        for _ in range(8):
+            (call,) = self.clock.getDelayedCalls()
+            delay = call.getTime() - self.clock.seconds()
+            delays.append(delay)
+            self.clock.advance(delay)
+        self.assertTrue(0.75 <= delays[0] <= 1.25, delays)
+        self.assertTrue(all(d <= 8.0 * 1.25 for d in delays), delays)
+        self.assertGreater(delays[4], delays[0])
+        self.successResultOf(service.stopService())
+
+    def test_unsafe_key_logs_chmod_fix(self) -> None:
+        _install_identity(self.state_path, self.key_path)
+        os.chmod(self.key_path, 0o644)
+        service = self.make()
+        service.startService()
+        self.clock.advance(0)
+        (error,) = self.errors()
+        self.assertIn("chmod 600", error["problem"])
+        self.assertEqual(self.clients, [])
+        self.successResultOf(service.stopService())
+
+    def test_stop_while_waiting_cancels_the_check(self) -> None:
+        service = self.make()
+        service.startService()
+        self.clock.advance(0)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.successResultOf(service.stopService())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        _install_identity(self.state_path, self.key_path)
+        self.clock.advance(3600)
+        self.assertEqual(self.clients, [])
+
+    def test_stop_before_first_check(self) -> None:
+        _install_identity(self.state_path, self.key_path)
+        service = self.make()
+        service.startService()
+        self.successResultOf(service.stopService())
+        self.clock.advance(10)
+        self.assertEqual(self.clients, [])
+
+    def test_stop_waits_for_the_client(self) -> None:
+        _install_identity(self.state_path, self.key_path)
+        service = self.make()
+        service.startService()
+        self.clock.advance(0)
+        (client,) = self.clients
+        client.stop_result = Deferred()
+        stopping = service.stopService()
+        self.assertNoResult(stopping)
+        client.stop_result.callback(None)
+        self.successResultOf(stopping)
+
+    def test_bad_client_configuration_is_logged_not_raised(self) -> None:
+        _install_identity(self.state_path, self.key_path)
+
+        def refusing(settings: Settings, signer: Any, **kwargs: Any) -> FakeClient:
+            raise ValueError("HOSTLINK_WS_URL must be a ws:// or wss:// URL")
+
+        service = HostlinkService(
+            self.settings, reactor=self.clock, log=self.log, client_factory=refusing
+        )
+        service.startService()
+        self.clock.advance(0)
+        (error,) = self.errors()
+        self.assertIn("ws://", error["error"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.successResultOf(service.stopService())
+
+    def test_observers_see_events_of_a_client_started_later(self) -> None:
+        service = self.make()
+        seen: list[ClientEvent] = []
+        unsubscribe = service.add_observer(seen.append)
+        service.startService()
+        self.clock.advance(0)
+        _install_identity(self.state_path, self.key_path)
+        self.clock.advance(2)
+        (client,) = self.clients
+        (forward,) = client.observers
+        forward(ClientEvent("active", {"message_id": "msg_1"}))
+        self.assertEqual([e.kind for e in seen], ["active"])
+        unsubscribe()
+        forward(ClientEvent("inactive", {"reason": "x"}))
+        self.assertEqual(len(seen), 1)
+        self.successResultOf(service.stopService())
+
+    def test_other_services_of_the_application_unaffected(self) -> None:
+        application = MultiService()
+        other = Service()
+        other.setServiceParent(application)
+        self.make().setServiceParent(application)
+        application.startService()
+        self.clock.advance(0)  # identity missing: logged, not raised
+        self.assertTrue(other.running)
+        self.assertEqual(len(self.errors()), 1)
+        self.successResultOf(application.stopService())
+        self.assertFalse(other.running)
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -1,0 +1,104 @@
+"""``twistd hostlink``: plugin, options and service construction."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from twisted.application.service import IServiceMaker
+from twisted.plugin import IPlugin, getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from hostlink_tw.config import SETTINGS
+from hostlink_tw.service import HostlinkService
+from hostlink_tw.tap import Options, makeService
+
+
+def parse(args: list[str], environ: dict[str, str] | None = None) -> Options:
+    options = Options(environ=environ or {})
+    options.parseOptions(args)
+    return options
+
+
+class PluginTests(SynchronousTestCase):
+    def test_plugin_is_discovered(self) -> None:
+        import twisted.plugins
+
+        makers = {m.tapname: m for m in getPlugins(IServiceMaker, twisted.plugins)}
+        maker = makers["hostlink"]
+        self.assertTrue(IPlugin.providedBy(maker))
+        self.assertTrue(IServiceMaker.providedBy(maker))
+        self.assertIs(maker.options, Options)
+
+    def test_discovery_imports_nothing_heavy(self) -> None:
+        """twistd imports every plugin module at startup: ours stays light."""
+        code = (
+            "import sys, twisted.plugins.hostlink_plugin as p;"
+            "heavy = [m for m in sys.modules if m.startswith(('hostlink_tw', 'autobahn',"
+            " 'cryptography', 'prometheus_client'))];"
+            "print(sorted(heavy))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+        self.assertEqual(out.strip(), "[]")
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_help_lists_every_setting_with_env_and_default(self) -> None:
+        text = str(Options(environ={}))
+        for spec in SETTINGS:
+            self.assertIn(f"--{spec.option}", text)
+            # usage wraps long help; compare without the line breaks
+            flat = " ".join(text.split())
+            self.assertIn(f"env {spec.env}", flat)
+            self.assertIn(f"default {spec.default}", flat)
+
+    def test_defaults_come_from_environment(self) -> None:
+        options = parse([], {"HOSTLINK_WS_RECONNECT_MIN": "2s", "HOSTLINK_WS_ENABLED": "yes"})
+        assert options.settings is not None
+        self.assertEqual(options.settings.reconnect_min, 2.0)
+        self.assertTrue(options.settings.enabled)
+
+    def test_options_override_environment(self) -> None:
+        options = parse(
+            ["--reconnect-min", "3s", "--url", "ws://127.0.0.1:9/api/v1/agents/ws", "--enable"],
+            {"HOSTLINK_WS_RECONNECT_MIN": "2s", "HOSTLINK_WS_URL": "wss://other.example/ws"},
+        )
+        assert options.settings is not None
+        self.assertEqual(options.settings.reconnect_min, 3.0)
+        self.assertEqual(options.settings.ws_url, "ws://127.0.0.1:9/api/v1/agents/ws")
+        self.assertTrue(options.settings.enabled)
+
+    def test_disabled_without_enable(self) -> None:
+        options = parse([])
+        assert options.settings is not None
+        self.assertFalse(options.settings.enabled)
+
+    def test_bad_values_are_one_line_usage_errors(self) -> None:
+        for args in (
+            ["--reconnect-min", "fast"],
+            ["--ping-interval", "1s"],
+            ["--max-message-bytes", "12"],
+            ["--reconnect-jitter", "random"],
+            ["--url", "http://x"],
+            ["--ca-file", "/nonexistent/ca.pem"],
+        ):
+            with self.subTest(args=args):
+                error = self.assertRaises(usage.UsageError, parse, args)
+                message = str(error)
+                self.assertNotIn("\n", message)
+                self.assertIn(args[0], message)
+
+    def test_make_service(self) -> None:
+        service = makeService(parse(["--enable", "--state-path", "/nonexistent"]))
+        self.assertIsInstance(service, HostlinkService)
+        assert isinstance(service, HostlinkService)
+        self.assertEqual(service.settings.state_path, "/nonexistent")
+        self.assertTrue(service.settings.enabled)
+
+    def test_status_listen_adds_the_status_service(self) -> None:
+        service = makeService(parse(["--status-listen", "tcp:0:interface=127.0.0.1"]))
+        assert isinstance(service, HostlinkService)
+        self.assertIsNotNone(service.getServiceNamed("status"))
