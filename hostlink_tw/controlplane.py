@@ -1060,7 +1060,8 @@ class ControlPlane:
                     b"/healthz": _Healthz(),
                     b"/status": _Status(self),
                 }
-            )
+            ),
+            reactor=reactor,
         )
         self._site.noisy = False
         self._tracker = _ConnectionTracker(self._site, self)
@@ -1434,6 +1435,6 @@ def start_control_plane(
     """
     try:
         control_plane = ControlPlane(agents, reactor=reactor, **options)
-    except (AgentsFileError, ValueError, TypeError):
+    except (AgentsFileError, ValueError):
         return defer.fail()
     return control_plane.listen(listen)

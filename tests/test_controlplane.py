@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
@@ -362,8 +362,7 @@ class UpgradeAuthenticationTests(ControlPlaneTestMixin, TestCase):
     @inlineCallbacks
     def test_unknown_agent(self) -> Any:
         cp = yield self.start()
-        rogue = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        headers = RequestSigner.from_key(rogue, "agent-z", clock=self.clock).sign_headers()
+        headers = _signer(KEY_B, "agent-z").sign_headers()
         yield self.assertRefused(cp, headers, 401, "unknown agent")
 
     @inlineCallbacks
@@ -398,6 +397,18 @@ class UpgradeAuthenticationTests(ControlPlaneTestMixin, TestCase):
             self.assertNotIn(headers[HEADER_NONCE], text)
             self.assertNotIn(headers[HEADER_SIGNATURE][:40], text)
             self.assertNotIn("Traceback", text)
+
+    @inlineCallbacks
+    def test_malformed_upgrade_refused_with_reason(self) -> Any:
+        """Autobahn's own checks answer with a body too, and are recorded."""
+        cp = yield self.start()
+        response = yield raw_request(
+            cp.port, headers={**_signer().sign_headers(), "Sec-WebSocket-Version": "99"}
+        )
+        self.assertEqual(response.status, 400)
+        self.assertIn("Sec-WebSocket-Version", response.text)
+        self.assertEqual(cp.attempts[-1].agent_id, AGENT_A)
+        self.assertEqual(cp.attempts[-1].status, 400)
 
     @inlineCallbacks
     def test_nonce_cache_bound(self) -> Any:
@@ -609,6 +620,22 @@ class SessionTests(ControlPlaneTestMixin, TestCase):
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", cp.port), proto)
         data = yield _timeout(proto.done, 2.0)
         self.assertEqual(data, b"")
+
+    @inlineCallbacks
+    def test_wait_active(self) -> Any:
+        """Fires at once for an active session, or waits for a new one."""
+        cp = yield self.start()
+        timed_out = cp.wait_active(AGENT_A, timeout=0.01)
+        yield self.assertFailure(timed_out, defer.TimeoutError)
+        yield self.connect(cp)
+        session = yield _timeout(cp.wait_active(AGENT_A))
+        fresh = cp.wait_active(AGENT_A, new=True, timeout=WAIT)
+        self.assertFalse(fresh.called)
+        yield self.connect(cp)
+        replacement = yield fresh
+        self.assertIsNot(replacement, session)
+        yield _timeout(session.when_closed())
+        self.assertEqual(cp.status()["sessions"], [replacement.snapshot()])
 
     @inlineCallbacks
     def test_stop_closes_sessions_with_1001(self) -> Any:
