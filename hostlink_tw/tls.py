@@ -1,0 +1,151 @@
+"""
+Verified TLS for ``wss://``: the system trust store plus ``HOSTLINK_WS_CA_FILE``.
+
+Autobahn's ``connectWS`` falls back to ``ssl.ClientContextFactory()``, which
+checks neither the certificate chain nor the host name; this module builds
+the options the client passes to ``startTLS`` instead:
+``optionsForClientTLS(hostname, trustRoot=...)`` (chain *and* host name or IP
+address verified, SNI sent for DNS names).
+
+Twisted offers two trust roots, the platform's (:func:`platformTrust`) and an
+explicit list of certificates (:func:`trustRootFromCertificates`), but not
+both at once.  :class:`CombinedTrustRoot` applies several roots to the same
+OpenSSL context: each adds its certificates to the one certificate store, so
+a server is trusted when any of them vouches for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from OpenSSL import SSL
+from twisted.internet._sslverify import IOpenSSLTrustRoot  # not re-exported by ssl
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.ssl import (
+    Certificate,
+    optionsForClientTLS,
+    platformTrust,
+    trustRootFromCertificates,
+)
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+__all__ = [
+    "CombinedTrustRoot",
+    "TLSConfigError",
+    "client_tls_options",
+    "describe_tls_failure",
+    "is_tls_failure",
+    "load_ca_certificates",
+    "trust_root",
+]
+
+
+class TLSConfigError(ValueError):
+    """``HOSTLINK_WS_CA_FILE`` cannot be used; the message names the file."""
+
+
+@implementer(IOpenSSLTrustRoot)
+class CombinedTrustRoot:
+    """
+    Trust every certificate authority that any of ``roots`` trusts.
+
+    ``IOpenSSLTrustRoot``'s one method is private to Twisted, so this class
+    only delegates to Twisted's own trust roots, in order, on the same
+    context; it never touches OpenSSL itself.
+    """
+
+    def __init__(self, roots: Sequence[Any]) -> None:
+        for root in roots:
+            if not IOpenSSLTrustRoot.providedBy(root):
+                raise TypeError(f"{root!r} is not an IOpenSSLTrustRoot")
+        self._roots: tuple[Any, ...] = tuple(roots)
+
+    def _addCACertsToContext(self, context: SSL.Context) -> None:
+        for root in self._roots:
+            root._addCACertsToContext(context)
+
+
+def load_ca_certificates(path: str) -> list[Certificate]:
+    """
+    Every certificate of the PEM file at ``path`` (a bundle may hold several).
+
+    :raises TLSConfigError: the file cannot be read or holds no valid
+        PEM certificate.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise TLSConfigError(
+            f"cannot read the CA file {path} (HOSTLINK_WS_CA_FILE): {e.strerror or e}"
+        ) from None
+    try:
+        parsed = x509.load_pem_x509_certificates(data)
+    except ValueError as e:
+        raise TLSConfigError(
+            f"the CA file {path} (HOSTLINK_WS_CA_FILE) holds no valid PEM certificate: {e}"
+        ) from None
+    return [Certificate.loadPEM(cert.public_bytes(Encoding.PEM)) for cert in parsed]
+
+
+def trust_root(ca_file: str | None) -> Any:
+    """
+    The trust root for the control plane: the platform's trust store, plus
+    the certificates of ``ca_file`` when given.
+
+    :raises TLSConfigError: see :func:`load_ca_certificates`.
+    """
+    system = platformTrust()  # type: ignore[no-untyped-call]
+    if not ca_file:
+        return system
+    extra = trustRootFromCertificates(  # type: ignore[no-untyped-call]
+        load_ca_certificates(ca_file)
+    )
+    return CombinedTrustRoot([system, extra])
+
+
+def client_tls_options(hostname: str, ca_file: str | None) -> IOpenSSLClientConnectionCreator:
+    """
+    TLS client options verifying the certificate chain against
+    :func:`trust_root` and the certificate's names against ``hostname``
+    (a DNS name or an IP address literal).
+
+    :raises TLSConfigError: see :func:`load_ca_certificates`.
+    """
+    options: IOpenSSLClientConnectionCreator = optionsForClientTLS(
+        hostname, trustRoot=trust_root(ca_file)
+    )
+    return options
+
+
+def is_tls_failure(reason: Failure) -> bool:
+    """Whether a connection ended because TLS failed (chain, host name, handshake)."""
+    from service_identity import VerificationError
+
+    return isinstance(reason.value, (SSL.Error, VerificationError))
+
+
+def describe_tls_failure(reason: Failure) -> str:
+    """A short human-readable account of a TLS failure, for a log line."""
+    from service_identity import VerificationError
+
+    value = reason.value
+    if isinstance(value, VerificationError):
+        return f"server certificate does not match the host name: {value}"
+    if isinstance(value, SSL.Error):
+        details = []
+        for item in value.args[0] if value.args and isinstance(value.args[0], list) else []:
+            if isinstance(item, tuple) and item:
+                details.append(str(item[-1]))
+        text = "; ".join(d for d in details if d) or str(value)
+        if "certificate verify failed" in text:
+            return (
+                f"server certificate not trusted ({text}); "
+                "add its CA to the system store or HOSTLINK_WS_CA_FILE"
+            )
+        return f"TLS handshake failed: {text}"
+    return str(value)
