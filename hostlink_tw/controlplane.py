@@ -1016,12 +1016,14 @@ class ControlPlane:
         #: Every upgrade attempt, oldest first (tests only; never logged).
         self.attempts: list[ConnectionAttempt] = []
 
+        # Given in code, and read from the file; the file wins on conflicts.
         self._static_agents = parse_agents(agents or {})
-        self._agents: dict[str, RSAPublicKey] = dict(self._static_agents)
+        self._file_agents: dict[str, RSAPublicKey] = {}
         self._file_signature: tuple[int, int, int] | None = None
         if agents_file is not None:
-            self._agents.update(load_agents_file(agents_file))
+            self._file_agents = load_agents_file(agents_file)
             self._file_signature = self._stat_agents_file()
+        self._agents = {**self._static_agents, **self._file_agents}
         self._nonces = NonceCache(max_skew, nonce_cache_size)
         self._sessions: dict[str, Session] = {}
         self._active_waiters: dict[str, list[Deferred[Session]]] = {}
@@ -1184,17 +1186,7 @@ class ControlPlane:
     def set_agents(self, agents: Mapping[str, RSAPublicKey | str]) -> None:
         """Replace the in-memory agents (file entries stay on top); open sessions stay."""
         self._static_agents = parse_agents(agents)
-        merged = dict(self._static_agents)
-        if self.agents_file is not None:
-            merged.update(self._file_agents_or_current())
-        self._agents = merged
-
-    def _file_agents_or_current(self) -> Mapping[str, RSAPublicKey]:
-        try:
-            assert self.agents_file is not None
-            return load_agents_file(self.agents_file)
-        except AgentsFileError:
-            return {k: v for k, v in self._agents.items() if k not in self._static_agents}
+        self._agents = {**self._static_agents, **self._file_agents}
 
     def reload_agents(self) -> bool:
         """
@@ -1210,11 +1202,14 @@ class ControlPlane:
         try:
             loaded = load_agents_file(self.agents_file)
         except AgentsFileError as e:
-            log.error("agents file not reloaded, keeping {count} agents: {error}",
-                      count=len(self._agents), error=str(e))
+            log.error(
+                "agents file not reloaded, keeping {count} agents: {error}",
+                count=len(self._agents),
+                error=str(e),
+            )
             return False
-        merged = dict(self._static_agents)
-        merged.update(loaded)
+        self._file_agents = loaded
+        merged = {**self._static_agents, **loaded}
         added = sorted(set(merged) - set(self._agents))
         removed = sorted(set(self._agents) - set(merged))
         self._agents = merged

@@ -15,6 +15,7 @@ import os
 import re
 from typing import Any
 
+import txaio
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -382,6 +383,10 @@ class UpgradeAuthenticationTests(ControlPlaneTestMixin, TestCase):
         events: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        # Even with Autobahn's debug logging on, no header value may leak.
+        level = txaio.get_global_log_level()
+        txaio.set_global_log_level("debug")
+        self.addCleanup(txaio.set_global_log_level, level)
         headers = _signer(key=KEY_B).sign_headers()
         response = yield raw_request(cp.port, headers=headers)
         self.assertEqual(response.status, 401)
@@ -694,6 +699,18 @@ class AgentsReloadTests(ControlPlaneTestMixin, TestCase):
         self.assertEqual(sorted(cp.agents), [AGENT_A])
         self.assertTrue(any("not reloaded" in e.get("log_format", "") for e in events))
         yield self.connect(cp)
+
+    @inlineCallbacks
+    def test_set_agents_in_memory(self) -> Any:
+        """Tests can revoke or add agents; the file's entries stay on top."""
+        path = self.mktemp()
+        self.write_agents(path, {AGENT_B: public_key_base64(KEY_B)})
+        cp = yield self.start({AGENT_A: KEY_A.public_key()}, agents_file=path, reload_interval=0)
+        self.assertEqual(sorted(cp.agents), [AGENT_A, AGENT_B])
+        cp.set_agents({})
+        self.assertEqual(sorted(cp.agents), [AGENT_B])
+        response = yield raw_request(cp.port, headers=_signer().sign_headers())
+        self.assertEqual(response.status, 401)
 
     def test_bad_file_is_a_startup_error(self) -> None:
         path = self.mktemp()
