@@ -452,7 +452,6 @@ class _GatewayProtocol(WebSocketServerProtocol):
     _agent_id: str | None = None
     _session: Session | None = None
     _attempt_recorded = False
-    _stalled: Deferred[None] | None = None
 
     @property
     def _cp(self) -> ControlPlane:
@@ -468,12 +467,7 @@ class _GatewayProtocol(WebSocketServerProtocol):
 
     # -- connection lifetime ------------------------------------------------
 
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self._cp._connections.add(self)
-
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._cp._connections.discard(self)
         self._cp._stalled.pop(self, None)
         # Autobahn leaves a pending close-handshake timer behind when the
         # peer vanishes mid-close; cancel it so nothing outlives the socket.
@@ -1028,7 +1022,6 @@ class ControlPlane:
         self._sessions: dict[str, Session] = {}
         self._active_waiters: dict[str, list[Deferred[Session]]] = {}
         self._message_waiters: list[tuple[str, str | None, Deferred[Envelope]]] = []
-        self._connections: set[_GatewayProtocol] = set()
         self._stalled: dict[_GatewayProtocol, Deferred[None]] = {}
         self._stalling = False
         self._refusal: tuple[int, str] | None = None
@@ -1037,6 +1030,7 @@ class ControlPlane:
         self._port: Any = None
         self._secure = False
         self._poller: LoopingCall | None = None
+        self._stop_result: Deferred[None] | None = None
 
         factory = _GatewayFactory(self, "ws://127.0.0.1")
         factory.setProtocolOptions(  # type: ignore[no-untyped-call]
@@ -1130,8 +1124,11 @@ class ControlPlane:
         """
         Stop listening, close every session with 1001, drop every other
         connection, and fire once all are gone (sessions that do not finish
-        the closing handshake within a second are aborted).
+        the closing handshake within a second are aborted).  Calling it
+        again returns a Deferred for the same shutdown.
         """
+        if self._stop_result is not None:
+            return self._stop_chained(self._stop_result)
         if self._poller is not None and self._poller.running:
             self._poller.stop()
         self._poller = None
@@ -1167,14 +1164,33 @@ class ControlPlane:
         all_gone.addBoth(done)
         waits.append(all_gone)
         for waiters in self._active_waiters.values():
-            for waiter in waiters:
+            for waiter in list(waiters):
                 waiter.cancel()
         self._active_waiters.clear()
         for _, _, message_waiter in list(self._message_waiters):
             message_waiter.cancel()
         self._message_waiters.clear()
         result = defer.gatherResults(waits, consumeErrors=True)
-        return result.addCallback(lambda _: None)
+        stopped: Deferred[None] = result.addCallback(lambda _: None)
+        self._stop_result = stopped
+        return self._stop_chained(stopped)
+
+    @staticmethod
+    def _stop_chained(stopped: Deferred[None]) -> Deferred[None]:
+        # Callers get their own Deferred, so one caller's callbacks cannot
+        # change what the next caller of stop() sees.
+        mine: Deferred[None] = Deferred()
+
+        def chain(result: object) -> object:
+            if isinstance(result, Failure):
+                mine.errback(result)
+            else:
+                mine.callback(None)
+            # Handed on to this caller; later callers see a finished stop.
+            return None
+
+        stopped.addBoth(chain)
+        return mine
 
     # -- agents -----------------------------------------------------------------
 

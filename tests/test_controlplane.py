@@ -649,6 +649,8 @@ class SessionTests(ControlPlaneTestMixin, TestCase):
         yield _timeout(cp.stop())
         _, code, _ = yield _timeout(client.closed)
         self.assertEqual(code, 1001)
+        self.assertEqual(cp.sessions(), [])
+        yield _timeout(cp.stop())  # again: fires too
 
 
 class AgentsReloadTests(ControlPlaneTestMixin, TestCase):
