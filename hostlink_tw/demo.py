@@ -1,0 +1,227 @@
+"""
+``hostlink-tw demo``: the whole uplink on one machine, narrated.
+
+It creates a throwaway identity under ``.demo/``, starts the reference
+control plane on 127.0.0.1 with that agent authorized, and runs the agent
+(the same :class:`~hostlink_tw.service.HostlinkService` that ``twistd
+hostlink`` runs) against it, printing what happens: the signed upgrade
+accepted, hello → hello_ack, the session active, keepalive pings.  After a
+few seconds it restarts the control plane once, so the session drops, the
+agent backs off and the session comes back.  It then runs until Ctrl-C (or
+``--duration``), and ends everything cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import deferLater
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+    globalLogBeginner,
+)
+from twisted.python.failure import Failure
+
+from hostlink_tw.client import ClientEvent
+from hostlink_tw.config import Settings
+from hostlink_tw.controlplane import ControlPlane, start_control_plane
+from hostlink_tw.identity import AgentState, generate_private_key, write_agent_state
+from hostlink_tw.service import HostlinkService
+
+__all__ = ["run_demo"]
+
+DEMO_AGENT_ID = "demo-agent"
+# Shorter than production so a reader sees every phase within seconds.
+DEMO_PING_INTERVAL = 3.0
+DEMO_RECONNECT_MIN = 1.0
+DEMO_RECONNECT_MAX = 4.0
+# How long the control plane stays down during the restart.
+DOWN_FOR = 2.0
+# Bound on each wait for the session, so the demo never hangs silently.
+ACTIVE_TIMEOUT = 30.0
+
+
+class _Narrator:
+    """Prints the agent's events and the stack's log lines as a readable story."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.started = time.monotonic()
+        self._waiters: list[tuple[str, Deferred[ClientEvent]]] = []
+
+    def say(self, who: str, text: str) -> None:
+        elapsed = time.monotonic() - self.started
+        self.out.write(f"{elapsed:6.1f}s  {who:<13} {text}\n")
+        self.out.flush()
+
+    def on_event(self, event: ClientEvent) -> None:
+        f = event.fields
+        kind = event.kind
+        if kind == "attempt":
+            self.say("agent", f"attempt {f.get('attempt')}: signed upgrade to {f.get('url')}")
+        elif kind == "connected":
+            self.say("agent", "upgrade accepted (signature verified by the control plane)")
+        elif kind == "refused":
+            self.say("agent", f"upgrade refused: HTTP {f.get('status')} {f.get('reason', '')}")
+        elif kind == "message_out":
+            self.say("agent", f"→ {f.get('type')} {f.get('message_id')}")
+        elif kind == "message_in":
+            self.say("agent", f"← {f.get('type')} {f.get('message_id')}")
+        elif kind == "active":
+            self.say("agent", "SESSION ACTIVE")
+        elif kind == "inactive":
+            self.say("agent", f"session inactive: {f.get('reason')}")
+        elif kind == "closed":
+            self.say("agent", f"connection closed: code={f.get('code')} {f.get('reason', '')}")
+        elif kind == "retry_scheduled":
+            self.say("agent", f"backing off: next attempt in {f.get('delay', 0):.2f}s")
+        elif kind == "ping":
+            self.say("agent", "keepalive ping →")
+        elif kind == "pong":
+            self.say("agent", "keepalive pong ←")
+        for wanted, d in list(self._waiters):
+            if wanted == kind:
+                self._waiters.remove((wanted, d))
+                d.callback(event)
+
+    def wait_for(self, kind: str, reactor: Any, timeout: float) -> Deferred[ClientEvent]:
+        d: Deferred[ClientEvent] = Deferred()
+        self._waiters.append((kind, d))
+        d.addTimeout(timeout, reactor)
+        return d
+
+    def log_observer(self) -> Any:
+        """Warnings and errors of the stack, and the control plane's info lines."""
+
+        def observe(event: dict[str, Any]) -> None:
+            namespace = event.get("log_namespace", "")
+            level = event.get("log_level")
+            if namespace.startswith("hostlink_tw.controlplane"):
+                self.say("control plane", formatEvent(event))
+            elif level is not None and level >= LogLevel.warn:
+                self.say("log", formatEvent(event))
+
+        predicate: Any = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
+        observer: Any = observe
+        return FilteringLogObserver(observer, [predicate])
+
+
+def _sleep(reactor: Any, seconds: float) -> Deferred[None]:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+class _DemoRun:
+    """One demo: the control plane, the agent service, and their cleanup."""
+
+    def __init__(self, reactor: Any, narrator: _Narrator, directory: str) -> None:
+        self.reactor = reactor
+        self.narrator = narrator
+        self.directory = directory
+        self.cp: ControlPlane | None = None
+        self.service: HostlinkService | None = None
+
+    async def _start_cp(self, public_key: Any, listen: str) -> ControlPlane:
+        self.cp = await start_control_plane(
+            {DEMO_AGENT_ID: public_key}, listen=listen, reactor=self.reactor
+        )
+        return self.cp
+
+    async def run(self, duration: float | None, restart_after: float) -> int:
+        narrator, reactor = self.narrator, self.reactor
+        state_path = os.path.abspath(os.path.join(self.directory, "state"))
+        key_path = os.path.join(state_path, "agent.key")
+        key = generate_private_key(key_path)
+        write_agent_state(state_path, AgentState(agent_id=DEMO_AGENT_ID))
+        narrator.say("demo", f"throwaway identity {DEMO_AGENT_ID!r} in {state_path}")
+
+        cp = await self._start_cp(key.public_key(), "tcp:0:interface=127.0.0.1")
+        port = cp.port
+        narrator.say("control plane", f"listening on {cp.ws_url} with {DEMO_AGENT_ID!r} authorized")
+        settings = Settings(
+            enabled=True,
+            ws_url=cp.ws_url,
+            state_path=state_path,
+            private_key_path=key_path,
+            ping_interval=DEMO_PING_INTERVAL,
+            reconnect_min=DEMO_RECONNECT_MIN,
+            reconnect_max=DEMO_RECONNECT_MAX,
+        )
+        self.service = HostlinkService(settings, reactor=reactor)
+        self.service.add_observer(narrator.on_event)
+        active = narrator.wait_for("active", reactor, ACTIVE_TIMEOUT)
+        self.service.startService()
+        await active
+
+        await _sleep(reactor, restart_after)
+        narrator.say("demo", "--- restarting the control plane: the session will drop ---")
+        await cp.stop()
+        self.cp = None
+        await _sleep(reactor, DOWN_FOR)
+        back = narrator.wait_for("active", reactor, ACTIVE_TIMEOUT)
+        await self._start_cp(key.public_key(), f"tcp:{port}:interface=127.0.0.1")
+        narrator.say("control plane", "back, listening again")
+        await back
+        narrator.say("demo", "--- session is back: reconnect complete ---")
+
+        if duration is None:
+            narrator.say("demo", "running; press Ctrl-C to stop")
+            await Deferred()  # until the reactor stops
+        else:
+            remaining = duration - (time.monotonic() - narrator.started)
+            if remaining > 0:
+                await _sleep(reactor, remaining)
+        return 0
+
+    async def stop(self) -> None:
+        """Close the session (1000) and the control plane; safe at any point."""
+        service, self.service = self.service, None
+        if service is not None and service.running:
+            self.narrator.say("demo", "stopping: closing the session and the control plane")
+            await service.stopService()
+        cp, self.cp = self.cp, None
+        if cp is not None:
+            await cp.stop()
+
+
+def run_demo(
+    directory: str = ".demo",
+    duration: float | None = None,
+    restart_after: float = 6.0,
+    out: TextIO = sys.stdout,
+) -> int:
+    """Run the demo on the global reactor; return the exit status."""
+    from twisted.internet import reactor as global_reactor
+
+    reactor: Any = global_reactor
+
+    narrator = _Narrator(out)
+    globalLogBeginner.beginLoggingTo(
+        [narrator.log_observer()], discardBuffer=True, redirectStandardIO=False
+    )
+    demo = _DemoRun(reactor, narrator, directory)
+    result = {"status": 1}
+    # Ctrl-C stops the reactor; everything is closed before it exits.
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: ensureDeferred(demo.stop()))
+
+    def finished(outcome: object) -> None:
+        if isinstance(outcome, Failure):
+            narrator.say("demo", f"failed: {outcome.getErrorMessage() or repr(outcome.value)}")
+        else:
+            result["status"] = outcome if isinstance(outcome, int) else 1
+        if reactor.running:
+            reactor.stop()
+
+    def begin() -> None:
+        ensureDeferred(demo.run(duration, restart_after)).addBoth(finished)
+
+    reactor.callWhenRunning(begin)
+    reactor.run()
+    narrator.say("demo", "stopped")
+    return result["status"]
