@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 JOBS   ?= 2
 TESTS  ?= tests
 
-.PHONY: venv lint typecheck test unit demo bench fuzz soak chaos clean
+.PHONY: venv lint test unit demo clean
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,3 +32,7 @@ test: lint unit
 clean:
 	rm -rf $(VENV) _trial_temp* build dist *.egg-info .mypy_cache .ruff_cache
 	find twisted/plugins -name dropin.cache -delete
+
+# The reference control plane and an agent on 127.0.0.1, narrated; Ctrl-C ends it.
+demo: $(STAMP)
+	$(BIN)/hostlink-tw demo
