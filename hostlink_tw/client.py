@@ -259,6 +259,7 @@ class HostlinkClientProtocol(WebSocketClientProtocol):
         self.refused_status: int | None = None
         self.opened = False
         self.close_info: tuple[bool, int | None, str | None] | None = None
+        self.lost_reason: Failure | None = None
         self._rejecting = False
         self._hello_timer: _DelayedCall | None = None
         self._close_timer: _DelayedCall | None = None
@@ -594,6 +595,9 @@ class HostlinkClientProtocol(WebSocketClientProtocol):
 
     def connectionLost(self, reason: Failure = ConnectionDone) -> None:  # type: ignore[assignment]
         """The connection is gone: no timer of it may outlive it."""
+        # With startTLS inside the TCP transport, only the protocol sees the
+        # TLS failure; the connector reports the plain TCP end to the factory.
+        self.lost_reason = reason
         self._cancel_timers()
         try:
             super().connectionLost(reason)
@@ -1106,6 +1110,8 @@ class HostlinkClient:
             self._set_state(ClientState.CLOSING, reason)
 
     def _attempt_ended(self, reason: Failure, proto: HostlinkClientProtocol | None) -> None:
+        if proto is not None and proto.lost_reason is not None:
+            reason = proto.lost_reason
         self._protocol = None
         self.connected_since = None
         code: int | None = None
@@ -1121,7 +1127,7 @@ class HostlinkClient:
         tls = is_tls_failure(reason)
         if failure is None:
             if tls:
-                failure = f"TLS failed: {describe_tls_failure(reason)}"
+                failure = f"TLS failed: {describe_tls_failure(reason, self._factory.host)}"
             elif proto is not None and proto.remoteCloseCode is not None and not proto.closedByMe:
                 failure = (
                     f"closed by control plane: code={proto.remoteCloseCode} "
@@ -1147,7 +1153,7 @@ class HostlinkClient:
             self._emit("refused", status=status, reason=failure)
         elif tls and not stopping:
             self.log.error(
-                "TLS connection to {url} failed: {reason} agent_id={agent_id} attempt={attempt}",
+                "{reason} (connecting to {url}) agent_id={agent_id} attempt={attempt}",
                 reason=failure,
                 attempt=self.attempts,
                 **self._log_fields(),

@@ -129,13 +129,22 @@ def is_tls_failure(reason: Failure) -> bool:
     return isinstance(reason.value, (SSL.Error, VerificationError))
 
 
-def describe_tls_failure(reason: Failure) -> str:
-    """A short human-readable account of a TLS failure, for a log line."""
+def describe_tls_failure(reason: Failure, host: str = "") -> str:
+    """
+    A short human-readable account of a TLS failure, for a log line.
+
+    :param host: the host name or address the certificate was checked against.
+    """
     from service_identity import VerificationError
 
     value = reason.value
     if isinstance(value, VerificationError):
-        return f"server certificate does not match the host name: {value}"
+        names = ", ".join(
+            str(getattr(getattr(e, "mismatched_id", None), "hostname", None)
+                or getattr(getattr(e, "mismatched_id", None), "ip", None) or e)
+            for e in value.errors
+        )
+        return f"server certificate is not valid for {host or names}"
     if isinstance(value, SSL.Error):
         details = []
         for item in value.args[0] if value.args and isinstance(value.args[0], list) else []:
