@@ -25,8 +25,8 @@ def _section(title: str) -> str:
 def _table_rows() -> dict[str, list[str]]:
     """The configuration list-table, as variable -> [meaning, default, range, option]."""
     rows: dict[str, list[str]] = {}
-    table = _section("Configuration").split(".. list-table::", 1)[1].split("\n\n", 2)[2]
-    table = table.split("\n\n", 1)[0]  # the table ends at the first blank line
+    table = _section("Configuration").split(".. list-table::", 1)[1]
+    table = table[table.index("   * - ") :].split("\n\n", 1)[0]  # ends at a blank line
     for block in table.split("   * - ")[1:]:
         cells = [c.strip() for c in block.split("\n     - ")]
         if cells[0] != "variable":  # the header row
