@@ -452,6 +452,8 @@ class _GatewayProtocol(WebSocketServerProtocol):
     _agent_id: str | None = None
     _session: Session | None = None
     _attempt_recorded = False
+    _ping_call: Any = None
+    _pong_deadline: Any = None
 
     @property
     def _cp(self) -> ControlPlane:
@@ -469,6 +471,7 @@ class _GatewayProtocol(WebSocketServerProtocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cp._stalled.pop(self, None)
+        self._stop_keepalive()
         # Autobahn leaves a pending close-handshake timer behind when the
         # peer vanishes mid-close; cancel it so nothing outlives the socket.
         call = getattr(self, "closeHandshakeTimeoutCall", None)
@@ -609,6 +612,44 @@ class _GatewayProtocol(WebSocketServerProtocol):
         cp = self._cp
         self._session = Session(self, self._agent_id, self.remote, cp.clock())
         cp._session_opened(self._session)
+        if cp.ping_interval > 0:
+            self._ping_call = cp.reactor.callLater(cp.ping_interval, self._ping)
+
+    # -- keepalive -------------------------------------------------------------
+
+    def _ping(self) -> None:
+        cp = self._cp
+        self._ping_call = cp.reactor.callLater(cp.ping_interval, self._ping)
+        if self.state != self.STATE_OPEN:
+            return
+        self.sendPing(os.urandom(8))
+        # One deadline for the oldest unanswered ping: a peer that keeps not
+        # answering must not push it further away with every new ping.
+        if cp.ping_timeout > 0 and self._pong_deadline is None:
+            self._pong_deadline = cp.reactor.callLater(cp.ping_timeout, self._pong_missed)
+
+    def onPong(self, payload: bytes) -> None:
+        if self._pong_deadline is not None:
+            self._pong_deadline.cancel()
+            self._pong_deadline = None
+
+    def _pong_missed(self) -> None:
+        self._pong_deadline = None
+        session = self._session
+        log.warn(
+            "no pong within {timeout}s, dropping agent_id={agent_id} remote={remote}",
+            timeout=self._cp.ping_timeout,
+            agent_id=session.agent_id if session is not None else "-",
+            remote=self.remote,
+        )
+        self.abort()
+
+    def _stop_keepalive(self) -> None:
+        for name in ("_ping_call", "_pong_deadline"):
+            call = getattr(self, name)
+            if call is not None and call.active():
+                call.cancel()
+            setattr(self, name, None)
 
     def onPing(self, payload: bytes) -> None:
         if self._session is not None:
@@ -1045,8 +1086,11 @@ class ControlPlane:
             # The upgrade is answered synchronously; the handshake deadline
             # is enforced per TCP connection by _TrackedConnection instead.
             openHandshakeTimeout=0,
-            autoPingInterval=ping_interval,
-            autoPingTimeout=ping_timeout if ping_interval else 0,
+            # Keepalive runs on our reactor (see _GatewayProtocol._ping):
+            # Autobahn's batched timers round deadlines down to whole
+            # seconds, which makes short pong timeouts fire at once.
+            autoPingInterval=0,
+            autoPingTimeout=0,
         )
         self._ws_factory = factory
         self._site = _Site(  # type: ignore[no-untyped-call]

@@ -171,6 +171,11 @@ class _ClientProtocol(WebSocketClientProtocol):
     def onPong(self, payload: bytes) -> None:
         self.factory.pongs += 1
 
+    def onPing(self, payload: bytes) -> None:
+        self.factory.pings += 1
+        if self.factory.answer_pings:
+            super().onPing(payload)
+
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if not self.factory.opened.called:
             self.factory.opened.errback(RuntimeError(f"not opened: {reason}"))
@@ -197,6 +202,8 @@ class Client(WebSocketClientFactory):
         self.received: list[tuple[bytes, bool]] = []
         self.waiters: list[Deferred[None]] = []
         self.pongs = 0
+        self.pings = 0
+        self.answer_pings = True
         self.protocol_instance: _ClientProtocol | None = None
 
     @property
@@ -584,6 +591,24 @@ class SessionTests(ControlPlaneTestMixin, TestCase):
         yield client.message(2)
         self.assertEqual(client.pongs, 1)
         self.assertEqual(cp.session(AGENT_A).pings_received, 2)
+
+    @inlineCallbacks
+    def test_keepalive_pings(self) -> Any:
+        """The control plane pings; an agent that never answers is dropped."""
+        cp = yield self.start(ping_interval=0.05, ping_timeout=0.1)
+        client = yield self.connect(cp)
+        for _ in range(200):
+            if client.pings >= 4:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertGreaterEqual(client.pings, 4)
+        self.assertFalse(client.closed.called)  # pongs keep it alive
+        client.answer_pings = False
+        was_clean, _, _ = yield _timeout(client.closed)
+        self.assertFalse(was_clean)
+        self.assertGreaterEqual(client.pings, 1)
+        session = yield _timeout(cp.wait_active(AGENT_A, timeout=0.01).addErrback(lambda f: None))
+        self.assertIsNone(session)
 
     @inlineCallbacks
     def test_refuse_upgrades_for_a_while(self) -> Any:
