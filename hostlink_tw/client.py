@@ -393,7 +393,9 @@ class HostlinkClientProtocol(WebSocketClientProtocol):
         settings = self._client.settings
         self._ping_loop = LoopingCall(self._send_ping)
         self._ping_loop.clock = cast(Any, reactor)
-        self._ping_loop.start(settings.ping_interval, now=False)
+        self._ping_loop.start(settings.ping_interval, now=False).addErrback(
+            lambda f: self._client.log.failure("keepalive pings stopped", f)
+        )
         self._hello_timer = reactor.callLater(settings.hello_timeout, self._hello_timed_out)
         self._client._connection_opened(self)
         if self.state != WebSocketProtocol.STATE_OPEN:

@@ -85,6 +85,22 @@ class HelloAndActivationTests(SynchronousTestCase):
         self.assertNotEqual(n1, n2)
         self.assertNotEqual(s1, s2)
 
+    def test_signing_failure_fails_the_attempt_and_backs_off(self) -> None:
+        from hostlink_tw.signing import SigningError
+
+        h = harness(self)
+
+        def broken() -> dict[str, str]:
+            raise SigningError("the clock returned nan")
+
+        h.signer.sign_headers = broken  # type: ignore[method-assign]
+        h.client.start()
+        c = h.conn()
+        self.assertNotIn(b"GET", c.written())
+        c.finish()
+        self.assertIn("cannot sign the upgrade request", h.client.last_failure or "")
+        self.assertEqual(h.delays(), [1])
+
     def test_hello_sent_on_open(self) -> None:
         h = harness(self)
         h.client.start()
