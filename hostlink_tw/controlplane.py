@@ -1086,6 +1086,10 @@ class ControlPlane:
             # The upgrade is answered synchronously; the handshake deadline
             # is enforced per TCP connection by _TrackedConnection instead.
             openHandshakeTimeout=0,
+            # Autobahn rounds this deadline down to a whole second: 1 s (its
+            # default) could abort after a few ms, before a distant agent's
+            # close reply; the frame with our code is out either way.
+            closeHandshakeTimeout=3,
             # Keepalive runs on our reactor (see _GatewayProtocol._ping):
             # Autobahn's batched timers round deadlines down to whole
             # seconds, which makes short pong timeouts fire at once.
