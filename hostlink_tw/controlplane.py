@@ -44,7 +44,10 @@ In-process use (tests, demos)
 
     cp = yield start_control_plane({"agent-1": public_key})   # RSAPublicKey or base64/PEM text
     cp.ws_url                       # "ws://127.0.0.1:<port>/api/v1/agents/ws"
-    session = yield cp.wait_active("agent-1", timeout=10)   # hello acked
+    session = yield cp.wait_active("agent-1", timeout=10)   # hello_ack sent
+    session = yield cp.wait_active("agent-1", new=True, timeout=10)   # the next one
+    yield session.when_closed()           # fires with the close code
+    envelope = yield cp.wait_message("agent-1", "task.received", timeout=10)
     cp.send_envelope("agent-1", make_envelope(ACK, "agent-1", {...}))
     cp.close("agent-1", 1008, "policy")   # any code, 1001/1008/… included
     cp.abort("agent-1")                   # drop TCP, no close frame
@@ -55,10 +58,18 @@ In-process use (tests, demos)
     cp.attempts                           # every upgrade attempt and its verdict
     yield cp.stop()                       # closes everything, stops listening
 
+L{ControlPlane.wait_active} fires when the control plane has I{sent} the
+hello_ack; the agent learns it a moment later.  Autobahn's own timers run
+on the global reactor; everything else (keepalive, handshake deadline,
+chaos durations) on the C{reactor} given.
+
 Options (keyword arguments of L{ControlPlane} and L{start_control_plane}):
-C{agents_file}, C{clock}, C{max_skew}, C{max_message_bytes},
-C{handshake_timeout}, C{ping_interval}, C{ping_timeout}, C{max_connections},
-C{nonce_cache_size}, C{reload_interval}, C{log}.  As a daemon it runs under
+C{agents_file}, C{clock} (wall-clock Unix time for the timestamp window),
+C{max_skew} (300 s), C{max_message_bytes} (1 MiB), C{handshake_timeout}
+(10 s from TCP connect to a complete first request), C{ping_interval} (30 s)
+and C{ping_timeout} (20 s) for our keepalive, C{max_connections} (1000
+concurrent connections; above it 503), C{nonce_cache_size} (100,000),
+C{reload_interval} (1 s agents-file poll).  As a daemon it runs under
 twistd: ``twistd -n hostlink-controlplane --agents agents.json``
 (L{hostlink_tw.controlplane_tap}).
 """
