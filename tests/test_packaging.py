@@ -31,13 +31,16 @@ LIST_PLUGINS = (
 
 
 def _run(args: list[str], cwd: Path | None = None) -> str:
+    # trial's --jobs workers inherit a PYTHONPATH holding the checkout; the
+    # scratch environments must see only what was installed into them.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run(
         args,
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+        env={**env, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
     )
     if done.returncode != 0:
         raise AssertionError(
