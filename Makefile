@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 JOBS   ?= 2
 TESTS  ?= tests
 
-.PHONY: venv lint test unit demo clean
+.PHONY: venv lint test unit demo bench fuzz soak chaos clean
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,3 +36,27 @@ clean:
 # The reference control plane and an agent on 127.0.0.1, narrated; Ctrl-C ends it.
 demo: $(STAMP)
 	$(BIN)/hostlink-tw demo
+
+# Chaos: a real twistd agent and control plane under each fault (the quick
+# subset runs in make test); prints the fault/detection/recovery table.
+chaos: $(STAMP)
+	$(BIN)/python -m benchmarks.chaos
+
+# Hypothesis against the client protocol: at least 100,000 examples.
+FUZZ_EXAMPLES ?= 100000
+fuzz: $(STAMP)
+	HOSTLINK_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/trial tests.test_fuzz
+
+# Control plane restarting every few seconds; fds, RSS and DelayedCalls sampled each minute.
+MINUTES ?= 30
+soak: $(STAMP)
+	$(BIN)/python -m benchmarks.soak --minutes $(MINUTES)
+
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+# Cold start, idle cost, inbound throughput, reconnect storm; writes docs/performance.rst.
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks.run

@@ -30,6 +30,8 @@ setup(
             "ruff>=0.6",
             "mypy>=1.10",
         ],
+        # Benchmarks only: plots for docs/performance.rst.
+        "bench": ["matplotlib>=3.8"],
     },
     entry_points={
         "console_scripts": ["hostlink-tw = hostlink_tw.cli:main"],
