@@ -258,6 +258,8 @@ class HostlinkClientProtocol(WebSocketClientProtocol):
         #: The HTTP status of a refused upgrade.
         self.refused_status: int | None = None
         self.opened = False
+        #: Whether this connection's session became active.
+        self.activated = False
         self.close_info: tuple[bool, int | None, str | None] | None = None
         self.lost_reason: Failure | None = None
         self._rejecting = False
@@ -960,7 +962,9 @@ class HostlinkClient:
         )
         self._set_state(ClientState.STOPPING, "agent stopping")
         self._factory.stopTrying()
-        if not self._factory.attempt_open:
+        # stopTrying may end the attempt synchronously (a TCP connect is
+        # stopped at once), which already finished the stop.
+        if self._in_state(ClientState.STOPPING) and not self._factory.attempt_open:
             self._finish_stop()
         return d
 
@@ -1021,6 +1025,11 @@ class HostlinkClient:
         }
 
     # -- events and state ----------------------------------------------------------
+
+    def _in_state(self, state: ClientState) -> bool:
+        # A method, not an inline test: callbacks may have changed the state
+        # since the caller last looked (mypy's narrowing cannot see that).
+        return self.state is state
 
     def _log_fields(self) -> dict[str, Any]:
         return {"agent_id": self.agent_id, "url": self._display_url}
@@ -1089,6 +1098,7 @@ class HostlinkClient:
     def _session_active(self, proto: HostlinkClientProtocol) -> None:
         if self.state is not ClientState.AWAITING_ACK:
             return
+        proto.activated = True
         self._factory.resetDelay()
         self.attempts = 0
         self.last_failure = None
@@ -1161,7 +1171,12 @@ class HostlinkClient:
                 **self._log_fields(),
             )
         else:
-            self.log.info(
+            # Losing an active session is news; another failed attempt during
+            # an outage is not (the retry line follows anyway).
+            emit = self.log.warn if proto is not None and proto.activated and not stopping else (
+                self.log.info
+            )
+            emit(
                 "connection ended: {reason} close_code={close_code} "
                 "agent_id={agent_id} url={url} attempt={attempt}",
                 reason=failure,

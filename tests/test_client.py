@@ -853,6 +853,18 @@ class StopTests(SynchronousTestCase):
         self.successResultOf(d)
         self._assert_clean(h)
 
+    def test_while_tcp_connecting_synchronous_failure(self) -> None:
+        """Twisted's real connectors report the stopped connect at once."""
+        h = harness(self)
+        h.client.start()
+        connector = h.reactor.connectors[-1]
+        connector.stopConnecting = lambda: h.client.factory.clientConnectionFailed(
+            connector, Failure(UserError())
+        )
+        self.successResultOf(h.client.stop())
+        self.assertEqual(h.kinds(), ["attempt", "closed", "stopped"])
+        self._assert_clean(h)
+
     def test_while_upgrading(self) -> None:
         h = harness(self)
         h.client.start()
