@@ -1021,6 +1021,8 @@ class OneConnectionTests(SynchronousTestCase):
         h.fail_connect()
         h.client.factory.retry()
         h.client.factory.retry()
+        self.assertEqual(len(h.pending_calls()), 1)
+        self.assertEqual(h.delays(), [1])
         h.reactor.advance(100)
         self.assertEqual(h.attempts_made, 2)
 
@@ -1057,7 +1059,7 @@ class OneConnectionTests(SynchronousTestCase):
     def test_random_interleavings(self) -> None:
         """Random server behaviour and stop/start calls: at most one open attempt."""
         kinds: set[str] = set()
-        for seed in range(40):
+        for seed in range(100):
             kinds.update(self._interleave(seed))
         # The walk reached every phase of a connection's life.
         self.assertLessEqual(
@@ -1072,6 +1074,18 @@ class OneConnectionTests(SynchronousTestCase):
                     pong_timeout=2.0, handshake_timeout=4.0, reconnect_max=8.0)
         open_conns: list[Conn] = []
         seen = 0
+        if seed % 2:
+            # Embedding code reacting to events by stopping or restarting.
+            chaos = random.Random(seed + 1000)
+
+            def meddle(event: ClientEvent) -> None:
+                roll = chaos.random()
+                if roll < 0.05:
+                    h.client.stop()
+                elif roll < 0.10:
+                    h.client.start()
+
+            unsubscribe = h.client.add_observer(meddle)
         h.client.start()
         for _ in range(60):
             # Newly started attempts: TCP connects or fails.
@@ -1114,6 +1128,8 @@ class OneConnectionTests(SynchronousTestCase):
                     c.lose()
             for conn in open_conns:
                 conn.finish()
+        if seed % 2:
+            unsubscribe()
         d = h.client.stop()
         for conn in open_conns:
             if not conn.lost:
