@@ -449,7 +449,9 @@ class HostlinkClientProtocol(WebSocketClientProtocol):
             try:
                 error = ErrorPayload.from_dict(envelope.payload)
                 detail = (
-                    f"code={error.code} message={error.message!r} retryable={error.retryable}"
+                    f"code={error.code[:FRAME_PREVIEW_CHARS]} "
+                    f"message={error.message[:FRAME_PREVIEW_CHARS]!r} "
+                    f"retryable={error.retryable}"
                 )
             except ProtocolError as e:
                 detail = f"(unreadable error payload: {e})"
@@ -571,10 +573,21 @@ class HostlinkClientProtocol(WebSocketClientProtocol):
         TCP connection is aborted if it is still there after
         :attr:`HostlinkClient.close_timeout`.
         """
+        text = (reasonUtf8 or b"").decode("utf-8", "replace")
+        if self.failedByMe and not isReply and self.state == WebSocketProtocol.STATE_OPEN:
+            # Autobahn failing the connection itself: a message over
+            # MAX_MESSAGE_BYTES (1009), invalid UTF-8 (1007), a protocol
+            # violation (1002).  Its own warning is muted; this is the line.
+            self._client.log.warn(
+                "closing connection: {reason} close_code={close_code} "
+                "agent_id={agent_id} url={url}",
+                reason=text,
+                close_code=code,
+                **self._client._log_fields(),
+            )
         super().sendCloseFrame(code=code, reasonUtf8=reasonUtf8, isReply=isReply)
         if self.state == WebSocketProtocol.STATE_CLOSING and self._close_timer is None:
             if code is not None and not isReply:
-                text = (reasonUtf8 or b"").decode("utf-8", "replace")
                 self._note_failure(f"closed by agent: code={code} reason={text}")
             self._client._connection_closing(self, self.failure or "closing")
             self._close_timer = self.factory.timer.callLater(

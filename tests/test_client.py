@@ -700,6 +700,9 @@ class LimitTests(SynchronousTestCase):
         # Only the header of a 1 MiB frame and a little payload arrive.
         c.receive(server_frame(1, b"x" * 100, length=1 << 20))
         self.assertEqual([cf[0] for cf in c.close_frames()], [1009])
+        (line,) = [m for m in h.messages("warn") if "closing connection" in m]
+        self.assertIn("close_code=1009", line)
+        self.assertIn("exceeds payload limit of 4096", line)
         self.assertFalse(h.client.is_active)
         c.receive(b"x" * 10000)  # the rest is not buffered into a message
         self.assertEqual(len(h.of_kind("message_in")), 1)
