@@ -221,6 +221,11 @@ def _is_loopback_host(host: str) -> bool:
         return False
 
 
+def _host_for_header(host: str) -> str:
+    """An IPv6 literal in brackets, as HTTP's Host header and CONNECT need it."""
+    return f"[{host}]" if ":" in host else host
+
+
 def _preview(payload: bytes) -> str:
     """The first :data:`FRAME_PREVIEW_CHARS` characters of a frame, quoted."""
     text = payload[: FRAME_PREVIEW_CHARS * 4].decode("utf-8", "replace")
@@ -330,7 +335,7 @@ class HostlinkClientProtocol(WebSocketClientProtocol):
 
     def startProxyConnect(self) -> None:
         """Ask the HTTP proxy for a tunnel, as Go's dialer does (with its credentials)."""
-        target = f"{self.factory.host}:{self.factory.port}"
+        target = f"{_host_for_header(self.factory.host)}:{self.factory.port}"
         lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
         if self.factory.useragent:
             lines.append(f"User-Agent: {self.factory.useragent}")
@@ -358,7 +363,7 @@ class HostlinkClientProtocol(WebSocketClientProtocol):
             self._note_failure(f"cannot sign the upgrade request: {e}")
             raise
         return ConnectingRequest(  # type: ignore[no-untyped-call]
-            host=self.factory.host,
+            host=_host_for_header(self.factory.host),
             port=self.factory.port,
             resource=self.factory.resource,
             headers=headers,

@@ -73,6 +73,12 @@ class HelloAndActivationTests(SynchronousTestCase):
         )
         self.assertTrue(headers["user-agent"].startswith("hostlink_tw/"))
 
+    def test_ipv6_literal_host_header(self) -> None:
+        h = harness(self, ws_url="ws://[::1]:8080/api/v1/agents/ws")
+        h.client.start()
+        self.assertEqual(h.target(), ("::1", 8080))
+        self.assertEqual(h.conn().request()[1]["host"], "[::1]:8080")
+
     def test_each_attempt_is_signed_afresh(self) -> None:
         h = harness(self)
         h.client.start()
@@ -813,6 +819,10 @@ class TLSAndProxyTests(SynchronousTestCase):
         c.finish()
         self.assertIn("proxy refused", h.client.last_failure or "")
         self.assertEqual(h.delays(), [1])
+
+    def test_connect_tunnel_to_ipv6_literal(self) -> None:
+        h, c = self._proxied("ws://[2001:db8::5]:8080/ws", {"HTTP_PROXY": "http://proxy:3128"})
+        self.assertTrue(c.written().startswith(b"CONNECT [2001:db8::5]:8080 HTTP/1.1\r\n"))
 
     def test_no_proxy_connects_directly(self) -> None:
         h, _ = self._proxied(
