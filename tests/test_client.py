@@ -712,6 +712,7 @@ class LimitTests(SynchronousTestCase):
         self.assertFalse(h.client.is_active)
         c.receive(b"x" * 10000)  # the rest is not buffered into a message
         self.assertEqual(len(h.of_kind("message_in")), 1)
+        self.assertLess(len(c.proto.data), 16)
         c.send_close(1000)
         c.lose()
         self.assertEqual(h.of_kind("closed")[-1].fields["code"], 1009)

@@ -9,7 +9,10 @@ covers what stop() leaves behind.
 
 from __future__ import annotations
 
+import base64
 import datetime
+import hashlib
+import json
 import os
 from collections.abc import Callable, Generator
 from dataclasses import replace
@@ -30,9 +33,10 @@ from twisted.trial.unittest import TestCase
 from hostlink_tw.client import ClientEvent, ClientState, HostlinkClient
 from hostlink_tw.config import Settings
 from hostlink_tw.controlplane import ControlPlane, start_control_plane
+from hostlink_tw.protocol import AGENT_HELLO, AGENT_HELLO_ACK, ack_payload, make_envelope
 from hostlink_tw.signing import RequestSigner
 
-from .test_client_support import AGENT, key
+from .test_client_support import AGENT, key, parse_client_frames, server_frame
 
 TIMEOUT = 5.0
 
@@ -484,19 +488,85 @@ class StopTests(_Base):
 
     @inlineCallbacks
     def test_peer_that_never_answers_the_close(self) -> Generator[Deferred[Any], Any, None]:
-        """stop() is bounded even when the control plane stalls everything after open."""
-        yield self.start_cp()
-        client = self.make_client()
+        """stop() is bounded even when the peer ignores the close frame."""
+        factory = _DeafServerFactory()
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(lambda: bounded(factory.all_lost()))
+        self.addCleanup(port.stopListening)
+        client = self.make_client(f"ws://127.0.0.1:{port.getHost().port}/api/v1/agents/ws")
         client.close_timeout = 0.3
         client.start()
-        yield self.cp.wait_active(AGENT, timeout=TIMEOUT)
-        # Make the server deaf: stop reading from its side of the connection.
-        server = self.cp.session(AGENT)._protocol
-        server.transport.stopReading()
+        yield bounded(client.when_active())
         started = reactor.seconds()  # type: ignore[attr-defined]
         yield bounded(client.stop())
-        self.assertLess(reactor.seconds() - started, 1.0)  # type: ignore[attr-defined]
-        server.transport.startReading()
+        elapsed = reactor.seconds() - started  # type: ignore[attr-defined]
+        self.assertTrue(0.25 <= elapsed < 1.0, elapsed)
+        (closed,) = [e for e in self.events if e.kind == "closed"]
+        self.assertFalse(closed.fields["clean"])  # aborted, not a finished handshake
+        yield self._no_reconnect_to(factory)
+
+    @inlineCallbacks
+    def _no_reconnect_to(self, factory: _DeafServerFactory) -> Generator[Deferred[Any], Any, None]:
+        made = len(factory.conns)
+        yield sleep(0.3)
+        self.assertEqual(len(factory.conns), made)
+
+
+class _DeafServer(Protocol):
+    """Accepts the upgrade and acks the hello, then ignores everything, never closing."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.upgraded = False
+        self.acked = False
+        self.lost: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.acked:
+            return
+        self.buffer += data
+        assert self.transport is not None
+        if not self.upgraded:
+            if b"\r\n\r\n" not in self.buffer:
+                return
+            head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+            headers = dict(
+                line.split(": ", 1) for line in head.decode().split("\r\n")[1:] if ": " in line
+            )
+            digest = hashlib.sha1(  # noqa: S324 - RFC 6455 mandates SHA-1 here
+                headers["Sec-WebSocket-Key"].encode() + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+            ).digest()
+            self.transport.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
+                + base64.b64encode(digest) + b"\r\n\r\n"
+            )
+            self.upgraded = True
+        for opcode, payload in parse_client_frames(self.buffer):
+            if opcode == 1:
+                hello = json.loads(payload)
+                ack = make_envelope(
+                    AGENT_HELLO_ACK, AGENT, ack_payload(hello["message_id"], AGENT_HELLO)
+                )
+                self.transport.write(server_frame(1, ack.to_json().encode()))
+                self.acked = True
+                return
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost.callback(None)
+
+
+class _DeafServerFactory(Factory):
+    def __init__(self) -> None:
+        self.conns: list[_DeafServer] = []
+
+    def buildProtocol(self, addr: Any) -> _DeafServer:
+        p = _DeafServer()
+        self.conns.append(p)
+        return p
+
+    def all_lost(self) -> Deferred[Any]:
+        return defer.gatherResults([c.lost for c in self.conns])
 
 
 class _ConnectProxy(Protocol):
