@@ -246,12 +246,13 @@ class HostlinkClientProtocol(WebSocketClientProtocol):
     """
     One WebSocket connection to the control plane.
 
-    Autobahn logs through a txaio logger pinned here to ``error``: its debug
-    lines would print the signed upgrade request, and its warnings repeat
-    what this class logs once, with structured fields.
+    Autobahn logs through a txaio logger pinned here to ``critical``: its
+    debug lines would print the signed upgrade request, and its warnings and
+    errors (a failed TLS handshake, a failed ``onConnecting``) repeat what
+    the client logs once, with structured fields.
     """
 
-    log = txaio.make_logger(level="error")  # type: ignore[attr-defined]
+    log = txaio.make_logger(level="critical")  # type: ignore[attr-defined]
 
     factory: HostlinkClientFactory
 
@@ -361,6 +362,11 @@ class HostlinkClientProtocol(WebSocketClientProtocol):
         except Exception as e:
             # Autobahn drops the connection when this hook raises; say why.
             self._note_failure(f"cannot sign the upgrade request: {e}")
+            self._client.log.error(
+                "cannot sign the upgrade request: {error} agent_id={agent_id} url={url}",
+                error=str(e),
+                **self._client._log_fields(),
+            )
             raise
         return ConnectingRequest(  # type: ignore[no-untyped-call]
             host=_host_for_header(self.factory.host),

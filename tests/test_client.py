@@ -105,6 +105,7 @@ class HelloAndActivationTests(SynchronousTestCase):
         self.assertNotIn(b"GET", c.written())
         c.finish()
         self.assertIn("cannot sign the upgrade request", h.client.last_failure or "")
+        self.assertTrue(any("the clock returned nan" in m for m in h.messages("error")))
         self.assertEqual(h.delays(), [1])
 
     def test_hello_sent_on_open(self) -> None:
@@ -1282,4 +1283,4 @@ class LoggingTests(SynchronousTestCase):
         """Autobahn's debug lines print the signed request; our protocols never emit them."""
         from hostlink_tw.client import HostlinkClientProtocol
 
-        self.assertEqual(HostlinkClientProtocol.log._log_level, "error")
+        self.assertEqual(HostlinkClientProtocol.log._log_level, "critical")
