@@ -644,7 +644,9 @@ class HostlinkClientFactory(WebSocketClientFactory, ReconnectingClientFactory):
       ``RECONNECT_MAX`` with uniform ±25 % (or full) jitter, instead of
       factor *e* with Gaussian jitter that is stored back into ``delay``
       (it compounds, can pass ``maxDelay`` and even go negative), and
-      independent of the Twisted version's first-delay arithmetic.
+      independent of the Twisted version's first-delay arithmetic: the first
+      retry waits ``RECONNECT_MIN`` from the start (the stock class reads a
+      subclass's ``initialDelay`` only in ``resetDelay``).
       ``initialDelay``/``maxDelay``/``factor``/``jitter``/``delay``/``retries``
       mirror our values for introspection only.
     * **One attempt at a time** (``retry``): a retry is never scheduled while
@@ -884,6 +886,21 @@ class HostlinkClient:
 
     :raises ValueError: ``settings.ws_url`` is not a ``ws://``/``wss://`` URL,
         or the reconnect settings are unusable.
+
+    State for callers (times are the reactor's ``seconds()``):
+
+    :ivar url: the WebSocket URL (``snapshot()`` shows it without credentials).
+    :ivar agent_id: the signer's agent id.
+    :ivar state: the :class:`ClientState`.
+    :ivar last_ack: the last ``agent.hello_ack`` or ``ack`` envelope received.
+    :ivar last_ack_at: when it arrived.
+    :ivar connected_since: when the current WebSocket opened; None without one.
+    :ivar attempts: connection attempts since the last active session.
+    :ivar last_failure: why the last connection or attempt ended (None once a
+        session is active again).
+    :ivar next_retry_at: when the pending retry is due; None when none is.
+    :ivar current_delay: the delay of the pending retry; None when none is.
+    :ivar proxy: the :class:`~hostlink_tw.proxy.Proxy` in use, or None.
     """
 
     def __init__(
