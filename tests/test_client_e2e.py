@@ -264,6 +264,24 @@ class SessionTests(_Base):
         yield self.cp.wait_active(AGENT, timeout=TIMEOUT)
 
     @inlineCallbacks
+    def test_accept_and_hang_up_does_not_spin(self) -> Generator[Deferred[Any], Any, None]:
+        """A TCP connect is not a success: delays keep growing."""
+        factory = _HangUpFactory()
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        client = self.make_client(
+            f"ws://127.0.0.1:{port.getHost().port}/api/v1/agents/ws",
+            reconnect_min=0.02, reconnect_max=10.0,
+        )
+        client.start()
+        yield wait_event(client, "retry_scheduled", lambda e: client.attempts >= 5)
+        yield bounded(client.stop())
+        delays = [e.fields["delay"] for e in self.events if e.kind == "retry_scheduled"][:5]
+        for i, delay in enumerate(delays):
+            self.assertTrue(0.75 * 0.02 * 2**i <= delay <= 1.25 * 0.02 * 2**i, delays)
+        self.assertEqual(factory.accepted, 5)
+
+    @inlineCallbacks
     def test_connection_refused_backs_off(self) -> Generator[Deferred[Any], Any, None]:
         cp = yield self.start_cp()
         url = cp.ws_url
@@ -510,6 +528,23 @@ class StopTests(_Base):
         made = len(factory.conns)
         yield sleep(0.3)
         self.assertEqual(len(factory.conns), made)
+
+
+class _HangUp(Protocol):
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.loseConnection()
+
+
+class _HangUpFactory(Factory):
+    """Accepts every TCP connection and closes it at once."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+
+    def buildProtocol(self, addr: Any) -> _HangUp:
+        self.accepted += 1
+        return _HangUp()
 
 
 class _DeafServer(Protocol):
