@@ -22,7 +22,8 @@ reproduces its rules:
 
 Only ``http://`` proxies are supported (a TLS connection *to* the proxy, or
 SOCKS, is not): :func:`proxy_for` raises :class:`UnsupportedProxyError` for
-the others, so the caller can say so clearly.
+the others, and for a value it cannot parse, so the caller can say so
+clearly (its message never repeats the value, which may hold a password).
 
 Everything here is pure: the environment comes in as a mapping.
 """
@@ -71,20 +72,24 @@ def _getenv_any(environ: Mapping[str, str], *names: str) -> str:
 
 
 def _parse_proxy(value: str) -> Proxy:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https", "socks5", "socks5h") or not parts.netloc:
-        # Go's rule: a bogus value is retried as "http://" + value.
-        parts = urlsplit("http://" + value)
+    # Messages never quote the value: it may hold the proxy's password.
+    try:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https", "socks5", "socks5h") or not parts.netloc:
+            # Go's rule: a bogus value is retried as "http://" + value.
+            parts = urlsplit("http://" + value)
+    except ValueError as e:
+        raise UnsupportedProxyError(f"the proxy URL cannot be parsed: {e}") from None
     scheme = parts.scheme.lower()
-    if scheme != "http":
-        raise UnsupportedProxyError(
-            f"proxy scheme {scheme!r} is not supported (only http:// proxies): "
-            f"{_display(parts.scheme, parts.hostname, parts.port)}"
-        )
     try:
         port = parts.port
     except ValueError as e:
-        raise UnsupportedProxyError(f"invalid proxy port in {value!r}: {e}") from None
+        raise UnsupportedProxyError(f"invalid proxy port: {e}") from None
+    if scheme != "http":
+        raise UnsupportedProxyError(
+            f"proxy scheme {scheme!r} is not supported (only http:// proxies): "
+            f"{_display(scheme, parts.hostname, port)}"
+        )
     host = parts.hostname
     if not host:
         raise UnsupportedProxyError("proxy URL has no host")

@@ -833,6 +833,12 @@ class TLSAndProxyTests(SynchronousTestCase):
         )
         self.assertEqual(h.target(), ("cp.example.test", 80))
 
+    def test_unparsable_proxy_warns_and_connects_directly(self) -> None:
+        h, _ = self._proxied("wss://cp.example.test/ws", {"HTTPS_PROXY": "http://u:pw@[::1"})
+        self.assertEqual(h.target(), ("cp.example.test", 443))
+        self.assertTrue(any("proxy" in m for m in h.messages("warn")))
+        self.assertNotIn("pw", "\n".join(h.messages()))
+
     def test_unsupported_proxy_scheme_warns_and_connects_directly(self) -> None:
         h, _ = self._proxied("wss://cp.example.test/ws", {"HTTPS_PROXY": "socks5://s:1080"})
         self.assertEqual(h.target(), ("cp.example.test", 443))

@@ -59,6 +59,12 @@ class SelectionTests(SynchronousTestCase):
         for value in ("https://proxy:443", "socks5://proxy:1080", "socks5h://proxy"):
             self.assertRaises(UnsupportedProxyError, proxy_for, WSS, {"HTTPS_PROXY": value})
 
+    def test_unparsable_values_never_echo_credentials(self) -> None:
+        for value in ("http://u:pw@[::1", "http://u:pw@proxy:99999", "http://u:pw@proxy:port",
+                      "socks5://u:pw@proxy:port", "https://u:pw@proxy:1"):
+            e = self.assertRaises(UnsupportedProxyError, proxy_for, WSS, {"HTTPS_PROXY": value})
+            self.assertNotIn("pw", str(e))
+
     def test_cgi_ignores_http_proxy(self) -> None:
         env = {"HTTP_PROXY": "http://plain:3128", "REQUEST_METHOD": "GET"}
         self.assertIsNone(proxy_for(WS, env))
