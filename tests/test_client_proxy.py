@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from hostlink_tw.proxy import Proxy, UnsupportedProxyError, proxy_for
@@ -123,3 +125,22 @@ class NoProxyTests(SynchronousTestCase):
 
     def test_malformed_entries_ignored(self) -> None:
         self.assertFalse(self._direct(WSS, ":443,[,10.0.0.0/99"))
+
+
+class RobustnessTests(SynchronousTestCase):
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.text(max_size=60),
+        st.text(max_size=60),
+        st.sampled_from([WSS, WS, "wss://10.0.0.1:8443/ws", "ws://[2001:db8::1]/ws"]),
+    )
+    def test_any_environment_is_handled(self, proxy: str, no_proxy: str, url: str) -> None:
+        """Whatever the environment holds: a proxy, none, or UnsupportedProxyError."""
+        env = {"HTTPS_PROXY": proxy, "HTTP_PROXY": proxy, "NO_PROXY": no_proxy}
+        try:
+            result = proxy_for(url, env)
+        except UnsupportedProxyError:
+            return
+        if result is not None:
+            self.assertTrue(result.host)
+            self.assertTrue(0 <= result.port <= 65535)
