@@ -23,9 +23,12 @@ active again
 bound
     ``1.25 × RECONNECT_MAX + HANDSHAKE_TIMEOUT``: the longest jittered
     wait plus one attempt (connect, TLS, upgrade; hello_ack on loopback
-    takes milliseconds).  Detection is bounded by the same for faults the
-    agent meets on its next attempt, and by ``PING_INTERVAL + PONG_TIMEOUT``
-    (+0.5 s of scheduling slack) for a dead peer.
+    takes milliseconds); a fault that leaves an open connection waiting for
+    its hello_ack adds ``HELLO_TIMEOUT``.  Detection is bounded by the same
+    for faults the agent meets on its next attempt, and by
+    ``PING_INTERVAL + PONG_TIMEOUT`` (+ ``slack``, 0.5 s) for a dead peer.
+    Dead-peer faults start right after the session became active, so their
+    detection time is the worst case, not a lucky ping phase.
 
 Usage: ``python -m benchmarks.chaos [--hold SECONDS] [--only NAME ...] [--keep]``.
 """
@@ -44,6 +47,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol, connectionDone
@@ -103,6 +107,8 @@ class ChaosConfig:
     #: Scheduling slack on top of the dead-peer detection bound (a busy
     #: machine delays the agent's pong timer as it delays everything).
     slack: float = 0.5
+    #: Safety net: a fault's whole run (setup to teardown) is cancelled after this.
+    fault_timeout: float = 120.0
 
     @property
     def bound(self) -> float:
@@ -571,6 +577,30 @@ async def refused_503(run: FaultRun) -> None:
     await _refused(run, 503)
 
 
+async def hello_ack_withheld(run: FaultRun) -> None:
+    """
+    Upgrades succeed but the control plane never answers agent.hello (an
+    application-level stall); the agent must give up after HELLO_TIMEOUT.
+    """
+    cp = await run.control_plane()
+    # An open connection may be waiting for its (never coming) hello_ack
+    # when the fault ends: it times out first, then the usual backoff.
+    run.result.bound = run.config.hello_timeout + run.config.bound
+    run.result.detect_bound = run.config.hello_timeout + run.config.bound
+    await run.start_agent(cp.ws_url, {cp.port})
+    run.fault_starts()
+    cp.withhold_hello_ack = True
+    cp.close(run.identity.agent_id, 1001, "control plane restarting")
+    await run.detected(r"closing connection: no agent.hello_ack within .*agent_id=")
+    await run.hold()
+
+    def answer() -> None:
+        cp.withhold_hello_ack = False
+
+    await run.ends(answer)
+    await _expect_one_session(run, _in_process_status(cp))
+
+
 async def name_unresolvable(run: FaultRun) -> None:
     """
     The control plane's host name stops resolving: ``hostlink.invalid``
@@ -685,6 +715,7 @@ FAULTS: dict[str, tuple[Callable[[FaultRun], Awaitable[None]], str]] = {
     "upgrade refused 401": (refused_401, "attempt"),
     "upgrade refused 403": (refused_403, "attempt"),
     "upgrade refused 503": (refused_503, "attempt"),
+    "hello_ack withheld": (hello_ack_withheld, "attempt"),
     "host name unresolvable": (name_unresolvable, "attempt"),
     "TLS unknown CA": (tls_unknown_ca, "attempt"),
     "connection refused": (connection_refused, "attempt"),
@@ -714,10 +745,16 @@ async def run_fault(
     detect_bound = config.pong_detect_bound if detect_kind == "pong" else config.bound
     run = FaultRun(_slug(name), config, workdir, detect_bound)
     run.result.fault = name
+    from twisted.internet import reactor
+
+    running = Deferred.fromCoroutine(scenario(run))
+    running.addTimeout(config.fault_timeout, reactor)
     try:
-        await scenario(run)
+        await running
     except FaultTimeoutError as e:
         run.result.problems.append(str(e))
+    except defer.TimeoutError:
+        run.result.problems.append(f"fault did not finish within {config.fault_timeout:g}s")
     except Exception as e:  # noqa: BLE001 - one broken fault must not stop the table
         import traceback
 
@@ -825,12 +862,10 @@ async def _main(argv: list[str]) -> int:
     for r in results:
         cause = r.cause.split("] ", 1)[-1] if r.cause else "(none)"
         print(f"  {r.fault}: {cause}")
-    notes = [(r.fault, n) for r in results for n in r.notes]
-    if notes:
-        print()
-        print("notes:")
-        for fault, note in notes:
-            print(f"  {fault}: {note}")
+    print()
+    print("notes:")
+    for fault, note in [(r.fault, n) for r in results for n in r.notes]:
+        print(f"  {fault}: {note}")
     print(f"  {_resolver_note()}")
     failed = [r for r in results if not r.ok]
     for r in failed:
