@@ -191,6 +191,9 @@ class ClientEvent:
         ``code`` (the WebSocket close code received or, failing that, sent;
         None when the TCP connection ended without a close frame or never
         existed), ``reason``, ``clean`` (bool).
+    ``ping`` / ``pong``
+        a keepalive ping was sent / the pong answering it (or a later one)
+        arrived: ``sequence`` (the ping's number on this connection).
     ``retry_scheduled``
         the next attempt is due in ``delay`` seconds, at reactor time ``at``.
     ``stopped``
@@ -545,6 +548,7 @@ class HostlinkClientProtocol(WebSocketClientProtocol):
         payload = struct.pack("!Q", self._ping_seq)
         self._outstanding_pings.append(payload)
         self.sendPing(payload)
+        self._client._emit("ping", sequence=self._ping_seq)
         if self._pong_timer is None:
             self._pong_timer = self.factory.timer.callLater(
                 self._client.settings.pong_timeout, self._pong_timed_out
@@ -555,6 +559,7 @@ class HostlinkClientProtocol(WebSocketClientProtocol):
         if payload in self._outstanding_pings:
             # Pongs come in order: this one answers every earlier ping too.
             del self._outstanding_pings[: self._outstanding_pings.index(payload) + 1]
+            self._client._emit("pong", sequence=struct.unpack("!Q", payload)[0])
             if self._pong_timer is not None and self._pong_timer.active():
                 self._pong_timer.cancel()
             self._pong_timer = None

@@ -159,7 +159,14 @@ class _DemoRun:
         self.service.startService()
         await active
 
-        await _sleep(reactor, restart_after)
+        def left() -> float:
+            if duration is None:
+                return float("inf")
+            return duration - (time.monotonic() - narrator.started)
+
+        await _sleep(reactor, min(restart_after, max(0.0, left())))
+        if left() <= 0:
+            return 0  # --duration ended the demo before the restart
         narrator.say("demo", "--- restarting the control plane: the session will drop ---")
         await cp.stop()
         self.cp = None
@@ -173,10 +180,8 @@ class _DemoRun:
         if duration is None:
             narrator.say("demo", "running; press Ctrl-C to stop")
             await Deferred()  # until the reactor stops
-        else:
-            remaining = duration - (time.monotonic() - narrator.started)
-            if remaining > 0:
-                await _sleep(reactor, remaining)
+        elif left() > 0:
+            await _sleep(reactor, left())
         return 0
 
     async def stop(self) -> None:

@@ -148,6 +148,7 @@ class DemoTests(SynchronousTestCase):
         self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
         out = done.stdout
         self.assertEqual(out.count("SESSION ACTIVE"), 2, out)
+        self.assertIn("keepalive pong", out)
         order = [
             out.index("→ agent.hello"),
             out.index("← agent.hello_ack"),

@@ -538,6 +538,20 @@ class KeepaliveTests(SynchronousTestCase):
         self.assertTrue(h.client.is_active)
         self.assertEqual(h.txaio_clock.getDelayedCalls(), [])
 
+    def test_ping_and_pong_events(self) -> None:
+        """Observers (the demo, metrics) see each keepalive ping and its pong."""
+        h = harness(self, ping_interval=5.0, pong_timeout=8.0)
+        h.client.start()
+        c = h.active_conn()
+        h.reactor.advance(5)
+        h.reactor.advance(5)
+        self.assertEqual([e.fields["sequence"] for e in h.of_kind("ping")], [1, 2])
+        self.assertEqual(h.of_kind("pong"), [])
+        c.send_pong(b"unrelated")
+        self.assertEqual(h.of_kind("pong"), [])
+        c.send_pong(c.pings()[1])
+        self.assertEqual([e.fields["sequence"] for e in h.of_kind("pong")], [2])
+
     def test_pings_start_before_the_hello_ack(self) -> None:
         h = harness(self, ping_interval=5.0, hello_timeout=60.0)
         h.client.start()
