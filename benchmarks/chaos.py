@@ -601,12 +601,16 @@ async def hello_ack_withheld(run: FaultRun) -> None:
     await _expect_one_session(run, _in_process_status(cp))
 
 
-async def name_unresolvable(run: FaultRun) -> None:
+async def name_unresolvable(run: FaultRun, stall: bool = False) -> None:
     """
     The control plane's host name stops resolving: ``hostlink.invalid``
     (reserved TLD) served by :class:`~benchmarks.faults.ChaosResolver` in the
-    agent process, so no lookup of it ever leaves the machine.
+    agent process, so no lookup of it ever leaves the machine.  With
+    ``stall``, lookups hang instead of failing.
     """
+    if stall:
+        # A lookup hanging when the fault ends must time out first.
+        run.result.bound = run.config.handshake_timeout + run.config.bound
     cp = await run.control_plane()
     hosts = os.path.join(run.dir, "hosts.json")
     name = "hostlink.invalid"
@@ -622,15 +626,20 @@ async def name_unresolvable(run: FaultRun) -> None:
     if agent.find(r"chaos resolver installed") is None:
         run.result.problems.append("the chaos resolver was not installed in the agent")
     run.fault_starts()
-    resolve({})
+    resolve({name: "stall"} if stall else {})
     cp.abort(run.identity.agent_id)
-    await run.detected(r"connection failed: DNSLookupError: .*agent_id=")
+    await run.detected(_GAVE_UP if stall else r"connection failed: DNSLookupError: .*agent_id=")
     await run.hold()
     await run.ends(lambda: resolve({name: "127.0.0.1"}))
     await _expect_one_session(run, _in_process_status(cp))
     run.result.notes.append(
         "resolver: .invalid answered in-process; system lookups of it trip-wired (none seen)"
     )
+
+
+async def name_lookup_stalled(run: FaultRun) -> None:
+    """The resolver stops answering for the control plane's host name."""
+    await name_unresolvable(run, stall=True)
 
 
 async def tls_unknown_ca(run: FaultRun) -> None:
@@ -717,6 +726,7 @@ FAULTS: dict[str, tuple[Callable[[FaultRun], Awaitable[None]], str]] = {
     "upgrade refused 503": (refused_503, "attempt"),
     "hello_ack withheld": (hello_ack_withheld, "attempt"),
     "host name unresolvable": (name_unresolvable, "attempt"),
+    "host name lookup stalled": (name_lookup_stalled, "attempt"),
     "TLS unknown CA": (tls_unknown_ca, "attempt"),
     "connection refused": (connection_refused, "attempt"),
 }

@@ -820,11 +820,12 @@ def _is_invalid_name(name: object) -> bool:
 @implementer(IResolverSimple)
 class ChaosResolver:
     """
-    A reactor resolver for the host-name fault.
+    A reactor resolver for the host-name faults.
 
     ``.invalid`` names resolve only when ``hosts_file`` (JSON: name -> IPv4
     address, re-read on every lookup) maps them; otherwise they fail at once
-    with ``DNSLookupError``, locally, as RFC 6761 says they must.  Every
+    with ``DNSLookupError``, locally, as RFC 6761 says they must.  A name
+    mapped to ``"stall"`` never gets an answer (a hung resolver).  Every
     other name goes to ``fallback`` (the reactor's own resolver).
     """
 
@@ -843,6 +844,9 @@ class ChaosResolver:
     def getHostByName(self, name: str, timeout: Sequence[int] = ()) -> Deferred[str]:
         """Resolve ``name`` (see the class docstring)."""
         address = self._mapping().get(name.lower().rstrip("."))
+        if address == "stall":
+            # No answer, ever: only the client's own deadline ends the attempt.
+            return Deferred()
         if address is not None:
             return defer.succeed(address)
         if _is_invalid_name(name):
