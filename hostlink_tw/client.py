@@ -84,6 +84,7 @@ __all__ = [
     "HostlinkClient",
     "HostlinkClientFactory",
     "HostlinkClientProtocol",
+    "Observers",
 ]
 
 #: How long a close handshake may take (ours, the peer's, or stop()'s)
@@ -205,6 +206,37 @@ class ClientEvent:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fields", MappingProxyType(dict(self.fields)))
+
+
+class Observers:
+    """
+    The observers of :class:`ClientEvent` s: subscribe, unsubscribe, notify.
+
+    An observer that raises is logged and otherwise ignored: watching the
+    client must never break it.
+    """
+
+    def __init__(self, log: Logger) -> None:
+        self._log = log
+        self._observers: list[Callable[[ClientEvent], None]] = []
+
+    def add(self, observer: Callable[[ClientEvent], None]) -> Callable[[], None]:
+        """Call ``observer`` with every event from now on; return its unsubscriber."""
+        self._observers.append(observer)
+
+        def unsubscribe() -> None:
+            if observer in self._observers:
+                self._observers.remove(observer)
+
+        return unsubscribe
+
+    def notify(self, event: ClientEvent) -> None:
+        """Give ``event`` to every observer subscribed now."""
+        for observer in list(self._observers):
+            try:
+                observer(event)
+            except Exception:  # noqa: BLE001 - an observer must not break the client
+                self._log.failure("client event observer failed on {kind}", kind=event.kind)
 
 
 def redact_url(url: str) -> str:
@@ -957,7 +989,7 @@ class HostlinkClient:
         self.current_delay: float | None = None
         self._protocol: HostlinkClientProtocol | None = None
         self._pending_failure: str | None = None
-        self._observers: list[Callable[[ClientEvent], None]] = []
+        self._observers = Observers(self.log)
         self._active_waiters: list[Deferred[None]] = []
         self._stop_waiters: list[Deferred[None]] = []
         self._warned_plaintext = False
@@ -1038,13 +1070,7 @@ class HostlinkClient:
         Returns a function that unsubscribes it.  An observer that raises is
         logged and otherwise ignored.
         """
-        self._observers.append(observer)
-
-        def unsubscribe() -> None:
-            if observer in self._observers:
-                self._observers.remove(observer)
-
-        return unsubscribe
+        return self._observers.add(observer)
 
     def snapshot(self) -> dict[str, Any]:
         """The client's state as JSON-able values (for the status endpoint)."""
@@ -1081,12 +1107,7 @@ class HostlinkClient:
         return {"agent_id": self.agent_id, "url": self._display_url}
 
     def _emit(self, kind: str, **fields: Any) -> None:
-        event = ClientEvent(kind, fields)
-        for observer in list(self._observers):
-            try:
-                observer(event)
-            except Exception:  # noqa: BLE001 - an observer must not break the client
-                self.log.failure("client event observer failed on {kind}", kind=kind)
+        self._observers.notify(ClientEvent(kind, fields))
 
     def _set_state(self, new: ClientState, reason: str) -> None:
         old, self.state = self.state, new

@@ -28,7 +28,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
 from hostlink_tw.backoff import Backoff
-from hostlink_tw.client import ClientEvent, HostlinkClient, redact_url
+from hostlink_tw.client import ClientEvent, HostlinkClient, Observers, redact_url
 from hostlink_tw.config import Settings
 from hostlink_tw.identity import IdentityError, load_agent_state
 from hostlink_tw.signing import RequestSigner, SigningError
@@ -84,7 +84,7 @@ class HostlinkService(MultiService):
         self._checks = Backoff(
             settings.reconnect_min, settings.reconnect_max, settings.reconnect_jitter, rng
         )
-        self._observers: list[Callable[[ClientEvent], None]] = []
+        self._observers = Observers(self.log)
         if settings.status_listen:
             status, self.metrics = make_status_service(settings.status_listen, self, reactor)
             status.setName("status")  # type: ignore[no-untyped-call]
@@ -138,7 +138,7 @@ class HostlinkService(MultiService):
             return
         self._identity_problem = None
         self.client = client
-        client.add_observer(self._forward)
+        client.add_observer(self._observers.notify)
         self.log.info(
             "Hostlink WebSocket uplink starting agent_id={agent_id} url={url}",
             agent_id=client.agent_id,
@@ -161,19 +161,9 @@ class HostlinkService(MultiService):
 
     # -- status source -------------------------------------------------------------
 
-    def _forward(self, event: ClientEvent) -> None:
-        for observer in list(self._observers):
-            observer(event)
-
     def add_observer(self, observer: Callable[[ClientEvent], None]) -> Callable[[], None]:
         """Receive the client's events, including those of a client started later."""
-        self._observers.append(observer)
-
-        def unsubscribe() -> None:
-            if observer in self._observers:
-                self._observers.remove(observer)
-
-        return unsubscribe
+        return self._observers.add(observer)
 
     def snapshot(self) -> dict[str, Any]:
         """The client's state, or why there is no client yet."""
