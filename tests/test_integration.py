@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -16,6 +17,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, readBody
 
@@ -146,3 +148,31 @@ class IntegrationTests(TestCase):
         self.assertFalse(state["active"])
         self.assertEqual(state["agent_id"], "agent-it")
         self.assertIsNotNone(state["next_retry_at"])
+
+    @inlineCallbacks
+    def test_identity_written_after_start_then_session_starts(self) -> Any:
+        """Registration finishing after boot: the service connects by itself."""
+        cp = yield self.control_plane()
+        late = os.path.join(self.dir, "late")
+        settings = Settings(
+            enabled=True,
+            ws_url=cp.ws_url,
+            state_path=late,
+            private_key_path=os.path.join(late, "agent.key"),
+            reconnect_min=0.1,
+            reconnect_max=0.2,
+        )
+        service = HostlinkService(settings, reactor=reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        yield deferLater(reactor, 0.3, lambda: None)
+        self.assertIsNone(service.client)
+        self.assertEqual(service.snapshot()["state"], "waiting_for_identity")
+        # What registration does: the key, then agent.json.
+        os.makedirs(late, mode=0o700)
+        shutil.copy2(self.key_path, settings.private_key_path)
+        write_agent_state(late, AgentState(agent_id="agent-it"))
+        session = yield cp.wait_active("agent-it", timeout=WAIT)
+        self.assertTrue(session.active)
+        self.assertIsNotNone(service.client)
+

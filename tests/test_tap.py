@@ -91,6 +91,22 @@ class OptionsTests(SynchronousTestCase):
                 self.assertNotIn("\n", message)
                 self.assertIn(args[0], message)
 
+    def test_twistd_reports_bad_option_without_traceback(self) -> None:
+        code = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+        done = subprocess.run(
+            [sys.executable, "-c", code, "-n", "--pidfile=", "hostlink", "--ping-interval", "1x"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertNotEqual(done.returncode, 0)
+        output = done.stdout + done.stderr
+        self.assertNotIn("Traceback", output)
+        errors = [
+            line for line in output.splitlines() if "--ping-interval" in line and "1x" in line
+        ]
+        self.assertEqual(len(errors), 1, output)
+
     def test_make_service(self) -> None:
         service = makeService(parse(["--enable", "--state-path", "/nonexistent"]))
         self.assertIsInstance(service, HostlinkService)
