@@ -185,6 +185,7 @@ class FaultRun:
         self.result = FaultResult(name, config.bound, detect_bound)
         self.agent: ManagedProcess | None = None
         self.watch: ConnectionWatch | None = None
+        self.status_port: int | None = None
         self._cleanups: list[Callable[[], Awaitable[Any]]] = []
         # Agents go first, so tearing down the control plane is not one more fault.
         self._first_cleanups: list[Callable[[], Awaitable[Any]]] = []
@@ -246,8 +247,11 @@ class FaultRun:
         Start the agent, wait for its first active session, then start
         counting its connections to ``ports``.
         """
+        # The agent's own status endpoint: a second opinion on "active".
+        self.status_port = free_port()
+        status = ("--status-listen", f"tcp:{self.status_port}:interface=127.0.0.1")
         agent = spawn_agent(
-            self.config.agent_args(url, self.identity, extra),
+            self.config.agent_args(url, self.identity, (*extra, *status)),
             name=f"agent[{self.name}]",
             hosts_file=hosts_file,
         )
@@ -305,6 +309,7 @@ class FaultRun:
         during = self.agent.find(ACTIVE, self._fault_mark)
         if during is not None:
             self.result.problems.append(f"active during the fault: {during.line!r}")
+        await self._expect_health(503, "during the fault")
         mark = self.agent.mark()
         ended = time.monotonic()
         outcome = action()
@@ -322,6 +327,23 @@ class FaultRun:
             self.result.problems.append(f"not active again: {e}")
             return
         self.result.recovered = match.at - ended
+        await self._expect_health(200, "once active again")
+
+    async def _expect_health(self, code: int, when: str) -> None:
+        """The agent's ``/healthz`` must answer ``code`` (bounded poll: it may lag a log line)."""
+        if self.status_port is None:
+            return
+        deadline = time.monotonic() + 1.0
+        seen: tuple[int, bytes] | str = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                seen = await http_get(self.status_port, "/healthz")
+            except Exception as e:  # noqa: BLE001 - reported below
+                seen = f"{type(e).__name__}: {e}"
+            if isinstance(seen, tuple) and seen[0] == code:
+                return
+            await sleep(0.05)
+        self.result.problems.append(f"agent /healthz {when}: expected {code}, got {seen!r}")
 
     # -- verdict and teardown ---------------------------------------------------------------
 
@@ -387,15 +409,22 @@ class _HTTPGet(Protocol):
         self.done.callback(self.data)
 
 
-async def _process_status(cp_port: int) -> dict[str, Any]:
-    """GET /status of a control plane process (its own connection counted out)."""
+async def http_get(port: int, path: str) -> tuple[int, bytes]:
+    """GET ``path`` from 127.0.0.1:``port`` (HTTP/1.0, bounded): ``(status, body)``."""
     from twisted.internet import reactor
 
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", cp_port, timeout=5)
-    protocol = _HTTPGet("/status")
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
+    protocol = _HTTPGet(path)
     await connectProtocol(endpoint, protocol)
     response = await protocol.done.addTimeout(5, reactor)
-    data: dict[str, Any] = json.loads(response.split(b"\r\n\r\n", 1)[1])
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split(None, 2)[1]), body
+
+
+async def _process_status(cp_port: int) -> dict[str, Any]:
+    """GET /status of a control plane process (its own connection counted out)."""
+    _, body = await http_get(cp_port, "/status")
+    data: dict[str, Any] = json.loads(body)
     # The request's own connection is one of those counted.
     data["connections"] -= 1
     return data
@@ -840,6 +869,9 @@ async def _main(argv: list[str]) -> int:
         for name, entry in FAULTS.items()
         if not args.only or any(word.lower() in name.lower() for word in args.only)
     }
+    if not selected:
+        print(f"no fault matches {args.only}; faults: {', '.join(FAULTS)}", file=sys.stderr)
+        return 2
     workdir = tempfile.mkdtemp(prefix="hostlink-chaos-")
     print(
         f"chaos: {len(selected)} faults; agent settings: reconnect {config.reconnect_min:g}s.."
