@@ -37,6 +37,9 @@ active before at least half of the restarts, and its log holds no
 traceback.  Otherwise the exit status is 1 (2 when the harness itself
 could not run).
 
+``--inject-leak`` makes the agent leak on purpose (an fd, a DelayedCall and
+256 KiB per session) to show that the verdict catches it.
+
 Everything listens on and connects to 127.0.0.1 only; every wait has a
 deadline; both processes are stopped on every exit path (and, on Linux,
 killed by the kernel if this harness dies first).
@@ -328,6 +331,7 @@ class Soak:
                 **env,
                 "HOSTLINK_SOAK_AGENT_ARGS": json.dumps(agent_args),
                 "HOSTLINK_SOAK_PROBE": f"tcp:{self.probe_port}:interface={HOST}",
+                **({"HOSTLINK_SOAK_INJECT_LEAK": "1"} if options.inject_leak else {}),
             },
         )
         self.run_info = Run()
@@ -504,6 +508,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timer-tolerance", type=int, default=2)
     parser.add_argument("--rss-tolerance-mib", type=float, default=4.0)
     parser.add_argument("--keep", action="store_true", help="keep the work directory and logs")
+    parser.add_argument("--inject-leak", action="store_true",
+                        help="make the agent leak an fd, a DelayedCall and 256 KiB per session, "
+                             "to see the verdict catch it")
     options = parser.parse_args(argv)
     if options.minutes <= 0 or options.restart_every <= 0 or options.down_for < 0:
         parser.error("--minutes and --restart-every must be positive, --down-for not negative")

@@ -10,6 +10,10 @@ public interface of the agent exposes: the reactor's pending DelayedCalls
 (how many, and which callables), and the number of objects the garbage
 collector tracks.  The probe's own HTTP connections set no idle timer
 (``timeout=None``), so they never show up in the count.
+
+With ``HOSTLINK_SOAK_INJECT_LEAK`` set, every session that becomes active
+leaks a file descriptor, a DelayedCall and 256 KiB on purpose: the soak's
+``--inject-leak`` uses it to show that its verdict catches a leak.
 """
 
 from __future__ import annotations
@@ -31,6 +35,17 @@ from hostlink_tw.tap import Options, makeService
 
 AGENT_ARGS_ENV = "HOSTLINK_SOAK_AGENT_ARGS"
 PROBE_ENV = "HOSTLINK_SOAK_PROBE"
+LEAK_ENV = "HOSTLINK_SOAK_INJECT_LEAK"
+
+_leaked: list[Any] = []
+
+
+def _leak(event: Any) -> None:
+    """Leak on purpose, once per active session (the harness's own check)."""
+    if event.kind == "active":
+        _leaked.append(open(os.devnull, "rb"))  # noqa: SIM115 - the leak is the point
+        _leaked.append(bytearray(256 * 1024))
+        reactor.callLater(86400, _leaked.clear)  # type: ignore[attr-defined]
 
 
 def _callable_name(call: Any) -> str:
@@ -80,7 +95,10 @@ def make_application(environ: Any = os.environ) -> Any:
     options = Options(environ)
     options.parseOptions(json.loads(environ[AGENT_ARGS_ENV]))  # type: ignore[no-untyped-call]
     application = Application("hostlink-soak")  # type: ignore[no-untyped-call]
-    makeService(options).setServiceParent(application)  # type: ignore[attr-defined]
+    agent: Any = makeService(options)
+    agent.setServiceParent(application)
+    if environ.get(LEAK_ENV):
+        agent.add_observer(_leak)
     probe_service(environ[PROBE_ENV]).setServiceParent(application)  # type: ignore[attr-defined]
     return application
 
