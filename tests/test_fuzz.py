@@ -46,7 +46,9 @@ kept; a failure prints a ``@reproduce_failure`` blob instead.
 
 from __future__ import annotations
 
+import base64
 import gc
+import hashlib
 import json
 import math
 import os
@@ -60,6 +62,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionLost, UserError
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, LogLevel, globalLogPublisher
@@ -625,8 +628,6 @@ class Driver:
             return
         self.seen = self.h.attempts_made
         host, port, factory, _, _ = self.h.reactor.tcpClients[-1]
-        from twisted.internet.address import IPv4Address
-
         proto = factory.buildProtocol(IPv4Address("TCP", host, port))
         conn = Conn(self.h, proto, self.h.reactor.connectors[-1]).open()
         line = _Line(conn)
@@ -655,9 +656,6 @@ class Driver:
 
     @staticmethod
     def _accept_bytes(conn: Conn) -> bytes:
-        import base64
-        import hashlib
-
         _, headers = conn.request()
         accept = base64.b64encode(
             hashlib.sha1(  # noqa: S324 - RFC 6455's accept key
