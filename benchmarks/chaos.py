@@ -361,7 +361,8 @@ class FaultRun:
             r.max_connections = self.watch.max
             if self.watch.max > 1:
                 r.problems.append(
-                    f"held {self.watch.max} connections at once ({len(self.watch.over)} samples)"
+                    f"held {self.watch.max} connections at once ({len(self.watch.over)} samples;"
+                    f" first: {self.watch.details[0]})"
                 )
             if self.watch.samples < 10:
                 r.problems.append(f"too few connection samples ({self.watch.samples})")

@@ -92,6 +92,7 @@ _BIN = os.path.dirname(os.path.abspath(sys.executable))
 # being set up, or closed by the peer but not yet by us.  (Sockets the agent
 # already closed are orphans with inode 0 and never match its fds anyway.)
 _HELD_STATES = {"01": "ESTABLISHED", "02": "SYN_SENT", "08": "CLOSE_WAIT"}
+_LISTEN = "0A"
 
 # Environment variables that must not leak from the harness into the
 # processes it starts: proxies would reroute the agent, HOSTLINK_* would
@@ -737,13 +738,18 @@ def count_connections(pid: int, ports: Iterable[int]) -> int:
     (ESTABLISHED, SYN_SENT or CLOSE_WAIT), from ``/proc``: its socket fds
     matched against its network namespace's TCP tables.
     """
+    return len(held_connections(pid, ports))
+
+
+def held_connections(pid: int, ports: Iterable[int]) -> list[str]:
+    """The connections :func:`count_connections` counts, as ``local -> remote STATE``."""
     wanted = set(ports)
     inodes: set[str] = set()
     fd_dir = f"/proc/{pid}/fd"
     try:
         names = os.listdir(fd_dir)
     except OSError:
-        return 0
+        return []
     for name in names:
         try:
             target = os.readlink(os.path.join(fd_dir, name))
@@ -751,21 +757,39 @@ def count_connections(pid: int, ports: Iterable[int]) -> int:
             continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
-    count = 0
+    rows: list[list[str]] = []
     for table in ("tcp", "tcp6"):
         try:
             with open(f"/proc/{pid}/net/{table}", encoding="ascii") as f:
-                rows = f.read().splitlines()[1:]
+                rows += [row.split() for row in f.read().splitlines()[1:]]
         except OSError:
             continue
-        for row in rows:
-            fields = row.split()
-            if len(fields) < 10:
-                continue
-            remote_port = int(fields[2].rsplit(":", 1)[1], 16)
-            if fields[3] in _HELD_STATES and remote_port in wanted and fields[9] in inodes:
-                count += 1
-    return count
+    mine = [fields for fields in rows if len(fields) >= 10 and fields[9] in inodes]
+    # Connections *to* the agent (its status page) are not connections to
+    # the control plane, even if a client's ephemeral port happens to equal
+    # a watched one (a proxy that stopped listening frees its port).
+    listening = {int(f[1].rsplit(":", 1)[1], 16) for f in mine if f[3] == _LISTEN}
+    held: list[str] = []
+    for fields in mine:
+        local_port = int(fields[1].rsplit(":", 1)[1], 16)
+        remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+        if local_port in listening:
+            continue
+        if fields[3] in _HELD_STATES and remote_port in wanted:
+                held.append(
+                    f"{_address(fields[1])} -> {_address(fields[2])} "
+                    f"{_HELD_STATES[fields[3]]} inode={fields[9]}"
+                )
+    return held
+
+
+def _address(hex_address: str) -> str:
+    host, port = hex_address.rsplit(":", 1)
+    if len(host) == 8:
+        text = socket.inet_ntop(socket.AF_INET, bytes.fromhex(host)[::-1])
+    else:
+        text = host
+    return f"{text}:{int(port, 16)}"
 
 
 class ConnectionWatch:
@@ -781,6 +805,8 @@ class ConnectionWatch:
         self.max = 0
         self.samples = 0
         self.over: list[tuple[float, int]] = []
+        #: The connections of each sample above one.
+        self.details: list[list[str]] = []
         self._loop = LoopingCall(self.sample)
         self._loop.clock = _reactor()
         self.interval = interval
@@ -792,12 +818,14 @@ class ConnectionWatch:
 
     def sample(self) -> None:
         """One sample."""
-        count = count_connections(self.pid, self.ports)
+        held = held_connections(self.pid, self.ports)
+        count = len(held)
         self.samples += 1
         if count > self.max:
             self.max = count
         if count > 1:
             self.over.append((time.monotonic(), count))
+            self.details.append(held)
 
     def stop(self) -> None:
         """Stop sampling (idempotent)."""

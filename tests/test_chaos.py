@@ -47,6 +47,25 @@ class CountConnectionsTests(SynchronousTestCase):
         clients[0].close()
         self.assertEqual(count_connections(os.getpid(), {port}), 1)
 
+    def test_connections_to_own_listening_port_are_not_counted(self) -> None:
+        """
+        A client of the agent's status page whose ephemeral port equals a
+        watched port is not a connection of the agent to the control plane.
+        """
+        server = socket.socket()
+        self.addCleanup(server.close)
+        server.bind(("127.0.0.1", 0))
+        server.listen(4)
+        client = socket.socket()
+        self.addCleanup(client.close)
+        client.bind(("127.0.0.1", 0))
+        watched = client.getsockname()[1]
+        client.connect(server.getsockname())
+        accepted, _ = server.accept()
+        self.addCleanup(accepted.close)
+        self.assertEqual(count_connections(os.getpid(), {watched}), 0)
+        self.assertEqual(count_connections(os.getpid(), {server.getsockname()[1]}), 1)
+
     def test_dead_process_counts_nothing(self) -> None:
         self.assertEqual(count_connections(2**22 + 12345, {80}), 0)
 
