@@ -538,6 +538,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SoakError as e:
         print(f"soak could not run: {e}", file=sys.stderr)
         status = 2
+    except KeyboardInterrupt:
+        print("soak interrupted", file=sys.stderr)
+        status = 128 + signal.SIGINT
     finally:
         soak.close(keep=options.keep or status != 0)
     return status
