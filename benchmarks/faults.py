@@ -770,11 +770,15 @@ def held_connections(pid: int, ports: Iterable[int]) -> list[str]:
     # a watched one (a proxy that stopped listening frees its port).
     listening = {int(f[1].rsplit(":", 1)[1], 16) for f in mine if f[3] == _LISTEN}
     held: list[str] = []
+    seen: set[str] = set()
     for fields in mine:
         local_port = int(fields[1].rsplit(":", 1)[1], 16)
         remote_port = int(fields[2].rsplit(":", 1)[1], 16)
-        if local_port in listening:
+        # The kernel prints these tables in chunks; a table that changes
+        # between two chunks can list the same socket twice.
+        if local_port in listening or fields[9] in seen:
             continue
+        seen.add(fields[9])
         if fields[3] in _HELD_STATES and remote_port in wanted:
                 held.append(
                     f"{_address(fields[1])} -> {_address(fields[2])} "
