@@ -354,10 +354,6 @@ class _Downstream(Protocol):
             transport: Any = upstream.transport
             transport.abortConnection()
 
-    def close(self) -> None:
-        """Close both sides (end of the run)."""
-        self.reset()
-
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
         self.factory._closed(self)
@@ -388,7 +384,9 @@ class FaultProxy(Factory):
     protocol = _Downstream
     noisy = False
 
-    def __init__(self, target_port: int, target_host: str = "127.0.0.1", reactor: Any = None):
+    def __init__(
+        self, target_port: int, target_host: str = "127.0.0.1", reactor: Any = None
+    ) -> None:
         self.reactor = reactor if reactor is not None else _reactor()
         self.target_host = target_host
         self.target_port = target_port
@@ -902,9 +900,9 @@ def _install_tripwire() -> None:
 
         return guarded
 
-    socket.getaddrinfo = guard(socket.getaddrinfo)  # type: ignore[assignment]
-    socket.gethostbyname = guard(socket.gethostbyname)  # type: ignore[assignment]
-    socket.gethostbyname_ex = guard(socket.gethostbyname_ex)  # type: ignore[assignment]
+    socket.getaddrinfo = guard(socket.getaddrinfo)
+    socket.gethostbyname = guard(socket.gethostbyname)
+    socket.gethostbyname_ex = guard(socket.gethostbyname_ex)
 
 
 def _resolver_twistd(argv: list[str]) -> None:
@@ -921,7 +919,7 @@ def _resolver_twistd(argv: list[str]) -> None:
     from twisted.scripts.twistd import run
 
     sys.argv = ["twistd", *twistd_args]
-    run()
+    run()  # type: ignore[no-untyped-call]
 
 
 def main(argv: list[str] | None = None) -> None:
