@@ -30,7 +30,7 @@ bound
     Dead-peer faults start right after the session became active, so their
     detection time is the worst case, not a lucky ping phase.
 
-Usage: ``python -m benchmarks.chaos [--hold SECONDS] [--only NAME ...] [--keep]``.
+Usage: ``python -m benchmarks.chaos [--hold SECONDS] [--only NAME ...] [--extra] [--keep]``.
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ from benchmarks.faults import (
 )
 
 __all__ = [
+    "EXTRA_FAULTS",
     "FAULTS",
     "QUICK_FAULTS",
     "ChaosConfig",
@@ -748,6 +749,23 @@ async def connection_refused(run: FaultRun) -> None:
     await _expect_one_session(run, _in_process_status(cp))
 
 
+async def upgrade_garbage(run: FaultRun) -> None:
+    """
+    The upgrade is answered with a status line that is not UTF-8 (a broken
+    middlebox); the session is reset so the agent has to reconnect into it.
+    """
+    cp = await run.control_plane()
+    proxy = run.proxy(cp.port)
+    await run.start_agent(f"ws://127.0.0.1:{proxy.port}{_GATEWAY}", {proxy.port or 0})
+    run.fault_starts()
+    proxy.set_mode("garbage")
+    proxy.reset_all()
+    await run.detected(r"connection ended: connection failed: .*agent_id=")
+    await run.hold()
+    await run.ends(lambda: proxy.set_mode("pass"))
+    await _expect_one_session(run, _in_process_status(cp))
+
+
 #: Every fault of ``make chaos``, in order: (name, scenario, detection bound kind).
 FAULTS: dict[str, tuple[Callable[[FaultRun], Coroutine[Any, Any, None]], str]] = {
     "control plane SIGKILL + restart": (control_plane_killed, "attempt"),
@@ -763,6 +781,11 @@ FAULTS: dict[str, tuple[Callable[[FaultRun], Coroutine[Any, Any, None]], str]] =
     "host name lookup stalled": (name_lookup_stalled, "attempt"),
     "TLS unknown CA": (tls_unknown_ca, "attempt"),
     "connection refused": (connection_refused, "attempt"),
+}
+
+#: Beyond the issue's list, run with ``--extra``.
+EXTRA_FAULTS: dict[str, tuple[Callable[[FaultRun], Coroutine[Any, Any, None]], str]] = {
+    "upgrade answered with garbage": (upgrade_garbage, "attempt"),
 }
 
 #: Faults quick enough for ``make test`` (tests/test_chaos.py).
@@ -867,11 +890,14 @@ async def _main(argv: list[str]) -> int:
     parser.add_argument("--only", action="append", default=[],
                         help="run only faults whose name contains this (repeatable)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    parser.add_argument("--extra", action="store_true",
+                        help=f"also run faults beyond the issue's list ({', '.join(EXTRA_FAULTS)})")
     args = parser.parse_args(argv)
     config = ChaosConfig(hold=args.hold)
+    faults = {**FAULTS, **(EXTRA_FAULTS if args.extra else {})}
     selected = {
         name: entry
-        for name, entry in FAULTS.items()
+        for name, entry in faults.items()
         if not args.only or any(word.lower() in name.lower() for word in args.only)
     }
     if not selected:

@@ -291,6 +291,7 @@ class _Downstream(Protocol):
         self.forwarding = False
         self.upstream: _Upstream | None = None
         self.connector: Any = None
+        self._answer: bytes | None = None
         self._pending: list[bytes] = []
         self._closed = False
 
@@ -299,9 +300,10 @@ class _Downstream(Protocol):
         proxy._opened(self)
         if proxy.mode == "reset":
             self.reset()
-        elif proxy.mode == "blackhole":
-            # Accepted, read, and never answered.
+        elif proxy.mode in ("blackhole", "garbage"):
+            # Accepted and read; never answered, or answered with garbage.
             self.forwarding = False
+            self._answer = proxy.garbage if proxy.mode == "garbage" else None
         else:
             self.forwarding = True
             self.connector = proxy.reactor.connectTCP(
@@ -327,6 +329,9 @@ class _Downstream(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if not self.forwarding:
+            answer, self._answer = self._answer, None
+            if answer is not None and self.transport is not None:
+                self.transport.write(answer)
             return
         if self.upstream is None or self.upstream.transport is None:
             self._pending.append(data)
@@ -375,6 +380,10 @@ class FaultProxy(Factory):
     ``reset``
         open connections get a RST on both sides; new ones are accepted and
         reset at once.
+    ``garbage``
+        new connections are answered with :attr:`garbage` (once, when the
+        client first writes) instead of the control plane's answer; open
+        connections are not touched.
 
     :meth:`stop_listening` makes connection attempts refused; :meth:`listen`
     binds the same port again.  ``open_connections``/``max_open`` count
@@ -391,6 +400,8 @@ class FaultProxy(Factory):
         self.target_host = target_host
         self.target_port = target_port
         self.mode = "pass"
+        #: What ``garbage`` mode answers: a status line that is not UTF-8.
+        self.garbage = b"HTTP/1.1 101 \xff\xfe\x80\r\nUpgrade: websocket\r\n\r\n"
         self.port: int | None = None
         self._listening: Any = None
         self.connections: set[_Downstream] = set()
@@ -421,8 +432,8 @@ class FaultProxy(Factory):
         return defer.maybeDeferred(listening.stopListening)
 
     def set_mode(self, mode: str) -> None:
-        """Switch to ``pass``, ``blackhole`` or ``reset`` (see the class docstring)."""
-        if mode not in ("pass", "blackhole", "reset"):
+        """Switch to ``pass``, ``blackhole``, ``reset`` or ``garbage`` (see the class docstring)."""
+        if mode not in ("pass", "blackhole", "reset", "garbage"):
             raise ValueError(f"unknown proxy mode {mode!r}")
         self.mode = mode
         for connection in list(self.connections):

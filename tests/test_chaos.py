@@ -188,6 +188,19 @@ class FaultProxyTests(TestCase):
 
         return Deferred.fromCoroutine(scenario())
 
+    def test_garbage_answers_new_connections_only(self) -> Deferred[None]:
+        async def scenario() -> None:
+            proxy = await self._setup()
+            old = await self._connect(proxy)
+            proxy.garbage = b"junk"
+            proxy.set_mode("garbage")
+            self.assertEqual(await self._echoed(old, b"still"), b"still")
+            fresh = await self._connect(proxy)
+            self.assertEqual(await self._echoed(fresh, b"junk"), b"junk")
+            self.assertEqual(await self._echoed(fresh, b"more", wait=0.2), b"junk")
+
+        return Deferred.fromCoroutine(scenario())
+
     def test_stop_listening_refuses(self) -> Deferred[None]:
         async def scenario() -> None:
             proxy = await self._setup()
