@@ -196,7 +196,7 @@ class FaultProxyTests(TestCase):
             proxy.set_mode("garbage")
             self.assertEqual(await self._echoed(old, b"still"), b"still")
             fresh = await self._connect(proxy)
-            self.assertEqual(await self._echoed(fresh, b"junk"), b"junk")
+            self.assertEqual(await self._echoed(fresh, b"hello", wait=0.3), b"junk")
             self.assertEqual(await self._echoed(fresh, b"more", wait=0.2), b"junk")
 
         return Deferred.fromCoroutine(scenario())
