@@ -127,6 +127,8 @@ class StatusTests(SynchronousTestCase):
 
 class DemoTests(SynchronousTestCase):
     def test_demo_runs_to_completion_with_a_visible_reconnect(self) -> None:
+        # Restarting 4 s after activation leaves the first session time for
+        # one keepalive round trip (the demo pings every 3 s).
         directory = os.path.abspath(self.mktemp())
         done = subprocess.run(
             [
@@ -137,9 +139,9 @@ class DemoTests(SynchronousTestCase):
                 "--dir",
                 directory,
                 "--duration",
-                "8",
+                "10",
                 "--restart-after",
-                "2",
+                "4",
             ],
             capture_output=True,
             text=True,
