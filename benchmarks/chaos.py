@@ -707,7 +707,8 @@ async def tls_unknown_ca(run: FaultRun) -> None:
             r"TLS failed: server certificate not trusted.*agent_id=",
             timeout=run.config.startup_timeout,
         )
-        run.result.notes.append(f"without --ca-file: {line.line.split('] ', 1)[-1][:110]}")
+        message = line.line.split("] ", 1)[-1].split(";", 1)[0]
+        run.result.notes.append(f"agent without --ca-file refused by TLS: {message}")
     except FaultTimeoutError as e:
         run.result.problems.append(f"agent without --ca-file was not refused by TLS: {e}")
 
@@ -842,7 +843,7 @@ def _seconds(value: float | None) -> str:
 
 def format_table(results: list[FaultResult]) -> str:
     """The chaos table: fault, detection time and bound, time to active again, bound, verdict."""
-    header = ("fault", "detected", "≤", "active again", "bound", "conns", "verdict")
+    header = ("fault", "detection", "its bound", "active again", "bound", "max conns", "verdict")
     rows = [
         (
             r.fault,
