@@ -302,11 +302,12 @@ class FaultRun:
         """Let the fault go on for ``config.hold`` seconds."""
         await sleep(self.config.hold)
 
-    async def ends(self, action: Callable[[], Any], at: float | None = None) -> None:
+    async def ends(self, action: Callable[[], Any]) -> None:
         """
-        End the fault (``action`` may return an awaitable; ``at`` overrides
-        the end time, e.g. a restarted control plane's "listening" line),
-        then wait for the agent to be active again and record the time.
+        End the fault with ``action`` (which may return an awaitable; if it
+        returns a float, that monotonic time is when the fault ended, e.g.
+        a restarted control plane's "listening" line), then wait for the
+        agent to be active again and record the time.
         """
         assert self.agent is not None and self._fault_started is not None
         during = self.agent.find(ACTIVE, self._fault_mark)
@@ -320,8 +321,6 @@ class FaultRun:
             outcome = await outcome
         if isinstance(outcome, float):
             ended = outcome
-        if at is not None:
-            ended = at
         try:
             match = await self.agent.wait_for(
                 ACTIVE, since=mark, timeout=self.config.bound + 10
@@ -479,11 +478,8 @@ async def control_plane_killed(run: FaultRun) -> None:
     await cp.ended
     await run.also_logged(_REFUSED, "connection refused while down", run.config.bound + 2)
     await run.hold()
-    restarted: list[ManagedProcess] = []
-
     async def restart() -> float:
         new = await run.control_plane_process(port, name="control-plane (restarted)")
-        restarted.append(new)
         match = new.find(LISTENING)
         assert match is not None
         return match.at

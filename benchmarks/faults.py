@@ -4,8 +4,9 @@ Fault injection for the chaos runs: reusable pieces, all on 127.0.0.1.
 :class:`FaultProxy`
     A TCP proxy in front of the control plane that can pass traffic,
     black-hole it (accept and read, forward nothing, also on connections
-    already open) or reset it (RST: ``abortConnection`` sets ``SO_LINGER``
-    to 0), and stop listening altogether (connection refused).
+    already open), reset it (RST: ``abortConnection`` sets ``SO_LINGER``
+    to 0), answer upgrades with garbage, and stop listening altogether
+    (connection refused).
 :class:`ManagedProcess`
     A real process (``twistd -n hostlink``, ``twistd -n hostlink-controlplane``)
     in its own process group, so SIGKILL/SIGSTOP/SIGCONT reach all of it and
@@ -16,9 +17,10 @@ Fault injection for the chaos runs: reusable pieces, all on 127.0.0.1.
     Counts the agent's TCP connections to given ports from ``/proc``,
     independently of anything the agent or the control plane report.
 :class:`ChaosResolver`
-    The host-name fault.  Names under the reserved ``.invalid`` TLD
+    The host-name faults.  Names under the reserved ``.invalid`` TLD
     (RFC 6761) must never resolve, but glibc would still send the query to
-    the configured name server, and this machine's is off-host.  So the
+    the configured name server (it has no special case for ``.invalid``),
+    and the name server of the machine this was written on is off-host.  So the
     agent process runs with this resolver installed on its reactor
     (``python -m benchmarks.faults resolver-twistd HOSTS.json -- twistd
     args``): ``.invalid`` names fail locally unless the harness maps them in
@@ -29,6 +31,11 @@ Fault injection for the chaos runs: reusable pieces, all on 127.0.0.1.
 Everything here is bounded: every wait has a timeout, every process is
 killed (by process group) and reaped in :func:`kill_all`, which the chaos
 command also hooks to reactor shutdown and ``atexit``.
+
+The connection count is sampled, so it can miss a double connection that
+lasts less than a sampling interval (and ``/proc`` tables are not read
+atomically); the proxy's own counter (``max_open``) and the control
+plane's connection count are the other two witnesses.
 """
 
 from __future__ import annotations
