@@ -25,12 +25,24 @@ from benchmarks.bench_support import (
     subprocess_env,
 )
 
-__all__ = ["TARGET_RATIO", "ColdStartResult", "measure_cold_start"]
+__all__ = ["TARGET_RATIO", "ColdStartResult", "measure_cold_start", "measure_status_import"]
 
 #: Cold start may take at most this many times the import floor.
 TARGET_RATIO = 1.5
 
 _FLOOR_CODE = "import autobahn.twisted.websocket"
+
+# What importing hostlink_tw.status adds once everything else the agent
+# loads is in: the status page's dependencies, loaded even with the page off.
+_STATUS_IMPORT_CODE = """
+import time
+import autobahn.twisted.websocket, twisted.scripts.twistd, twisted.application.app
+import hostlink_tw.client, hostlink_tw.config, hostlink_tw.identity, hostlink_tw.signing
+import hostlink_tw.tap
+start = time.perf_counter()
+import hostlink_tw.status
+print(f"{time.perf_counter() - start:.6f}")
+"""
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,8 @@ class ColdStartResult:
 
     agent_runs: list[float]
     floor_runs: list[float]
+    #: Seconds importing hostlink_tw.status adds to a start (median), if measured.
+    status_import: float | None = None
 
     @property
     def agent_median(self) -> float:
@@ -117,4 +131,18 @@ async def measure_cold_start(runs: int = 7, timeout: float = 30.0) -> ColdStartR
                     agent_runs.append(agent)
         finally:
             await cp.stop()
-    return ColdStartResult(agent_runs, floor_runs)
+    return ColdStartResult(agent_runs, floor_runs, await measure_status_import())
+
+
+async def measure_status_import(runs: int = 5) -> float:
+    """Median seconds ``import hostlink_tw.status`` adds on top of the rest of the agent."""
+    samples = []
+    for _ in range(runs):
+        child = ChildProcess.spawn(
+            [sys.executable, "-c", _STATUS_IMPORT_CODE], env=subprocess_env()
+        )
+        await child.ended()
+        if not child.exited_cleanly() or not child.lines:
+            raise RuntimeError(f"status import measurement failed: {child.lines[-5:]}")
+        samples.append(float(child.lines[-1]))
+    return median(samples)

@@ -21,6 +21,7 @@ from benchmarks.bench_support import (
     cpu_seconds,
     make_identity,
     rss_bytes,
+    run_seconds,
     sleep,
     spawn_agent,
     subprocess_env,
@@ -54,6 +55,8 @@ class IdleResult:
     rss_samples: list[tuple[float, int]]
     cpu: float
     pings_seen: int
+    #: The same window from ``/proc/PID/schedstat`` (ns precision), if available.
+    cpu_precise: float | None = None
 
     @property
     def rss(self) -> int:
@@ -129,12 +132,19 @@ async def measure_idle(
             pid = child.pid
             pings_before = session.pings_received
             cpu_before = cpu_seconds(pid)
+            precise_before = run_seconds(pid)
             start = time.monotonic()
             samples = [(0.0, rss_bytes(pid))]
             while (elapsed := time.monotonic() - start) < seconds:
                 await sleep(min(sample_every, seconds - elapsed))
                 samples.append((time.monotonic() - start, rss_bytes(pid)))
             cpu = cpu_seconds(pid) - cpu_before
+            precise_after = run_seconds(pid)
+            precise = (
+                None
+                if precise_before is None or precise_after is None
+                else precise_after - precise_before
+            )
             measured = time.monotonic() - start
             if not session.active or session.closed:
                 raise RuntimeError(f"the session did not stay active: {child.lines[-10:]}")
@@ -143,4 +153,4 @@ async def measure_idle(
             if child is not None:
                 await child.kill()
             await cp.stop()
-    return IdleResult(measured, ping_interval, floor, samples, cpu, pings)
+    return IdleResult(measured, ping_interval, floor, samples, cpu, pings, precise)

@@ -30,6 +30,13 @@ _LABELS = {
     "full": "full jitter",
 }
 _SHORT = {"rcf": "stock RCF", "go": "go ±25 %", "full": "full"}
+_STEP_ORDER = (
+    "parse_envelope (JSON + every §5 rule)",
+    "  of which JSON parsing with duplicate-key/depth checks",
+    "  of which Envelope.validate",
+    "ack handling (AckPayload.from_dict again, last-ack bookkeeping)",
+    "the message_in event",
+)
 _MB = 1024 * 1024
 
 
@@ -383,6 +390,65 @@ def _choose_text(r: Results) -> str:
     return "".join(out)
 
 
+def _owner_share(r: Results, owner: str) -> float | None:
+    busy = sum(v for k, v in r.profile if "idle" not in k)
+    for k, v in r.profile:
+        if k == owner and busy > 0:
+            return v / busy
+    return None
+
+
+def _findings_text(r: Results) -> str:
+    out = [_section("Findings: what is ours, what is the stack's")]
+    c = r.cold_start
+    if c is not None and c.status_import is not None:
+        out.append(
+            f"* **Ours — start-up imports the status page's dependencies.** "
+            f"``hostlink_tw.service`` imports ``hostlink_tw.status`` at module level, "
+            f"which imports ``prometheus_client``, ``twisted.web.server`` and "
+            f"``twisted.application.internet``: {c.status_import * 1000:.0f} ms of every "
+            "start although ``HOSTLINK_WS_STATUS_LISTEN`` is unset by default.  Fix: "
+            "import ``make_status_service`` inside the ``if settings.status_listen:`` "
+            "branch of ``HostlinkService.__init__``.\n"
+        )
+    t = r.throughput
+    if t is not None and t.shares:
+        ack = next((v for k, v in t.shares.items() if k.startswith("ack handling")), None)
+        if ack is not None:
+            out.append(
+                f"* **Ours — an ack's payload is checked twice.** ``Envelope.validate`` "
+                "already parses the ack payload; ``HostlinkClientProtocol._on_ack`` parses "
+                f"it again with ``AckPayload.from_dict`` ({ack:.0%} of ``onMessage`` is the "
+                "ack handling).  Not needed for the target; a cheap win if inbound rates "
+                "ever matter.\n"
+            )
+    pformat_share = _owner_share(r, "Autobahn debug-log arguments (pprint.pformat)")
+    if pformat_share is not None:
+        out.append(
+            f"* **Stack (Autobahn 26.10) — debug-log arguments built eagerly.** "
+            "``WebSocketProtocol._connectionMade`` and ``startHandshake`` call "
+            "``pprint.pformat`` on the protocol options and transport details for "
+            "``log.debug`` lines that are then filtered out: "
+            f"{pformat_share:.0%} of the fleet's busy CPU per reconnect in the profile "
+            "above.  One agent pays it once per connection (well under a millisecond); "
+            "the fix belongs upstream (format lazily, or only when debug is enabled).\n"
+        )
+    sign_share = _owner_share(r, "RSA-PSS signing (cryptography)")
+    if sign_share is not None:
+        out.append(
+            f"* **Protocol — one RSA-PSS signature per attempt** (PROTOCOL §2): "
+            f"{sign_share:.0%} of the fleet's busy CPU per reconnect.  Inherent; it is "
+            "what bounds a single process holding thousands of agents, together with "
+            "Twisted's and Autobahn's per-connection work.\n"
+        )
+    out.append(
+        "* **Benchmark harness — the fleet in one process.**  Thousands of agents in one "
+        "Python process share one core; recovery times grow with N because the work is "
+        "serial, not because any agent waits longer than its jitter.\n"
+    )
+    return "".join(out) + "\n"
+
+
 def render(r: Results) -> str:
     """The whole of ``docs/performance.rst``."""
     out: list[str] = []
@@ -411,6 +477,14 @@ def render(r: Results) -> str:
     out.append(_section("Targets"))
     rows = _summary_rows(r)
     out.append(_table(["target", "measured", "ratio", "verdict"], rows) + "\n\n")
+    if r.storms:
+        out.append(
+            "The storm targets apply to run 1 (sessions dropped, control plane listening), "
+            "with the bound 1.25 × ``RECONNECT_MIN`` + 3 s; the *mean* is the fleet spread "
+            "evenly over the strategy's jitter window for the first retry (Go "
+            "[0.75, 1.25] × min, full [0, 1] × min, stock RCF ± 2 σ around 1 s), per 100 ms; "
+            "the *peak* is the busiest 100 ms of upgrades the control plane accepted.\n\n"
+        )
     c = r.cold_start
     out.append(_section("Cold start"))
     if c is None:
@@ -437,6 +511,14 @@ def render(r: Results) -> str:
             "The agent's start-up beyond the import is twistd itself, the plugin lookup, "
             "reading the key, one signature, the TCP connect and the upgrade.\n\n"
         )
+        if c.status_import is not None:
+            out.append(
+                f"Of that, importing ``hostlink_tw.status`` costs {c.status_import * 1000:.0f} ms "
+                f"({c.status_import / c.agent_median:.0%} of the median start) on top of "
+                "everything else the agent loads: ``prometheus_client``, ``twisted.web.server`` "
+                "and ``twisted.application.internet``, loaded although the status page is off "
+                "by default (see *Findings*).\n\n"
+            )
     i = r.idle
     out.append(_section("Idle cost"))
     if i is None:
@@ -461,7 +543,15 @@ def render(r: Results) -> str:
                     ["RSS first / last sample", f"{rss[0] / _MB:.1f} / {rss[-1] / _MB:.1f} MB",
                      "flat", "flat" if rss[-1] <= rss[0] + 256 * 1024 else "grew"],
                     ["floor RSS", f"{i.floor_rss / _MB:.1f} MB", "", ""],
-                    ["CPU over the window", f"{i.cpu:.2f} s", "", ""],
+                    ["CPU over the window (``/proc/PID/stat``)", f"{i.cpu:.2f} s", "", ""],
+                    *(
+                        []
+                        if i.cpu_precise is None
+                        else [[
+                            "CPU over the window (``/proc/PID/schedstat``, main thread, ns)",
+                            f"{i.cpu_precise * 1000:.1f} ms", "", "",
+                        ]]
+                    ),
                     ["CPU per minute", f"{i.cpu_per_minute:.3f} s",
                      f"≤ {TARGET_CPU_PER_MINUTE:g} s", _verdict(i.cpu_met)],
                 ],
@@ -501,11 +591,21 @@ def render(r: Results) -> str:
             "rules against the agent's id), the ack payload check and the ``message_in`` "
             "event.\n\n"
         )
+        if t.shares:
+            out.append("Where ``onMessage`` spends its time (cProfile, cumulative):\n\n")
+            order = {label: i for i, label in enumerate(_STEP_ORDER)}
+            rows = sorted(t.shares.items(), key=lambda kv: order.get(kv[0], 99))
+            out.append(
+                _table(["step", "share"], [[f"``{k.strip()}``" if k.startswith("  ") else k,
+                                            f"{v:.0%}"] for k, v in rows])
+                + "\n\n"
+            )
     out.append(_section("Fleet reconnect storm"))
     out.append(_storm_text(r))
     out.append(_scale_text(r))
     out.append(_cpu_bound_text(r))
     out.append(_choose_text(r))
+    out.append(_findings_text(r))
     return "".join(out)
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "quiet_logging",
     "raise_nofile_limit",
     "rss_bytes",
+    "run_seconds",
     "sleep",
     "spawn_agent",
     "subprocess_env",
@@ -93,6 +94,17 @@ def cpu_seconds(pid: int) -> float:
     fields = text[text.rindex(")") + 2 :].split()
     utime, stime = int(fields[11]), int(fields[12])
     return (utime + stime) / clock_ticks()
+
+
+def run_seconds(pid: int) -> float | None:
+    """
+    CPU time of process ``pid`` (its main thread) from ``/proc/PID/schedstat``,
+    in nanosecond precision; None where the kernel does not provide it.
+    """
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def rss_bytes(pid: int) -> int:

@@ -27,7 +27,7 @@ import hashlib
 import statistics
 import struct
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 __all__ = ["TARGET_PER_SECOND", "ThroughputResult", "measure_throughput"]
@@ -49,6 +49,8 @@ class ThroughputResult:
     envelope_bytes: int
     on_message: list[float]
     data_received: list[float]
+    #: Share of ``onMessage`` time per step, from a cProfile of a sample.
+    shares: dict[str, float] = field(default_factory=dict)
 
     @property
     def on_message_rate(self) -> float:
@@ -199,6 +201,7 @@ def measure_throughput(envelopes: int = 50_000, repeats: int = 5) -> ThroughputR
             for chunk in chunks:
                 proto.dataReceived(chunk)
             data_received.append(envelopes / (time.thread_time() - start))
+        shares = _profile_shares(proto, payloads[: min(len(payloads), 5000)])
         client = session.client
         if not client.is_active or client.last_ack is None:
             raise RuntimeError(f"the session did not survive the acks: {client.last_failure}")
@@ -208,4 +211,37 @@ def measure_throughput(envelopes: int = 50_000, repeats: int = 5) -> ThroughputR
             raise RuntimeError("the agent answered an ack; acks have no side effects")
     finally:
         session.close()
-    return ThroughputResult(envelopes, len(payloads[0]), on_message, data_received)
+    return ThroughputResult(envelopes, len(payloads[0]), on_message, data_received, shares)
+
+
+# Steps of HostlinkClientProtocol.onMessage for an ack, by function name.
+_STEPS = {
+    "parse_envelope": "parse_envelope (JSON + every §5 rule)",
+    "_loads": "  of which JSON parsing with duplicate-key/depth checks",
+    "validate": "  of which Envelope.validate",
+    "_on_ack": "ack handling (AckPayload.from_dict again, last-ack bookkeeping)",
+    "_emit": "the message_in event",
+}
+
+
+def _profile_shares(proto: Any, payloads: list[bytes]) -> dict[str, float]:
+    """Cumulative share of each step in ``onMessage`` over ``payloads``."""
+    import cProfile
+    import pstats
+
+    profile = cProfile.Profile()
+    profile.enable()
+    for payload in payloads:
+        proto.onMessage(payload, False)
+    profile.disable()
+    stats: Any = pstats.Stats(profile)
+    total = 0.0
+    steps: dict[str, float] = {}
+    for (filename, _line, name), (_cc, _n, _own, cum, _callers) in stats.stats.items():
+        if name == "onMessage" and "hostlink_tw" in filename:
+            total = cum
+        elif name in _STEPS and "hostlink_tw" in filename:
+            steps[_STEPS[name]] = steps.get(_STEPS[name], 0.0) + cum
+    if total <= 0:
+        return {}
+    return {k: v / total for k, v in steps.items()}
