@@ -82,6 +82,7 @@ __all__ = [
     "count_connections",
     "free_port",
     "kill_all",
+    "reap_all",
     "make_ca",
     "make_identity",
     "make_server_cert",
@@ -499,6 +500,17 @@ def kill_all() -> None:
 
 
 atexit.register(kill_all)
+
+
+def reap_all(timeout: float = 5.0) -> Deferred[None]:
+    """SIGKILL every live process group and fire once all are reaped (or after ``timeout``)."""
+    live = list(_LIVE)
+    kill_all()
+    waits = [p.ended for p in live]
+    if not waits:
+        return defer.succeed(None)
+    gathered: Deferred[Any] = defer.DeferredList(waits, consumeErrors=True)
+    return gathered.addTimeout(timeout, _reactor()).addBoth(lambda _: None)
 
 
 class ManagedProcess(ProcessProtocol):

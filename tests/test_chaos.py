@@ -9,18 +9,26 @@ connection counter or proxy cannot make the faults pass vacuously.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionLost
+from twisted.internet.error import ConnectionLost, ProcessTerminated
 from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from benchmarks.chaos import QUICK_FAULTS, ChaosConfig, FaultResult, run_fault
-from benchmarks.faults import FaultProxy, count_connections, sleep
+from benchmarks.faults import (
+    FaultProxy,
+    FaultTimeoutError,
+    ManagedProcess,
+    count_connections,
+    reap_all,
+    sleep,
+)
 
 # Short holds keep the four faults around 20 s together; the bounds are the
 # same as make chaos's (they follow from the agent's settings, not the hold).
@@ -74,6 +82,30 @@ class CountConnectionsTests(SynchronousTestCase):
 
     def test_dead_process_counts_nothing(self) -> None:
         self.assertEqual(count_connections(2**22 + 12345, {80}), 0)
+
+
+class ManagedProcessTests(TestCase):
+    """Processes: output lines with arrival times, bounded waits, group kill even when frozen."""
+
+    timeout = 20
+
+    def test_lines_waits_and_kill_while_stopped(self) -> Deferred[None]:
+        async def scenario() -> None:
+            process = ManagedProcess("sh")
+            process.spawn(["/bin/sh", "-c", "echo one; echo two; exec sleep 30"], dict(os.environ))
+            self.addCleanup(reap_all)
+            two = await process.wait_for("^two$", timeout=10)
+            self.assertEqual((two.index, two.line), (1, "two"))
+            self.assertEqual(process.find("one").index, 0)  # type: ignore[union-attr]
+            with self.assertRaises(FaultTimeoutError):
+                await process.wait_for("never", since=process.mark(), timeout=0.2)
+            process.signal(signal.SIGSTOP)
+            await reap_all()
+            self.assertFalse(process.running)
+            self.assertIsInstance(process.exit_reason, ProcessTerminated)
+            self.assertEqual(process.exit_reason.signal, signal.SIGKILL)
+
+        return Deferred.fromCoroutine(scenario())
 
 
 class _Echo(Protocol):
@@ -230,6 +262,9 @@ class QuickChaosTests(TestCase):
         scenario, kind = QUICK_FAULTS[name]
         workdir = os.path.abspath(self.mktemp())
         os.makedirs(workdir)
+        # run_fault tears down what it started; this is the backstop if the
+        # test itself is cut short (trial's timeout).
+        self.addCleanup(reap_all)
 
         async def run() -> None:
             result: FaultResult = await run_fault(name, scenario, kind, QUICK, workdir)
