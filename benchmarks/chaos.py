@@ -66,6 +66,7 @@ from benchmarks.faults import (
     make_ca,
     make_identity,
     make_server_cert,
+    reap_all,
     sleep,
     spawn_agent,
     spawn_control_plane,
@@ -924,7 +925,7 @@ async def _main(argv: list[str]) -> int:
                 flush=True,
             )
     finally:
-        kill_all()
+        await reap_all()
     print()
     print(format_table(results))
     print()
