@@ -19,6 +19,8 @@ into chunks at generated points.  Generated input:
 * frames no server may send: reserved bits and opcodes, masked frames,
   continuation without a start, non-minimal and impossible lengths;
 * raw bytes, both after the upgrade and instead of the upgrade response;
+* through an HTTP proxy, odd answers to ``CONNECT`` (bad status lines and
+  headers, bytes after the answer);
 * interleaved with clock advances (pings, pong, hello, handshake and close
   timeouts), TCP losses, and ``stop()``/``start()``, across reconnects.
 
@@ -86,7 +88,7 @@ from .test_client_support import AGENT, Conn, Harness
 
 #: Total examples over every test in this module.
 BUDGET_ENV = "HOSTLINK_FUZZ_EXAMPLES"
-DEFAULT_BUDGET = 600
+DEFAULT_BUDGET = 1500
 
 #: The fuzz harness's message limit: small, so oversized input stays cheap.
 MAX_BYTES = 512
@@ -346,6 +348,26 @@ class Handshake:
     cut: int = 0
 
 
+@dataclass(frozen=True)
+class ProxyReply:
+    """What an HTTP proxy answers to the client's CONNECT, in ``chunks``."""
+
+    data: bytes
+    cuts: tuple[int, ...] = ()
+
+
+class TunnelConn(Conn):
+    """A connection through an HTTP proxy: the CONNECT request is not part of the upgrade."""
+
+    def written(self) -> bytes:
+        """What the client wrote after its CONNECT request (all of it before the tunnel)."""
+        data = super().written()
+        if data.startswith(b"CONNECT "):
+            end = data.find(b"\r\n\r\n")
+            return data[end + 4 :] if end >= 0 else b""
+        return data
+
+
 # --- strategies ----------------------------------------------------------------------------
 
 _hostile_text = st.one_of(
@@ -489,6 +511,26 @@ _handshake = st.one_of(
     st.just(Handshake("fail")),
 )
 
+_proxy_status_line = st.one_of(
+    st.sampled_from([b"HTTP/1.1 200 Connection established", b"HTTP/1.0 200 OK",
+                     b"HTTP/1.1 200", b"HTTP/1.1 407 Proxy Authentication Required",
+                     b"HTTP/1.1 502 Bad Gateway", b"HTTP/2 200 OK", b"HTTP/1.1 2OO OK",
+                     b"HTTP/1.1 -200 OK", b"HTTP/1.1 99999999999999999999 OK", b"HTTP/1.1",
+                     b"", b"HTTP/1.1 200 \xff\xfe", b"\x85HTTP/1.1 200 OK"]),
+    st.binary(max_size=40),
+)
+_proxy_reply = st.builds(
+    ProxyReply,
+    st.tuples(
+        _proxy_status_line,
+        st.lists(st.sampled_from([b"Proxy-Agent: x", b"Content-Length: 5", b": empty",
+                                  b"X: \x00\xff", b"\x0bY: z"]), max_size=2),
+        st.sampled_from([b"", b"", b"hello", b"\x81\x05hello",
+                         b"HTTP/1.1 101 Switching Protocols\r\n\r\n"]),
+    ).map(lambda t: t[0] + b"\r\n" + b"".join(h + b"\r\n" for h in t[1]) + b"\r\n" + t[2]),
+    _cuts,
+)
+
 #: Frames and timers on one connection that has said hello.
 one_connection_steps = st.lists(
     st.one_of(_send, _send, _send, _advance, _life_act), min_size=1, max_size=6
@@ -554,8 +596,19 @@ class _Line:
 class Driver:
     """Runs one generated example against a fresh client and checks every invariant."""
 
-    def __init__(self, handshakes: tuple[Handshake, ...] = ()) -> None:
+    def __init__(
+        self, handshakes: tuple[Handshake, ...] = (), proxy: tuple[ProxyReply, ...] | None = None
+    ) -> None:
+        proxied = {}
+        if proxy is not None:
+            # A host name outside NO_PROXY's loopback exemption, so the proxy is used.
+            proxied = {
+                "ws_url": "ws://cp.example.test:8080/api/v1/agents/ws",
+                "environ": {"HTTP_PROXY": "http://proxy.corp:3128"},
+            }
+        self.proxy_replies = list(proxy or ())
         self.h = Harness(
+            **proxied,
             max_message_bytes=MAX_BYTES,
             hello_timeout=4.0,
             ping_interval=3.0,
@@ -629,10 +682,23 @@ class Driver:
         self.seen = self.h.attempts_made
         host, port, factory, _, _ = self.h.reactor.tcpClients[-1]
         proto = factory.buildProtocol(IPv4Address("TCP", host, port))
-        conn = Conn(self.h, proto, self.h.reactor.connectors[-1]).open()
+        conn = TunnelConn(self.h, proto, self.h.reactor.connectors[-1]).open()
         line = _Line(conn)
         self.lines.append(line)
         self.current = line
+        if self.h.client.proxy is not None and not conn.transport.disconnecting:
+            reply = self.proxy_replies.pop(0) if self.proxy_replies else ProxyReply(
+                b"HTTP/1.1 200 Connection established\r\n\r\n"
+            )
+            bounds = sorted({c % (len(reply.data) + 1) for c in reply.cuts}
+                            | {0, len(reply.data)})
+            for a, b in zip(bounds, bounds[1:], strict=False):
+                if conn.lost or conn.transport.disconnecting:
+                    break
+                conn.receive(reply.data[a:b])
+                self.check()
+            if b"\r\n\r\n" not in conn.written():
+                return  # no upgrade request (yet): the tunnel is not up
         if conn.transport.disconnecting:
             return
         if plan.kind == "accept":
@@ -869,7 +935,7 @@ class FrameFuzzTests(FuzzTestCase):
             driver.run(steps)
             driver.finish(self, self.txaio_clock)
 
-        self.explore(0.35, one_connection_steps, body)
+        self.explore(0.3, one_connection_steps, body)
 
     def test_frames_while_active(self) -> None:
         """An active session meets hostile frames; it ends cleanly or stays active."""
@@ -911,7 +977,25 @@ class SessionFuzzTests(FuzzTestCase):
             driver.finish(self, self.txaio_clock)
 
         self.explore(
-            0.3, st.tuples(st.lists(_handshake, max_size=4), session_steps), body
+            0.25, st.tuples(st.lists(_handshake, max_size=4), session_steps), body
+        )
+
+
+class ProxyFuzzTests(FuzzTestCase):
+    """Through an HTTP proxy: hostile answers to CONNECT, then the usual session."""
+
+    def test_proxy_tunnel_replies(self) -> None:
+        """Whatever the proxy answers, nothing escapes and no session starts without an ack."""
+
+        def body(example: tuple[list[ProxyReply], list[Step]]) -> None:
+            replies, steps = example
+            driver = Driver(proxy=tuple(replies))
+            driver.start()
+            driver.run(steps)
+            driver.finish(self, self.txaio_clock)
+
+        self.explore(
+            0.1, st.tuples(st.lists(_proxy_reply, min_size=1, max_size=3), session_steps), body
         )
 
 
