@@ -81,6 +81,7 @@ __all__ = [
     "agent_args",
     "count_connections",
     "free_port",
+    "install_resolver_tripwire",
     "kill_all",
     "reap_all",
     "make_ca",
@@ -917,8 +918,14 @@ class ChaosResolver:
         return result
 
 
-def _install_tripwire() -> None:
-    """Make the process's system resolver refuse, loudly, any ``.invalid`` lookup."""
+def install_resolver_tripwire(reactor: Any = None) -> None:
+    """
+    Make this process's system resolver refuse, loudly (``CHAOS-RESOLVER-LEAK``
+    on stderr), any ``.invalid`` lookup: the ``socket`` module's functions
+    and, when ``reactor`` is given, the ``getaddrinfo`` its stock
+    ``GAIResolver`` bound when Twisted was imported (a private attribute:
+    this is a test harness, and the check is that the wire is really there).
+    """
 
     def guard(real: Callable[..., Any]) -> Callable[..., Any]:
         def guarded(host: Any, *args: Any, **kwargs: Any) -> Any:
@@ -930,9 +937,17 @@ def _install_tripwire() -> None:
 
         return guarded
 
-    socket.getaddrinfo = guard(socket.getaddrinfo)
-    socket.gethostbyname = guard(socket.gethostbyname)
-    socket.gethostbyname_ex = guard(socket.gethostbyname_ex)
+    if getattr(socket.getaddrinfo, "_chaos_tripwire", False):
+        guarded_getaddrinfo = socket.getaddrinfo
+    else:
+        guarded_getaddrinfo = guard(socket.getaddrinfo)
+        guarded_getaddrinfo._chaos_tripwire = True  # type: ignore[attr-defined]
+        socket.getaddrinfo = guarded_getaddrinfo
+        socket.gethostbyname = guard(socket.gethostbyname)
+        socket.gethostbyname_ex = guard(socket.gethostbyname_ex)
+    name_resolver = getattr(reactor, "nameResolver", None) if reactor is not None else None
+    if name_resolver is not None and hasattr(name_resolver, "_getaddrinfo"):
+        name_resolver._getaddrinfo = guarded_getaddrinfo
 
 
 def _resolver_twistd(argv: list[str]) -> None:
@@ -940,10 +955,10 @@ def _resolver_twistd(argv: list[str]) -> None:
     if len(argv) < 2 or argv[1] != "--":
         raise SystemExit("usage: python -m benchmarks.faults resolver-twistd HOSTS.json -- ARGS")
     hosts_file, twistd_args = argv[0], argv[2:]
-    _install_tripwire()
     from twisted.internet import reactor
 
     reactor_any: Any = reactor
+    install_resolver_tripwire(reactor_any)
     reactor_any.installResolver(ChaosResolver(hosts_file, reactor_any.resolver))
     print(f"chaos resolver installed (hosts file {hosts_file})", flush=True)
     from twisted.scripts.twistd import run

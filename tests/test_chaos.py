@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 from typing import Any
 
 from twisted.internet import reactor
@@ -104,6 +105,52 @@ class ManagedProcessTests(TestCase):
             self.assertFalse(process.running)
             self.assertIsInstance(process.exit_reason, ProcessTerminated)
             self.assertEqual(process.exit_reason.signal, signal.SIGKILL)
+
+        return Deferred.fromCoroutine(scenario())
+
+
+class ResolverTripwireTests(TestCase):
+    """The wire behind "no lookup of a .invalid name leaves the machine" is really there."""
+
+    timeout = 20
+
+    def test_system_lookups_of_invalid_names_are_refused_and_reported(self) -> Deferred[None]:
+        # Every real resolver entry point is first replaced by a sentinel, so
+        # a tripwire with a hole says REAL-LOOKUP instead of asking the
+        # machine's name server.
+        script = (
+            "import socket\n"
+            "def sentinel(host, *args, **kwargs):\n"
+            "    print('REAL-LOOKUP', host, flush=True)\n"
+            "    raise socket.gaierror(socket.EAI_NONAME, 'sentinel')\n"
+            "socket.getaddrinfo = socket.gethostbyname = socket.gethostbyname_ex = sentinel\n"
+            "from twisted.internet import reactor\n"
+            "reactor.nameResolver._getaddrinfo = sentinel\n"
+            "from benchmarks.faults import install_resolver_tripwire\n"
+            "install_resolver_tripwire(reactor)\n"
+            "try:\n"
+            "    socket.getaddrinfo('hostlink.invalid', 80)\n"
+            "except socket.gaierror:\n"
+            "    print('socket refused', flush=True)\n"
+            "d = reactor.resolve('hostlink.invalid')\n"
+            "d.addBoth(lambda r: print('reactor:', type(getattr(r, 'value', r)).__name__, "
+            "flush=True))\n"
+            "d.addBoth(lambda _: reactor.stop())\n"
+            "reactor.run()\n"
+        )
+
+        async def scenario() -> None:
+            process = ManagedProcess("tripwire")
+            env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+            process.spawn([sys.executable, "-c", script], env)
+            self.addCleanup(reap_all)
+            await process.wait_for("^socket refused$", timeout=10)
+            await process.wait_for("^reactor: DNSLookupError$", timeout=10)
+            await process.ended
+            leaks = [text for _, text in process.lines if "CHAOS-RESOLVER-LEAK" in text]
+            # One from each path: the socket module and the reactor's resolver.
+            self.assertEqual(len(leaks), 2, process.text())
+            self.assertNotIn("REAL-LOOKUP", process.text())
 
         return Deferred.fromCoroutine(scenario())
 
