@@ -26,7 +26,7 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import Application, IService
-from twisted.internet import reactor
+from twisted.internet import reactor as _reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -37,6 +37,9 @@ AGENT_ARGS_ENV = "HOSTLINK_SOAK_AGENT_ARGS"
 PROBE_ENV = "HOSTLINK_SOAK_PROBE"
 LEAK_ENV = "HOSTLINK_SOAK_INJECT_LEAK"
 
+#: The global reactor, untyped: twistd installs it before loading this file.
+reactor: Any = _reactor
+
 _leaked: list[Any] = []
 
 
@@ -45,7 +48,7 @@ def _leak(event: Any) -> None:
     if event.kind == "active":
         _leaked.append(open(os.devnull, "rb"))  # noqa: SIM115 - the leak is the point
         _leaked.append(bytearray(256 * 1024))
-        reactor.callLater(86400, _leaked.clear)  # type: ignore[attr-defined]
+        reactor.callLater(86400, _leaked.clear)
 
 
 def _callable_name(call: Any) -> str:
@@ -59,7 +62,7 @@ def _callable_name(call: Any) -> str:
 
 def timers() -> dict[str, Any]:
     """The reactor's pending DelayedCalls and the collector's object count."""
-    calls = [c for c in reactor.getDelayedCalls() if c.active()]  # type: ignore[attr-defined]
+    calls = [c for c in reactor.getDelayedCalls() if c.active()]
     return {
         "delayed_calls": len(calls),
         "by_callable": dict(Counter(_callable_name(c) for c in calls)),
@@ -81,13 +84,14 @@ class TimersResource(Resource):
 def probe_service(endpoint: str) -> IService:
     """A web service on ``endpoint`` serving :class:`TimersResource` at ``/timers``."""
     root = Resource()  # type: ignore[no-untyped-call]
-    root.putChild(b"timers", TimersResource())  # type: ignore[no-untyped-call]
+    timers_resource: Any = TimersResource()  # type: ignore[no-untyped-call]
+    root.putChild(b"timers", timers_resource)
     site = Site(root, timeout=None)  # type: ignore[no-untyped-call]
     site.log = lambda request: None  # type: ignore[method-assign]
-    service: IService = StreamServerEndpointService(  # type: ignore[no-untyped-call]
+    service: Any = StreamServerEndpointService(  # type: ignore[no-untyped-call]
         serverFromString(reactor, endpoint), site  # type: ignore[no-untyped-call]
     )
-    return service
+    return service  # type: ignore[no-any-return]
 
 
 def make_application(environ: Any = os.environ) -> Any:
@@ -99,7 +103,8 @@ def make_application(environ: Any = os.environ) -> Any:
     agent.setServiceParent(application)
     if environ.get(LEAK_ENV):
         agent.add_observer(_leak)
-    probe_service(environ[PROBE_ENV]).setServiceParent(application)  # type: ignore[attr-defined]
+    probe: Any = probe_service(environ[PROBE_ENV])
+    probe.setServiceParent(application)
     return application
 
 

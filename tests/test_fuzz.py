@@ -599,7 +599,7 @@ class Driver:
     def __init__(
         self, handshakes: tuple[Handshake, ...] = (), proxy: tuple[ProxyReply, ...] | None = None
     ) -> None:
-        proxied = {}
+        proxied: dict[str, Any] = {}
         if proxy is not None:
             # A host name outside NO_PROXY's loopback exemption, so the proxy is used.
             proxied = {
