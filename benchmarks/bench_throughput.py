@@ -201,7 +201,6 @@ def measure_throughput(envelopes: int = 50_000, repeats: int = 5) -> ThroughputR
             for chunk in chunks:
                 proto.dataReceived(chunk)
             data_received.append(envelopes / (time.thread_time() - start))
-        shares = _profile_shares(proto, payloads[: min(len(payloads), 5000)])
         client = session.client
         if not client.is_active or client.last_ack is None:
             raise RuntimeError(f"the session did not survive the acks: {client.last_failure}")
@@ -209,6 +208,7 @@ def measure_throughput(envelopes: int = 50_000, repeats: int = 5) -> ThroughputR
             raise RuntimeError("not every ack was handled")
         if session.transport.value():
             raise RuntimeError("the agent answered an ack; acks have no side effects")
+        shares = _profile_shares(proto, payloads[:5000])
     finally:
         session.close()
     return ThroughputResult(envelopes, len(payloads[0]), on_message, data_received, shares)
