@@ -465,7 +465,7 @@ def _in_process_status(cp: Any) -> Callable[[], Awaitable[dict[str, Any]]]:
 _CONNECTION_LOST = r"connection ended: connection lost: .*agent_id="
 _REFUSED = r"connection ended: connection failed: Connection was refused.*agent_id="
 _NO_PONG = r"aborting connection: no pong within .*agent_id="
-_GAVE_UP = r"giving up this attempt: connect and upgrade not done within .*agent_id="
+_GAVE_UP = r"giving up this attempt: connect and upgrade not done within .* \(stuck in .*agent_id="
 
 
 async def control_plane_killed(run: FaultRun) -> None:

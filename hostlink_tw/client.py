@@ -84,6 +84,7 @@ __all__ = [
     "HostlinkClient",
     "HostlinkClientFactory",
     "HostlinkClientProtocol",
+    "MAX_RESPONSE_HEAD_BYTES",
     "Observers",
 ]
 
@@ -93,6 +94,11 @@ CLOSE_TIMEOUT = 2.0
 
 #: At most this many characters of an offending frame go into a log line.
 FRAME_PREVIEW_CHARS = 200
+
+#: Most bytes of HTTP response head (status line and headers) accepted from
+#: the control plane or a proxy; Autobahn would buffer without limit until
+#: the blank line that ends the head.
+MAX_RESPONSE_HEAD_BYTES = 64 * 1024
 
 # WebSocket close codes (RFC 6455 §7.4.1).
 CLOSE_NORMAL = 1000
@@ -380,6 +386,45 @@ class HostlinkClientProtocol(WebSocketClientProtocol):
             lines.append(f"Proxy-Authorization: {proxy.authorization}")
         self.sendData(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8"))
 
+    def processProxyConnect(self) -> None:
+        """The proxy's answer to CONNECT, parsed with the guards of :meth:`_parse_head`."""
+        self._parse_head("proxy CONNECT", super().processProxyConnect)
+
+    def processHandshake(self) -> None:
+        """The upgrade response, parsed with the guards of :meth:`_parse_head`."""
+        self._parse_head("upgrade", super().processHandshake)
+
+    def _parse_head(self, what: str, parse: Callable[[], None]) -> None:
+        """
+        Let Autobahn parse an HTTP response head, within bounds: a head
+        larger than :data:`MAX_RESPONSE_HEAD_BYTES`, or one Autobahn cannot
+        parse (it raises on bytes that are not UTF-8, for instance), ends
+        the attempt with one log line instead of a buffer that grows or a
+        traceback.
+        """
+        data: bytes = self.data
+        if (
+            len(data) > MAX_RESPONSE_HEAD_BYTES
+            and b"\r\n\r\n" not in data[:MAX_RESPONSE_HEAD_BYTES]
+        ):
+            self._bad_head(
+                f"{what} failed: response head larger than {MAX_RESPONSE_HEAD_BYTES} bytes"
+            )
+            return
+        try:
+            parse()
+        except Exception as e:  # noqa: BLE001 - hostile input must not escape the protocol
+            self._bad_head(f"{what} failed: response unparsable ({type(e).__name__})", data)
+
+    def _bad_head(self, reason: str, data: bytes = b"") -> None:
+        self._client.log.warn(
+            "{reason} response={preview} agent_id={agent_id} url={url}",
+            reason=reason,
+            preview=_preview(data),
+            **self._client._log_fields(),
+        )
+        self.abort(reason)
+
     def failProxyConnect(self, reason: str) -> None:
         """The proxy refused the tunnel."""
         self._note_failure(f"proxy refused the CONNECT tunnel: {reason}")
@@ -429,7 +474,10 @@ class HostlinkClientProtocol(WebSocketClientProtocol):
             detail = status_line.strip()
             if body.strip():
                 detail += f" {_preview(body.strip())}"
-            self._note_failure(f"upgrade refused: {detail}")
+            # A 4xx/5xx is a refusal; anything else (200, a redirect) is a
+            # server that is not a Hostlink gateway at this URL.
+            verb = "refused" if status >= 400 else "not accepted (expected 101)"
+            self._note_failure(f"upgrade {verb}: {detail}")
         else:
             self._note_failure(f"upgrade failed: {reason}")
         super().failHandshake(reason)  # type: ignore[no-untyped-call]
@@ -477,7 +525,9 @@ class HostlinkClientProtocol(WebSocketClientProtocol):
     def _handle_message(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
             self._reject(
-                "binary frame", "the protocol uses text frames only", payload,
+                "binary frame",
+                "the protocol uses text frames only",
+                payload,
                 CLOSE_UNSUPPORTED_DATA,
             )
             return
@@ -791,15 +841,24 @@ class HostlinkClientFactory(WebSocketClientFactory, ReconnectingClientFactory):
 
     def _handshake_timed_out(self) -> None:
         self._handshake_timer = None
+        proto = self.client._protocol
+        if proto is None:
+            phase = "name lookup or TCP connect"
+        elif proto.state == WebSocketProtocol.STATE_PROXY_CONNECTING:
+            phase = "proxy CONNECT"
+        else:
+            phase = "TLS handshake or upgrade response"
+        # Naming the phase tells an operator a hung resolver from a stalled
+        # control plane.
         reason = (
-            f"connect and upgrade not done within {self.client.settings.handshake_timeout:g}s"
+            f"connect and upgrade not done within "
+            f"{self.client.settings.handshake_timeout:g}s (stuck in {phase})"
         )
         self.client.log.warn(
             "giving up this attempt: {reason} agent_id={agent_id} url={url}",
             reason=reason,
             **self.client._log_fields(),
         )
-        proto = self.client._protocol
         if proto is not None:
             proto.abort(reason)
         else:
@@ -1035,9 +1094,7 @@ class HostlinkClient:
         self._stop_waiters.append(d)
         if self.state is ClientState.STOPPING:
             return d
-        self.log.info(
-            "stopping agent_id={agent_id} url={url}", **self._log_fields()
-        )
+        self.log.info("stopping agent_id={agent_id} url={url}", **self._log_fields())
         self._set_state(ClientState.STOPPING, "agent stopping")
         self._factory.stopTrying()
         # stopTrying may end the attempt synchronously (a TCP connect is
@@ -1221,8 +1278,9 @@ class HostlinkClient:
             status = proto.refused_status
             hint = _HINTS.get(status) or (_HINT_5XX if 500 <= status <= 599 else "")
             self.log.warn(
-                "upgrade refused with HTTP {status}: {reason}; {hint} "
+                "upgrade {verb} HTTP {status}: {reason}; {hint} "
                 "agent_id={agent_id} url={url} attempt={attempt}",
+                verb="refused with" if status >= 400 else "answered with",
                 status=status,
                 reason=failure,
                 hint=hint or "retrying with backoff",
@@ -1240,8 +1298,10 @@ class HostlinkClient:
         else:
             # Losing an active session is news; another failed attempt during
             # an outage is not (the retry line follows anyway).
-            emit = self.log.warn if proto is not None and proto.activated and not stopping else (
-                self.log.info
+            emit = (
+                self.log.warn
+                if proto is not None and proto.activated and not stopping
+                else (self.log.info)
             )
             emit(
                 "connection ended: {reason} close_code={close_code} "

@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from hostlink_tw.client import (
     CLOSE_TIMEOUT,
+    MAX_RESPONSE_HEAD_BYTES,
     ClientEvent,
     ClientState,
     HostlinkClient,
@@ -243,7 +244,11 @@ def _bad_inputs() -> list[tuple[str, Any, int]]:
         (
             "task.deliver",
             make_envelope(
-                TASK_DELIVER, AGENT, {"command": "x"}, now=0, task_id="t1",
+                TASK_DELIVER,
+                AGENT,
+                {"command": "x"},
+                now=0,
+                task_id="t1",
                 execution_attempt_id="a1",
             ).to_json(),
             1008,
@@ -280,8 +285,10 @@ class BadInputTests(SynchronousTestCase):
         self.assertFalse(h.client.is_active, name)
         self.assertEqual(h.client.state, ClientState.CLOSING, name)
         if active:
-            self.assertEqual(h.of_kind("inactive")[-1].fields["reason"], h.client.last_failure
-                             or h.of_kind("inactive")[-1].fields["reason"])
+            self.assertEqual(
+                h.of_kind("inactive")[-1].fields["reason"],
+                h.client.last_failure or h.of_kind("inactive")[-1].fields["reason"],
+            )
         # The peer answers the close and drops TCP: the client backs off and retries.
         c.send_close(code)
         c.lose()
@@ -414,7 +421,10 @@ class BackoffTests(SynchronousTestCase):
 
     def test_full_jitter_option(self) -> None:
         h = harness(
-            self, rng=random.Random(5), reconnect_min=1.0, reconnect_max=8.0,
+            self,
+            rng=random.Random(5),
+            reconnect_min=1.0,
+            reconnect_max=8.0,
             reconnect_jitter="full",
         )
         h.client.start()
@@ -462,6 +472,35 @@ class BackoffTests(SynchronousTestCase):
         h.fail_connect()
         self.assertEqual(h.delays()[-1], 2)
 
+    def test_upgrade_response_not_utf8_is_one_line_and_backs_off(self) -> None:
+        """Autobahn raises on a non-UTF-8 head; it must not escape the protocol."""
+        h = harness(self)
+        h.client.start()
+        c = h.conn()
+        c.receive(b"HTTP/1.1 101 Switching \xe9\r\n\r\n")
+        self.assertTrue(c.transport.aborted)
+        c.finish()
+        self.assertEqual(self.flushLoggedErrors(), [])
+        (line,) = [m for m in h.messages("warn") if "unparsable" in m]
+        self.assertIn("UnicodeDecodeError", line)
+        self.assertNotIn("\n", line)
+        self.assertEqual(h.delays(), [1])
+        self.assertIn("upgrade failed: response unparsable", h.client.last_failure or "")
+
+    def test_endless_upgrade_response_head_is_bounded(self) -> None:
+        h = harness(self)
+        h.client.start()
+        c = h.conn()
+        chunk = b"HTTP/1.1 101 Switching Protocols\r\n" + b"X-Filler: " + b"a" * 4000 + b"\r\n"
+        for _ in range(MAX_RESPONSE_HEAD_BYTES // len(chunk)):
+            c.receive(chunk)
+            self.assertFalse(c.transport.aborted)
+        c.receive(chunk)
+        self.assertTrue(c.transport.aborted)
+        c.finish()
+        self.assertIn("larger than", h.client.last_failure or "")
+        self.assertEqual(h.delays(), [1])
+
     def test_refusals_back_off_and_401_hints(self) -> None:
         h = harness(self)
         h.client.start()
@@ -480,6 +519,15 @@ class BackoffTests(SynchronousTestCase):
         self.assertIn("upgrade refused", h.client.last_failure or "")
         self.assertIn(503, [e.fields["status"] for e in h.of_kind("refused")])
         self.assertTrue(any("HTTP 503" in m and "control plane" in m for m in h.messages("warn")))
+
+    def test_upgrade_answered_200_is_not_called_a_refusal(self) -> None:
+        h = harness(self)
+        h.client.start()
+        h.conn().refuse(200, "OK", b"<html>").finish()
+        (line,) = [m for m in h.messages("warn") if "HTTP 200" in m]
+        self.assertIn("answered with HTTP 200", line)
+        self.assertIn("expected 101", h.client.last_failure or "")
+        self.assertEqual(h.delays(), [1])
 
     def test_retries_never_stop(self) -> None:
         h = harness(self, reconnect_min=0.5, reconnect_max=2.0)
@@ -619,8 +667,12 @@ class KeepaliveTests(SynchronousTestCase):
         self.assertEqual(h.txaio_clock.getDelayedCalls(), [])
         f = h.client.factory
         self.assertEqual(
-            (f.autoPingInterval, f.openHandshakeTimeout, f.closeHandshakeTimeout,
-             f.serverConnectionDropTimeout),
+            (
+                f.autoPingInterval,
+                f.openHandshakeTimeout,
+                f.closeHandshakeTimeout,
+                f.serverConnectionDropTimeout,
+            ),
             (0, 0, 0, 0),
         )
 
@@ -637,7 +689,9 @@ class TimeoutTests(SynchronousTestCase):
         h.reactor.advance(0.1)
         self.assertTrue(connector.stoppedConnecting)
         h.fail_connect(UserError())  # what stopConnecting makes Twisted report
-        self.assertIn("within 10s", h.client.last_failure or "")
+        self.assertIn(
+            "within 10s (stuck in name lookup or TCP connect)", h.client.last_failure or ""
+        )
         self.assertEqual(h.client.state, ClientState.WAITING)
         self.assertEqual(h.delays(), [1])
 
@@ -651,7 +705,9 @@ class TimeoutTests(SynchronousTestCase):
         h.reactor.advance(0.1)
         self.assertTrue(c.transport.aborted)
         c.finish()
-        self.assertIn("within 10s", h.client.last_failure or "")
+        self.assertIn(
+            "within 10s (stuck in TLS handshake or upgrade response)", h.client.last_failure or ""
+        )
         self.assertEqual(h.delays(), [1])
 
     def test_handshake_timer_stops_at_open(self) -> None:
@@ -1098,15 +1154,30 @@ class OneConnectionTests(SynchronousTestCase):
             kinds.update(self._interleave(seed))
         # The walk reached every phase of a connection's life.
         self.assertLessEqual(
-            {"attempt", "connected", "active", "inactive", "refused", "closed",
-             "retry_scheduled", "stopped"},
+            {
+                "attempt",
+                "connected",
+                "active",
+                "inactive",
+                "refused",
+                "closed",
+                "retry_scheduled",
+                "stopped",
+            },
             kinds,
         )
 
     def _interleave(self, seed: int) -> list[str]:
         rng = random.Random(seed)
-        h = harness(self, rng=random.Random(seed), hello_timeout=5.0, ping_interval=3.0,
-                    pong_timeout=2.0, handshake_timeout=4.0, reconnect_max=8.0)
+        h = harness(
+            self,
+            rng=random.Random(seed),
+            hello_timeout=5.0,
+            ping_interval=3.0,
+            pong_timeout=2.0,
+            handshake_timeout=4.0,
+            reconnect_max=8.0,
+        )
         open_conns: list[Conn] = []
         seen = 0
         if seed % 2:
@@ -1134,8 +1205,19 @@ class OneConnectionTests(SynchronousTestCase):
             live = [c for c in open_conns if not c.lost]
             self.assertLessEqual(len(live), 1, seed)
             action = rng.choice(
-                ["advance", "advance", "accept", "ack", "refuse", "close", "lose", "garbage",
-                 "stop", "start", "pong"]
+                [
+                    "advance",
+                    "advance",
+                    "accept",
+                    "ack",
+                    "refuse",
+                    "close",
+                    "lose",
+                    "garbage",
+                    "stop",
+                    "start",
+                    "pong",
+                ]
             )
             c = live[0] if live else None
             if action == "advance":
@@ -1229,8 +1311,19 @@ class StateTests(SynchronousTestCase):
         c.lose()
         self.assertEqual(
             h.kinds(),
-            ["attempt", "closed", "retry_scheduled", "attempt", "connected", "message_out",
-             "message_in", "active", "inactive", "closed", "retry_scheduled"],
+            [
+                "attempt",
+                "closed",
+                "retry_scheduled",
+                "attempt",
+                "connected",
+                "message_out",
+                "message_in",
+                "active",
+                "inactive",
+                "closed",
+                "retry_scheduled",
+            ],
         )
         self.assertEqual(h.of_kind("attempt")[1].fields["attempt"], 2)
         self.assertEqual(h.of_kind("closed")[0].fields["code"], None)
@@ -1281,8 +1374,13 @@ class LoggingTests(SynchronousTestCase):
         c.refuse(401)
         c.finish()
         everything = repr([dict(e) for e in h.logged]) + "\n".join(h.messages())
-        for secret in (headers["x-nonce"], headers["x-signature"], second["x-nonce"],
-                       second["x-signature"], "hunter2"):
+        for secret in (
+            headers["x-nonce"],
+            headers["x-signature"],
+            second["x-nonce"],
+            second["x-signature"],
+            "hunter2",
+        ):
             self.assertNotIn(secret, everything)
         for e in h.logged:
             self.assertEqual(e.get("agent_id"), AGENT, e["log_format"])
