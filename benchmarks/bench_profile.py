@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pstats
 import re
-from collections import Counter
+from typing import Any
 
 from benchmarks.bench_support import REPO
 
@@ -51,8 +51,8 @@ def breakdown(path: str) -> list[tuple[str, float]]:
     ``pprint`` (``repr``, ``sorted``…) are charged to it, as their caller.
     """
     stats = pstats.Stats(path)
-    totals: Counter[str] = Counter()
-    raw: dict[tuple[str, int, str], tuple[int, int, float, float, dict]] = stats.stats  # type: ignore[attr-defined]
+    totals: dict[str, float] = {}
+    raw: dict[tuple[str, int, str], Any] = stats.stats  # type: ignore[attr-defined]
     for (filename, _line, name), (_cc, _nc, own, _cum, callers) in raw.items():
         owner = _owner(filename, name)
         if owner == "other built-ins" and callers:
@@ -60,16 +60,17 @@ def breakdown(path: str) -> list[tuple[str, float]]:
             total_calls = sum(c[1] for c in callers.values()) or 1
             for (cfile, _cl, cname), caller_stats in callers.items():
                 share = own * caller_stats[1] / total_calls
-                totals[_owner(cfile, cname)] += share
+                key = _owner(cfile, cname)
+                totals[key] = totals.get(key, 0.0) + share
             continue
-        totals[owner] += own
-    return totals.most_common()
+        totals[owner] = totals.get(owner, 0.0) + own
+    return sorted(totals.items(), key=lambda kv: kv[1], reverse=True)
 
 
 def top_functions(path: str, count: int = 12) -> list[tuple[str, int, float, float]]:
     """The ``count`` functions with the most own time: (where, calls, own s, cumulative s)."""
     stats = pstats.Stats(path)
-    raw: dict[tuple[str, int, str], tuple[int, int, float, float, dict]] = stats.stats  # type: ignore[attr-defined]
+    raw: dict[tuple[str, int, str], Any] = stats.stats  # type: ignore[attr-defined]
     rows = []
     for (filename, line, name), (_cc, calls, own, cum, _callers) in raw.items():
         short = filename.split("site-packages/")[-1].replace(f"{REPO}/", "")

@@ -156,13 +156,14 @@ def _storm_rows(storms: Sequence[StormResult], phase: str) -> list[list[str]]:
         p = s.phases.get(phase)
         if p is None:
             continue
-        scheduled = arrivals_per_bin(p.first_delays)
+        # First delays are drawn at the loss; only after a drop is that the origin.
+        scheduled = arrivals_per_bin(p.first_delays) if phase == "drop" else []
         reconnects = max(1, len(p.active))
         rows.append([
             _SHORT[s.strategy],
             _fmt_s(p.recovery) + ("" if not p.still_inactive else f" ({p.still_inactive} left)"),
             f"{p.peak}",
-            f"{max(scheduled, default=0)}",
+            f"{max(scheduled)}" if scheduled else "—",
             f"{len(p.attempts):,}",
             f"{p.failed_attempts:,}",
             ", ".join(f"{k}: {v}" for k, v in sorted(p.refused.items())) or "none",
@@ -285,7 +286,9 @@ def _cpu_bound_text(r: Results) -> str:
         _section("One process is CPU-bound", "~"),
         f"Re-establishing one session costs the fleet process {per * 1000:.2f} ms of CPU "
         f"({go.strategy} strategy, run 1); the RSA-PSS signature of the upgrade is "
-        f"{go.sign_ms:.2f} ms of it ({sign / per:.0%}), measured alone on this machine.  "
+        f"{go.sign_ms:.2f} ms of it ({sign / per:.0%}), measured alone on this machine — "
+        "so signing is a minority of it; the rest is Autobahn's and Twisted's "
+        "per-connection work (profile below).  "
         f"{go.agents:,} reconnects therefore need about {per * go.agents:.1f} s of one core, "
         "however the retries are spread: once the jitter window has opened, the arrival "
         "curve is the process's service rate, not the jitter's shape, and the time to "
@@ -373,10 +376,18 @@ def _choose_text(r: Results) -> str:
                 "whose third retry fell just before the return waits about 20 s more.  "
             )
         out.append("\n\n")
+    downs = {
+        k: v.phases["down"].recovery
+        for k, v in by.items()
+        if "down" in v.phases and v.phases["down"].recovery is not None
+    }
+    best_after_outage = bool(downs) and min(downs, key=lambda k: downs[k]) == "go"
     out.append(
         "**Choose** — keep the default (Go ±25 %) where control-plane operators size "
         "their gateways for the reference agent's behaviour: same first retry, same "
-        "spread, same ceiling, and the best recovery after outages.  Set "
+        "spread, same ceiling"
+        + (", and the quickest recovery after an outage in this run" if best_after_outage else "")
+        + ".  Set "
         "``HOSTLINK_WS_RECONNECT_JITTER=full`` for large fleets behind a gateway whose "
         "capacity limits recovery — thousands of agents per gateway instance, TLS "
         "termination or signature checks near their limit, rate-limited upgrades — and "
@@ -385,7 +396,7 @@ def _choose_text(r: Results) -> str:
         "100 ms after a drop matters more than the last agent's return, and full jitter "
         "spreads the first retries over twice the window and removes the wave at "
         "``RECONNECT_MIN``.  It is the wrong choice for outages that last many "
-        "``RECONNECT_MIN``: it spreads the returns out further.\n"
+        "``RECONNECT_MIN``: it spreads the returns out further.\n\n"
     )
     return "".join(out)
 
@@ -594,10 +605,10 @@ def render(r: Results) -> str:
         if t.shares:
             out.append("Where ``onMessage`` spends its time (cProfile, cumulative):\n\n")
             order = {label: i for i, label in enumerate(_STEP_ORDER)}
-            rows = sorted(t.shares.items(), key=lambda kv: order.get(kv[0], 99))
+            steps = sorted(t.shares.items(), key=lambda kv: order.get(kv[0], 99))
             out.append(
-                _table(["step", "share"], [[f"``{k.strip()}``" if k.startswith("  ") else k,
-                                            f"{v:.0%}"] for k, v in rows])
+                _table(["step", "share"], [[f"↳ {k.strip()}" if k.startswith("  ") else k,
+                                            f"{v:.0%}"] for k, v in steps])
                 + "\n\n"
             )
     out.append(_section("Fleet reconnect storm"))

@@ -46,7 +46,13 @@ from typing import Any
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 
-from benchmarks.bench_support import ChildProcess, quiet_logging, raise_nofile_limit, sleep
+from benchmarks.bench_support import (
+    ChildProcess,
+    global_reactor,
+    quiet_logging,
+    raise_nofile_limit,
+    sleep,
+)
 
 __all__ = [
     "RCF_FACTOR",
@@ -310,11 +316,11 @@ class _ControlPlaneChild(ChildProcess):
 
     def expect(self, event: str, timeout: float = 60.0) -> Deferred[dict[str, Any]]:
         """Fire with the next answer of kind ``event``."""
-        from twisted.internet import reactor
+        reactor = global_reactor()
 
         d: Deferred[dict[str, Any]] = Deferred()
         self._waiting.append((event, d))
-        d.addTimeout(timeout, reactor)  # type: ignore[arg-type]
+        d.addTimeout(timeout, reactor)
         return d
 
     async def ask(self, command: str, event: str, timeout: float = 60.0) -> dict[str, Any]:
@@ -367,13 +373,13 @@ class _Fleet:
 
     def all_active(self, timeout: float) -> Deferred[float]:
         """Fire with the time the last awaited agent became active."""
-        from twisted.internet import reactor
+        reactor = global_reactor()
 
         if not self._waiting_for:
             return defer.succeed(self._last_active)
         d: Deferred[float] = Deferred()
         self._all_active = d
-        d.addTimeout(timeout, reactor)  # type: ignore[arg-type]
+        d.addTimeout(timeout, reactor)
         return d
 
     @property
@@ -385,7 +391,7 @@ class _Fleet:
 def _build_clients(
     strategy: str, count: int, keys: list[Any], url: str, reconnect_min: float, seed: int
 ) -> list[Any]:
-    from twisted.internet import reactor
+    reactor = global_reactor()
 
     from hostlink_tw.client import HostlinkClient
     from hostlink_tw.config import Settings
@@ -574,9 +580,9 @@ async def run_storm(
             argv += ["--profile", profile]
         child = ChildProcess.spawn(argv, keep_lines=100)
         # Start-up + two phases, each bounded by ``timeout``; then give up.
-        from twisted.internet import reactor
+        reactor = global_reactor()
 
-        limit = reactor.callLater(  # type: ignore[attr-defined]
+        limit = reactor.callLater(
             4 * timeout + down + 120, child.signal, "KILL"
         )
         try:

@@ -33,6 +33,7 @@ __all__ = [
     "Identity",
     "clock_ticks",
     "cpu_seconds",
+    "global_reactor",
     "machine_description",
     "make_identity",
     "median",
@@ -48,6 +49,13 @@ __all__ = [
 
 #: The repository root: children run here so ``twisted/plugins`` is found.
 REPO = Path(__file__).resolve().parent.parent
+
+
+def global_reactor() -> Any:
+    """The global reactor, typed loosely (its interfaces are zope's, unseen by mypy)."""
+    from twisted.internet import reactor
+
+    return reactor
 
 
 def twistd_path() -> str:
@@ -72,9 +80,9 @@ def subprocess_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def sleep(seconds: float) -> Deferred[None]:
     """A Deferred that fires after ``seconds`` on the global reactor."""
-    from twisted.internet import reactor
+    reactor = global_reactor()
 
-    return task.deferLater(reactor, seconds, lambda: None)  # type: ignore[arg-type]
+    return task.deferLater(reactor, seconds, lambda: None)
 
 
 def median(values: Iterable[float]) -> float:
@@ -148,6 +156,10 @@ def make_identity(directory: str, agent_id: str) -> Identity:
     return Identity(agent_id, directory, key_path, key)
 
 
+def _ignore_cancelled(failure: Failure) -> None:
+    failure.trap(defer.CancelledError)
+
+
 class ChildProcess(ProcessProtocol):
     """
     A child process watched from the reactor: its output lines (kept, with a
@@ -176,10 +188,10 @@ class ChildProcess(ProcessProtocol):
         keep_lines: int = 200,
     ) -> ChildProcess:
         """Start ``argv`` (stdout and stderr both read; stdin left open)."""
-        from twisted.internet import reactor
+        reactor = global_reactor()
 
         child = cls(keep_lines)
-        reactor.spawnProcess(  # type: ignore[attr-defined]
+        reactor.spawnProcess(
             child,
             argv[0],
             list(argv),
@@ -268,9 +280,9 @@ class ChildProcess(ProcessProtocol):
         if not self.running:
             return
         self.signal("TERM")
-        from twisted.internet import reactor
+        reactor = global_reactor()
 
-        timer = reactor.callLater(grace, self.signal, "KILL")  # type: ignore[attr-defined]
+        timer = reactor.callLater(grace, self.signal, "KILL")
         try:
             await self.ended()
         finally:
@@ -285,7 +297,7 @@ class ChildProcess(ProcessProtocol):
         ended = self.ended()
         ended.addCallback(lambda _: d.cancel())
         # Cancelled below once ``d`` is settled; that is not an error.
-        ended.addErrback(lambda f: f.trap(defer.CancelledError))
+        ended.addErrback(_ignore_cancelled)
         try:
             return await d
         except (defer.CancelledError, defer.TimeoutError) as e:
@@ -297,9 +309,9 @@ class ChildProcess(ProcessProtocol):
 
     async def finish(self, timeout: float = 10.0) -> None:
         """Wait up to ``timeout`` seconds for the child to exit by itself, then :meth:`kill`."""
-        from twisted.internet import reactor
+        reactor = global_reactor()
 
-        timer = reactor.callLater(timeout, self.signal, "TERM")  # type: ignore[attr-defined]
+        timer = reactor.callLater(timeout, self.signal, "TERM")
         try:
             await self.ended()
         finally:
@@ -361,7 +373,7 @@ def machine_description() -> dict[str, str]:
 
 
 def _reactor_name() -> str:
-    from twisted.internet import reactor
+    reactor = global_reactor()
 
     return type(reactor).__name__
 
