@@ -32,7 +32,6 @@ from hostlink_tw.client import ClientEvent, HostlinkClient, Observers, redact_ur
 from hostlink_tw.config import Settings
 from hostlink_tw.identity import IdentityError, load_agent_state
 from hostlink_tw.signing import RequestSigner, SigningError
-from hostlink_tw.status import make_status_service
 
 __all__ = ["HostlinkService"]
 
@@ -86,6 +85,10 @@ class HostlinkService(MultiService):
         )
         self._observers = Observers(self.log)
         if settings.status_listen:
+            # Imported only when asked for: prometheus_client and twisted.web
+            # cost a noticeable share of start-up time (docs/performance.rst).
+            from hostlink_tw.status import make_status_service
+
             status, self.metrics = make_status_service(settings.status_listen, self, reactor)
             status.setName("status")  # type: ignore[no-untyped-call]
             status.setServiceParent(self)  # type: ignore[no-untyped-call]

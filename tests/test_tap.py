@@ -45,6 +45,20 @@ class PluginTests(SynchronousTestCase):
         self.assertEqual(out.strip(), "[]")
 
 
+    def test_service_without_status_page_imports_no_web_stack(self) -> None:
+        """The status page is off by default: its imports must not slow every start."""
+        code = (
+            "import sys; from hostlink_tw.config import Settings;"
+            "from hostlink_tw.service import HostlinkService; HostlinkService(Settings());"
+            "print(sorted(m for m in sys.modules"
+            " if m.startswith(('prometheus_client', 'twisted.web.server', 'hostlink_tw.status'))))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+        self.assertEqual(out.strip(), "[]")
+
+
 class OptionsTests(SynchronousTestCase):
     def test_help_lists_every_setting_with_env_and_default(self) -> None:
         text = str(Options(environ={}))
