@@ -43,7 +43,8 @@ The example budget comes from ``HOSTLINK_FUZZ_EXAMPLES`` (total over all
 tests here; small by default so ``make test`` stays quick; ``make fuzz``
 sets 100,000).  Without it the runs are derandomised (the same examples
 every time); with it each run explores new ones.  No example database is
-kept; a failure prints a ``@reproduce_failure`` blob instead.
+kept (a failure prints its example and a ``@reproduce_failure`` blob
+instead), and Hypothesis's caches go to trial's temporary directory.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionLost, UserError
 from twisted.internet.task import Clock
@@ -869,6 +871,10 @@ class FuzzTestCase(SynchronousTestCase):
     """Shared set-up: txaio's loop on a Clock, a global log watch, example counting."""
 
     def setUp(self) -> None:
+        # Hypothesis's caches (unicode data, constants) go to trial's temporary
+        # directory, the current one while a test runs, not into the checkout.
+        set_hypothesis_home_dir(os.path.abspath(".hypothesis"))
+        self.addCleanup(set_hypothesis_home_dir, None)
         self.txaio_clock = Clock()
         loop = replace_loop(self.txaio_clock)
         loop.__enter__()
