@@ -1083,3 +1083,21 @@ class FoundByFuzzingTests(SynchronousTestCase):
         self.assertFalse(driver.h.client.is_active)
         self.assertIn("upgrade failed", driver.h.client.last_failure or "")
         driver.finish(self, self.txaio_clock)
+
+    def test_bytes_after_the_proxy_tunnel_reply_are_contained(self) -> None:
+        """
+        The same through a proxy: bytes that follow the proxy's ``200`` in
+        one packet become the start of the upgrade response, which then is
+        not UTF-8.
+        """
+        reply = ProxyReply(b"HTTP/1.1 200 Connection established\r\n\r\n\x81\x05hello")
+        driver = Driver((Handshake("silent"),), proxy=(reply,))
+        driver.start()
+        conn = driver.lines[0].conn
+        self.assertIn(b"GET /api/v1/agents/ws", conn.written())
+        conn.receive(Driver._accept_bytes(conn))
+        driver.check()
+        conn.finish()
+        self.assertFalse(driver.h.client.is_active)
+        self.assertIn("upgrade failed", driver.h.client.last_failure or "")
+        driver.finish(self, self.txaio_clock)
