@@ -412,10 +412,9 @@ def _build_clients(
             reactor=reactor,
             rng=rng,
             environ={},
-        )
-        if strategy == "rcf":
             # Benchmark-only: the stock RCF delay sequence in place of ours.
-            client.factory.backoff = StockRCFBackoff(rng)  # type: ignore[assignment]
+            backoff=StockRCFBackoff(rng) if strategy == "rcf" else None,
+        )
         clients.append(client)
     return clients
 

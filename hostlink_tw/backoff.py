@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Final
+from typing import Final, Protocol
 
 __all__ = [
     "FACTOR",
     "GO_JITTER",
     "JITTER_MODES",
     "Backoff",
+    "BackoffPolicy",
     "base_delay",
     "jittered",
 ]
@@ -89,6 +90,28 @@ def _check_bounds(minimum: float, maximum: float) -> None:
     for name, value in (("minimum", minimum), ("maximum", maximum)):
         if not (value > 0 and math.isfinite(value)):
             raise ValueError(f"{name} delay must be a positive finite number, not {value!r}")
+
+
+class BackoffPolicy(Protocol):
+    """
+    What the client's factory asks of a backoff: :class:`Backoff` is the
+    one the agent uses; another (a benchmark's model of a different
+    strategy, say) can be passed to ``HostlinkClient(backoff=...)``.
+    """
+
+    minimum: float
+    maximum: float
+    jitter: str
+    failures: int
+
+    def next_delay(self) -> float:
+        """Record one more failure; return the wait before the next attempt."""
+
+    def peek_base(self) -> float:
+        """The un-jittered wait the next failure would produce."""
+
+    def reset(self) -> None:
+        """Forget the failures (a session became active)."""
 
 
 class Backoff:

@@ -58,7 +58,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hostlink_tw import __version__
-from hostlink_tw.backoff import GO_JITTER, Backoff
+from hostlink_tw.backoff import GO_JITTER, Backoff, BackoffPolicy
 from hostlink_tw.protocol import (
     ACK,
     AGENT_HELLO,
@@ -752,7 +752,7 @@ class HostlinkClientFactory(WebSocketClientFactory, ReconnectingClientFactory):
         self,
         client: HostlinkClient,
         url: str,
-        backoff: Backoff,
+        backoff: BackoffPolicy,
         reactor: Any,
         proxy: Proxy | None,
     ) -> None:
@@ -972,6 +972,8 @@ class HostlinkClient:
         ``os.environ`` by default.
     :param close_timeout: how long a close handshake may take before the
         connection is aborted.
+    :param backoff: the retry delays; by default a :class:`Backoff` from the
+        settings' reconnect min/max/jitter.
 
     :raises ValueError: ``settings.ws_url`` is not a ``ws://``/``wss://`` URL,
         or the reconnect settings are unusable.
@@ -1002,6 +1004,7 @@ class HostlinkClient:
         log: Logger | None = None,
         environ: Mapping[str, str] | None = None,
         close_timeout: float = CLOSE_TIMEOUT,
+        backoff: BackoffPolicy | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -1026,9 +1029,10 @@ class HostlinkClient:
                 url=self._display_url,
             )
             self.proxy = None
-        backoff = Backoff(
-            settings.reconnect_min, settings.reconnect_max, settings.reconnect_jitter, rng
-        )
+        if backoff is None:
+            backoff = Backoff(
+                settings.reconnect_min, settings.reconnect_max, settings.reconnect_jitter, rng
+            )
         self._factory = HostlinkClientFactory(self, self.url, backoff, reactor, self.proxy)
 
         self.state = ClientState.IDLE
