@@ -19,6 +19,7 @@ into chunks at generated points.  Generated input:
 * frames no server may send: reserved bits and opcodes, masked frames,
   continuation without a start, non-minimal and impossible lengths;
 * raw bytes, both after the upgrade and instead of the upgrade response;
+  response heads that never end (the client must not buffer them);
 * through an HTTP proxy, odd answers to ``CONNECT`` (bad status lines and
   headers, bytes after the answer);
 * interleaved with clock advances (pings, pong, hello, handshake and close
@@ -73,7 +74,7 @@ from twisted.logger import LogEvent, LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from txaio.testutil import replace_loop
 
-from hostlink_tw.client import CLOSE_TIMEOUT, ClientEvent
+from hostlink_tw.client import CLOSE_TIMEOUT, MAX_RESPONSE_HEAD_BYTES, ClientEvent
 from hostlink_tw.protocol import (
     ACK,
     AGENT_HELLO,
@@ -105,6 +106,9 @@ _SIGNED = {
 }
 
 _NOW = 1_800_000_000
+
+#: Bytes per dataReceived when flooding, as one TCP read might bring.
+_READ = 8192
 
 
 def budget() -> int:
@@ -352,7 +356,8 @@ class Handshake:
 
 @dataclass(frozen=True)
 class ProxyReply:
-    """What an HTTP proxy answers to the client's CONNECT, in ``chunks``."""
+    """What an HTTP proxy answers to the client's CONNECT, cut at ``cuts``
+    (``b"flood"``: a head that never ends)."""
 
     data: bytes
     cuts: tuple[int, ...] = ()
@@ -509,6 +514,10 @@ _handshake = st.one_of(
               st.binary(max_size=40)),
     st.builds(Handshake, st.just("garbage"), st.just(0), st.binary(max_size=80)),
     st.just(Handshake("bad_key")),
+    # A response head that never ends: the client must not buffer it all.
+    st.builds(Handshake, st.just("flood"), st.just(0), st.just(b""),
+              st.sampled_from([MAX_RESPONSE_HEAD_BYTES - 100, MAX_RESPONSE_HEAD_BYTES + 1,
+                               3 * MAX_RESPONSE_HEAD_BYTES])),
     st.just(Handshake("silent")),
     st.just(Handshake("fail")),
 )
@@ -521,7 +530,7 @@ _proxy_status_line = st.one_of(
                      b"", b"HTTP/1.1 200 \xff\xfe", b"\x85HTTP/1.1 200 OK"]),
     st.binary(max_size=40),
 )
-_proxy_reply = st.builds(
+_proxy_reply = st.just(ProxyReply(b"flood")) | st.builds(
     ProxyReply,
     st.tuples(
         _proxy_status_line,
@@ -692,6 +701,9 @@ class Driver:
             reply = self.proxy_replies.pop(0) if self.proxy_replies else ProxyReply(
                 b"HTTP/1.1 200 Connection established\r\n\r\n"
             )
+            if reply.data == b"flood":
+                self._flood(conn, b"HTTP/1.1 200 OK\r\n", 3 * MAX_RESPONSE_HEAD_BYTES)
+                return
             bounds = sorted({c % (len(reply.data) + 1) for c in reply.cuts}
                             | {0, len(reply.data)})
             for a, b in zip(bounds, bounds[1:], strict=False):
@@ -715,12 +727,26 @@ class Driver:
             conn.refuse(plan.status, "No", plan.data)
         elif plan.kind == "garbage":
             conn.receive(plan.data)
+        elif plan.kind == "flood":
+            self._flood(conn, b"HTTP/1.1 101 Switching Protocols\r\n", plan.cut)
         elif plan.kind == "bad_key":
             conn.receive(
                 b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: AAAA\r\n\r\n"
             )
         self.check()
+
+    def _flood(self, conn: Conn, start: bytes, size: int) -> None:
+        """``size`` bytes of response head without its end, in 8 KiB reads."""
+        pad = b"X-Pad: " + b"a" * 1017 + b"\r\n"
+        data = (start + pad * (size // len(pad) + 1))[:size]
+        for i in range(0, len(data), _READ):
+            if conn.lost or conn.transport.disconnecting:
+                break
+            conn.receive(data[i : i + _READ])
+            self.check()
+            buffered = len(conn.proto.data)
+            assert buffered <= MAX_RESPONSE_HEAD_BYTES + _READ, f"{buffered} bytes buffered"
 
     @staticmethod
     def _accept_bytes(conn: Conn) -> bytes:
