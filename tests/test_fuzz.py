@@ -34,9 +34,12 @@ Invariants, checked after every chunk and every step:
   matching ``agent.hello_ack`` (a JSON object of type ``agent.hello_ack``,
   our agent id, protocol version 1 and ``payload.acked_message_id`` equal to
   the ``message_id`` of the hello the client wrote on that connection, in a
-  message within ``max_message_bytes``), and has neither sent nor been sent
-  a close frame, nor lost TCP;
+  message within ``max_message_bytes``), while the client has written no
+  close frame on it (it answers the server's), is not closing it, and TCP
+  is up;
 * at most one connection attempt is open at any time;
+* a response head that never ends is not buffered beyond
+  ``MAX_RESPONSE_HEAD_BYTES`` (plus one read);
 * afterwards ``stop()`` completes and leaves no timer in the reactor or on
   txaio's loop.
 
