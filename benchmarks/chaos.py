@@ -581,7 +581,7 @@ async def _refused(run: FaultRun, status: int) -> None:
     else:
         cp.refuse_upgrades(status)
     cp.close(run.identity.agent_id, 1001, "control plane restarting")
-    await run.detected(rf"upgrade refused with HTTP {status}: .*agent_id=")
+    await run.detected(rf"upgrade refused: HTTP {status} .*agent_id=")
     await run.hold()
     if status == 401:
         await run.ends(

@@ -470,7 +470,8 @@ class HostlinkClientProtocol(WebSocketClientProtocol):
             end = self.data.find(b"\r\n\r\n")
             if end >= 0:
                 body = self.data[end + 4 :]
-            detail = status_line.strip()
+            phrase = parts[2].strip() if len(parts) > 2 else ""
+            detail = f"HTTP {status} {phrase}".strip()
             if body.strip():
                 detail += f" {_preview(body.strip())}"
             # A 4xx/5xx is a refusal; anything else (200, a redirect) is a
@@ -1274,10 +1275,10 @@ class HostlinkClient:
         if proto is not None and proto.refused_status is not None:
             status = proto.refused_status
             hint = _HINTS.get(status) or (_HINT_5XX if 500 <= status <= 599 else "")
+            # The reason names the status ("upgrade refused: HTTP 401 ...",
+            # or "upgrade not accepted (expected 101): HTTP 200 OK").
             self.log.warn(
-                "upgrade {verb} HTTP {status}: {reason}; {hint} "
-                "agent_id={agent_id} url={url} attempt={attempt}",
-                verb="refused with" if status >= 400 else "answered with",
+                "{reason}; {hint} agent_id={agent_id} url={url} attempt={attempt}",
                 status=status,
                 reason=failure,
                 hint=hint or "retrying with backoff",

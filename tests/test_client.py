@@ -525,7 +525,8 @@ class BackoffTests(SynchronousTestCase):
         h.client.start()
         h.conn().refuse(200, "OK", b"<html>").finish()
         (line,) = [m for m in h.messages("warn") if "HTTP 200" in m]
-        self.assertIn("answered with HTTP 200", line)
+        self.assertIn("upgrade not accepted (expected 101): HTTP 200 OK", line)
+        self.assertNotIn("refused", line)
         self.assertIn("expected 101", h.client.last_failure or "")
         self.assertEqual(h.delays(), [1])
 
