@@ -63,15 +63,14 @@ from benchmarks.faults import (
     agent_args,
     free_port,
     kill_all,
-    make_ca,
     make_identity,
-    make_server_cert,
     reap_all,
     sleep,
     spawn_agent,
     spawn_control_plane,
     write_agents_file,
 )
+from hostlink_tw.testing import TestCertificates, make_test_certificates
 
 __all__ = [
     "EXTRA_FAULTS",
@@ -679,22 +678,18 @@ async def tls_unknown_ca(run: FaultRun) -> None:
     from an unknown CA, then with the right one again.  A second agent
     without ``--ca-file`` must be refused by TLS all along.
     """
-    trusted = make_ca(run.dir, "trusted")
-    unknown = make_ca(run.dir, "unknown")
-    good_key, good_cert = make_server_cert(run.dir, "good", trusted)
-    bad_key, bad_cert = make_server_cert(run.dir, "bad", unknown)
+    # Two authorities that do not trust each other: the agent is told of the first.
+    good = make_test_certificates(os.path.join(run.dir, "trusted"), names=(), label="chaos trusted")
+    bad = make_test_certificates(os.path.join(run.dir, "unknown"), names=(), label="chaos unknown")
     port = free_port()
 
-    def listen(key: str, cert: str) -> str:
-        return f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
-
     noca = make_identity(run.dir, f"chaos-{run.name}-noca")
-    holder: dict[str, Any] = {"cp": await run.control_plane(listen(good_key, good_cert))}
+    holder: dict[str, Any] = {"cp": await run.control_plane(good.listen(port))}
     holder["cp"].set_agents(
         {run.identity.agent_id: run.identity.public_key_b64, noca.agent_id: noca.public_key_b64}
     )
     url = f"wss://127.0.0.1:{port}{_GATEWAY}"
-    await run.start_agent(url, {port}, extra=("--ca-file", trusted[0]))
+    await run.start_agent(url, {port}, extra=("--ca-file", good.ca))
 
     # The agent without the CA: refused by TLS, keeps trying, never active.
     without = spawn_agent(run.config.agent_args(url, noca), name="agent without --ca-file")
@@ -709,15 +704,15 @@ async def tls_unknown_ca(run: FaultRun) -> None:
     except FaultTimeoutError as e:
         run.result.problems.append(f"agent without --ca-file was not refused by TLS: {e}")
 
-    async def restart(key: str, cert: str) -> None:
+    async def restart(certificates: TestCertificates) -> None:
         await holder["cp"].stop()
-        holder["cp"] = await run.control_plane(listen(key, cert))
+        holder["cp"] = await run.control_plane(certificates.listen(port))
 
     run.fault_starts()
-    await restart(bad_key, bad_cert)
+    await restart(bad)
     await run.detected(r"TLS failed: server certificate not trusted.*agent_id=")
     await run.hold()
-    await run.ends(lambda: restart(good_key, good_cert))
+    await run.ends(lambda: restart(good))
     await _expect_one_session(run, lambda: _status_of(holder))
     if without.find(ACTIVE) is not None:
         run.result.problems.append("the agent without --ca-file became active")

@@ -41,8 +41,6 @@ plane's connection count are the other two witnesses.
 from __future__ import annotations
 
 import atexit
-import datetime
-import ipaddress
 import json
 import os
 import re
@@ -84,9 +82,7 @@ __all__ = [
     "install_resolver_tripwire",
     "kill_all",
     "reap_all",
-    "make_ca",
     "make_identity",
-    "make_server_cert",
     "sleep",
     "spawn_agent",
     "spawn_control_plane",
@@ -169,90 +165,6 @@ def write_agents_file(path: str, identities: Iterable[Identity]) -> str:
         json.dump(data, f)
     os.replace(tmp, path)
     return path
-
-
-def make_ca(directory: str, name: str) -> tuple[str, Any, Any]:
-    """
-    A throwaway certificate authority: ``(cert_pem_path, certificate, key)``.
-    Nothing trusts it unless told to (``--ca-file``).
-    """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"hostlink chaos CA {name}")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        .sign(key, hashes.SHA256())
-    )
-    path = os.path.join(directory, f"ca-{name}.pem")
-    with open(path, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    return path, cert, key
-
-
-def make_server_cert(
-    directory: str, name: str, ca: tuple[str, Any, Any], ip: str = "127.0.0.1"
-) -> tuple[str, str]:
-    """A server certificate for ``ip`` signed by ``ca``: ``(key_path, cert_path)``."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    _, ca_cert, ca_key = ca
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ip)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), False
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key_path = os.path.join(directory, f"server-{name}.key")
-    cert_path = os.path.join(directory, f"server-{name}.pem")
-    with open(key_path, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    os.chmod(key_path, 0o600)
-    with open(cert_path, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
 
 
 # -- the TCP proxy -------------------------------------------------------------------

@@ -10,7 +10,6 @@ covers what stop() leaves behind.
 from __future__ import annotations
 
 import base64
-import datetime
 import hashlib
 import json
 import os
@@ -18,10 +17,6 @@ from collections.abc import Callable, Generator
 from dataclasses import replace
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
@@ -35,6 +30,7 @@ from hostlink_tw.config import Settings
 from hostlink_tw.controlplane import ControlPlane, start_control_plane
 from hostlink_tw.protocol import AGENT_HELLO, AGENT_HELLO_ACK, ack_payload, make_envelope
 from hostlink_tw.signing import RequestSigner
+from hostlink_tw.testing import make_test_certificates
 
 from .test_client_support import AGENT, key, parse_client_frames, server_frame
 
@@ -292,86 +288,18 @@ class SessionTests(_Base):
         self.assertIn("refused", client.last_failure or "")
 
 
-def _tls_files(directory: str, *, names: tuple[str, ...] = ("localhost",),
-               ips: tuple[str, ...] = ("127.0.0.1",)) -> dict[str, str]:
-    """A CA and a server certificate signed by it, as PEM files; returns their paths."""
-    import ipaddress
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hostlink test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
-    sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-    server = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = {
-        "ca": os.path.join(directory, "ca.pem"),
-        "cert": os.path.join(directory, "server.pem"),
-        "key": os.path.join(directory, "server.key"),
-    }
-    with open(paths["ca"], "wb") as f:
-        f.write(ca.public_bytes(serialization.Encoding.PEM))
-    with open(paths["cert"], "wb") as f:
-        f.write(server.public_bytes(serialization.Encoding.PEM))
-    with open(paths["key"], "wb") as f:
-        f.write(
-            server_key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    return paths
-
-
 class TLSTests(_Base):
     def tls_cp(self, **kw: Any) -> Deferred[ControlPlane]:
         directory = self.mktemp()
         os.makedirs(directory)
-        self.paths = _tls_files(directory, **kw)
-        return self.start_cp(
-            f"ssl:0:interface=127.0.0.1:privateKey={self.paths['key']}:certKey={self.paths['cert']}"
-        )
+        self.paths = make_test_certificates(directory, **kw)
+        return self.start_cp(self.paths.listen())
 
     @inlineCallbacks
     def test_test_ca_accepted(self) -> Generator[Deferred[Any], Any, None]:
         cp = yield self.tls_cp()
         self.assertTrue(cp.ws_url.startswith("wss://127.0.0.1:"))
-        client = self.make_client(cp.ws_url, ca_file=self.paths["ca"])
+        client = self.make_client(cp.ws_url, ca_file=self.paths.ca)
         client.start()
         yield cp.wait_active(AGENT, timeout=TIMEOUT)
         self.assertEqual([m for m in self.messages() if "not encrypted" in m], [])
@@ -380,7 +308,7 @@ class TLSTests(_Base):
     def test_test_ca_accepted_by_host_name(self) -> Generator[Deferred[Any], Any, None]:
         cp = yield self.tls_cp()
         client = self.make_client(
-            f"wss://localhost:{cp.port}/api/v1/agents/ws", ca_file=self.paths["ca"]
+            f"wss://localhost:{cp.port}/api/v1/agents/ws", ca_file=self.paths.ca
         )
         client.start()
         yield cp.wait_active(AGENT, timeout=TIMEOUT)
@@ -390,7 +318,7 @@ class TLSTests(_Base):
         cp = yield self.tls_cp()
         other = self.mktemp()
         os.makedirs(other)
-        other_ca = _tls_files(other)["ca"]
+        other_ca = make_test_certificates(other).ca
         client = self.make_client(cp.ws_url, ca_file=other_ca)
         client.start()
         yield wait_event(client, "retry_scheduled", lambda e: client.attempts >= 2)
@@ -406,7 +334,7 @@ class TLSTests(_Base):
     @inlineCallbacks
     def test_wrong_host_name_refused(self) -> Generator[Deferred[Any], Any, None]:
         cp = yield self.tls_cp(names=("cp.example.test",), ips=())
-        client = self.make_client(cp.ws_url, ca_file=self.paths["ca"])
+        client = self.make_client(cp.ws_url, ca_file=self.paths.ca)
         client.start()
         yield wait_event(client, "retry_scheduled")
         self.assertIn("TLS failed", client.last_failure or "")
@@ -416,7 +344,7 @@ class TLSTests(_Base):
     @inlineCallbacks
     def test_stop_while_active_over_tls(self) -> Generator[Deferred[Any], Any, None]:
         cp = yield self.tls_cp()
-        client = self.make_client(cp.ws_url, ca_file=self.paths["ca"])
+        client = self.make_client(cp.ws_url, ca_file=self.paths.ca)
         client.start()
         session = yield cp.wait_active(AGENT, timeout=TIMEOUT)
         yield bounded(client.stop())
@@ -720,13 +648,11 @@ class ProxyTests(_Base):
     def test_wss_through_connect_proxy(self) -> Generator[Deferred[Any], Any, None]:
         directory = self.mktemp()
         os.makedirs(directory)
-        paths = _tls_files(directory, names=("cp.test",), ips=())
-        cp = yield self.start_cp(
-            f"ssl:0:interface=127.0.0.1:privateKey={paths['key']}:certKey={paths['cert']}"
-        )
+        paths = make_test_certificates(directory, names=("cp.test",), ips=())
+        cp = yield self.start_cp(paths.listen())
         proxy = yield self.start_proxy(cp.port)
         client = self.proxied_client(
-            f"wss://cp.test:{cp.port}/api/v1/agents/ws", "HTTPS_PROXY", ca_file=paths["ca"]
+            f"wss://cp.test:{cp.port}/api/v1/agents/ws", "HTTPS_PROXY", ca_file=paths.ca
         )
         client.start()
         yield cp.wait_active(AGENT, timeout=TIMEOUT)
@@ -739,14 +665,12 @@ class ProxyTests(_Base):
     def test_tls_inside_the_tunnel_is_verified(self) -> Generator[Deferred[Any], Any, None]:
         directory = self.mktemp()
         os.makedirs(directory)
-        paths = _tls_files(directory, names=("cp.test",), ips=())
-        cp = yield self.start_cp(
-            f"ssl:0:interface=127.0.0.1:privateKey={paths['key']}:certKey={paths['cert']}"
-        )
+        paths = make_test_certificates(directory, names=("cp.test",), ips=())
+        cp = yield self.start_cp(paths.listen())
         yield self.start_proxy(cp.port)
         # The certificate is for cp.test; asking for another name must fail.
         client = self.proxied_client(
-            f"wss://other.test:{cp.port}/api/v1/agents/ws", "HTTPS_PROXY", ca_file=paths["ca"]
+            f"wss://other.test:{cp.port}/api/v1/agents/ws", "HTTPS_PROXY", ca_file=paths.ca
         )
         client.start()
         yield wait_event(client, "retry_scheduled")

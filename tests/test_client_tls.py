@@ -13,6 +13,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from hostlink_tw.testing import make_test_certificates
 from hostlink_tw.tls import (
     CombinedTrustRoot,
     TLSConfigError,
@@ -22,8 +23,6 @@ from hostlink_tw.tls import (
     load_ca_certificates,
     trust_root,
 )
-
-from .test_client_e2e import _tls_files
 
 
 class _Store:
@@ -67,8 +66,8 @@ class CAFileTests(SynchronousTestCase):
         self.assertIn(path, str(e))
 
     def test_bundle_loads_every_certificate(self) -> None:
-        one = _tls_files(self.mktemp_dir())["ca"]
-        two = _tls_files(self.mktemp_dir())["ca"]
+        one = make_test_certificates(self.mktemp_dir()).ca
+        two = make_test_certificates(self.mktemp_dir()).ca
         bundle = os.path.join(self.dir, "bundle.pem")
         with open(bundle, "wb") as out:
             for path in (one, two):
@@ -94,7 +93,7 @@ class TrustRootTests(SynchronousTestCase):
     def test_system_store_plus_ca_file(self) -> None:
         d = self.mktemp()
         os.makedirs(d)
-        ca = _tls_files(d)["ca"]
+        ca = make_test_certificates(d).ca
         root = trust_root(ca)
         self.assertIsInstance(root, CombinedTrustRoot)
         ctx = _Context()
@@ -105,7 +104,7 @@ class TrustRootTests(SynchronousTestCase):
     def test_real_context_accepts_combined_root(self) -> None:
         d = self.mktemp()
         os.makedirs(d)
-        ca = _tls_files(d)["ca"]
+        ca = make_test_certificates(d).ca
         context = SSL.Context(SSL.TLS_CLIENT_METHOD)
         trust_root(ca)._addCACertsToContext(context)
 

@@ -9,7 +9,6 @@ and not against our own agent.
 from __future__ import annotations
 
 import base64
-import datetime
 import json
 import os
 import re
@@ -17,10 +16,7 @@ from typing import Any
 
 import txaio
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol
@@ -62,6 +58,7 @@ from hostlink_tw.signing import (
     HEADER_TIMESTAMP,
     RequestSigner,
 )
+from hostlink_tw.testing import make_test_certificates
 
 # RSA key generation is slow: one key per role, for the whole module.
 KEY_A = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -788,56 +785,12 @@ class HTTPTests(ControlPlaneTestMixin, TestCase):
         self.assertEqual(response.status, 426)
 
 
-def _tls_files(directory: str) -> tuple[str, str, bytes]:
-    """A throwaway CA and a server certificate for localhost: (key, cert, CA PEM)."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = KEY_B
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hostlink test CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    server_key = KEY_A
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    os.makedirs(directory)
-    key_path = os.path.join(directory, "server.key")
-    cert_path = os.path.join(directory, "server.pem")
-    with open(key_path, "wb") as f:
-        f.write(
-            server_key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.TraditionalOpenSSL,
-                serialization.NoEncryption(),
-            )
-        )
-    with open(cert_path, "wb") as f:
-        f.write(server_cert.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path, ca_cert.public_bytes(serialization.Encoding.PEM)
-
-
 class TLSTests(ControlPlaneTestMixin, TestCase):
     @inlineCallbacks
     def test_wss(self) -> Any:
-        key_path, cert_path, ca_pem = _tls_files(self.mktemp())
-        listen = f"ssl:0:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}"
-        cp = yield self.start(listen=listen)
+        certificates = make_test_certificates(self.mktemp())
+        ca_pem = certificates.ca_pem()
+        cp = yield self.start(listen=certificates.listen())
         self.assertTrue(cp.ws_url.startswith("wss://127.0.0.1:"))
         options = optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(ca_pem))
         endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", cp.port, options)
