@@ -33,7 +33,8 @@ TARGET_RATIO = 1.5
 _FLOOR_CODE = "import autobahn.twisted.websocket"
 
 # What importing hostlink_tw.status adds once everything else the agent
-# loads is in: the status page's dependencies, loaded even with the page off.
+# loads is in: the status page's dependencies, which an agent loads only when
+# a status page is configured.
 _STATUS_IMPORT_CODE = """
 import time
 import autobahn.twisted.websocket, twisted.scripts.twistd, twisted.application.app

@@ -219,7 +219,7 @@ _STEPS = {
     "parse_envelope": "parse_envelope (JSON + every §5 rule)",
     "_loads": "  of which JSON parsing with duplicate-key/depth checks",
     "validate": "  of which Envelope.validate",
-    "_on_ack": "ack handling (AckPayload.from_dict again, last-ack bookkeeping)",
+    "_on_ack": "ack handling (last-ack bookkeeping, activation)",
     "_emit": "the message_in event",
 }
 
