@@ -811,7 +811,16 @@ class HostlinkClientFactory(WebSocketClientFactory, ReconnectingClientFactory):
         if not self.continueTrying or self._attempt_open:
             return
         self._attempt_open = True
+        # The last attempt's connector is not this attempt's to stop.
+        self.connector = None
         self.client._attempt_started()
+        if not self.continueTrying:
+            # An observer of the ``attempt`` event stopped the client: end
+            # this attempt before it connects, which completes the stop.
+            self._attempt_ended(
+                None, Failure(ConnectError(string="stopped before connecting")), None
+            )
+            return
         self._handshake_timer = self.timer.callLater(
             self.client.settings.handshake_timeout, self._handshake_timed_out
         )

@@ -1104,6 +1104,33 @@ class StopTests(SynchronousTestCase):
         self._assert_clean(h)
 
 
+    def test_stop_from_an_attempt_observer(self) -> None:
+        """"Give up after N attempts": stop() inside the attempt event stops at once."""
+        for give_up_at in (1, 2):
+            with self.subTest(give_up_at=give_up_at):
+                h = harness(self)
+                results: list[Any] = []
+
+                def on_event(
+                    event: ClientEvent, n: int = give_up_at, h: Any = h, results: Any = results
+                ) -> None:
+                    if event.kind == "attempt" and event.fields["attempt"] == n:
+                        results.append(h.client.stop())
+
+                h.client.add_observer(on_event)
+                h.client.start()
+                if give_up_at == 2:
+                    h.fail_connect()
+                    h.reactor.advance(h.client.current_delay or 0)
+                self.assertEqual(h.attempts_made, give_up_at - 1)
+                self.successResultOf(results[0])
+                self.assertEqual(h.client.state, ClientState.STOPPED)
+                h.reactor.advance(3600)
+                self.assertEqual(h.attempts_made, give_up_at - 1)
+                self.assertFalse(h.client.is_active)
+                self.assertEqual(self.flushLoggedErrors(), [])
+                self._assert_clean(h)
+
 class OneConnectionTests(SynchronousTestCase):
     """Point 9: never two connections, in any interleaving."""
 
