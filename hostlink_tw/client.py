@@ -817,9 +817,8 @@ class HostlinkClientFactory(WebSocketClientFactory, ReconnectingClientFactory):
         if not self.continueTrying:
             # An observer of the ``attempt`` event stopped the client: end
             # this attempt before it connects, which completes the stop.
-            self._attempt_ended(
-                None, Failure(ConnectError(string="stopped before connecting")), None
-            )
+            stopped = ConnectError(string="stopped before connecting")  # type: ignore[no-untyped-call]
+            self._attempt_ended(None, Failure(stopped), None)  # type: ignore[no-untyped-call]
             return
         self._handshake_timer = self.timer.callLater(
             self.client.settings.handshake_timeout, self._handshake_timed_out

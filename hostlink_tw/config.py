@@ -38,6 +38,7 @@ __all__ = [
     "ConfigError",
     "SettingSpec",
     "Settings",
+    "check_server_endpoint",
     "derive_ws_url",
     "load_settings",
 ]
@@ -259,6 +260,24 @@ def _spec(env: str) -> SettingSpec:
 
 def _default_duration(env: str) -> float:
     return parse_go_duration(_spec(env).default)
+
+
+def check_server_endpoint(description: str) -> None:
+    """
+    Check a Twisted server endpoint description (``tcp:9920:interface=127.0.0.1``,
+    ``ssl:8443:privateKey=…``) without listening.
+
+    :raises ConfigError: one line naming the description and the problem.
+    """
+    # Imported here: parsing an endpoint needs the reactor's endpoint
+    # plugins, which the rest of this module does not.
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        serverFromString(reactor, description)  # type: ignore[no-untyped-call]
+    except Exception as e:  # noqa: BLE001 - every parse problem is a configuration error
+        raise ConfigError(f"{description!r} is not a server endpoint: {e}") from None
 
 
 def derive_ws_url(control_plane_url: str, log: Logger | None = None) -> str:

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from hostlink_tw.config import ConfigError, check_server_endpoint
 from hostlink_tw.controlplane import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
@@ -124,13 +125,10 @@ class Options(usage.Options):
 
     @staticmethod
     def _check_listen(description: str) -> None:
-        from twisted.internet import reactor
-        from twisted.internet.endpoints import serverFromString
-
         try:
-            serverFromString(reactor, description)  # type: ignore[no-untyped-call]
-        except Exception as e:  # noqa: BLE001 - any parse problem is a usage error
-            raise usage.UsageError(f"--listen {description!r}: {e}") from None
+            check_server_endpoint(description)
+        except ConfigError as e:
+            raise usage.UsageError(f"--listen {e}") from None
 
 
 class ControlPlaneService(Service):

@@ -78,20 +78,33 @@ class HostlinkService(MultiService):
         self._rng = rng
         self._client_factory = client_factory
         self.client: HostlinkClient | None = None
+        self._unsubscribe_client: Callable[[], None] | None = None
         self._identity_problem: str | None = None
+        self._config_problem: str | None = None
         self._next_check: DelayedCall | None = None
         self._checks = Backoff(
             settings.reconnect_min, settings.reconnect_max, settings.reconnect_jitter, rng
         )
         self._observers = Observers(self.log)
         if settings.status_listen:
-            # Imported only when asked for: prometheus_client and twisted.web
-            # cost a noticeable share of start-up time (docs/performance.rst).
-            from hostlink_tw.status import make_status_service
+            self._add_status_page(settings.status_listen)
 
-            status, self.metrics = make_status_service(settings.status_listen, self, reactor)
-            status.setName("status")  # type: ignore[no-untyped-call]
-            status.setServiceParent(self)  # type: ignore[no-untyped-call]
+    def _add_status_page(self, endpoint: str) -> None:
+        # Imported only when asked for: prometheus_client and twisted.web
+        # cost a noticeable share of start-up time (docs/performance.rst).
+        from hostlink_tw.status import make_status_service
+
+        try:
+            status, self.metrics = make_status_service(endpoint, self, self.reactor)
+        except Exception as e:  # noqa: BLE001 - a bad endpoint must not take the agent down
+            self.log.error(
+                "status page not started: {endpoint!r} is not a server endpoint: {error}",
+                endpoint=endpoint,
+                error=str(e),
+            )
+            return
+        status.setName("status")  # type: ignore[no-untyped-call]
+        status.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     # -- IService ------------------------------------------------------------------
 
@@ -106,13 +119,23 @@ class HostlinkService(MultiService):
         self._next_check = self.reactor.callLater(0, self._start_client)
 
     def stopService(self) -> Deferred[None]:
-        """Stop the client (close 1000, no timers left); fires when all is closed."""
+        """
+        Stop the client (close 1000, no timers left); fires when all is closed.
+
+        A later ``startService`` starts afresh: identity read again, a new client.
+        """
         if self._next_check is not None and self._next_check.active():
             self._next_check.cancel()
         self._next_check = None
+        self._checks.reset()
+        self._identity_problem = self._config_problem = None
         waits: list[Deferred[Any]] = []
-        if self.client is not None:
-            waits.append(self.client.stop())
+        client, self.client = self.client, None
+        if client is not None:
+            if self._unsubscribe_client is not None:
+                self._unsubscribe_client()
+                self._unsubscribe_client = None
+            waits.append(client.stop())
         stopped_children = super().stopService()  # type: ignore[no-untyped-call]
         if stopped_children is not None:
             waits.append(stopped_children)
@@ -137,11 +160,11 @@ class HostlinkService(MultiService):
         except ValueError as e:
             # A configuration the client cannot use does not fix itself.
             self.log.error("Hostlink WebSocket uplink not started: {error}", error=str(e))
-            self._identity_problem = str(e)
+            self._config_problem = str(e)
             return
         self._identity_problem = None
         self.client = client
-        client.add_observer(self._observers.notify)
+        self._unsubscribe_client = client.add_observer(self._observers.notify)
         self.log.info(
             "Hostlink WebSocket uplink starting agent_id={agent_id} url={url}",
             agent_id=client.agent_id,
@@ -174,6 +197,8 @@ class HostlinkService(MultiService):
             return self.client.snapshot()
         if not self.settings.enabled:
             state = "disabled"
+        elif self._config_problem is not None:
+            state = "misconfigured"
         elif self._identity_problem is not None:
             state = "waiting_for_identity"
         else:
@@ -188,7 +213,7 @@ class HostlinkService(MultiService):
             "last_ack": None,
             "last_ack_at": None,
             "attempts": 0,
-            "last_failure": self._identity_problem,
+            "last_failure": self._config_problem or self._identity_problem,
             "next_retry_at": retry.getTime() if retry is not None and retry.active() else None,
             "current_delay": None,
         }

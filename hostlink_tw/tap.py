@@ -20,7 +20,13 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from hostlink_tw.config import SETTINGS, ConfigError, Settings, load_settings
+from hostlink_tw.config import (
+    SETTINGS,
+    ConfigError,
+    Settings,
+    check_server_endpoint,
+    load_settings,
+)
 
 __all__ = ["Options", "makeService"]
 
@@ -73,6 +79,13 @@ class Options(usage.Options):
             self.settings = load_settings(self.environ, self.overrides())
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        if self.settings.status_listen:
+            try:
+                check_server_endpoint(self.settings.status_listen)
+            except ConfigError as e:
+                raise usage.UsageError(
+                    f"--status-listen (HOSTLINK_WS_STATUS_LISTEN): {e}"
+                ) from None
 
 
 def makeService(options: Options) -> IService:

@@ -251,3 +251,53 @@ class ServiceTests(SynchronousTestCase):
         self.successResultOf(application.stopService())
         self.assertFalse(other.running)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_restart_starts_a_new_client(self) -> None:
+        """stopService then startService: connected again, not silently idle."""
+        _install_identity(self.state_path, self.key_path)
+        service = self.make()
+        seen: list[ClientEvent] = []
+        service.add_observer(seen.append)
+        service.startService()
+        self.clock.advance(0)
+        self.successResultOf(service.stopService())
+        self.assertEqual(service.snapshot()["state"], "stopped")
+        service.startService()
+        self.clock.advance(0)
+        first, second = self.clients
+        self.assertEqual((first.started, first.stopped), (1, 1))
+        self.assertEqual(second.started, 1)
+        self.assertIs(service.client, second)
+        # Only the current client's events reach the service's observers.
+        self.assertEqual(first.observers, [])
+        (forward,) = second.observers
+        forward(ClientEvent("active", {}))
+        self.assertEqual([e.kind for e in seen], ["active"])
+        self.successResultOf(service.stopService())
+
+    def test_client_configuration_error_is_not_called_waiting_for_identity(self) -> None:
+        _install_identity(self.state_path, self.key_path)
+
+        def refusing(settings: Settings, signer: Any, **kwargs: Any) -> FakeClient:
+            raise ValueError("HOSTLINK_WS_URL must be a ws:// or wss:// URL")
+
+        service = HostlinkService(
+            self.settings, reactor=self.clock, log=self.log, client_factory=refusing
+        )
+        service.startService()
+        self.clock.advance(0)
+        snapshot = service.snapshot()
+        self.assertEqual(snapshot["state"], "misconfigured")
+        self.assertIn("ws://", snapshot["last_failure"])
+        self.assertIsNone(snapshot["next_retry_at"])
+        self.successResultOf(service.stopService())
+
+    def test_bad_status_endpoint_is_logged_not_raised(self) -> None:
+        service = self.make(replace(self.settings, status_listen="bogus:1"))
+        (error,) = self.errors()
+        self.assertIn("bogus:1", error["endpoint"])
+        self.assertRaises(KeyError, service.getServiceNamed, "status")
+        service.startService()
+        self.clock.advance(0)
+        self.successResultOf(service.stopService())
+

@@ -98,6 +98,8 @@ class OptionsTests(SynchronousTestCase):
             ["--reconnect-jitter", "random"],
             ["--url", "http://x"],
             ["--ca-file", "/nonexistent/ca.pem"],
+            ["--status-listen", "bogus:1"],
+            ["--status-listen", "tcp:notaport"],
         ):
             with self.subTest(args=args):
                 error = self.assertRaises(usage.UsageError, parse, args)
@@ -121,6 +123,12 @@ class OptionsTests(SynchronousTestCase):
             line for line in output.splitlines() if "--ping-interval" in line and "1x" in line
         ]
         self.assertEqual(len(errors), 1, output)
+
+    def test_bad_status_endpoint_from_environment_is_a_usage_error(self) -> None:
+        error = self.assertRaises(
+            usage.UsageError, parse, [], {"HOSTLINK_WS_STATUS_LISTEN": "nonsense:1"}
+        )
+        self.assertIn("HOSTLINK_WS_STATUS_LISTEN", str(error))
 
     def test_make_service(self) -> None:
         service = makeService(parse(["--enable", "--state-path", "/nonexistent"]))
