@@ -55,7 +55,7 @@ In-process use (tests, demos)
     cp.refuse_upgrades(503, duration=5)   # refuse every upgrade for 5 s
     cp.stall_upgrades()                   # hold upgrades unanswered (clear_stall() releases)
     cp.withhold_hello_ack = True          # hellos stay unanswered
-    cp.attempts                           # every upgrade attempt and its verdict
+    cp.attempts                           # upgrade attempts and verdicts (the last 10,000+)
     yield cp.stop()                       # closes everything, stops listening
 
 L{ControlPlane.wait_active} fires when the control plane has I{sent} the
@@ -195,6 +195,11 @@ _PAYLOAD_ERRORS = frozenset(
 # The agents file is a few keys; refusing huge files keeps a mistake cheap.
 _MAX_AGENTS_FILE_BYTES = 16 << 20
 _RECEIVED_KEPT = 1000
+#: Upgrade attempts kept in L{ControlPlane.attempts} (the oldest are dropped
+#: in batches once twice as many have piled up), and the longest header value
+#: kept per attempt: anyone can send upgrades, so neither may grow unbounded.
+ATTEMPTS_KEPT = 10_000
+_ATTEMPT_VALUE_KEPT = 256
 
 
 class AgentsFileError(ValueError):
@@ -429,6 +434,11 @@ class Session:
             d.callback(code)
 
 
+def _kept(value: str | None) -> str | None:
+    """A header value as L{ConnectionAttempt} keeps it: at most 256 characters."""
+    return None if value is None else value[:_ATTEMPT_VALUE_KEPT]
+
+
 def _printable(text: str | None, limit: int = 128) -> str:
     """A header value made safe for one log line (hostile input)."""
     if text is None:
@@ -570,9 +580,9 @@ class _GatewayProtocol(WebSocketServerProtocol):
                 at=self._cp.clock(),
                 remote=self.remote,
                 path=path,
-                agent_id=headers.get(HEADER_AGENT_ID.lower()),
-                timestamp=headers.get(HEADER_TIMESTAMP.lower()),
-                nonce=headers.get(HEADER_NONCE.lower()),
+                agent_id=_kept(headers.get(HEADER_AGENT_ID.lower())),
+                timestamp=_kept(headers.get(HEADER_TIMESTAMP.lower())),
+                nonce=_kept(headers.get(HEADER_NONCE.lower())),
                 status=status,
                 reason=reason,
             )
@@ -1456,6 +1466,8 @@ class ControlPlane:
 
     def _record_attempt(self, attempt: ConnectionAttempt) -> None:
         self.attempts.append(attempt)
+        if len(self.attempts) > 2 * ATTEMPTS_KEPT:
+            del self.attempts[:-ATTEMPTS_KEPT]
 
     def _session_opened(self, session: Session) -> None:
         previous = self._sessions.get(session.agent_id)

@@ -346,9 +346,7 @@ class UpgradeAuthenticationTests(ControlPlaneTestMixin, TestCase):
         cp = yield self.start()
         headers = _signer().sign_headers()
         headers[HEADER_SIGNATURE] = "not*base64!"
-        yield self.assertRefused(
-            cp, headers, 401, "malformed X-Signature header (bad base64)"
-        )
+        yield self.assertRefused(cp, headers, 401, "malformed X-Signature header (bad base64)")
 
     @inlineCallbacks
     def test_signature_by_another_key(self) -> Any:
@@ -420,6 +418,32 @@ class UpgradeAuthenticationTests(ControlPlaneTestMixin, TestCase):
         self.assertEqual(cp.attempts[-1].status, 400)
 
     @inlineCallbacks
+    def test_attempt_records_keep_bounded_header_values(self) -> Any:
+        cp = yield self.start()
+        headers = {**_signer().sign_headers(), "X-Agent-ID": "a" * 8000}
+        response = yield raw_request(cp.port, headers=headers)
+        self.assertEqual(response.status, 401)
+        self.assertEqual(cp.attempts[-1].agent_id, "a" * 256)
+
+    def test_attempt_records_are_bounded(self) -> None:
+        cp = controlplane.ControlPlane({})
+        for i in range(2 * controlplane.ATTEMPTS_KEPT + 1):
+            cp._record_attempt(
+                controlplane.ConnectionAttempt(
+                    at=float(i),
+                    remote="-",
+                    path="/",
+                    agent_id=None,
+                    timestamp=None,
+                    nonce=None,
+                    status=401,
+                    reason="x",
+                )
+            )
+        self.assertEqual(len(cp.attempts), controlplane.ATTEMPTS_KEPT)
+        self.assertEqual(cp.attempts[-1].at, float(2 * controlplane.ATTEMPTS_KEPT))
+
+    @inlineCallbacks
     def test_nonce_cache_bound(self) -> Any:
         """A full replay memory answers 503; entries leave with the window."""
         cp = yield self.start(nonce_cache_size=2)
@@ -430,9 +454,7 @@ class UpgradeAuthenticationTests(ControlPlaneTestMixin, TestCase):
             cp, _signer().sign_headers(), 503, "replay cache full, try again later"
         )
         self.clock.now = BASE_TIME + 301
-        response = yield raw_request(
-            cp.port, headers=_signer(at=self.clock.now).sign_headers()
-        )
+        response = yield raw_request(cp.port, headers=_signer(at=self.clock.now).sign_headers())
         self.assertEqual(response.status, 101)
 
 
@@ -553,8 +575,10 @@ class SessionTests(ControlPlaneTestMixin, TestCase):
         client = yield self.connect(cp)
         cp.send_text(AGENT_A, "not json")
         cp.send_binary(AGENT_A, b"\x00\x01")
-        cp.send_envelope(AGENT_A, make_envelope(ACK, AGENT_A, {"acked_message_id": "m1",
-                                                              "acked_type": AGENT_HELLO}))
+        cp.send_envelope(
+            AGENT_A,
+            make_envelope(ACK, AGENT_A, {"acked_message_id": "m1", "acked_type": AGENT_HELLO}),
+        )
         ack = yield client.message(3)
         self.assertEqual(ack.payload["acked_message_id"], "m1")
         self.assertEqual(client.received[1:3], [(b"not json", False), (b"\x00\x01", True)])
@@ -704,9 +728,7 @@ class AgentsReloadTests(ControlPlaneTestMixin, TestCase):
         self.assertEqual(ack.type, AGENT_HELLO_ACK)
         response = yield raw_request(cp.port, headers=_signer().sign_headers())
         self.assertEqual((response.status, response.text), (401, "unknown agent"))
-        response = yield raw_request(
-            cp.port, headers=_signer(KEY_B, AGENT_B).sign_headers()
-        )
+        response = yield raw_request(cp.port, headers=_signer(KEY_B, AGENT_B).sign_headers())
         self.assertEqual(response.status, 101)
 
     @inlineCallbacks
