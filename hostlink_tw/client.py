@@ -824,6 +824,8 @@ class HostlinkClientFactory(WebSocketClientFactory, ReconnectingClientFactory):
             self.client.settings.handshake_timeout, self._handshake_timed_out
         )
         try:
+            if self.client._proxy_error is not None:
+                raise self.client._proxy_error
             if self.isSecure and self.contextFactory is None:
                 self.contextFactory = client_tls_options(self.host, self.client.settings.ca_file)
             proxy = self.client.proxy
@@ -1027,17 +1029,24 @@ class HostlinkClient:
         self.agent_id = signer.agent_id
         self._display_url = redact_url(self.url)
         self._reactor: _Reactor = reactor
+        self._proxy_error: UnsupportedProxyError | None = None
         try:
             self.proxy: Proxy | None = proxy_for(
                 self.url, os.environ if environ is None else environ
             )
         except UnsupportedProxyError as e:
-            self.log.warn(
-                "ignoring the proxy setting, connecting directly: {error} url={url}",
-                error=str(e),
+            # Fail closed, as Go's dialer does for a proxy it cannot use:
+            # connecting directly would bypass the operator's egress policy.
+            self.proxy = None
+            self._proxy_error = UnsupportedProxyError(
+                f"{e}; not connecting around it (use an http:// proxy, or list the "
+                "control plane's host in NO_PROXY to connect directly)"
+            )
+            self.log.error(
+                "unusable proxy setting: {error} url={url}",
+                error=str(self._proxy_error),
                 url=self._display_url,
             )
-            self.proxy = None
         if backoff is None:
             backoff = Backoff(
                 settings.reconnect_min, settings.reconnect_max, settings.reconnect_jitter, rng

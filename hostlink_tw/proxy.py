@@ -24,6 +24,8 @@ Only ``http://`` proxies are supported (a TLS connection *to* the proxy, or
 SOCKS, is not): :func:`proxy_for` raises :class:`UnsupportedProxyError` for
 the others, and for a value it cannot parse, so the caller can say so
 clearly (its message never repeats the value, which may hold a password).
+The client then refuses to connect rather than go around the proxy, as Go's
+dialer fails for a proxy it cannot use.
 
 Everything here is pure: the environment comes in as a mapping.
 """
@@ -78,13 +80,16 @@ def _parse_proxy(value: str) -> Proxy:
         if parts.scheme not in ("http", "https", "socks5", "socks5h") or not parts.netloc:
             # Go's rule: a bogus value is retried as "http://" + value.
             parts = urlsplit("http://" + value)
-    except ValueError as e:
-        raise UnsupportedProxyError(f"the proxy URL cannot be parsed: {e}") from None
+    except ValueError:
+        # (urllib's own message may quote part of the value.)
+        raise UnsupportedProxyError("the proxy URL cannot be parsed") from None
     scheme = parts.scheme.lower()
     try:
         port = parts.port
-    except ValueError as e:
-        raise UnsupportedProxyError(f"invalid proxy port: {e}") from None
+    except ValueError:
+        # urllib quotes the port text, which in "user:password" without a
+        # host is the password.
+        raise UnsupportedProxyError("invalid proxy port (expected a number)") from None
     if scheme != "http":
         raise UnsupportedProxyError(
             f"proxy scheme {scheme!r} is not supported (only http:// proxies): "

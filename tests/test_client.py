@@ -904,16 +904,35 @@ class TLSAndProxyTests(SynchronousTestCase):
         )
         self.assertEqual(h.target(), ("cp.example.test", 80))
 
-    def test_unparsable_proxy_warns_and_connects_directly(self) -> None:
-        h, _ = self._proxied("wss://cp.example.test/ws", {"HTTPS_PROXY": "http://u:pw@[::1"})
-        self.assertEqual(h.target(), ("cp.example.test", 443))
-        self.assertTrue(any("proxy" in m for m in h.messages("warn")))
+    def test_unparsable_proxy_fails_closed(self) -> None:
+        """Like Go's dialer: a proxy that cannot be used is an error, never bypassed."""
+        h = harness(
+            self, ws_url="wss://cp.example.test/ws", environ={"HTTPS_PROXY": "http://u:pw@[::1"}
+        )
+        h.client.start()
+        self.assertEqual(h.attempts_made, 0)  # no connection, direct or otherwise
+        self.assertIn("NO_PROXY", h.client.last_failure or "")
+        self.assertEqual(h.delays(), [1])
+        self.assertTrue(any("proxy" in m for m in h.messages("error")))
         self.assertNotIn("pw", "\n".join(h.messages()))
 
-    def test_unsupported_proxy_scheme_warns_and_connects_directly(self) -> None:
-        h, _ = self._proxied("wss://cp.example.test/ws", {"HTTPS_PROXY": "socks5://s:1080"})
+    def test_unsupported_proxy_scheme_fails_closed_and_backs_off(self) -> None:
+        h = harness(
+            self, ws_url="wss://cp.example.test/ws", environ={"HTTPS_PROXY": "socks5://s:1080"}
+        )
+        h.client.start()
+        h.reactor.advance(1)
+        h.reactor.advance(2)
+        self.assertEqual(h.attempts_made, 0)
+        self.assertEqual(h.delays(), [1, 2, 4])
+        self.assertIn("socks5", h.client.last_failure or "")
+
+    def test_no_proxy_overrides_an_unusable_proxy(self) -> None:
+        h, _ = self._proxied(
+            "wss://cp.example.test/ws",
+            {"HTTPS_PROXY": "socks5://s:1080", "NO_PROXY": "cp.example.test"},
+        )
         self.assertEqual(h.target(), ("cp.example.test", 443))
-        self.assertTrue(any("socks5" in m for m in h.messages("warn")))
 
 
 class StopTests(SynchronousTestCase):
@@ -1103,9 +1122,8 @@ class StopTests(SynchronousTestCase):
         self.successResultOf(results[0])
         self._assert_clean(h)
 
-
     def test_stop_from_an_attempt_observer(self) -> None:
-        """"Give up after N attempts": stop() inside the attempt event stops at once."""
+        """ "Give up after N attempts": stop() inside the attempt event stops at once."""
         for give_up_at in (1, 2):
             with self.subTest(give_up_at=give_up_at):
                 h = harness(self)
@@ -1130,6 +1148,7 @@ class StopTests(SynchronousTestCase):
                 self.assertFalse(h.client.is_active)
                 self.assertEqual(self.flushLoggedErrors(), [])
                 self._assert_clean(h)
+
 
 class OneConnectionTests(SynchronousTestCase):
     """Point 9: never two connections, in any interleaving."""
