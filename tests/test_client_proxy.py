@@ -63,7 +63,8 @@ class SelectionTests(SynchronousTestCase):
 
     def test_unparsable_values_never_echo_credentials(self) -> None:
         for value in ("http://u:pw@[::1", "http://u:pw@proxy:99999", "http://u:pw@proxy:port",
-                      "socks5://u:pw@proxy:port", "https://u:pw@proxy:1"):
+                      "socks5://u:pw@proxy:port", "https://u:pw@proxy:1",
+                      "http://proxyuser:pw"):  # no host: urllib reads "pw" as the port
             e = self.assertRaises(UnsupportedProxyError, proxy_for, WSS, {"HTTPS_PROXY": value})
             self.assertNotIn("pw", str(e))
 
