@@ -314,7 +314,8 @@ class HostlinkClientProtocol(WebSocketClientProtocol):
         self._pong_timer: _DelayedCall | None = None
         self._ping_loop: LoopingCall | None = None
         self._ping_seq = 0
-        self._outstanding_pings: list[bytes] = []
+        # Unanswered pings, oldest first: payload -> reactor time sent.
+        self._outstanding_pings: dict[bytes, float] = {}
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -622,7 +623,7 @@ class HostlinkClientProtocol(WebSocketClientProtocol):
             return
         self._ping_seq += 1
         payload = struct.pack("!Q", self._ping_seq)
-        self._outstanding_pings.append(payload)
+        self._outstanding_pings[payload] = self.factory.timer.seconds()
         self.sendPing(payload)
         self._client._emit("ping", sequence=self._ping_seq)
         if self._pong_timer is None:
@@ -634,15 +635,21 @@ class HostlinkClientProtocol(WebSocketClientProtocol):
         """A pong for one of our pings proves the peer alive up to that ping."""
         if payload in self._outstanding_pings:
             # Pongs come in order: this one answers every earlier ping too.
-            del self._outstanding_pings[: self._outstanding_pings.index(payload) + 1]
+            for sent in list(self._outstanding_pings):
+                del self._outstanding_pings[sent]
+                if sent == payload:
+                    break
             self._client._emit("pong", sequence=struct.unpack("!Q", payload)[0])
             if self._pong_timer is not None and self._pong_timer.active():
                 self._pong_timer.cancel()
             self._pong_timer = None
             if self._outstanding_pings:
-                self._pong_timer = self.factory.timer.callLater(
-                    self._client.settings.pong_timeout, self._pong_timed_out
-                )
+                # The oldest unanswered ping keeps its own deadline: a later
+                # pong must not give it a fresh PONG_TIMEOUT.
+                oldest = next(iter(self._outstanding_pings.values()))
+                timer = self.factory.timer
+                remaining = max(0.0, oldest + self._client.settings.pong_timeout - timer.seconds())
+                self._pong_timer = timer.callLater(remaining, self._pong_timed_out)
 
     def _pong_timed_out(self) -> None:
         self._pong_timer = None

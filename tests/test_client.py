@@ -647,6 +647,20 @@ class KeepaliveTests(SynchronousTestCase):
         h.reactor.advance(4)  # t=14: past the first ping's deadline (13)
         self.assertFalse(c.transport.aborted)
 
+    def test_later_pong_does_not_extend_an_older_pings_deadline(self) -> None:
+        """Each ping gets PONG_TIMEOUT from when it was sent, not from the last pong."""
+        h = harness(self, ping_interval=5.0, pong_timeout=10.0)
+        h.client.start()
+        c = h.active_conn()
+        h.reactor.advance(5)  # ping 1 at t=5
+        h.reactor.advance(5)  # ping 2 at t=10: deadline t=20
+        h.reactor.advance(4.9)
+        c.send_pong(c.pings()[0])  # t=14.9: answers ping 1 only
+        h.reactor.advance(5.0)  # t=19.9
+        self.assertFalse(c.transport.aborted)
+        h.reactor.advance(0.1)  # t=20
+        self.assertTrue(c.transport.aborted)
+
     def test_first_pong_outstanding_deadline_kept(self) -> None:
         h = harness(self, ping_interval=5.0, pong_timeout=8.0)
         h.client.start()
