@@ -16,6 +16,7 @@ The ``hostlink-tw`` command (also ``python -m hostlink_tw``).
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import secrets
@@ -91,8 +92,9 @@ def _fetch_status(url: str, timeout: float) -> dict[str, Any]:
 def _status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     try:
         state = _fetch_status(args.url, args.timeout)
-    except (OSError, ValueError) as e:
-        err.write(f"hostlink-tw status: cannot read {args.url}/status: {e}\n")
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        # Anything but a JSON answer from the endpoint: not an agent there.
+        err.write(f"hostlink-tw status: cannot read {args.url}/status: {e!r}\n")
         return EXIT_UNREACHABLE
     active = bool(state.get("active"))
     lines = [

@@ -228,7 +228,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec(
         env="HOSTLINK_WS_STATUS_LISTEN",
         attribute="status_listen",
-        meaning="Twisted endpoint for the local status page, e.g. tcp:8089:interface=127.0.0.1",
+        meaning="Twisted endpoint for the local status page, e.g. tcp:9920:interface=127.0.0.1",
         default="unset (no status page)",
         option="status-listen",
         kind="endpoint",

@@ -93,8 +93,17 @@ class _Narrator:
 
     def wait_for(self, kind: str, reactor: Any, timeout: float) -> Deferred[ClientEvent]:
         d: Deferred[ClientEvent] = Deferred()
-        self._waiters.append((kind, d))
+        entry = (kind, d)
+        self._waiters.append(entry)
+
+        def forget(result: object) -> object:
+            # A waiter that timed out must not be fired later.
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+            return result
+
         d.addTimeout(timeout, reactor)
+        d.addBoth(forget)
         return d
 
     def log_observer(self) -> Any:

@@ -124,6 +124,29 @@ class StatusTests(SynchronousTestCase):
         self.assertEqual(status, 2)
         self.assertIn("cannot read", err)
 
+    def test_not_http_exits_2(self) -> None:
+        """Something else on the port (an SSH banner): unreachable, not a crash."""
+        import socket
+
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+
+        def answer() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        self.addCleanup(server.close)
+        status, _, err = run("status", "--url", f"http://127.0.0.1:{port}", "--timeout", "5")
+        thread.join(10)
+        self.assertEqual(status, 2)
+        self.assertIn("cannot read", err)
+
 
 class DemoTests(SynchronousTestCase):
     def test_demo_runs_to_completion_with_a_visible_reconnect(self) -> None:
