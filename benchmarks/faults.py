@@ -43,6 +43,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -117,9 +118,39 @@ def sleep(seconds: float) -> Deferred[None]:
     return deferLater(_reactor(), seconds, lambda: None)
 
 
+def _ephemeral_ports() -> range:
+    """The kernel's range for outgoing connections' local ports."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
+    """
+    A TCP port on 127.0.0.1 that was free a moment ago, outside the kernel's
+    ephemeral range: the harnesses restart servers on the same port, and
+    while one is down the kernel may hand an ephemeral port to any other
+    process's outgoing connection (a test suite running alongside), which
+    would then keep the server from listening again.  Chosen at random so
+    harnesses running side by side do not pick the same one.
+    """
+    ephemeral = _ephemeral_ports()
+    below = range(20000, ephemeral.start) if ephemeral.start > 20000 else range(0)
+    above = range(ephemeral.stop, 65536)
+    candidates = below if len(below) >= len(above) else above
+    rng = random.SystemRandom()
+    for _ in range(100 if candidates else 0):
+        port = rng.choice(candidates)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # everything taken: any free port will do
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

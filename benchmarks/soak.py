@@ -67,6 +67,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from benchmarks.faults import free_port
 from hostlink_tw.identity import (
     AgentState,
     generate_private_key,
@@ -95,13 +96,6 @@ def _die_with_parent() -> None:
         libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
     except (OSError, AttributeError):
         pass  # best effort: the finally blocks still stop the children
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float, every: float = 0.1) -> None:

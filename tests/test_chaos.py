@@ -85,6 +85,20 @@ class CountConnectionsTests(SynchronousTestCase):
         self.assertEqual(count_connections(2**22 + 12345, {80}), 0)
 
 
+class FreePortTests(SynchronousTestCase):
+    """Ports the harnesses restart servers on stay out of the kernel's ephemeral range."""
+
+    def test_outside_the_ephemeral_range_and_free(self) -> None:
+        from benchmarks.faults import _ephemeral_ports, free_port
+
+        ephemeral = _ephemeral_ports()
+        for _ in range(20):
+            port = free_port()
+            self.assertNotIn(port, ephemeral)
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port))  # really free
+
+
 class ManagedProcessTests(TestCase):
     """Processes: output lines with arrival times, bounded waits, group kill even when frozen."""
 
