@@ -739,9 +739,10 @@ class HostlinkClientFactory(WebSocketClientFactory, ReconnectingClientFactory):
       mirror our values for introspection only.
     * **One attempt at a time** (``retry``): a retry is never scheduled while
       one is pending or a connection exists (the stock ``retry`` would start a
-      second connection).  Each attempt opens a fresh connector, so the
-      connection target (proxy or server) and TLS options are chosen per
-      attempt.
+      second connection).  Each attempt opens a fresh connector (the stock
+      class reuses one); the proxy is chosen when the client is built and the
+      TLS options on the first ``wss://`` attempt, so a changed proxy
+      environment or CA file takes effect on restart.
     * **Reset only on an active session** (``resetDelay``): called when the
       hello is acked, not on TCP connect, so a server that accepts and then
       refuses cannot make us spin.  It does not forget a pending retry (the

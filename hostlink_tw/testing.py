@@ -57,10 +57,13 @@ class TestCertificates:
 
 
 def _write(path: str, data: bytes, mode: int = 0o644) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    # A new file every time (never through a link, never an old file's mode).
+    if os.path.lexists(path):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), mode)  # whatever the umask
         f.write(data)
-    os.chmod(path, mode)
 
 
 def make_test_certificates(
