@@ -44,6 +44,8 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
 from twisted.logger import Logger
 
+from hostlink_tw._json import INT64_MAX, INT64_MIN, json_kind
+
 __all__ = [
     "AGENT_STATE_FILENAME",
     "MIN_RSA_BITS",
@@ -93,8 +95,6 @@ MIN_RSA_BITS = 2048
 _MAX_FILE_BYTES = 1 << 20
 
 # Go's json.Unmarshal into an int64 rejects anything outside this range.
-_INT64_MIN = -(1 << 63)
-_INT64_MAX = (1 << 63) - 1
 
 _PEM_BEGIN = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
 _PEM_BLOCK = re.compile(
@@ -263,7 +263,7 @@ def check_agent_id(value: object) -> str:
     @raise ValueError: With a description of the problem.
     """
     if not isinstance(value, str):
-        raise ValueError(f"agent_id is {_json_type_name(value)}, not a string")
+        raise ValueError(f"agent_id is {json_kind(value)}, not a string")
     if value == "":
         raise ValueError("agent_id is empty")
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
@@ -343,7 +343,7 @@ def load_agent_state(state_path: str) -> AgentState:
         ) from None
     if not isinstance(obj, dict):
         raise AgentStateNotObjectError(
-            f"agent state file {path} holds {_json_type_name(obj)}, "
+            f"agent state file {path} holds {json_kind(obj)}, "
             f"not a JSON object with an agent_id",
             path=path,
             fix=fix_json,
@@ -407,20 +407,20 @@ def _last_sync_time_problem(value: object) -> str | None:
         # Go's decoder refuses 1.0 and 1e9 for an int64 field too.
         return f"last_sync_time is {value!r}, not an integer (no fraction or exponent)"
     if isinstance(value, bool) or not isinstance(value, int):
-        return f"last_sync_time is {_json_type_name(value)}, not an integer"
-    if not _INT64_MIN <= value <= _INT64_MAX:
+        return f"last_sync_time is {json_kind(value)}, not an integer"
+    if not INT64_MIN <= value <= INT64_MAX:
         return "last_sync_time is outside the 64-bit integer range"
     return None
 
 
 def _metadata_problem(value: object) -> str | None:
     if not isinstance(value, Mapping):
-        return f"metadata is {_json_type_name(value)}, not an object"
+        return f"metadata is {json_kind(value)}, not an object"
     for key, item in value.items():
         if not isinstance(key, str):
             return "metadata has a key that is not a string"
         if not isinstance(item, str):
-            return f"metadata[{key!r}] is {_json_type_name(item)}, not a string"
+            return f"metadata[{key!r}] is {json_kind(item)}, not a string"
     return None
 
 
@@ -433,22 +433,6 @@ def _json_error_text(error: BaseException) -> str:
     if isinstance(error, RecursionError):
         return "nested too deeply"
     return str(error)
-
-
-def _json_type_name(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, (list, tuple)):
-        return "an array"
-    if isinstance(value, Mapping):
-        return "an object"
-    return f"a {type(value).__name__}"
 
 
 # --------------------------------------------------------------------------

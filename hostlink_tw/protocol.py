@@ -33,6 +33,8 @@ from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Any, NoReturn, Union
 
+from hostlink_tw._json import INT64_MAX, INT64_MIN, json_kind
+
 __all__ = [
     "ACK",
     "AGENT_ID_MISMATCH",
@@ -180,8 +182,6 @@ MAX_NESTING_DEPTH = 64
 #: refusing early keeps quadratic big-int conversion out of an attacker's reach.
 MAX_INT_LITERAL_LENGTH = 40
 
-_INT64_MIN = -(2**63)
-_INT64_MAX = 2**63 - 1
 
 # Fields in the order the Go agent's struct declares them, for stable output.
 _ENVELOPE_STRING_FIELDS = (
@@ -233,7 +233,7 @@ def _is_int(value: object) -> bool:
 
 def _is_int64(value: object) -> bool:
     """Return whether *value* is an integer a Go ``int`` (64-bit) can hold."""
-    return _is_int(value) and _INT64_MIN <= value <= _INT64_MAX  # type: ignore[operator]
+    return _is_int(value) and INT64_MIN <= value <= INT64_MAX  # type: ignore[operator]
 
 
 # --- safe JSON parsing ---------------------------------------------------------
@@ -801,7 +801,7 @@ class Envelope:
         document = _loads(data)
         if not isinstance(document, dict):
             raise ProtocolError(
-                NOT_OBJECT, f"frame must be a JSON object, not {_json_kind(document)}"
+                NOT_OBJECT, f"frame must be a JSON object, not {json_kind(document)}"
             )
         if "protocol_version" not in document:
             raise ProtocolError(
@@ -815,7 +815,7 @@ class Envelope:
             if not isinstance(value, str):
                 raise ProtocolError(
                     INVALID_FIELD,
-                    f"{name} must be a string, not {_json_kind(value)}",
+                    f"{name} must be a string, not {json_kind(value)}",
                     field=name,
                 )
             strings[name] = value
@@ -828,7 +828,7 @@ class Envelope:
         if not isinstance(payload, dict):
             raise ProtocolError(
                 INVALID_FIELD,
-                f"payload must be an object, not {_json_kind(payload)}",
+                f"payload must be an object, not {json_kind(payload)}",
                 field="payload",
             )
         return cls(
@@ -908,30 +908,11 @@ class Envelope:
             parser(self.payload)
 
 
-def _json_kind(value: object) -> str:
-    """Name a parsed JSON value's type for messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number with a fraction or exponent"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, (list, tuple)):
-        return "an array"
-    if isinstance(value, Mapping):
-        return "an object"
-    return type(value).__name__
-
-
 def _check_int_field(name: str, value: object) -> None:
     """Require a JSON integer (not ``true``, not ``1.0``) within 64 bits."""
     if not _is_int(value):
         raise ProtocolError(
-            INVALID_FIELD, f"{name} must be an integer, not {_json_kind(value)}", field=name
+            INVALID_FIELD, f"{name} must be an integer, not {json_kind(value)}", field=name
         )
     if not _is_int64(value):
         raise ProtocolError(NUMBER_OUT_OF_RANGE, f"{name} is outside the 64-bit range", name)
@@ -941,7 +922,7 @@ def _check_nonempty_str(name: str, value: object, reason: str = "is required") -
     """Require a non-empty string: wrong type is invalid, empty is missing."""
     if not isinstance(value, str):
         raise ProtocolError(
-            INVALID_FIELD, f"{name} must be a string, not {_json_kind(value)}", field=name
+            INVALID_FIELD, f"{name} must be a string, not {json_kind(value)}", field=name
         )
     if not value:
         raise ProtocolError(MISSING_FIELD, f"{name} {reason}", field=name)

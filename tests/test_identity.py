@@ -293,7 +293,7 @@ class AgentStateLoadTests(_TempDirMixin, SynchronousTestCase):
             ("[]", "an array"),
             ('["agent_id", "a"]', "an array"),
             ('"agt_1"', "a string"),
-            ("42", "a number"),
+            ("42", "an integer"),
             ("null", "null"),
             ("true", "a boolean"),
         ]
@@ -310,7 +310,7 @@ class AgentStateLoadTests(_TempDirMixin, SynchronousTestCase):
         cases = [
             ('""', "agent_id is empty"),
             ("null", "agent_id is null"),
-            ("42", "agent_id is a number"),
+            ("42", "agent_id is an integer"),
             ("true", "agent_id is a boolean"),
             ('["a"]', "agent_id is an array"),
             ('{"id": "a"}', "agent_id is an object"),
@@ -350,7 +350,7 @@ class AgentStateLoadTests(_TempDirMixin, SynchronousTestCase):
             ('["a"]', "not an object"),
             ('"a=b"', "not an object"),
             ("1", "not an object"),
-            ('{"a": 1}', "metadata['a'] is a number"),
+            ('{"a": 1}', "metadata['a'] is an integer"),
             ('{"a": null}', "metadata['a'] is null"),
             ('{"a": {"b": "c"}}', "metadata['a'] is an object"),
         ]
