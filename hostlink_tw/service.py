@@ -132,10 +132,12 @@ class HostlinkService(MultiService):
         waits: list[Deferred[Any]] = []
         client, self.client = self.client, None
         if client is not None:
-            if self._unsubscribe_client is not None:
-                self._unsubscribe_client()
-                self._unsubscribe_client = None
-            waits.append(client.stop())
+            unsubscribe, self._unsubscribe_client = self._unsubscribe_client, None
+            stopped = client.stop()
+            if unsubscribe is not None:
+                # After the stop: its last events (inactive, closed) still count.
+                stopped.addBoth(lambda result: (unsubscribe(), result)[1])
+            waits.append(stopped)
         stopped_children = super().stopService()  # type: ignore[no-untyped-call]
         if stopped_children is not None:
             waits.append(stopped_children)

@@ -200,11 +200,18 @@ class ServiceTests(SynchronousTestCase):
         service.startService()
         self.clock.advance(0)
         (client,) = self.clients
+        seen: list[ClientEvent] = []
+        service.add_observer(seen.append)
         client.stop_result = Deferred()
         stopping = service.stopService()
         self.assertNoResult(stopping)
+        # The client's last events while it stops still reach the observers.
+        (forward,) = client.observers
+        forward(ClientEvent("closed", {"code": 1000}))
+        self.assertEqual([e.kind for e in seen], ["closed"])
         client.stop_result.callback(None)
         self.successResultOf(stopping)
+        self.assertEqual(client.observers, [])
 
     def test_bad_client_configuration_is_logged_not_raised(self) -> None:
         _install_identity(self.state_path, self.key_path)
