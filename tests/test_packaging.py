@@ -21,7 +21,11 @@ ROOT = Path(__file__).resolve().parent.parent
 # The files a build reads; copying them keeps build/ and *.egg-info out of
 # the checkout the tests run from.
 SOURCES = ("setup.py", "setup.cfg", "pyproject.toml", "README.rst", "hostlink_tw", "twisted")
-PLUGIN_TAPNAMES = ("hostlink",)
+# tapname -> the plugin module that provides it
+PLUGINS = {
+    "hostlink": "hostlink_plugin.py",
+    "hostlink-controlplane": "hostlink_controlplane_plugin.py",
+}
 
 PRINT_PURELIB = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
 LIST_PLUGINS = (
@@ -100,7 +104,7 @@ class PluginShippingTests(SynchronousTestCase):
         # Each command starts a line indented by four spaces; its
         # description may wrap onto further, deeper indented lines.
         names = set(re.findall(r"^ {4}(\S+)", commands[1], re.MULTILINE))
-        for tapname in PLUGIN_TAPNAMES:
+        for tapname in PLUGINS:
             self.assertIn(tapname, names)
 
     def test_wheel_ships_plugins_without_cache(self) -> None:
@@ -116,8 +120,8 @@ class PluginShippingTests(SynchronousTestCase):
         ])
         (wheel,) = wheels.glob("hostlink_tw-*.whl")
         names = zipfile.ZipFile(wheel).namelist()
-        for tapname in PLUGIN_TAPNAMES:
-            self.assertIn(f"twisted/plugins/{tapname}_plugin.py", names)
+        for module in PLUGINS.values():
+            self.assertIn(f"twisted/plugins/{module}", names)
         self.assertNotIn("twisted/plugins/dropin.cache", names)
         self.assertNotIn("twisted/plugins/__init__.py", names)
         self.assertNotIn("twisted/__init__.py", names)
