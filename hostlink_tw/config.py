@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
-from cryptography import x509
 from twisted.logger import Logger
 
 from hostlink_tw.duration import DurationError, format_duration, parse_go_duration
@@ -49,9 +48,6 @@ _log = Logger()
 _WS_PATH = "/api/v1/agents/ws"
 # PROTOCOL §1 fixes the state file's name inside the state directory.
 _AGENT_STATE_FILENAME = "agent.json"
-# A CA bundle is a few hundred kilobytes at most; refusing anything far larger
-# keeps a mistaken path (a disk image, a log) from being read into memory.
-_CA_FILE_MAX_BYTES = 16 * 1024 * 1024
 
 _TRUE = frozenset({"true", "1", "yes"})
 # Values that disable the flag without a warning.  Anything else outside _TRUE
@@ -613,18 +609,13 @@ def _strict_error(spec: SettingSpec, raw: str, problem: str, accepted: str = "")
 
 def _check_ca_file(spec: SettingSpec, path: str, strict: bool) -> None:
     """Refuse a CA file that cannot be read or holds no PEM certificate."""
+    # The client's own reader, so start-up refuses exactly what it would.
+    from hostlink_tw.tls import TLSConfigError, read_ca_file
+
     where = f"--{spec.option} ({spec.env})" if strict else spec.env
-    fix = "point it at a PEM file of CA certificates, or unset it"
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(_CA_FILE_MAX_BYTES + 1)
-    except OSError as error:
-        reason = error.strerror or str(error)
-        raise ConfigError(f"{where}: cannot read {path!r} ({reason}); {fix}") from error
-    if len(data) > _CA_FILE_MAX_BYTES:
-        raise ConfigError(f"{where}: {path!r} is larger than a CA bundle can be; {fix}")
-    try:
-        x509.load_pem_x509_certificates(data)
-    except ValueError as error:
-        # cryptography's own message is about PEM framing, not about this file.
-        raise ConfigError(f"{where}: {path!r} holds no PEM certificate; {fix}") from error
+        read_ca_file(path)
+    except TLSConfigError as error:
+        raise ConfigError(
+            f"{where}: {error}; point it at a PEM file of CA certificates, or unset it"
+        ) from None

@@ -34,6 +34,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 __all__ = [
+    "CA_FILE_MAX_BYTES",
+    "read_ca_file",
     "CombinedTrustRoot",
     "TLSConfigError",
     "client_tls_options",
@@ -69,26 +71,47 @@ class CombinedTrustRoot:
             root._addCACertsToContext(context)
 
 
-def load_ca_certificates(path: str) -> list[Certificate]:
+#: A CA bundle larger than this is refused: a whole system bundle is a few
+#: hundred KiB, and a mistaken path (a disk image, a log) must not be read
+#: into memory.
+CA_FILE_MAX_BYTES = 16 * 1024 * 1024
+
+
+def read_ca_file(path: str) -> list[x509.Certificate]:
     """
     Every certificate of the PEM file at ``path`` (a bundle may hold several).
 
-    :raises TLSConfigError: the file cannot be read or holds no valid
-        PEM certificate.
+    The one reader of ``HOSTLINK_WS_CA_FILE``: the configuration checks it at
+    start-up with this, and the client loads it with this.
+
+    :raises TLSConfigError: the file cannot be read, is larger than
+        :data:`CA_FILE_MAX_BYTES`, or holds no valid PEM certificate; the
+        message names the path.
     """
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read(CA_FILE_MAX_BYTES + 1)
     except OSError as e:
-        raise TLSConfigError(
-            f"cannot read the CA file {path} (HOSTLINK_WS_CA_FILE): {e.strerror or e}"
-        ) from None
+        raise TLSConfigError(f"cannot read {path!r} ({e.strerror or e})") from None
+    if len(data) > CA_FILE_MAX_BYTES:
+        raise TLSConfigError(f"{path!r} is larger than a CA bundle can be")
     try:
-        parsed = x509.load_pem_x509_certificates(data)
-    except ValueError as e:
-        raise TLSConfigError(
-            f"the CA file {path} (HOSTLINK_WS_CA_FILE) holds no valid PEM certificate: {e}"
-        ) from None
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        # cryptography's own message is about PEM framing, not about this file.
+        raise TLSConfigError(f"{path!r} holds no PEM certificate") from None
+
+
+def load_ca_certificates(path: str) -> list[Certificate]:
+    """
+    The certificates of the CA file at ``path``, as Twisted certificates.
+
+    :raises TLSConfigError: as :func:`read_ca_file`, naming ``HOSTLINK_WS_CA_FILE``.
+    """
+    try:
+        parsed = read_ca_file(path)
+    except TLSConfigError as e:
+        raise TLSConfigError(f"HOSTLINK_WS_CA_FILE: {e}") from None
     return [Certificate.loadPEM(cert.public_bytes(Encoding.PEM)) for cert in parsed]
 
 

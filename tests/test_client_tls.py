@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from hostlink_tw.testing import make_test_certificates
 from hostlink_tw.tls import (
+    CA_FILE_MAX_BYTES,
     CombinedTrustRoot,
     TLSConfigError,
     client_tls_options,
@@ -56,6 +57,14 @@ class CAFileTests(SynchronousTestCase):
         path = os.path.join(self.dir, "nope.pem")
         e = self.assertRaises(TLSConfigError, load_ca_certificates, path)
         self.assertIn(path, str(e))
+        self.assertIn("HOSTLINK_WS_CA_FILE", str(e))
+
+    def test_oversized_file_is_refused_without_reading_it_all(self) -> None:
+        path = os.path.join(self.dir, "huge.pem")
+        with open(path, "wb") as f:
+            f.truncate(CA_FILE_MAX_BYTES + 1)  # sparse: costs no disk
+        e = self.assertRaises(TLSConfigError, load_ca_certificates, path)
+        self.assertIn("larger than", str(e))
         self.assertIn("HOSTLINK_WS_CA_FILE", str(e))
 
     def test_garbage_names_the_path(self) -> None:
