@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import os
 from collections.abc import Mapping
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.logger import Logger, LogLevel, formatEvent
@@ -26,6 +23,7 @@ from hostlink_tw.config import (
     derive_ws_url,
     load_settings,
 )
+from hostlink_tw.testing import make_test_certificates
 
 Event = dict[str, Any]
 
@@ -59,24 +57,10 @@ def value_of(settings: Settings, env: str) -> Any:
 
 
 def write_certificates(path: str, count: int = 1, before: bytes = b"", after: bytes = b"") -> str:
-    """Write *count* self-signed PEM CA certificates to *path*."""
-    blobs = []
-    now = datetime.datetime.now(datetime.timezone.utc)
-    for index in range(count):
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"test CA {index}")])
-        certificate = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256())
-        )
-        blobs.append(certificate.public_bytes(serialization.Encoding.PEM))
+    """Write *count* PEM CA certificates (each of its own throwaway CA) to *path*."""
+    blobs = [
+        make_test_certificates(f"{path}.ca{index}").ca_pem() for index in range(count)
+    ]
     with open(path, "wb") as handle:
         handle.write(before + b"".join(blobs) + after)
     return path
