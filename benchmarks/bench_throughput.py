@@ -133,7 +133,7 @@ class _ActiveSession:
             b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
         )
         hello_ack = make_envelope(
-            AGENT_HELLO_ACK, _AGENT, ack_payload(self.proto.hello_id, AGENT_HELLO)
+            AGENT_HELLO_ACK, _AGENT, ack_payload(self.client.hello_id or "", AGENT_HELLO)
         )
         self.proto.dataReceived(_server_frame(hello_ack.to_json().encode()))
         if not self.client.is_active:

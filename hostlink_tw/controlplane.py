@@ -817,8 +817,9 @@ class _GatewayProtocol(WebSocketServerProtocol):
 
     def abort(self) -> None:
         """Drop the TCP connection at once."""
-        if self.transport is not None:
-            self.transport.abortConnection()
+        transport: Any = self.transport  # a TCP or TLS transport: it can abort
+        if transport is not None:
+            transport.abortConnection()
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         session = self._session

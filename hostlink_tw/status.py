@@ -206,7 +206,7 @@ class StatusResource(Resource):
             (b"status", self._status),
             (b"metrics", self._prometheus),
         ):
-            self.putChild(name, _Leaf(render))  # type: ignore[arg-type]
+            self.putChild(name, _Leaf(render))
 
     def _healthz(self, request: Request) -> bytes:
         request.setHeader(  # type: ignore[no-untyped-call]
