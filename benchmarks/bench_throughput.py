@@ -219,8 +219,8 @@ _STEPS = {
     "parse_envelope": "parse_envelope (JSON + every §5 rule)",
     "_loads": "  of which JSON parsing with duplicate-key/depth checks",
     "validate": "  of which Envelope.validate",
-    "_on_ack": "ack handling (last-ack bookkeeping, activation)",
-    "_emit": "the message_in event",
+    "handle": "the session's dispatch (ack handling, last-ack bookkeeping)",
+    "emit": "the message_in event",
 }
 
 

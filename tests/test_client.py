@@ -357,7 +357,7 @@ class BadInputTests(SynchronousTestCase):
         def boom(envelope: Any) -> None:
             raise RuntimeError("observer-free bug")
 
-        h.client._ack_received = boom  # type: ignore[method-assign]
+        h.client.ack_received = boom  # type: ignore[method-assign]
         c.ack_hello()
         self.assertEqual([cf[0] for cf in c.close_frames()], [1007])
         c.lose()

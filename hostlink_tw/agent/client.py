@@ -33,23 +33,17 @@ from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ConnectError, ConnectionDone
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from hostlink_tw.agent.connection import HostlinkClientProtocol
+from hostlink_tw.agent.attempt import Attempt
 from hostlink_tw.agent.events import (
     AttemptEnded,
     AttemptStarted,
     ClientEvent,
-    Connected,
     EndReason,
-    MessageIn,
-    MessageOut,
     Observers,
-    PingSent,
-    PongReceived,
     Refused,
     RetryScheduled,
     SessionActive,
@@ -57,32 +51,19 @@ from hostlink_tw.agent.events import (
     Stopped,
 )
 from hostlink_tw.agent.factory import HostlinkClientFactory
-from hostlink_tw.agent.keepalive import Keepalive
-from hostlink_tw.agent.machine import ClientState, StateMachine, cancel_call
+from hostlink_tw.agent.machine import ClientState, StateMachine
 from hostlink_tw.agent.session import (
-    CLOSE_INVALID_PAYLOAD,
-    CLOSE_NORMAL,
-    CLOSE_UNSUPPORTED_DATA,
-    FRAME_PREVIEW_CHARS,
     Session,
     SessionListener,
-    ViolationError,
-    violation_for,
 )
 from hostlink_tw.agent.settings import ClientSettings
 from hostlink_tw.backoff import Backoff, BackoffPolicy
 from hostlink_tw.protocol import (
-    ACK,
-    AGENT_HELLO,
-    AGENT_HELLO_ACK,
     Envelope,
-    ProtocolError,
-    make_envelope,
-    parse_envelope,
 )
 from hostlink_tw.proxy import Proxy, UnsupportedProxyError, proxy_for
 from hostlink_tw.signing import RequestSigner
-from hostlink_tw.tls import TLSConfigError, client_tls_options, describe_tls_failure, is_tls_failure
+from hostlink_tw.tls import TLSConfigError, client_tls_options
 
 __all__ = ["CLOSE_TIMEOUT", "HostlinkClient", "redact_url"]
 
@@ -118,46 +99,6 @@ def _is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def preview(payload: bytes) -> str:
-    """The first :data:`FRAME_PREVIEW_CHARS` characters of a frame, quoted."""
-    text = payload[: FRAME_PREVIEW_CHARS * 4].decode("utf-8", "replace")
-    return repr(text[:FRAME_PREVIEW_CHARS])
-
-
-def _describe_reason(reason: Failure) -> str:
-    value = reason.value
-    if isinstance(value, ConnectionDone):
-        return "connection closed"
-    if isinstance(value, ConnectError):
-        # e.g. "Connection was refused by other side: 111: Connection refused."
-        return str(value).strip() or type(value).__name__
-    return f"{type(value).__name__}: {value}".strip()
-
-
-class _Attempt:
-    """What one connection attempt has seen (the client's record of it)."""
-
-    def __init__(self, number: int, connector: Any) -> None:
-        self.number = number
-        self.connector = connector
-        self.proto: HostlinkClientProtocol | None = None
-        #: The first reason this attempt ends; later ones are consequences.
-        self.end: EndReason | None = None
-        self.refused_status: int | None = None
-        self.opened = False
-        self.activated = False
-        self.rejecting = False
-        self.closing_timer = False
-        self.hello_id: str | None = None
-        self.keepalive: Keepalive | None = None
-        self.session: Session | None = None
-        self.over = False
-
-    def note(self, kind: str, text: str, **more: Any) -> None:
-        if self.end is None:
-            self.end = EndReason(kind, text, **more)
 
 
 class HostlinkClient:
@@ -251,7 +192,7 @@ class HostlinkClient:
         )
         self._machine = StateMachine(self._state_changed)
         self._connector: Any = None
-        self._attempt: _Attempt | None = None
+        self._attempt: Attempt | None = None
         self.last_ack: Envelope | None = None
         self.last_ack_at: float | None = None
         self.connected_since: float | None = None
@@ -308,7 +249,7 @@ class HostlinkClient:
         """
         if self.state not in (S.IDLE, S.STOPPED):
             return
-        with self._input():
+        with self.handling():
             self._warn_plaintext_once()
             self.attempts = 0
             self._machine.set(S.CONNECTING, "starting")
@@ -348,7 +289,7 @@ class HostlinkClient:
         self._stop_waiters.append(d)
         if self.state is S.STOPPING:
             return d
-        with self._input():
+        with self.handling():
             self.log.info("stopping agent_id={agent_id} url={url}", **self.log_fields())
             self._machine.set(S.STOPPING, "agent stopping")
             # RCF cancels the pending retry and stops a TCP connect in progress.
@@ -358,11 +299,10 @@ class HostlinkClient:
                 return d  # stopTrying ended the attempt, which completed the stop
             if attempt is None or attempt.over:
                 self._finish_stop()
-            elif attempt.proto is not None:
-                attempt.proto.close(CLOSE_NORMAL, "agent stopping")
-                self._own_close_timer(attempt)
-            # Else a TCP connect was in progress: stopTrying stopped it, and
-            # the connector reports the end (Twisted's at once).
+            else:
+                attempt.stop()
+            # Without a connection, a TCP connect was in progress: stopTrying
+            # stopped it, and the connector reports the end (Twisted's at once).
         return d
 
     def when_active(self) -> Deferred[None]:
@@ -431,7 +371,7 @@ class HostlinkClient:
         return self.state is state
 
     @contextmanager
-    def _input(self) -> Iterator[None]:
+    def handling(self) -> Iterator[None]:
         """
         Handle one input (a call from outside, the protocol or a timer):
         events it causes reach observers once it is done, so an observer
@@ -455,22 +395,22 @@ class HostlinkClient:
             finally:
                 self._depth -= 1
 
-    def _later(self, tell: Callable[[], None]) -> None:
+    def later(self, tell: Callable[[], None]) -> None:
         """Run ``tell`` once the current input is done (in order with events)."""
         self._queued.append(tell)
         if self._depth == 0:
             self._deliver()
 
-    def _emit(self, event: ClientEvent) -> None:
-        self._later(lambda: self._observers.notify(event))
+    def emit(self, event: ClientEvent) -> None:
+        self.later(lambda: self._observers.notify(event))
 
     def _fire(self, waiters: list[Deferred[None]]) -> None:
         for d in waiters:
-            self._later(lambda d=d: d.callback(None))  # type: ignore[misc]
+            self.later(lambda d=d: d.callback(None))  # type: ignore[misc]
 
     def _state_changed(self, old: ClientState, new: ClientState, reason: str) -> None:
         if old is S.ACTIVE:
-            self._emit(SessionInactive(reason=reason))
+            self.emit(SessionInactive(reason=reason))
 
     def _warn_plaintext_once(self) -> None:
         if self._warned_plaintext or self._factory.isSecure:
@@ -490,8 +430,8 @@ class HostlinkClient:
     def attempt_started(self, connector: Any) -> None:
         """A connection attempt begins (called by the factory)."""
         self._factory.connector = connector
-        with self._input():
-            attempt = _Attempt(self.attempts + 1, connector)
+        with self.handling():
+            attempt = Attempt(self, self.attempts + 1, connector)
             self._attempt = attempt
             self.attempts = attempt.number
             self.next_retry_at = None
@@ -504,11 +444,8 @@ class HostlinkClient:
                 attempt=attempt.number,
                 **self.log_fields(),
             )
-            self._emit(AttemptStarted(attempt=attempt.number, url=self._display_url))
-            call = self._clock.callLater(
-                self.settings.handshake_timeout, self._handshake_timed_out, attempt
-            )
-            self._machine.own(cancel_call(call), {S.CONNECTING})
+            self.emit(AttemptStarted(attempt=attempt.number, url=self._display_url))
+            attempt.begin()
             try:
                 if self._proxy_error is not None:
                     raise self._proxy_error
@@ -517,16 +454,16 @@ class HostlinkClient:
                         self._factory.host, self.settings.ca_file
                     )
             except (TLSConfigError, OSError, ValueError) as e:
-                self.log.error(
-                    "cannot connect: {error} agent_id={agent_id} url={url}",
-                    error=str(e),
-                    **self.log_fields(),
-                )
-                attempt.note("setup_error", f"cannot connect: {e}")
-                self._abandon_connect(attempt, str(e))
+                attempt.setup_failed("connecting", e)
+                attempt.abandon_connect(str(e))
             except Exception as e:  # noqa: BLE001 - any setup error ends the attempt
-                self._setup_failed(attempt, "attempt setup", e)
-                self._abandon_connect(attempt, str(e))
+                attempt.setup_failed("attempt setup", e)
+                attempt.abandon_connect(str(e))
+
+    @property
+    def attempt(self) -> Attempt | None:
+        """The current (or last) attempt: the owner of its connection's reports."""
+        return self._attempt
 
     def attempt_ended(self, connector: Any, reason: Failure) -> None:
         """The attempt's TCP connect failed or its connection ended (called by the factory)."""
@@ -534,12 +471,12 @@ class HostlinkClient:
         if attempt is None or attempt.over:
             self.log.debug("ignoring the end of a connection that was not ours")
             return
-        with self._input():
+        with self.handling():
             self._end_attempt(attempt, reason)
 
     def retry_scheduled(self, delay: float) -> None:
         """RCF scheduled the next attempt (called by the factory)."""
-        with self._input():
+        with self.handling():
             at = self._clock.seconds() + delay
             self.current_delay = delay
             self.next_retry_at = at
@@ -550,201 +487,53 @@ class HostlinkClient:
                 attempt=self.attempts + 1,
                 **self.log_fields(),
             )
-            self._emit(RetryScheduled(delay=delay, at=at))
+            self.emit(RetryScheduled(delay=delay, at=at))
 
-    # -- the connection's reports --------------------------------------------------
+    # -- what an attempt asks of the client (AttemptHost) ----------------------------
 
-    def _current(self, proto: HostlinkClientProtocol) -> _Attempt | None:
-        attempt = self._attempt
-        if attempt is None or attempt.over or attempt.proto is not proto:
-            return None
-        return attempt
+    @property
+    def clock(self) -> IReactorTime:
+        """The reactor every timer of the client runs on."""
+        return self._clock
+
+    @property
+    def machine(self) -> StateMachine:
+        """The connection's state machine."""
+        return self._machine
+
+    @property
+    def display_url(self) -> str:
+        """The URL without credentials, for log lines and events."""
+        return self._display_url
+
+    @property
+    def tls_host(self) -> str:
+        """The host name TLS verifies."""
+        return str(self._factory.host)
 
     def sign_upgrade(self) -> Mapping[str, str]:
-        """Fresh signed headers for this connection's upgrade."""
+        """Fresh signed headers for one upgrade."""
         return self.signer.sign_headers()
 
     def proxy_authorization(self) -> str | None:
         """The ``Proxy-Authorization`` value for CONNECT, if the proxy has credentials."""
         return self.proxy.authorization if self.proxy is not None else None
 
-    def connection_made(self, proto: HostlinkClientProtocol) -> None:
-        """TCP is up for the current attempt."""
-        attempt = self._attempt
-        if attempt is not None and not attempt.over:
-            attempt.proto = proto
-
-    def hook_failed(self, proto: HostlinkClientProtocol, step: str, error: BaseException) -> None:
-        """Our own code raised in ``step``: end the attempt with one line."""
-        attempt = self._attempt
-        if attempt is None or attempt.over:
-            return
-        with self._input():
-            self._setup_failed(attempt, step, error)
-
-    def _setup_failed(self, attempt: _Attempt, step: str, error: BaseException) -> None:
-        if step == "signing the upgrade request":
-            text = f"cannot sign the upgrade request: {error}"
-            self.log.error(
-                "cannot sign the upgrade request: {error} agent_id={agent_id} url={url}",
-                error=str(error),
-                **self.log_fields(),
-            )
-        else:
-            text = f"{step} failed: {type(error).__name__}: {error}"
-            self.log.error(
-                "ending this attempt: {reason} agent_id={agent_id} url={url}",
-                reason=text,
-                **self.log_fields(),
-            )
-        attempt.note("setup_error", text)
-
-    def bad_head(self, proto: HostlinkClientProtocol, reason: str, data: bytes) -> None:
-        """An HTTP response head we refuse to parse (too large, or unparsable)."""
-        attempt = self._current(proto)
-        if attempt is None:
-            return
-        self.log.warn(
-            "{reason} response={preview} agent_id={agent_id} url={url}",
-            reason=reason,
-            preview=preview(data),
-            **self.log_fields(),
-        )
-        attempt.note("protocol", reason)
-
-    def proxy_refused(self, proto: HostlinkClientProtocol, reason: str) -> None:
-        """The proxy refused the tunnel."""
-        attempt = self._current(proto)
-        if attempt is not None:
-            attempt.note("refused", f"proxy refused the CONNECT tunnel: {reason}")
-
-    def upgrade_failed(
-        self, proto: HostlinkClientProtocol, status: int | None, phrase: str, body: bytes,
-        reason: str,
-    ) -> None:
-        """The upgrade failed: a refusal with its HTTP status, or a broken answer."""
-        attempt = self._current(proto)
-        if attempt is None:
-            return
-        if status is not None and status != 101:
-            attempt.refused_status = status
-            detail = f"HTTP {status} {phrase}".strip()
-            if body.strip():
-                detail += f" {preview(body.strip())}"
-            # A 4xx/5xx is a refusal; anything else (200, a redirect) is a
-            # server that is not a Hostlink gateway at this URL.
-            verb = "refused" if status >= 400 else "not accepted (expected 101)"
-            attempt.note("refused", f"upgrade {verb}: {detail}", http_status=status)
-        else:
-            attempt.note("protocol", f"upgrade failed: {reason}")
-
-    def opened(self, proto: HostlinkClientProtocol) -> None:
-        """The upgrade succeeded: start the keepalive and the hello deadline, say hello."""
-        attempt = self._current(proto)
-        if attempt is None:
-            return
-        with self._input():
-            attempt.opened = True
-            self.connected_since = self._clock.seconds()
-            self._machine.set(S.AWAITING_ACK, "connected")
-            settings = self.settings
-            keepalive = Keepalive(
-                self._clock,
-                settings.ping_interval,
-                settings.pong_timeout,
-                send_ping=proto.send_ping,
-                on_ping=lambda n: self._emit(PingSent(sequence=n)),
-                on_pong=lambda n: self._emit(PongReceived(sequence=n)),
-                on_dead=lambda: self._pong_timed_out(attempt),
-                log=self.log,
-            )
-            attempt.keepalive = keepalive
-            self._machine.own(keepalive.stop, {S.AWAITING_ACK, S.ACTIVE})
-            call = self._clock.callLater(settings.hello_timeout, self._hello_timed_out, attempt)
-            self._machine.own(cancel_call(call), {S.AWAITING_ACK})
-            self.log.info(
-                "connected to {url}, sending agent.hello attempt={attempt} agent_id={agent_id}",
-                attempt=attempt.number,
-                **self.log_fields(),
-            )
-            self._emit(Connected(attempt=attempt.number, url=self._display_url))
-        # The hello goes out once observers have seen the connection (one
-        # of them may have stopped the client).
-        if self._current(proto) is attempt and self.state is S.AWAITING_ACK:
-            with self._input():
-                hello = make_envelope(AGENT_HELLO, self.agent_id, {}, now=self._clock.seconds())
-                attempt.hello_id = hello.message_id
-                self._send(attempt, hello)
-
-    def _send(self, attempt: _Attempt, envelope: Envelope) -> None:
-        assert attempt.proto is not None
-        attempt.proto.send_text(envelope.to_json())
-        self._emit(MessageOut(type=envelope.type, message_id=envelope.message_id))
-
-    def message(self, proto: HostlinkClientProtocol, payload: bytes, is_binary: bool) -> None:
-        """
-        Validate and dispatch one inbound message.  Nothing a frame contains
-        may raise out of here: any problem ends the connection (and the
-        client reconnects), with one log line saying why.
-        """
-        attempt = self._current(proto)
-        if attempt is None or attempt.rejecting:
-            return  # we are closing; the rest is noise
-        with self._input():
-            try:
-                self._handle(attempt, payload, is_binary)
-            except ViolationError as v:
-                self._reject(attempt, v, payload)
-            except Exception as e:  # noqa: BLE001 - a frame must never crash the agent
-                self._reject(
-                    attempt,
-                    ViolationError("cannot handle frame", f"{type(e).__name__}: {e}",
-                              CLOSE_INVALID_PAYLOAD, None),
-                    payload,
-                )
-
-    def _handle(self, attempt: _Attempt, payload: bytes, is_binary: bool) -> None:
-        if is_binary:
-            raise ViolationError(
-                "binary frame", "the protocol uses text frames only", CLOSE_UNSUPPORTED_DATA, None
-            )
-        try:
-            envelope = parse_envelope(payload, self.agent_id)
-        except ProtocolError as e:
-            raise ViolationError("invalid envelope", str(e), CLOSE_INVALID_PAYLOAD, None) from e
-        self._emit(MessageIn(type=envelope.type, message_id=envelope.message_id))
-        if attempt.session is not None:
-            attempt.session.handle(envelope)
-        elif envelope.type in (AGENT_HELLO_ACK, ACK):
-            self._ack_received(envelope)
-            if envelope.type == AGENT_HELLO_ACK:
-                self._hello_acked(attempt, envelope)
-        else:
-            raise violation_for(envelope)
-
-    def _ack_received(self, envelope: Envelope) -> None:
+    def ack_received(self, envelope: Envelope) -> None:
+        """An ``ack`` or ``agent.hello_ack`` arrived: the last ack seen."""
         self.last_ack = envelope
         self.last_ack_at = self._clock.seconds()
 
-    def _hello_acked(self, attempt: _Attempt, envelope: Envelope) -> None:
-        # parse_envelope has validated the ack payload.
-        acked_message_id: str = envelope.payload["acked_message_id"]
-        if self.state is not S.AWAITING_ACK:
-            return
-        if attempt.hello_id is None or acked_message_id != attempt.hello_id:
-            self.log.warn(
-                "ignoring agent.hello_ack for {acked_message_id}: our hello is {hello_id} "
-                "agent_id={agent_id} url={url}",
-                acked_message_id=acked_message_id[:FRAME_PREVIEW_CHARS],
-                hello_id=attempt.hello_id,
-                **self.log_fields(),
-            )
-            return
-        attempt.activated = True
-        session = Session(
-            attempt.hello_id, lambda e: self._send(attempt, e), self._ack_received
-        )
-        attempt.session = session
+    def connection_opened(self, at: float) -> None:
+        """The current attempt's WebSocket opened at reactor time ``at``."""
+        self.connected_since = at
+
+    def report_connect_failed(self, connector: Any, reason: Failure) -> None:
+        """End an attempt whose connector did not report its end, as RCF's loop hears it."""
+        self._factory.clientConnectionFailed(connector, reason)
+
+    def session_activated(self, attempt: Attempt, session: Session) -> None:
+        """The attempt's hello was acked: the session is active."""
         self._factory.resetDelay()
         self.attempts = 0
         self.last_failure = None
@@ -752,216 +541,23 @@ class HostlinkClient:
         self._machine.set(S.ACTIVE, "active")
         self.log.info(
             "session active agent_id={agent_id} url={url} hello={hello_id}",
-            hello_id=attempt.hello_id,
+            hello_id=session.hello_id,
             **self.log_fields(),
         )
-        self._emit(SessionActive(message_id=attempt.hello_id))
+        self.emit(SessionActive(message_id=session.hello_id))
         for listener in list(self._listeners):
-            self._later(lambda listener=listener: listener.session_started(session))  # type: ignore[misc]
+            self.later(lambda listener=listener: listener.session_started(session))  # type: ignore[misc]
         waiters, self._active_waiters = self._active_waiters, []
         self._fire(waiters)
 
-    def _reject(self, attempt: _Attempt, violation: ViolationError, payload: bytes) -> None:
-        """One log line about an offending frame, then close and reconnect."""
-        attempt.rejecting = True
-        attempt.note("protocol", f"{violation.problem}: {violation.detail}")
-        self.log.warn(
-            "closing connection: {problem} (type={msg_type}, reason={reason}, size={size}) "
-            "frame={frame} agent_id={agent_id} url={url}",
-            problem=violation.problem,
-            msg_type=violation.msg_type,
-            reason=violation.detail,
-            size=len(payload),
-            frame=preview(payload),
-            close_code=violation.close_code,
-            **self.log_fields(),
-        )
-        self._closing(attempt, f"{violation.problem}: {violation.detail}")
-        if attempt.proto is not None:
-            attempt.proto.close(violation.close_code, violation.problem)
-
-    def pong(self, proto: HostlinkClientProtocol, payload: bytes) -> None:
-        """A pong: the keepalive decides whether it answers one of our pings."""
-        attempt = self._current(proto)
-        if attempt is not None and attempt.keepalive is not None:
-            with self._input():
-                attempt.keepalive.pong(payload)
-
-    def closing(
-        self, proto: HostlinkClientProtocol, code: int | None, reason: str, *, by_agent: bool,
-        by_library: bool,
-    ) -> None:
-        """
-        A close frame went out (ours, an answer to the peer's, or Autobahn
-        failing the connection): bound the close handshake.
-        """
-        attempt = self._current(proto)
-        if attempt is None:
-            return
-        with self._input():
-            if by_library and by_agent and not attempt.rejecting and attempt.end is None:
-                # Autobahn failing the connection itself: a message over
-                # MAX_MESSAGE_BYTES (1009), invalid UTF-8 (1007), a protocol
-                # violation (1002).  Its own warning is muted; this is the line.
-                self.log.warn(
-                    "closing connection: {reason} close_code={close_code} "
-                    "agent_id={agent_id} url={url}",
-                    reason=reason,
-                    close_code=code,
-                    **self.log_fields(),
-                )
-            if code is not None and by_agent:
-                attempt.note("closed_by_agent", f"closed by agent: code={code} reason={reason}",
-                             close_code=code)
-            self._closing(attempt, attempt.end.text if attempt.end else "closing")
-            self._own_close_timer(attempt)
-
-    def peer_closing(self, proto: HostlinkClientProtocol, code: int | None, reason: str) -> None:
-        """The peer started the close handshake."""
-        attempt = self._current(proto)
-        if attempt is not None:
-            attempt.note(
-                "closed_by_peer",
-                f"closed by control plane: code={code} reason={reason}".strip(),
-                close_code=code,
-            )
-
-    def connection_lost(self, proto: HostlinkClientProtocol, reason: Failure) -> None:
-        """The connection is gone; the factory reports the attempt's end next."""
-        attempt = self._current(proto)
-        if attempt is not None:
-            attempt.lost_reason = reason  # type: ignore[attr-defined]
-
-    # -- timers --------------------------------------------------------------------
-
-    def _own_close_timer(self, attempt: _Attempt) -> None:
-        if attempt.closing_timer:
-            return
-        attempt.closing_timer = True
-        call = self._clock.callLater(self.close_timeout, self._close_timed_out, attempt)
-        self._machine.own(cancel_call(call), {S.CLOSING, S.STOPPING})
-
-    def _handshake_timed_out(self, attempt: _Attempt) -> None:
-        if attempt.over:
-            return
-        with self._input():
-            proto = attempt.proto
-            if proto is None:
-                phase = "name lookup or TCP connect"
-            elif getattr(proto, "state", None) == proto.STATE_PROXY_CONNECTING:
-                phase = "proxy CONNECT"
-            else:
-                phase = "TLS handshake or upgrade response"
-            # Naming the phase tells an operator a hung resolver from a stalled
-            # control plane.
-            reason = (
-                f"connect and upgrade not done within "
-                f"{self.settings.handshake_timeout:g}s (stuck in {phase})"
-            )
-            self.log.warn(
-                "giving up this attempt: {reason} agent_id={agent_id} url={url}",
-                reason=reason,
-                **self.log_fields(),
-            )
-            attempt.note("timeout", reason)
-            if proto is not None:
-                proto.abort(reason)
-            else:
-                self._abandon_connect(attempt, reason)
-
-    def _hello_timed_out(self, attempt: _Attempt) -> None:
-        if attempt.over or attempt.proto is None:
-            return
-        with self._input():
-            reason = f"no agent.hello_ack within {self.settings.hello_timeout:g}s"
-            attempt.note("timeout", reason)
-            self.log.warn(
-                "closing connection: {reason} agent_id={agent_id} url={url}",
-                reason=reason,
-                **self.log_fields(),
-            )
-            self._closing(attempt, reason)
-            attempt.proto.close(CLOSE_NORMAL, "hello timeout")
-
-    def _pong_timed_out(self, attempt: _Attempt) -> None:
-        if attempt.over or attempt.proto is None:
-            return
-        with self._input():
-            reason = f"no pong within {self.settings.pong_timeout:g}s"
-            self.log.warn(
-                "aborting connection: {reason} (dead peer) agent_id={agent_id} url={url}",
-                reason=reason,
-                **self.log_fields(),
-            )
-            attempt.note("timeout", reason)
-            self._closing(attempt, reason)
-            # A dead peer will not answer a close frame: abort the TCP connection.
-            attempt.proto.abort(reason)
-
-    def _close_timed_out(self, attempt: _Attempt) -> None:
-        if attempt.over or attempt.proto is None:
-            return
-        reason = f"close handshake not finished within {self.close_timeout:g}s"
-        attempt.note("timeout", reason)
-        attempt.proto.abort(reason)
-
     # -- ending ----------------------------------------------------------------------
 
-    def _closing(self, attempt: _Attempt, reason: str) -> None:
-        if self.state in (S.CONNECTING, S.AWAITING_ACK, S.ACTIVE):
-            self._machine.set(S.CLOSING, reason)
-
-    def _abandon_connect(self, attempt: _Attempt, reason: str) -> None:
-        """End an attempt that has no connection yet: stop the connector, or end it here."""
-        try:
-            attempt.connector.stopConnecting()
-        except Exception:  # noqa: BLE001 - e.g. NotConnectingError: already over
-            self.log.debug("stopConnecting failed")
-        if not attempt.over:
-            # The connector did not report the end (it was not connecting):
-            # report it as RCF's loop would hear it.
-            self._factory.clientConnectionFailed(
-                attempt.connector, Failure(ConnectError(string=reason))  # type: ignore[no-untyped-call]
-            )
-
-    def _end_attempt(self, attempt: _Attempt, reason: Failure) -> None:
-        attempt.over = True
-        proto = attempt.proto
-        lost: Failure | None = getattr(attempt, "lost_reason", None)
-        if lost is not None:
-            reason = lost
+    def _end_attempt(self, attempt: Attempt, reason: Failure) -> None:
+        stopping = self._in_state(S.STOPPING)
+        end, clean, tls = attempt.finish(reason, stopping=stopping)
         self.connected_since = None
-        code: int | None = None
-        clean = False
-        if proto is not None and attempt.opened:
-            clean = bool(getattr(proto, "wasClean", False))
-            if getattr(proto, "remoteCloseCode", None) is not None:
-                code = proto.remoteCloseCode
-            elif getattr(proto, "localCloseCode", None) is not None:
-                code = proto.localCloseCode
-        tls = is_tls_failure(reason)
-        end = attempt.end
-        if end is None:
-            if tls:
-                end = EndReason(
-                    "tls", f"TLS failed: {describe_tls_failure(reason, self._factory.host)}"
-                )
-            elif (proto is not None and getattr(proto, "remoteCloseCode", None) is not None
-                  and not proto.closedByMe):
-                end = EndReason(
-                    "closed_by_peer",
-                    f"closed by control plane: code={proto.remoteCloseCode} "
-                    f"reason={proto.remoteCloseReason or ''}".strip(),
-                )
-            elif attempt.opened:
-                end = EndReason("lost", f"connection lost: {_describe_reason(reason)}")
-            else:
-                end = EndReason("connect_failed", f"connection failed: {_describe_reason(reason)}")
-        stopping = self.state is S.STOPPING
-        end = EndReason(end.kind, end.text, code, attempt.refused_status, not stopping)
         failure = end.text
         if attempt.session is not None:
-            attempt.session.end(failure)
             for listener in list(self._listeners):
                 listener.session_ended(attempt.session, failure)
         if attempt.refused_status is not None:
@@ -977,7 +573,7 @@ class HostlinkClient:
                 attempt=self.attempts,
                 **self.log_fields(),
             )
-            self._emit(Refused(status=status, reason=failure))
+            self.emit(Refused(status=status, reason=failure))
         elif tls and not stopping:
             self.log.error(
                 "{reason} (connecting to {url}) agent_id={agent_id} attempt={attempt}",
@@ -993,7 +589,7 @@ class HostlinkClient:
                 "connection ended: {reason} close_code={close_code} "
                 "agent_id={agent_id} url={url} attempt={attempt}",
                 reason=failure,
-                close_code=code,
+                close_code=end.close_code,
                 attempt=self.attempts,
                 **self.log_fields(),
             )
@@ -1001,7 +597,7 @@ class HostlinkClient:
             self.last_failure = failure
             self.last_end = end
             self._machine.set(S.CLOSING, failure)
-        self._emit(AttemptEnded(end=end, clean=clean))
+        self.emit(AttemptEnded(end=end, clean=clean))
         if stopping:
             self._finish_stop()
 
@@ -1011,7 +607,7 @@ class HostlinkClient:
         self.connected_since = None
         self._machine.set(S.STOPPED, "stopped")
         self.log.info("stopped agent_id={agent_id} url={url}", **self.log_fields())
-        self._emit(Stopped())
+        self.emit(Stopped())
         waiters, self._stop_waiters = self._stop_waiters, []
         self._fire(waiters)
 

@@ -103,11 +103,8 @@ class HostlinkClientProtocol(WebSocketClientProtocol):
     log = txaio.make_logger(level="critical")  # type: ignore[attr-defined]
 
     factory: HostlinkClientFactory
-
-    @property
-    def owner(self) -> ConnectionOwner:
-        """Who this connection reports to."""
-        return self.factory.owner
+    #: Who this connection reports to: its attempt (set by the factory).
+    owner: ConnectionOwner
 
     # -- commands from the owner -----------------------------------------------------
 

@@ -143,8 +143,10 @@ class HostlinkClientFactory(WebSocketClientFactory, ReconnectingClientFactory):
         self.owner.attempt_started(connector)
 
     def buildProtocol(self, addr: Any) -> Any:
-        """A protocol for the TCP connection of the current attempt."""
-        return WebSocketClientFactory.buildProtocol(self, addr)
+        """A protocol for the TCP connection of the current attempt, reporting to it."""
+        proto: Any = WebSocketClientFactory.buildProtocol(self, addr)
+        proto.owner = self.owner.attempt
+        return proto
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         """TCP connect failed (refused, unreachable, timed out, stopped)."""
