@@ -7,7 +7,7 @@ from typing import Any
 
 from OpenSSL import SSL
 from service_identity import VerificationError
-from service_identity.hazmat import DNS_ID, DNSMismatch
+from service_identity.hazmat import DNS_ID, DNSMismatch, IPAddress_ID
 from twisted.internet._sslverify import ClientTLSOptions
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
@@ -16,7 +16,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from hostlink_tw.testing import make_test_certificates
 from hostlink_tw.tls import (
     CA_FILE_MAX_BYTES,
+    CertificateNamesError,
     CombinedTrustRoot,
+    FailClosedClientTLSOptions,
     TLSConfigError,
     client_tls_options,
     describe_tls_failure,
@@ -122,11 +124,14 @@ class TrustRootTests(SynchronousTestCase):
 
     def test_client_options_verify_the_host(self) -> None:
         options = client_tls_options("cp.example.test", None)
-        self.assertIsInstance(options, ClientTLSOptions)
-        self.assertEqual(options._hostname, "cp.example.test")
-        self.assertTrue(options._hostnameIsDnsName)
+        self.assertIsInstance(options, FailClosedClientTLSOptions)
+        self.assertEqual(options.hostname, "cp.example.test")
+        self.assertIsInstance(options._options, ClientTLSOptions)
+        self.assertTrue(options._options._hostnameIsDnsName)
+        self.assertIsInstance(options._service_id, DNS_ID)
         ip = client_tls_options("127.0.0.1", None)
-        self.assertFalse(ip._hostnameIsDnsName)
+        self.assertFalse(ip._options._hostnameIsDnsName)
+        self.assertIsInstance(ip._service_id, IPAddress_ID)
 
     def test_client_options_bad_ca_file(self) -> None:
         self.assertRaises(TLSConfigError, client_tls_options, "h", "/nonexistent/ca.pem")
@@ -151,6 +156,11 @@ class FailureTests(SynchronousTestCase):
             describe_tls_failure(f, "a.example"), "server certificate is not valid for a.example"
         )
         self.assertIn("a.example", describe_tls_failure(f))
+
+    def test_names_not_checkable(self) -> None:
+        f = Failure(CertificateNamesError("server certificate's names cannot be checked (x)"))
+        self.assertTrue(is_tls_failure(f))
+        self.assertIn("cannot be checked", describe_tls_failure(f, "h"))
 
     def test_not_tls(self) -> None:
         self.assertFalse(is_tls_failure(Failure(ConnectionDone())))
