@@ -16,8 +16,9 @@ file, says what is wrong with it and how to fix it, so an operator can act on
 the log line alone.  No message ever carries key material.
 
 Files are read through an ``O_NONBLOCK`` open followed by ``fstat`` on the
-open descriptor, so the checks (regular file, permissions, size) apply to the
-very file that is read, and a FIFO left at the path cannot hang the agent.
+open descriptor (:mod:`hostlink_tw._files`, shared with the CA file reader),
+so the checks (regular file, permissions, size) apply to the very file that
+is read, and a FIFO left at the path cannot hang the agent.
 
 Everything here is POSIX-only: the permission rules are those of OpenSSH.
 """
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import errno
 import json
 import os
 import re
@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
 from twisted.logger import Logger
 
+from hostlink_tw._files import read_regular_file
 from hostlink_tw._json import INT64_MAX, INT64_MIN, json_kind
 
 __all__ = [
@@ -736,54 +737,19 @@ def load_public_key(text: str) -> RSAPublicKey:
 # File helpers
 
 
-class _NotRegularFileError(OSError):
-    """The path is a FIFO, socket or device: never something we should read."""
-
-
-class _FileTooLargeError(OSError):
-    """The file is larger than any state file or key can be."""
-
-
-def _open_readonly(path: str) -> int:
-    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a
-    # writer; it has no effect on regular files.  Tests replace this function
-    # to simulate EACCES, which root (as tests often run) never gets.
-    return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-
-
 def _read_small_file(
     path: str, check_mode: Callable[[str, os.stat_result], None] | None = None
 ) -> bytes:
     """
-    Read a small regular file, checking the open descriptor (not the path,
-    which could be swapped between a check and the read).
+    Read a small regular file with the shared discipline of
+    L{hostlink_tw._files.read_regular_file} (non-blocking open, checks on
+    the open descriptor), bounded by C{_MAX_FILE_BYTES}.
 
     @raise OSError: C{FileNotFoundError}, C{PermissionError},
-        C{IsADirectoryError}, L{_NotRegularFileError}, L{_FileTooLargeError}...
+        C{IsADirectoryError}, not a regular file, too large...
     @raise IdentityError: Whatever C{check_mode} raises.
     """
-    fd = _open_readonly(path)
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-        if not stat.S_ISREG(st.st_mode):
-            raise _NotRegularFileError(errno.EINVAL, "not a regular file", path)
-        if check_mode is not None:
-            check_mode(path, st)
-        chunks: list[bytes] = []
-        size = 0
-        while size <= _MAX_FILE_BYTES:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        if size > _MAX_FILE_BYTES:
-            raise _FileTooLargeError(errno.EFBIG, f"larger than {_MAX_FILE_BYTES} bytes", path)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+    return read_regular_file(path, _MAX_FILE_BYTES, check_mode)
 
 
 def _describe_os_error(error: OSError) -> str:

@@ -53,6 +53,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from hostlink_tw._files import FileTooLargeError, read_regular_file
+
 __all__ = [
     "CA_FILE_MAX_BYTES",
     "read_ca_file",
@@ -107,19 +109,23 @@ def read_ca_file(path: str) -> list[x509.Certificate]:
     Every certificate of the PEM file at ``path`` (a bundle may hold several).
 
     The one reader of ``HOSTLINK_WS_CA_FILE``: the configuration checks it at
-    start-up with this, and the client loads it with this.
+    start-up with this, and the client loads it with this.  Only a regular
+    file is read, opened without blocking (a FIFO is refused at once).
 
     :raises TLSConfigError: the file cannot be read, is larger than
         :data:`CA_FILE_MAX_BYTES`, or holds no valid PEM certificate; the
         message names the path.
     """
     try:
-        with open(path, "rb") as f:
-            data = f.read(CA_FILE_MAX_BYTES + 1)
+        # Non-blocking, regular files only: a FIFO at the path must not hang
+        # the agent's start (the discipline of the identity files).
+        data = read_regular_file(path, CA_FILE_MAX_BYTES)
+    except FileTooLargeError:
+        raise TLSConfigError(f"{path!r} is larger than a CA bundle can be") from None
+    except IsADirectoryError:
+        raise TLSConfigError(f"cannot read {path!r} (it is a directory)") from None
     except OSError as e:
         raise TLSConfigError(f"cannot read {path!r} ({e.strerror or e})") from None
-    if len(data) > CA_FILE_MAX_BYTES:
-        raise TLSConfigError(f"{path!r} is larger than a CA bundle can be")
     try:
         return x509.load_pem_x509_certificates(data)
     except ValueError:

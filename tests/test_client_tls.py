@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any
 
 from OpenSSL import SSL
@@ -26,6 +27,14 @@ from hostlink_tw.tls import (
     load_ca_certificates,
     trust_root,
 )
+
+
+class _Blocked(Exception):
+    pass
+
+
+def _timed_out(signum: int, frame: object) -> None:
+    raise _Blocked("reading the CA file blocked")
 
 
 class _Store:
@@ -68,6 +77,27 @@ class CAFileTests(SynchronousTestCase):
         e = self.assertRaises(TLSConfigError, load_ca_certificates, path)
         self.assertIn("larger than", str(e))
         self.assertIn("HOSTLINK_WS_CA_FILE", str(e))
+
+    def test_fifo_is_refused_without_blocking(self) -> None:
+        # Issue 10.12: open() on a FIFO with no writer blocks forever; the
+        # reader must refuse it at once.  The alarm bounds the test if a
+        # regression blocks (it interrupts the open with an exception).
+        path = os.path.join(self.dir, "ca.fifo")
+        os.mkfifo(path)
+        previous = signal.signal(signal.SIGALRM, _timed_out)
+        self.addCleanup(signal.signal, signal.SIGALRM, previous)
+        signal.alarm(5)
+        try:
+            e = self.assertRaises(TLSConfigError, load_ca_certificates, path)
+        finally:
+            signal.alarm(0)
+        self.assertIn(path, str(e))
+        self.assertIn("not a regular file", str(e))
+        self.assertIn("HOSTLINK_WS_CA_FILE", str(e))
+
+    def test_directory_is_refused(self) -> None:
+        e = self.assertRaises(TLSConfigError, load_ca_certificates, self.dir)
+        self.assertIn("directory", str(e))
 
     def test_garbage_names_the_path(self) -> None:
         path = os.path.join(self.dir, "bad.pem")

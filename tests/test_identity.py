@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from hostlink_tw import identity
+from hostlink_tw import _files
 from hostlink_tw.identity import (
     AGENT_STATE_FILENAME,
     AgentIdError,
@@ -143,7 +143,7 @@ class _TempDirMixin:
 
 
 def simulate_eacces(path: str) -> int:
-    """Replacement for identity._open_readonly: root never sees EACCES for real."""
+    """Replacement for _files._open_readonly: root never sees EACCES for real."""
     raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
 
 
@@ -241,7 +241,7 @@ class AgentStateLoadTests(_TempDirMixin, SynchronousTestCase):
 
     def test_permission_denied(self) -> None:
         """EACCES is unreadable, and the fix is about the running user."""
-        self.patch(identity, "_open_readonly", simulate_eacces)
+        self.patch(_files, "_open_readonly", simulate_eacces)
         error = self.assertStateError('{"agent_id": "a"}', AgentStateUnreadableError)
         self.assertIn("permission denied", str(error))
         self.assertIn("run the agent as the user", str(error))
@@ -617,7 +617,7 @@ class PrivateKeyLoadTests(_TempDirMixin, SynchronousTestCase):
     def test_permission_denied(self) -> None:
         """EACCES is unreadable, with a fix about the running user."""
         path = self.key_file(pem(rsa_key(), PKCS1))
-        self.patch(identity, "_open_readonly", simulate_eacces)
+        self.patch(_files, "_open_readonly", simulate_eacces)
         self.assertKeyError(path, PrivateKeyUnreadableError, "permission denied", "user")
 
     def test_fifo(self) -> None:
