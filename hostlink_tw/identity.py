@@ -46,6 +46,7 @@ from twisted.logger import Logger
 
 from hostlink_tw._files import read_regular_file
 from hostlink_tw._json import INT64_MAX, INT64_MIN, json_kind
+from hostlink_tw.protocol import agent_id_problem
 
 __all__ = [
     "AGENT_STATE_FILENAME",
@@ -253,24 +254,20 @@ class AgentState:
 
 def check_agent_id(value: object) -> str:
     """
-    Check that C{value} is usable as an agent id and return it.
+    Check that C{value} is an agent id and return it.
 
-    An agent id must be a non-empty string.  It must also survive being sent
-    as an HTTP header value unchanged, because the control plane checks the
-    signature over the value it receives: control characters (CR and LF
-    would even split the header) and leading or trailing whitespace (which
-    HTTP strips) are refused.
+    The rule is L{hostlink_tw.protocol.AGENT_ID_RULE} (1 to 256 characters
+    of C{A-Z a-z 0-9 . _ : @ -}), defined once for the agent, C{init} and
+    the control plane: anything else could never authenticate (HTTP header
+    decoding, length limits) or would silence logging (lone surrogates).
 
-    @raise ValueError: With a description of the problem.
+    @raise ValueError: With a description of the problem that ends with the
+        rule.
     """
-    if not isinstance(value, str):
-        raise ValueError(f"agent_id is {json_kind(value)}, not a string")
-    if value == "":
-        raise ValueError("agent_id is empty")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
-        raise ValueError("agent_id contains control characters")
-    if value != value.strip():
-        raise ValueError("agent_id has leading or trailing whitespace")
+    problem = agent_id_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    assert isinstance(value, str)
     return value
 
 
@@ -359,7 +356,17 @@ def load_agent_state(state_path: str) -> AgentState:
     try:
         agent_id = check_agent_id(obj["agent_id"])
     except ValueError as e:
-        raise AgentIdError(f"agent state file {path}: {e}", path=path, fix=register_fix) from None
+        # The message ends with the rule (protocol.AGENT_ID_RULE).
+        raise AgentIdError(
+            f"agent state file {path}: {e}",
+            path=path,
+            fix=(
+                f"set agent_id in {path} to the id the control plane knows this agent by "
+                "(within the rule)"
+                if isinstance(obj["agent_id"], str) and obj["agent_id"]
+                else register_fix
+            ),
+        ) from None
 
     last_sync_time = obj.get("last_sync_time")
     problem = _last_sync_time_problem(last_sync_time)

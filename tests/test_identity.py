@@ -50,6 +50,7 @@ from hostlink_tw.identity import (
     public_key_pem,
     write_agent_state,
 )
+from hostlink_tw.protocol import AGENT_ID_RULE
 
 # Key generation is slow: every key a test needs is made once per run.
 
@@ -314,15 +315,29 @@ class AgentStateLoadTests(_TempDirMixin, SynchronousTestCase):
             ("true", "agent_id is a boolean"),
             ('["a"]', "agent_id is an array"),
             ('{"id": "a"}', "agent_id is an object"),
-            ('"agt\\r\\nX-Evil: 1"', "control characters"),
-            ('"agt\\u0000"', "control characters"),
-            ('" agt"', "whitespace"),
-            ('"agt\\t"', "control characters"),
+            ('"agt\\r\\nX-Evil: 1"', "control character outside the alphabet (U+000D)"),
+            ('"agt\\u0000"', "control character outside the alphabet (U+0000)"),
+            ('" agt"', "(U+0020)"),
+            ('"agt\\t"', "control character outside the alphabet (U+0009)"),
+            # Issue 10.9: non-ASCII ids can never authenticate (headers are
+            # decoded as ISO-8859-1 on the other side); over 256 characters
+            # the control plane refuses them.
+            ('"ag\u00ebnt"', "outside the alphabet (U+00EB)"),
+            ('"' + "a" * 257 + '"', "has 257 characters"),
+            # Issue 10.15: a lone surrogate silenced every log event.
+            ('"agt\\ud800"', "outside the alphabet (U+D800)"),
         ]
         for value, needle in cases:
             self.assertStateError(
-                '{"agent_id": ' + value + "}", AgentIdError, needle, "register this agent"
+                '{"agent_id": ' + value + "}", AgentIdError, needle, AGENT_ID_RULE
             )
+
+    def test_agent_id_at_the_limits(self) -> None:
+        """Every character of the alphabet, and exactly 256 characters, load."""
+        for agent_id in ("a", "A-Z.a_z:0@9", "x" * 256, "550e8400-e29b-41d4-a716-446655440000"):
+            directory = self.make_dir()
+            write_agent_state(directory, AgentState(agent_id))
+            self.assertEqual(load_agent_state(directory).agent_id, agent_id)
 
     def test_last_sync_time_wrong_type(self) -> None:
         """Go refuses non-integers for an int64 field; so do we, clearly."""
@@ -401,9 +416,10 @@ class AgentStateValueTests(SynchronousTestCase):
     def test_check_agent_id(self) -> None:
         """check_agent_id returns good ids and raises ValueError otherwise."""
         self.assertEqual(check_agent_id("agt_01HX"), "agt_01HX")
-        self.assertEqual(check_agent_id("agent ünïcode"), "agent ünïcode")
-        for bad in ("", None, 1, " a", "a ", "a\r", "a\x7f"):
-            self.assertRaises(ValueError, check_agent_id, bad)
+        for bad in ("", None, 1, " a", "a ", "a\r", "a\x7f", "agent ünïcode", "\ud800", "a" * 257):
+            error = self.assertRaises(ValueError, check_agent_id, bad)
+            self.assertIn(AGENT_ID_RULE, str(error))
+        self.assertRaises(ValueError, AgentState, "agënt")
 
 
 class AgentStateWriteTests(_TempDirMixin, SynchronousTestCase):
