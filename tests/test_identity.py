@@ -14,9 +14,10 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from hostlink_tw import _files
+from hostlink_tw import _files, identity
 from hostlink_tw.identity import (
     AGENT_STATE_FILENAME,
     AgentIdError,
@@ -42,6 +43,7 @@ from hostlink_tw.identity import (
     PublicKeyError,
     agent_state_file,
     check_agent_id,
+    default_private_key_path,
     generate_private_key,
     load_agent_state,
     load_private_key,
@@ -49,6 +51,7 @@ from hostlink_tw.identity import (
     public_key_base64,
     public_key_pem,
     write_agent_state,
+    write_identity,
 )
 from hostlink_tw.protocol import AGENT_ID_RULE
 
@@ -940,3 +943,121 @@ class PublicKeyTests(SynchronousTestCase):
         error = self.assertRaises(PublicKeyError, load_public_key, private_pem)
         for line in body_lines(private_pem.encode()):
             self.assertNotIn(line[:16], str(error))
+
+
+class PermissionWarningTests(_TempDirMixin, SynchronousTestCase):
+    """Issue 10.16: one warning line for files others could replace."""
+
+    def setUp(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.patch(identity, "log", Logger(observer=self.events.append))
+
+    def warnings(self) -> list[str]:
+        return [formatEvent(e) for e in self.events if e["log_level"] == LogLevel.warn]
+
+    def test_private_files_give_no_warning(self) -> None:
+        directory = self.state_dir('{"agent_id": "a"}')
+        os.chmod(directory, 0o700)
+        load_agent_state(directory)
+        key_path = os.path.join(directory, "agent.key")
+        generate_private_key(key_path)
+        load_private_key(key_path)
+        self.assertEqual(self.warnings(), [])
+
+    def test_state_directory_writable_by_others(self) -> None:
+        directory = self.state_dir('{"agent_id": "a"}')
+        for mode in (0o770, 0o707, 0o1777):
+            self.events.clear()
+            os.chmod(directory, mode)
+            load_agent_state(directory)
+            [line] = self.warnings()
+            self.assertIn(f"state directory {directory} is writable by group or others", line)
+            self.assertIn(f"chmod go-w {directory}", line)
+
+    def test_agent_json_writable_by_others(self) -> None:
+        directory = self.state_dir('{"agent_id": "a"}')
+        os.chmod(directory, 0o700)
+        path = os.path.join(directory, AGENT_STATE_FILENAME)
+        os.chmod(path, 0o662)
+        self.assertEqual(load_agent_state(directory).agent_id, "a")  # a warning, not a refusal
+        [line] = self.warnings()
+        self.assertIn(f"agent state file {path} is writable by group or others (mode 0662)", line)
+
+    def test_key_owned_by_another_user(self) -> None:
+        if os.geteuid() != 0:
+            raise SkipTest("only root can give a file to another user")
+        key_path = os.path.join(self.make_dir(), "agent.key")
+        generate_private_key(key_path)
+        os.chown(key_path, 65534, -1)
+        load_private_key(key_path)  # still loads: a warning
+        [line] = self.warnings()
+        self.assertIn(f"private key file {key_path} is owned by uid 65534", line)
+        self.assertIn("uid 0", line)
+
+
+class KeyPathTests(_TempDirMixin, SynchronousTestCase):
+    """Issue 9.8: the key path when HOSTLINK_PRIVATE_KEY_PATH is unset."""
+
+    def setUp(self) -> None:
+        self.go_key = os.path.join(self.make_dir(), "agent.key")
+        self.patch(identity, "GO_DEFAULT_PRIVATE_KEY_PATH", self.go_key)
+        self.events: list[dict[str, Any]] = []
+        self.logger = Logger(observer=self.events.append)
+
+    def test_state_path_key_when_nothing_exists(self) -> None:
+        state = self.make_dir()
+        path = default_private_key_path(state, self.logger)
+        self.assertEqual(path, os.path.join(state, "agent.key"))
+        self.assertEqual(self.events, [])
+
+    def test_state_path_key_wins_over_the_go_default(self) -> None:
+        state = self.make_dir()
+        self.write_file(self.go_key, b"x")
+        self.write_file(os.path.join(state, "agent.key"), b"y")
+        self.assertEqual(default_private_key_path(state), os.path.join(state, "agent.key"))
+
+    def test_go_default_when_only_it_exists(self) -> None:
+        state = self.make_dir()
+        self.write_file(self.go_key, b"x")
+        self.assertEqual(default_private_key_path(state, self.logger), self.go_key)
+        [event] = self.events
+        self.assertIn("using the Go agent's key", formatEvent(event))
+        self.assertEqual(event["path"], self.go_key)
+
+
+class WriteIdentityTests(_TempDirMixin, SynchronousTestCase):
+    """Issue 10.7: write_identity changes both files or neither."""
+
+    def test_writes_both(self) -> None:
+        state = os.path.join(self.make_dir(), "state")
+        key_path = os.path.join(state, "agent.key")
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        write_identity(state, key_path, AgentState("agt_1"), key)
+        self.assertEqual(load_agent_state(state).agent_id, "agt_1")
+        self.assertEqual(public_key_base64(load_private_key(key_path)), public_key_base64(key))
+        self.assertEqual(file_mode(key_path), 0o600)
+        self.assertEqual(sorted(os.listdir(state)), ["agent.json", "agent.key"])
+
+    def test_state_only_keeps_the_key(self) -> None:
+        state = self.make_dir()
+        key_path = os.path.join(state, "agent.key")
+        generate_private_key(key_path)
+        with open(key_path, "rb") as f:
+            before = f.read()
+        write_identity(state, key_path, AgentState("agt_2"))
+        with open(key_path, "rb") as f:
+            self.assertEqual(f.read(), before)
+        self.assertEqual(load_agent_state(state).agent_id, "agt_2")
+
+    def test_failed_key_write_changes_nothing(self) -> None:
+        state = self.make_dir()
+        write_agent_state(state, AgentState("old"))
+        key_path = os.path.join(state, "sub", "agent.key")
+        os.makedirs(key_path)  # the key's place is a directory: its rename fails
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.assertRaises(
+            IdentityWriteError, write_identity, state, key_path, AgentState("new"), key
+        )
+        self.assertEqual(load_agent_state(state).agent_id, "old")
+        self.assertEqual(sorted(os.listdir(state)), ["agent.json", "sub"])
+        self.assertEqual(os.listdir(os.path.dirname(key_path)), ["agent.key"])
