@@ -238,10 +238,15 @@ def _fail_closed_verify_callback(tls_protocol: Any, service_id: Any) -> Any:
             except VerificationError:
                 reason = Failure()  # type: ignore[no-untyped-call]
             except Exception as e:  # noqa: BLE001 - fail closed on anything
+                # service_identity shows certificate names as bytes reprs
+                # (control characters escaped); the length is the peer's, so
+                # bound it.
+                detail = f"{type(e).__name__}: {e}"
+                if len(detail) > 200:
+                    detail = detail[:200] + "..."
                 reason = Failure(  # type: ignore[no-untyped-call]
                     CertificateNamesError(
-                        f"server certificate's names cannot be checked "
-                        f"({type(e).__name__}: {e}); refusing it"
+                        f"server certificate's names cannot be checked ({detail}); refusing it"
                     )
                 )
             else:
