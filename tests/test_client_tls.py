@@ -95,6 +95,23 @@ class CAFileTests(SynchronousTestCase):
         self.assertIn("not a regular file", str(e))
         self.assertIn("HOSTLINK_WS_CA_FILE", str(e))
 
+    def test_fifo_refused_at_the_agents_start(self) -> None:
+        # The start-up check (load_settings) reads the file with the same reader.
+        from hostlink_tw.config import ConfigError, load_settings
+
+        path = os.path.join(self.dir, "ca.fifo")
+        os.mkfifo(path)
+        previous = signal.signal(signal.SIGALRM, _timed_out)
+        self.addCleanup(signal.signal, signal.SIGALRM, previous)
+        signal.alarm(5)
+        try:
+            e = self.assertRaises(
+                ConfigError, load_settings, environ={"HOSTLINK_WS_CA_FILE": path}
+            )
+        finally:
+            signal.alarm(0)
+        self.assertIn("not a regular file", str(e))
+
     def test_directory_is_refused(self) -> None:
         e = self.assertRaises(TLSConfigError, load_ca_certificates, self.dir)
         self.assertIn("directory", str(e))
