@@ -241,7 +241,8 @@ SETTINGS: tuple[SettingSpec, ...] = (
         env="HOSTLINK_PRIVATE_KEY_PATH",
         attribute="private_key_path",
         meaning="agent RSA private key (PEM)",
-        default="/var/lib/hostlink/agent.key",
+        # Resolved by identity.default_private_key_path (Go-layout fallback).
+        default="HOSTLINK_STATE_PATH/agent.key",
         option="private-key-path",
         kind="path",
     ),
@@ -355,7 +356,7 @@ class Settings:
     reconnect_jitter: str = _spec("HOSTLINK_WS_RECONNECT_JITTER").default
     status_listen: str | None = None
     state_path: str = _spec("HOSTLINK_STATE_PATH").default
-    private_key_path: str = _spec("HOSTLINK_PRIVATE_KEY_PATH").default
+    private_key_path: str = os.path.join(_spec("HOSTLINK_STATE_PATH").default, "agent.key")
 
     @property
     def agent_state_file(self) -> str:
@@ -410,6 +411,12 @@ def load_settings(
         reconnect_max = reader.raise_to_minimum(
             "HOSTLINK_WS_RECONNECT_MAX", reconnect_max, "HOSTLINK_WS_RECONNECT_MIN", reconnect_min
         )
+    state_path = reader.text("HOSTLINK_STATE_PATH")
+    key_path = reader.text("HOSTLINK_PRIVATE_KEY_PATH")
+    if key_path == _spec("HOSTLINK_PRIVATE_KEY_PATH").default:  # unset: follow the state path
+        from hostlink_tw.identity import default_private_key_path
+
+        key_path = default_private_key_path(state_path, reader.log)
     return Settings(
         enabled=reader.flag("HOSTLINK_WS_ENABLED"),
         ws_url=ws_url if ws_url is not None else derive_ws_url(control_plane_url, reader.log),
@@ -424,8 +431,8 @@ def load_settings(
         ca_file=reader.optional("HOSTLINK_WS_CA_FILE"),
         reconnect_jitter=reader.choice("HOSTLINK_WS_RECONNECT_JITTER"),
         status_listen=reader.optional("HOSTLINK_WS_STATUS_LISTEN"),
-        state_path=reader.text("HOSTLINK_STATE_PATH"),
-        private_key_path=reader.text("HOSTLINK_PRIVATE_KEY_PATH"),
+        state_path=state_path,
+        private_key_path=key_path,
     )
 
 

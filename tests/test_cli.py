@@ -12,10 +12,23 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
+from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
+from hostlink_tw import identity
 from hostlink_tw.cli import main
-from hostlink_tw.identity import load_agent_state, load_private_key, load_public_key
+from hostlink_tw.config import load_settings
+from hostlink_tw.identity import (
+    AgentState,
+    generate_private_key,
+    load_agent_state,
+    load_private_key,
+    load_public_key,
+    public_key_base64,
+    write_agent_state,
+)
+from hostlink_tw.protocol import AGENT_ID_RULE
+from hostlink_tw.signing import RequestSigner
 
 
 def run(*argv: str) -> tuple[int, str, str]:
@@ -59,10 +72,190 @@ class InitTests(SynchronousTestCase):
         self.assertNotEqual(open(os.path.join(self.state, "agent.key"), "rb").read(), key_before)
 
     def test_refuses_bad_agent_id(self) -> None:
-        status, _, err = run("init", "--state-path", self.state, "--agent-id", "bad\nid")
-        self.assertEqual(status, 2)
-        self.assertTrue(err.startswith("hostlink-tw init:"))
-        self.assertFalse(os.path.exists(self.state))
+        for bad in ("bad\nid", "agënt", "a" * 257, "agt\ud800"):
+            status, _, err = run("init", "--state-path", self.state, "--agent-id", bad)
+            self.assertEqual(status, 2)
+            self.assertTrue(err.startswith("hostlink-tw init:"))
+            self.assertIn(AGENT_ID_RULE, err)
+            self.assertEqual(err.count("\n"), 1)
+            self.assertFalse(os.path.exists(self.state))
+
+    # -- issue 10.7: --force never leaves a key nobody registered ------------------
+
+    def files(self) -> dict[str, bytes]:
+        """Every file in the state directory, by name (temporary files included)."""
+        result = {}
+        for name in sorted(os.listdir(self.state)):
+            path = os.path.join(self.state, name)
+            if os.path.isfile(path):
+                with open(path, "rb") as f:
+                    result[name] = f.read()
+        return result
+
+    def test_force_keeps_old_key_when_agent_json_is_a_directory(self) -> None:
+        self.assertEqual(run("init", "--state-path", self.state, "--agent-id", "a1")[0], 0)
+        state_file = os.path.join(self.state, "agent.json")
+        os.unlink(state_file)
+        os.mkdir(state_file)
+        before = self.files()
+        status, out, err = run("init", "--state-path", self.state, "--agent-id", "a2", "--force")
+        self.assertEqual((status, out), (1, ""))
+        self.assertIn(f"cannot write agent state file {state_file}", err)
+        self.assertEqual(err.count("\n"), 1)
+        self.assertEqual(self.files(), before)  # same key bytes, no temporary files
+        self.assertTrue(os.path.isdir(state_file))
+
+    def test_force_keeps_old_identity_when_agent_json_write_fails(self) -> None:
+        self.assertEqual(run("init", "--state-path", self.state, "--agent-id", "a1")[0], 0)
+        before = self.files()
+        self.assertEqual(sorted(before), ["agent.json", "agent.key"])
+
+        def failing_rename(source: str, destination: str) -> None:
+            if destination.endswith("agent.json"):
+                raise PermissionError(13, "Permission denied", destination)
+            os.replace(source, destination)
+
+        self.patch(identity, "_rename", failing_rename)
+        status, _, err = run("init", "--state-path", self.state, "--agent-id", "a2", "--force")
+        self.assertEqual(status, 1)
+        self.assertIn("permission denied", err)
+        self.assertEqual(self.files(), before)  # both files byte for byte, nothing left over
+        self.assertEqual(load_agent_state(self.state).agent_id, "a1")
+
+    def test_new_identity_leaves_no_key_when_agent_json_write_fails(self) -> None:
+        def failing_rename(source: str, destination: str) -> None:
+            if destination.endswith("agent.json"):
+                raise PermissionError(13, "Permission denied", destination)
+            os.replace(source, destination)
+
+        self.patch(identity, "_rename", failing_rename)
+        self.assertEqual(run("init", "--state-path", self.state, "--agent-id", "a1")[0], 1)
+        self.assertEqual(self.files(), {})  # a rerun needs no --force
+
+    # -- issue 9.10: completing a half-made identity ----------------------------------
+
+    def test_completes_identity_for_an_existing_key(self) -> None:
+        key_path = os.path.join(self.state, "agent.key")
+        key = generate_private_key(key_path)
+        with open(key_path, "rb") as f:
+            key_bytes = f.read()
+        status, out, err = run("init", "--state-path", self.state, "--agent-id", "agt_9")
+        self.assertEqual(status, 0, err)
+        self.assertIn("kept the existing key", err)
+        with open(key_path, "rb") as f:
+            self.assertEqual(f.read(), key_bytes)
+        self.assertEqual(load_agent_state(self.state).agent_id, "agt_9")
+        self.assertEqual(
+            json.loads(out.strip().splitlines()[-1]), {"agt_9": public_key_base64(key)}
+        )
+
+    def test_completes_identity_for_an_existing_agent_json(self) -> None:
+        write_agent_state(self.state, AgentState("agt_7"))
+        status, out, err = run("init", "--state-path", self.state)
+        self.assertEqual(status, 0, err)
+        self.assertIn("new key", err)
+        key = load_private_key(os.path.join(self.state, "agent.key"))
+        self.assertEqual(
+            json.loads(out.strip().splitlines()[-1]), {"agt_7": public_key_base64(key)}
+        )
+        self.assertEqual(load_agent_state(self.state).agent_id, "agt_7")
+
+    def test_existing_agent_json_with_another_id_is_refused(self) -> None:
+        write_agent_state(self.state, AgentState("agt_7"))
+        status, _, err = run("init", "--state-path", self.state, "--agent-id", "agt_8")
+        self.assertEqual(status, 1)
+        self.assertIn("'agt_7'", err)
+        self.assertFalse(os.path.exists(os.path.join(self.state, "agent.key")))
+
+    # -- issue 9.8: init and the agent agree on the key path ----------------------------
+
+    def test_agent_finds_the_key_init_wrote(self) -> None:
+        self.patch(identity, "GO_DEFAULT_PRIVATE_KEY_PATH", os.path.abspath(self.mktemp()))
+        self.assertEqual(run("init", "--state-path", self.state, "--agent-id", "agt_1")[0], 0)
+        settings = load_settings(environ={"HOSTLINK_STATE_PATH": self.state})
+        self.assertEqual(settings.private_key_path, os.path.join(self.state, "agent.key"))
+        signer = RequestSigner(settings.private_key_path, load_agent_state(self.state).agent_id)
+        self.assertEqual(signer.agent_id, "agt_1")
+
+    def test_go_layout_keeps_working(self) -> None:
+        go_key = os.path.join(os.path.abspath(self.mktemp()), "agent.key")
+        self.patch(identity, "GO_DEFAULT_PRIVATE_KEY_PATH", go_key)
+        key = generate_private_key(go_key)
+        write_agent_state(self.state, AgentState("agt_go"))
+        logged: list[dict[str, Any]] = []
+        settings = load_settings(
+            environ={"HOSTLINK_STATE_PATH": self.state}, log=Logger(observer=logged.append)
+        )
+        self.assertEqual(settings.private_key_path, go_key)
+        self.assertTrue(any(e.get("path") == go_key for e in logged), logged)
+        # init sees the same (complete) identity and leaves it alone...
+        status, _, err = run("init", "--state-path", self.state)
+        self.assertEqual(status, 1)
+        self.assertIn(go_key, err)
+        # ...and identity show prints it.
+        status, out, _ = run("identity", "show", "--state-path", self.state, "--json")
+        self.assertEqual(status, 0)
+        self.assertEqual(json.loads(out)["public_key"], public_key_base64(key))
+        # An explicit HOSTLINK_PRIVATE_KEY_PATH always wins.
+        other = os.path.join(self.state, "other.key")
+        settings = load_settings(
+            environ={"HOSTLINK_STATE_PATH": self.state, "HOSTLINK_PRIVATE_KEY_PATH": other}
+        )
+        self.assertEqual(settings.private_key_path, other)
+
+
+class IdentityShowTests(SynchronousTestCase):
+    """Issue 9.10: print an existing identity without rotating anything."""
+
+    def setUp(self) -> None:
+        self.state = os.path.abspath(self.mktemp())
+        self.assertEqual(run("init", "--state-path", self.state, "--agent-id", "agt_5")[0], 0)
+        self.key = load_private_key(os.path.join(self.state, "agent.key"))
+
+    def snapshot(self) -> dict[str, tuple[bytes, int]]:
+        result = {}
+        for name in os.listdir(self.state):
+            path = os.path.join(self.state, name)
+            with open(path, "rb") as f:
+                result[name] = (f.read(), os.stat(path).st_mtime_ns)
+        return result
+
+    def test_text(self) -> None:
+        before = self.snapshot()
+        status, out, err = run("identity", "show", "--state-path", self.state)
+        self.assertEqual((status, err), (0, ""))
+        public = public_key_base64(self.key)
+        self.assertIn("agent id:    agt_5\n", out)
+        self.assertIn(public + "\n", out)
+        self.assertEqual(json.loads(out.strip().splitlines()[-1]), {"agt_5": public})
+        self.assertEqual(self.snapshot(), before)
+
+    def test_json(self) -> None:
+        status, out, _ = run("identity", "show", "--state-path", self.state, "--json")
+        self.assertEqual(status, 0)
+        report = json.loads(out)
+        public = public_key_base64(self.key)
+        self.assertEqual(
+            report,
+            {
+                "agent_id": "agt_5",
+                "agent_state_file": os.path.join(self.state, "agent.json"),
+                "private_key_path": os.path.join(self.state, "agent.key"),
+                "public_key": public,
+                "agents_file_entry": {"agt_5": public},
+            },
+        )
+        self.assertEqual(
+            load_public_key(report["public_key"]).public_numbers(),
+            self.key.public_key().public_numbers(),
+        )
+
+    def test_missing_identity_is_one_line(self) -> None:
+        os.unlink(os.path.join(self.state, "agent.key"))
+        status, out, err = run("identity", "show", "--state-path", self.state)
+        self.assertEqual((status, out), (1, ""))
+        self.assertTrue(err.startswith("hostlink-tw identity show: private key file"))
+        self.assertEqual(err.count("\n"), 1)
 
 
 class _StatusHandler(BaseHTTPRequestHandler):

@@ -848,15 +848,15 @@ class TLSAndProxyTests(SynchronousTestCase):
     """Point 7 on memory transports (real TLS is in test_client_e2e)."""
 
     def test_wss_starts_tls_with_verifying_options(self) -> None:
-        from twisted.internet._sslverify import ClientTLSOptions
+        from hostlink_tw.tls import FailClosedClientTLSOptions
 
         h = harness(self, ws_url="wss://cp.example.test/api/v1/agents/ws")
         h.client.start()
         self.assertEqual(h.target(), ("cp.example.test", 443))
         c = h.conn()
-        self.assertIsInstance(c.transport.tls_options, ClientTLSOptions)
+        self.assertIsInstance(c.transport.tls_options, FailClosedClientTLSOptions)
         self.assertNotIsInstance(c.transport.tls_options, ClientContextFactory)
-        self.assertEqual(c.transport.tls_options._hostname, "cp.example.test")
+        self.assertEqual(c.transport.tls_options.hostname, "cp.example.test")
         self.assertEqual(c.request()[1]["host"], "cp.example.test:443")
 
     def test_unreadable_ca_file_fails_the_attempt_and_backs_off(self) -> None:
@@ -909,7 +909,7 @@ class TLSAndProxyTests(SynchronousTestCase):
         self.assertNotIn("p%40ss", "\n".join(h.messages()))
 
     def test_wss_through_proxy_keeps_verified_tls(self) -> None:
-        from twisted.internet._sslverify import ClientTLSOptions
+        from hostlink_tw.tls import FailClosedClientTLSOptions
 
         h, c = self._proxied(
             "wss://cp.example.test/api/v1/agents/ws", {"HTTPS_PROXY": "proxy.corp:3128"}
@@ -918,8 +918,8 @@ class TLSAndProxyTests(SynchronousTestCase):
         self.assertIsNone(c.transport.tls_options)  # not before the tunnel is up
         self.assertTrue(c.written().startswith(b"CONNECT cp.example.test:443 HTTP/1.1"))
         c.receive(b"HTTP/1.1 200 OK\r\n\r\n")
-        self.assertIsInstance(c.transport.tls_options, ClientTLSOptions)
-        self.assertEqual(c.transport.tls_options._hostname, "cp.example.test")
+        self.assertIsInstance(c.transport.tls_options, FailClosedClientTLSOptions)
+        self.assertEqual(c.transport.tls_options.hostname, "cp.example.test")
 
     def test_proxy_refusal_backs_off(self) -> None:
         h, c = self._proxied("ws://cp.example.test/ws", {"http_proxy": "http://proxy.corp"})
