@@ -8,11 +8,15 @@ Add it to any Twisted application::
 
     HostlinkService(load_settings()).setServiceParent(application)
 
-``startService`` never blocks and never raises because of configuration or
-identity: everything that can go wrong is logged in one clear line and the
-rest of the application runs on.  Unlike the reference agent, a missing or
-broken identity is not final: the service looks again on the reconnect
-backoff and starts the client by itself once registration has written
+Neither ``load_settings()`` nor ``startService`` raises or blocks because of
+configuration or identity: everything that can go wrong is logged in one
+clear line and the rest of the application runs on.  Settings refused from
+the environment (``Settings.errors``: an unreadable ``HOSTLINK_WS_CA_FILE``,
+a gateway URL the client cannot dial) are one error line at start, and the
+service then stays ``misconfigured`` without connecting.  Unlike the
+reference agent, a missing or broken identity is not final: the service
+looks again on the reconnect backoff and starts the client by itself once
+``hostlink-tw init`` (or whatever provisions the host) has written
 ``agent.json`` and the key.
 """
 
@@ -111,6 +115,13 @@ class HostlinkService(MultiService):
     def startService(self) -> None:
         """Start the children and, behind the feature flag, the client (asynchronously)."""
         super().startService()  # type: ignore[no-untyped-call]
+        if self.settings.errors:
+            # Refused settings do not fix themselves: one line, no client, no retries.
+            self._config_problem = "; ".join(self.settings.errors)
+            self.log.error(
+                "Hostlink WebSocket uplink not started: {error}", error=self._config_problem
+            )
+            return
         if not self.settings.enabled:
             self.log.info(
                 "Hostlink WebSocket uplink is disabled; to enable it, {hint}", hint=ENABLE_HINT
@@ -197,10 +208,10 @@ class HostlinkService(MultiService):
         """The client's state, or why there is no client yet."""
         if self.client is not None:
             return self.client.snapshot()
-        if not self.settings.enabled:
-            state = "disabled"
-        elif self._config_problem is not None:
+        if self._config_problem is not None:
             state = "misconfigured"
+        elif not self.settings.enabled:
+            state = "disabled"
         elif self._identity_problem is not None:
             state = "waiting_for_identity"
         else:
