@@ -32,9 +32,10 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
 from hostlink_tw.backoff import Backoff
-from hostlink_tw.client import ClientEvent, HostlinkClient, Observers, redact_url
+from hostlink_tw.client import ClientEvent, HostlinkClient, Observers
 from hostlink_tw.config import Settings
 from hostlink_tw.identity import IdentityError, load_agent_state
+from hostlink_tw.safetext import redact_url
 from hostlink_tw.signing import RequestSigner, SigningError
 
 __all__ = ["HostlinkService"]
@@ -96,7 +97,7 @@ class HostlinkService(MultiService):
     def _add_status_page(self, endpoint: str) -> None:
         # Imported only when asked for: prometheus_client and twisted.web
         # cost a noticeable share of start-up time (docs/performance.rst).
-        from hostlink_tw.status import make_status_service
+        from hostlink_tw.status import exposed_interface, make_status_service
 
         try:
             status, self.metrics = make_status_service(endpoint, self, self.reactor)
@@ -109,6 +110,17 @@ class HostlinkService(MultiService):
             return
         status.setName("status")  # type: ignore[no-untyped-call]
         status.setServiceParent(self)  # type: ignore[no-untyped-call]
+        exposed = exposed_interface(status.endpoint)
+        if exposed is not None:
+            # Issue 10 item 16: the page is unauthenticated and names this
+            # agent, its control plane and its failures.
+            self.log.warn(
+                "status page {endpoint!r} listens on {address}, not only on loopback: "
+                "anyone who can reach it reads this agent's id, URL and state; "
+                "add interface=127.0.0.1 unless that is intended",
+                endpoint=endpoint,
+                address=exposed,
+            )
 
     # -- IService ------------------------------------------------------------------
 

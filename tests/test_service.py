@@ -299,6 +299,34 @@ class ServiceTests(SynchronousTestCase):
         self.assertIsNone(snapshot["next_retry_at"])
         self.successResultOf(service.stopService())
 
+    def test_status_page_beyond_loopback_warns_once(self) -> None:
+        """Issue 10 item 16: one warning at start when the page is reachable from elsewhere."""
+        for listen, expected in (
+            ("tcp:0", "all interfaces"),
+            ("tcp:0:interface=192.0.2.7", "192.0.2.7"),
+            ("tcp:0:interface=127.0.0.1", None),
+        ):
+            with self.subTest(listen=listen):
+                del self.events[:]
+                from twisted.internet.testing import MemoryReactorClock
+
+                service = HostlinkService(
+                    replace(self.settings, status_listen=listen, enabled=False),
+                    reactor=MemoryReactorClock(),
+                    log=self.log,
+                )
+                service.startService()
+                warnings = [e for e in self.events if e["log_level"] == LogLevel.warn]
+                if expected is None:
+                    self.assertEqual(warnings, [])
+                else:
+                    (warning,) = warnings
+                    self.assertEqual(warning["address"], expected)
+                    text = formatEvent(warning)
+                    self.assertIn(listen, text)
+                    self.assertIn("interface=127.0.0.1", text)
+                self.successResultOf(service.stopService())
+
     def test_bad_status_endpoint_is_logged_not_raised(self) -> None:
         service = self.make(replace(self.settings, status_listen="bogus:1"))
         (error,) = self.errors()
