@@ -193,7 +193,7 @@ class HostlinkService(MultiService):
         self.log.info(
             "Hostlink WebSocket uplink starting agent_id={agent_id} url={url}",
             agent_id=client.agent_id,
-            url=client.snapshot()["url"],
+            url=redact_url(client.snapshot()["url"]),  # query values too, not only user info
         )
         client.start()
 

@@ -125,6 +125,33 @@ class ServiceTests(SynchronousTestCase):
         self.successResultOf(service.stopService())
         self.assertEqual(client.stopped, 1)
 
+    def test_start_line_and_status_show_the_url_redacted(self) -> None:
+        """Issue 10 item 14: no user info, query value or fragment in the log or /status."""
+        _install_identity(self.state_path, self.key_path)
+        secret_url = "wss://u:hunter2@cp.example/ws?token=s3cret#frag"
+
+        class LeakyClient(FakeClient):
+            def snapshot(self) -> dict[str, Any]:
+                return {"active": False, "url": secret_url, "state": "connecting"}
+
+        service = HostlinkService(
+            replace(self.settings, ws_url=secret_url, enabled=False),
+            reactor=self.clock, log=self.log, client_factory=LeakyClient,
+        )
+        self.assertEqual(service.snapshot()["url"], "wss://cp.example/ws?token=REDACTED")
+        service = HostlinkService(
+            replace(self.settings, ws_url=secret_url),
+            reactor=self.clock, log=self.log, client_factory=LeakyClient,
+        )
+        service.startService()
+        self.clock.advance(0)
+        [starting] = [e for e in self.events if "starting" in e.get("log_format", "")]
+        text = formatEvent(starting)
+        self.assertIn("wss://cp.example/ws?token=REDACTED", text)
+        for secret in ("hunter2", "s3cret", "frag"):
+            self.assertNotIn(secret, text)
+        self.successResultOf(service.stopService())
+
     def test_missing_identity_logs_once_then_starts_when_it_appears(self) -> None:
         service = self.make()
         service.startService()
