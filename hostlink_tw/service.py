@@ -35,7 +35,7 @@ from hostlink_tw.backoff import Backoff
 from hostlink_tw.client import ClientEvent, HostlinkClient, Observers
 from hostlink_tw.config import Settings
 from hostlink_tw.identity import IdentityError, load_agent_state
-from hostlink_tw.safetext import redact_url
+from hostlink_tw.safetext import escape_control, redact_url
 from hostlink_tw.signing import RequestSigner, SigningError
 
 __all__ = ["HostlinkService"]
@@ -178,14 +178,17 @@ class HostlinkService(MultiService):
             state = load_agent_state(settings.state_path)
             signer = RequestSigner(settings.private_key_path, state.agent_id)
         except (IdentityError, SigningError) as e:
-            self._wait_for_identity(str(e))
+            # Escaped: paths and ids come from the environment and from files.
+            self._wait_for_identity(escape_control(str(e)))
             return
         try:
             client = self._client_factory(settings, signer, reactor=self.reactor, rng=self._rng)
         except ValueError as e:
             # A configuration the client cannot use does not fix itself.
-            self.log.error("Hostlink WebSocket uplink not started: {error}", error=str(e))
-            self._config_problem = str(e)
+            self._config_problem = escape_control(str(e))
+            self.log.error(
+                "Hostlink WebSocket uplink not started: {error}", error=self._config_problem
+            )
             return
         self._identity_problem = None
         self.client = client

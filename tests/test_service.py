@@ -152,6 +152,20 @@ class ServiceTests(SynchronousTestCase):
             self.assertNotIn(secret, text)
         self.successResultOf(service.stopService())
 
+    def test_identity_problem_is_logged_escaped(self) -> None:
+        """Issue 10 item 13: a state path with a terminal sequence reaches the log escaped."""
+        hostile = os.path.join(self.dir, "state\x1b[2J\r")
+        service = self.make(replace(self.settings, state_path=hostile))
+        service.startService()
+        self.clock.advance(0)
+        (error,) = self.errors()
+        text = formatEvent(error)
+        self.assertNotIn("\x1b", text)
+        self.assertNotIn("\r", text)
+        self.assertIn("state\\x1b[2J\\r", text)
+        self.assertNotIn("\x1b", service.snapshot()["last_failure"])
+        self.successResultOf(service.stopService())
+
     def test_missing_identity_logs_once_then_starts_when_it_appears(self) -> None:
         service = self.make()
         service.startService()
