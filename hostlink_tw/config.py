@@ -140,7 +140,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec(
         env="HOSTLINK_WS_URL",
         attribute="ws_url",
-        meaning="gateway URL override, used as is",
+        meaning="gateway URL override (ws:// or wss://), used as is",
         default="derived from SH_CONTROL_PLANE_URL",
         option="url",
         kind="ws-url",

@@ -605,6 +605,25 @@ class GatewayURLTests(SynchronousTestCase):
                     continue
                 self.assertEqual(host, "unix")
 
+    @given(
+        st.sampled_from(["ws", "wss", "WS", "http", "", "unix"]),
+        st.sampled_from(["", "u:p@", "@"]),
+        st.sampled_from(["cp.example", "UNIX", "unix", "[::1]", "127.0.0.1", "", "a b", "[::1"]),
+        st.sampled_from(["", ":0", ":1", ":65535", ":65536", ":x", ":"]),
+        st.text(max_size=12),
+    )
+    def test_accepted_means_autobahn_dials_tcp(
+        self, scheme: str, userinfo: str, host: str, port: str, rest: str
+    ) -> None:
+        """Whatever we accept, Autobahn parses without error and not as a UNIX socket."""
+        from autobahn.websocket.util import parse_url
+
+        url = f"{scheme}://{userinfo}{host}{port}/{rest}"
+        if gateway_url_problem(url) is None:
+            _, parsed_host, parsed_port, _, _, _ = parse_url(url)
+            self.assertNotEqual(parsed_host, "unix")
+            self.assertTrue(1 <= parsed_port <= 65535)
+
     def test_environment_url_recorded_with_hint(self) -> None:
         for url, problem in self.BAD:
             with self.subTest(url=url):
