@@ -498,7 +498,11 @@ class EmbeddingConfigurationTests(SynchronousTestCase):
         finally:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-            rest, _ = process.communicate(timeout=30)
+            try:
+                rest, _ = process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()  # never leave it behind, even when the test fails
+                rest, _ = process.communicate(timeout=30)
             output += rest
         text = output.decode("utf-8", "replace")
         self.assertNotIn("Traceback", text)
