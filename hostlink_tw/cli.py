@@ -12,7 +12,8 @@ The ``hostlink-tw`` command (also ``python -m hostlink_tw``).
     ``--json`` for one JSON object) without changing anything.
 ``hostlink-tw status``
     a short summary from a running agent's status endpoint; exit 0 when the
-    session is active, 1 when not, 2 when the endpoint cannot be reached.
+    session is active, 1 when not, 2 when the endpoint cannot be read or is
+    not an agent's status page.
 ``hostlink-tw demo``
     run the reference control plane and an agent against it on 127.0.0.1,
     with a readable live log (see :mod:`hostlink_tw.demo`).
@@ -23,12 +24,16 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import secrets
+import socket
 import sys
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
 from typing import Any, TextIO
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
@@ -47,11 +52,16 @@ from hostlink_tw.identity import (
     public_key_base64,
     write_identity,
 )
+from hostlink_tw.safetext import escape_control
 
 __all__ = ["main"]
 
 EXIT_ACTIVE, EXIT_INACTIVE, EXIT_UNREACHABLE = 0, 1, 2
 DEFAULT_STATUS_URL = "http://127.0.0.1:9920"
+#: The most ``status`` reads of an answer: an agent's /status is well under 4 KiB.
+MAX_STATUS_BYTES = 1024 * 1024
+# Longest text shown per field: a peer's close reason or error stays one line.
+_FIELD_CHARS = 300
 
 
 def _default(env: str) -> str:
@@ -169,31 +179,172 @@ def _identity_show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
+class StatusError(Exception):
+    """``status`` cannot show this endpoint; the message is one line."""
+
+
+def status_url_from_listen(description: str) -> str:
+    """
+    The URL of a status page served on a Twisted server endpoint description
+    (``HOSTLINK_WS_STATUS_LISTEN``): ``tcp:9920:interface=127.0.0.1`` gives
+    ``http://127.0.0.1:9920``, ``ssl:…`` gives ``https://…``, and a wildcard
+    interface is reached on loopback.
+
+    :raises StatusError: a UNIX socket, port 0 or an unparsable description.
+    """
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    try:
+        endpoint = serverFromString(MemoryReactor(), description)  # type: ignore[no-untyped-call]
+    except Exception as e:  # noqa: BLE001 - any parse problem: say so in one line
+        raise StatusError(f"it is not a server endpoint ({escape_control(str(e), 100)})") from None
+    port = getattr(endpoint, "_port", None)
+    interface = getattr(endpoint, "_interface", None)
+    if not isinstance(port, int) or not isinstance(interface, str):
+        raise StatusError("it is not a TCP endpoint")
+    if port == 0:
+        raise StatusError("it asks for any free port (0)")
+    if interface in ("", "0.0.0.0"):  # noqa: S104 - reaching it, not binding it
+        interface = "127.0.0.1"
+    elif interface == "::":
+        interface = "::1"
+    host = f"[{interface}]" if ":" in interface else interface
+    scheme = "https" if "SSL" in type(endpoint).__name__ else "http"
+    return f"{scheme}://{host}:{port}"
+
+
+def _default_status_url(environ: Mapping[str, str]) -> str:
+    listen = environ.get("HOSTLINK_WS_STATUS_LISTEN", "").strip()
+    if not listen:
+        return DEFAULT_STATUS_URL
+    try:
+        return status_url_from_listen(listen)
+    except StatusError as e:
+        raise StatusError(
+            f"cannot derive the status URL from HOSTLINK_WS_STATUS_LISTEN="
+            f"{escape_control(listen, 100)!r}: {e}; pass --url"
+        ) from None
+
+
+def _describe_fetch_error(error: BaseException, timeout: float) -> str:
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP {error.code} {escape_control(str(error.reason), 100)}"
+    if isinstance(error, urllib.error.URLError):
+        if not isinstance(error.reason, BaseException):
+            return escape_control(str(error.reason), 200)
+        error = error.reason
+    if isinstance(error, (socket.timeout, TimeoutError)):
+        return f"no answer within {timeout:g}s"
+    if isinstance(error, http.client.HTTPException):
+        return "the answer is not HTTP"
+    if isinstance(error, OSError) and error.strerror:
+        return escape_control(error.strerror, 200)
+    return escape_control(str(error) or type(error).__name__, 200)
+
+
 def _fetch_status(url: str, timeout: float) -> dict[str, Any]:
-    with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=timeout) as response:  # noqa: S310 - the operator's own endpoint
-        data = json.loads(response.read().decode("utf-8"))
-    if not isinstance(data, dict):
-        raise ValueError("status endpoint did not answer a JSON object")
+    target = url.rstrip("/") + "/status"
+    shown = escape_control(target, 200)
+    try:
+        with urllib.request.urlopen(target, timeout=timeout) as response:  # noqa: S310 - the operator's own endpoint
+            body = response.read(MAX_STATUS_BYTES + 1)
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        raise StatusError(f"cannot read {shown}: {_describe_fetch_error(e, timeout)}") from None
+    if len(body) > MAX_STATUS_BYTES:
+        raise StatusError(
+            f"{shown} answered more than {MAX_STATUS_BYTES // 1024 // 1024} MiB: "
+            "not an agent's status page"
+        )
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise StatusError(f"{shown} did not answer JSON: not an agent's status page") from None
+    if not (
+        isinstance(data, dict)
+        and isinstance(data.get("active"), bool)
+        and isinstance(data.get("state"), str)
+    ):
+        raise StatusError(
+            f"{shown} is not an agent's status page (a control plane's?); point --url at "
+            "the agent's HOSTLINK_WS_STATUS_LISTEN"
+        )
     return data
+
+
+def _age(seconds: float) -> str:
+    seconds = abs(seconds)
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    units = ((86400, "d", 3600, "h"), (3600, "h", 60, "m"), (60, "m", 1, "s"))
+    for size, name, smaller, smaller_name in units:
+        if seconds >= size:
+            whole, rest = divmod(int(seconds), size)
+            return f"{whole}{name} {rest // smaller}{smaller_name}"
+    return f"{seconds:.0f}s"  # pragma: no cover - unreachable
+
+
+def human_time(value: object, now: float) -> str:
+    """
+    A ``/status`` time as ``2026-04-27 11:03:00 UTC (2m 5s ago)``.
+
+    Takes RFC 3339 text (current agents) or Unix seconds (older ones);
+    ``None`` is ``-``; anything else is shown escaped, as given.
+    """
+    if value is None:
+        return "-"
+    moment: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        moment = float(value)
+    elif isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            parsed = None
+        if parsed is not None and parsed.tzinfo is not None:
+            moment = parsed.timestamp()
+    try:
+        when = datetime.fromtimestamp(moment, tz=timezone.utc) if moment is not None else None
+    except (OverflowError, OSError, ValueError):
+        when = None
+    if moment is None or when is None:
+        return escape_control(str(value), _FIELD_CHARS)
+    delta = moment - now
+    relative = "now" if abs(delta) < 0.5 else (
+        f"in {_age(delta)}" if delta > 0 else f"{_age(delta)} ago"
+    )
+    return f"{when:%Y-%m-%d %H:%M:%S} UTC ({relative})"
+
+
+def _shown(value: object) -> str:
+    """A peer's value for the terminal: ``-`` when missing, control characters escaped."""
+    if value is None or value == "":
+        return "-"
+    return escape_control(value if isinstance(value, str) else json.dumps(value), _FIELD_CHARS)
 
 
 def _status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     try:
-        state = _fetch_status(args.url, args.timeout)
-    except (OSError, ValueError, http.client.HTTPException) as e:
-        # Anything but a JSON answer from the endpoint: not an agent there.
-        err.write(f"hostlink-tw status: cannot read {args.url}/status: {e!r}\n")
+        url = args.url if args.url is not None else _default_status_url(os.environ)
+        state = _fetch_status(url, args.timeout)
+    except StatusError as e:
+        err.write(f"hostlink-tw status: {e}\n")
         return EXIT_UNREACHABLE
-    active = bool(state.get("active"))
+    active = state["active"]
+    name = escape_control(state["state"], 40)
+    session = "active" if active else "inactive"
+    if name != session:
+        session += f" ({name})"
+    now = time.time()
     lines = [
-        f"session:         {'active' if active else 'inactive'} ({state.get('state', '?')})",
-        f"agent id:        {state.get('agent_id')}",
-        f"url:             {state.get('url')}",
-        f"connected since: {state.get('connected_since')}",
-        f"last ack at:     {state.get('last_ack_at')}",
-        f"attempts:        {state.get('attempts')}",
-        f"last failure:    {state.get('last_failure')}",
-        f"next retry at:   {state.get('next_retry_at')}",
+        f"session:         {session}",
+        f"agent id:        {_shown(state.get('agent_id'))}",
+        f"url:             {_shown(state.get('url'))}",
+        f"connected since: {human_time(state.get('connected_since'), now)}",
+        f"last ack at:     {human_time(state.get('last_ack_at'), now)}",
+        f"attempts:        {_shown(state.get('attempts'))}",
+        f"last failure:    {_shown(state.get('last_failure'))}",
+        f"next retry at:   {human_time(state.get('next_retry_at'), now)}",
     ]
     out.write("\n".join(lines) + "\n")
     return EXIT_ACTIVE if active else EXIT_INACTIVE
@@ -249,7 +400,12 @@ def _parser() -> argparse.ArgumentParser:
     show.set_defaults(run=_identity_show)
 
     status = commands.add_parser("status", help="summary from a running agent's status endpoint")
-    status.add_argument("--url", default=DEFAULT_STATUS_URL, help="status endpoint base URL")
+    status.add_argument(
+        "--url",
+        default=None,
+        help="status endpoint base URL (default: from HOSTLINK_WS_STATUS_LISTEN, "
+        f"else {DEFAULT_STATUS_URL})",
+    )
     status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait")
     status.set_defaults(run=_status)
 

@@ -338,14 +338,15 @@ def load_agent_state(state_path: str) -> AgentState:
     """
     path = agent_state_file(state_path)
     register_fix = (
-        "register this agent (registration writes agent_id into this file), or set "
-        "HOSTLINK_STATE_PATH to the directory that holds agent.json"
+        f"create this agent's identity with 'hostlink-tw init --state-path {state_path}' "
+        "(it writes agent.json and the key), or set HOSTLINK_STATE_PATH to the directory "
+        "that holds agent.json"
     )
     try:
         data = _read_small_file(path, check_mode=_warn_if_writable_by_others)
     except FileNotFoundError:
         raise AgentStateMissingError(
-            f"agent state file {path} does not exist (the agent is not registered)",
+            f"agent state file {path} does not exist (this agent has no identity yet)",
             path=path,
             fix=register_fix,
         ) from None
@@ -363,7 +364,10 @@ def load_agent_state(state_path: str) -> AgentState:
             fix=_unreadable_fix(e, path, "a regular file holding the agent state"),
         ) from None
 
-    fix_json = f"restore {path} from a backup or register this agent again"
+    fix_json = (
+        f"restore {path} from a backup, or create a new identity with "
+        f"'hostlink-tw init --force --state-path {state_path}'"
+    )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -391,7 +395,7 @@ def load_agent_state(state_path: str) -> AgentState:
 
     if "agent_id" not in obj:
         raise AgentIdError(
-            f"agent state file {path} has no agent_id (the agent is not registered)",
+            f"agent state file {path} has no agent_id (this agent has no identity yet)",
             path=path,
             fix=register_fix,
         )
@@ -549,7 +553,8 @@ def load_private_key(path: str) -> RSAPrivateKey:
     """
     regenerate = (
         f"point HOSTLINK_PRIVATE_KEY_PATH at this agent's PEM RSA private key "
-        f"(2048 bits or more), or register the agent again to create {path}"
+        f"(2048 bits or more), or create a new identity with 'hostlink-tw init --force' "
+        f"to write {path}"
     )
     try:
         data = _read_small_file(path, check_mode=_check_key_mode)

@@ -105,9 +105,8 @@ class CAFileTests(SynchronousTestCase):
         self.addCleanup(signal.signal, signal.SIGALRM, previous)
         signal.alarm(5)
         try:
-            e = self.assertRaises(
-                ConfigError, load_settings, environ={"HOSTLINK_WS_CA_FILE": path}
-            )
+            settings = load_settings(environ={"HOSTLINK_WS_CA_FILE": path})
+            e = self.assertRaises(ConfigError, settings.check)
         finally:
             signal.alarm(0)
         self.assertIn("not a regular file", str(e))

@@ -217,8 +217,13 @@ class AgentStateLoadTests(_TempDirMixin, SynchronousTestCase):
         self.assertEqual(agent_state_file("/var/lib/hostlink"), "/var/lib/hostlink/agent.json")
 
     def test_missing_file(self) -> None:
-        """No agent.json: not registered, and the fix says so."""
-        self.assertStateError(None, AgentStateMissingError, "does not exist", "register")
+        """No agent.json: no identity yet, and the fix names the command that makes one."""
+        error = self.assertStateError(
+            None, AgentStateMissingError, "does not exist", "no identity yet"
+        )
+        self.assertIn(f"'hostlink-tw init --state-path {os.path.dirname(error.path)}'",
+                      str(error))
+        self.assertNotIn("regist", str(error))
 
     def test_missing_directory(self) -> None:
         """A state directory that does not exist is the same missing file."""
@@ -305,9 +310,11 @@ class AgentStateLoadTests(_TempDirMixin, SynchronousTestCase):
             self.assertStateError(content, AgentStateNotObjectError, needle, "not a JSON object")
 
     def test_agent_id_missing(self) -> None:
-        """No agent_id: not registered."""
-        self.assertStateError('{"last_sync_time": 1}', AgentIdError, "no agent_id", "register")
-        self.assertStateError("{}", AgentIdError, "not registered")
+        """No agent_id: no identity yet; the fix names hostlink-tw init."""
+        self.assertStateError(
+            '{"last_sync_time": 1}', AgentIdError, "no agent_id", "hostlink-tw init --state-path"
+        )
+        self.assertStateError("{}", AgentIdError, "no identity yet")
 
     def test_agent_id_unusable(self) -> None:
         """Empty, non-string or header-breaking agent ids are refused."""
@@ -626,7 +633,10 @@ class PrivateKeyLoadTests(_TempDirMixin, SynchronousTestCase):
     def test_missing(self) -> None:
         """A missing key file says so, with a fix."""
         path = os.path.join(self.make_dir(), "agent.key")
-        self.assertKeyError(path, PrivateKeyMissingError, "does not exist", "register")
+        error = self.assertKeyError(
+            path, PrivateKeyMissingError, "does not exist", "'hostlink-tw init --force'"
+        )
+        self.assertNotIn("regist", str(error))
 
     def test_directory(self) -> None:
         """A directory at the key path is unreadable."""
