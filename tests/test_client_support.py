@@ -354,13 +354,14 @@ class Harness:
         host, port = self.reactor.tcpClients[-1][:2]
         return host, port
 
-    def conn(self) -> Conn:
-        """The newest attempt's TCP connection, made."""
+    def conn(self, made: bool = True) -> Conn:
+        """The newest attempt's TCP connection, made (or only built, to ``open()`` later)."""
         assert self.attempts_made > self._seen_clients, "no new connection attempt"
         self._seen_clients = self.attempts_made
         host, port, factory, _, _ = self.reactor.tcpClients[-1]
         proto = factory.buildProtocol(IPv4Address("TCP", host, port))
-        return Conn(self, proto, self.reactor.connectors[-1]).open()
+        conn = Conn(self, proto, self.reactor.connectors[-1])
+        return conn.open() if made else conn
 
     def fail_connect(self, reason: Exception | None = None) -> None:
         """The newest attempt's TCP connect fails."""

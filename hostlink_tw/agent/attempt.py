@@ -57,6 +57,7 @@ from hostlink_tw.protocol import (
     make_envelope,
     parse_envelope,
 )
+from hostlink_tw.safetext import escape_control
 from hostlink_tw.tls import describe_tls_failure, is_tls_failure
 
 if TYPE_CHECKING:
@@ -259,7 +260,7 @@ class Attempt:
             return
         if status is not None and status != 101:
             self.refused_status = status
-            detail = f"HTTP {status} {phrase}".strip()
+            detail = f"HTTP {status} {escape_control(phrase, FRAME_PREVIEW_CHARS)}".strip()
             if body.strip():
                 detail += f" {preview(body.strip())}"
             # A 4xx/5xx is a refusal; anything else (200, a redirect) is a
@@ -363,7 +364,7 @@ class Attempt:
             self._log.warn(
                 "ignoring agent.hello_ack for {acked_message_id}: our hello is {hello_id} "
                 "agent_id={agent_id} url={url}",
-                acked_message_id=acked_message_id[:FRAME_PREVIEW_CHARS],
+                acked_message_id=escape_control(acked_message_id, FRAME_PREVIEW_CHARS),
                 hello_id=self.hello_id,
                 **self._fields,
             )
@@ -426,11 +427,12 @@ class Attempt:
             self._own_close_timer()
 
     def peer_closing(self, proto: HostlinkClientProtocol, code: int | None, reason: str) -> None:
-        """The peer started the close handshake."""
+        """The peer started the close handshake (its reason is peer text: escaped)."""
         if self._mine(proto):
             self.note(
                 "closed_by_peer",
-                f"closed by control plane: code={code} reason={reason}".strip(),
+                f"closed by control plane: code={code} "
+                f"reason={escape_control(reason, FRAME_PREVIEW_CHARS)}".strip(),
                 close_code=code,
             )
 
@@ -551,7 +553,8 @@ class Attempt:
                 end = EndReason(
                     "closed_by_peer",
                     f"closed by control plane: code={proto.remoteCloseCode} "
-                    f"reason={proto.remoteCloseReason or ''}".strip(),
+                    f"reason={escape_control(proto.remoteCloseReason or '', FRAME_PREVIEW_CHARS)}"
+                    .strip(),
                 )
             elif self.upgraded:
                 end = EndReason("lost", f"connection lost: {_describe_reason(reason)}")

@@ -30,7 +30,6 @@ import random
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, cast
-from urllib.parse import urlsplit, urlunsplit
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
@@ -62,6 +61,7 @@ from hostlink_tw.protocol import (
     Envelope,
 )
 from hostlink_tw.proxy import Proxy, UnsupportedProxyError, proxy_for
+from hostlink_tw.safetext import redact_url
 from hostlink_tw.signing import RequestSigner
 from hostlink_tw.tls import TLSConfigError, client_tls_options
 
@@ -82,14 +82,6 @@ _HINTS = {
 _HINT_5XX = "the control plane has a problem; retrying with backoff"
 
 S = ClientState
-
-
-def redact_url(url: str) -> str:
-    """``url`` without user info (``user:password@``), for log lines and status."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def _is_loopback_host(host: str) -> bool:

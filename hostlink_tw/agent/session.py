@@ -29,6 +29,7 @@ from hostlink_tw.protocol import (
     ErrorPayload,
     ProtocolError,
 )
+from hostlink_tw.safetext import escape_control
 
 __all__ = [
     "CLOSE_INVALID_PAYLOAD",
@@ -81,7 +82,7 @@ def violation_for(envelope: Envelope) -> ViolationError:
         try:
             error = ErrorPayload.from_dict(envelope.payload)
             detail = (
-                f"code={error.code[:FRAME_PREVIEW_CHARS]} "
+                f"code={escape_control(error.code, FRAME_PREVIEW_CHARS)} "
                 f"message={error.message[:FRAME_PREVIEW_CHARS]!r} "
                 f"retryable={error.retryable}"
             )
