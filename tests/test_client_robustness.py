@@ -7,15 +7,20 @@ our random ping payloads.
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from hostlink_tw.agent import connection as connection_module
+from hostlink_tw.agent.attempt import MAX_MESSAGE_SECONDS
+from hostlink_tw.agent.connection import MAX_FRAMES_PER_MESSAGE, MAX_UNSENT_BYTES
 from hostlink_tw.agent.keepalive import PING_PAYLOAD_BYTES
 from hostlink_tw.client import ClientState
 from hostlink_tw.protocol import ERROR, error_payload, make_envelope
-from tests.test_client_support import AGENT, Harness, harness
+from tests.test_client_support import AGENT, Harness, harness, server_frame
 
 
 def _no_tracebacks(test: SynchronousTestCase, h: Harness) -> None:
@@ -193,3 +198,110 @@ class PingPayloadTests(SynchronousTestCase):
         h.reactor.advance(h.settings.pong_timeout)
         self.assertFalse(h.client.is_active)
         self.assertTrue(any("no pong" in m for m in h.messages("warn")))
+
+
+class OutgoingBoundTests(SynchronousTestCase):
+    """Issue 10 item 3: a peer that never reads cannot grow the agent's memory."""
+
+    def test_ping_flood_while_the_peer_does_not_read(self) -> None:
+        h = harness(self)
+        h.client.start()
+        c = h.active_conn()
+        self.assertIs(c.transport.producer, c.proto)  # the transport tells us when it is full
+        c.proto.pauseProducing()  # as the transport does past its buffer size
+        before = len(c.written())
+        ping = server_frame(9, b"x" * 125)
+        for _ in range(MAX_UNSENT_BYTES // 127 + 1000):
+            if c.lost or c.transport.aborted:
+                break
+            c.receive(ping)
+        self.assertTrue(c.transport.aborted)
+        queued = len(c.written()) - before
+        self.assertLessEqual(queued, MAX_UNSENT_BYTES)
+        (line,) = [m for m in h.messages("warn") if "stopped reading" in m]
+        self.assertIn("bytes queued", line)
+        c.finish()
+        self.assertIn("stopped reading", h.client.last_failure or "")
+        self.assertEqual(h.client.state, ClientState.WAITING)
+
+    def test_resume_forgets_the_count(self) -> None:
+        limit = 64 * 1024  # a small bound keeps the test fast; the logic is the same
+        self.patch(connection_module, "MAX_UNSENT_BYTES", limit)
+        h = harness(self)
+        h.client.start()
+        c = h.active_conn()
+        ping = server_frame(9, b"x" * 125)
+        for _ in range(3):
+            c.proto.pauseProducing()
+            for _ in range(limit // 200):  # each pong is 131 bytes on the wire
+                c.receive(ping)
+            c.proto.resumeProducing()  # the peer read it all
+        self.assertFalse(c.transport.aborted)
+        self.assertTrue(h.client.is_active)
+
+    def test_dead_connection_is_freed_without_the_cycle_collector(self) -> None:
+        """No reference cycle keeps a lost connection's protocol or transport alive."""
+        h = harness(self)
+        h.client.start()
+        c = h.active_conn()
+        proto_ref, transport_ref = weakref.ref(c.proto), weakref.ref(c.transport)
+        gc.disable()
+        self.addCleanup(gc.enable)
+        c.send_close(1000)
+        c.lose()
+        del c
+        h.reactor.advance(1)  # the next attempt starts; nothing of the old one is kept
+        self.assertIsNone(proto_ref())
+        self.assertIsNone(transport_ref())
+
+
+class FragmentBoundTests(SynchronousTestCase):
+    """Issue 10 item 4: endless empty fragments end the connection."""
+
+    def test_too_many_fragments(self) -> None:
+        h = harness(self)
+        h.client.start()
+        c = h.active_conn()
+        c.receive(server_frame(1, b"{", fin=False))
+        for _ in range(MAX_FRAMES_PER_MESSAGE + 50):
+            c.receive(server_frame(0, b"", fin=False))
+        self.assertEqual([cf[0] for cf in c.close_frames()], [1009])
+        self.assertFalse(h.client.is_active)
+        self.assertLessEqual(len(c.proto.message_data or []), MAX_FRAMES_PER_MESSAGE)
+        (line,) = [m for m in h.messages("warn") if "too fragmented" in m]
+        self.assertIn(str(MAX_FRAMES_PER_MESSAGE), line)
+
+    def test_fragments_at_the_bound_are_fine(self) -> None:
+        h = harness(self)
+        h.client.start()
+        c = h.active_conn()
+        text = json.dumps({
+            "protocol_version": 1, "message_id": "m2", "type": "ack", "agent_id": AGENT,
+            "sent_at": "2026-01-01T00:00:00Z",
+            "payload": {"acked_message_id": "x", "acked_type": "agent.hello"},
+        }).encode()
+        c.receive(server_frame(1, text[:1], fin=False))
+        for _ in range(MAX_FRAMES_PER_MESSAGE - 2):
+            c.receive(server_frame(0, b"", fin=False))
+        c.receive(server_frame(0, text[1:], fin=True))
+        self.assertEqual(c.close_frames(), [])
+        self.assertEqual(h.client.last_ack.message_id, "m2")  # type: ignore[union-attr]
+
+    def test_message_never_completed(self) -> None:
+        h = harness(self, pong_timeout=100.0, ping_interval=300.0)
+        h.client.start()
+        c = h.active_conn()
+        c.receive(server_frame(1, b"{", fin=False))
+        h.reactor.advance(MAX_MESSAGE_SECONDS - 1)
+        self.assertTrue(h.client.is_active)
+        h.reactor.advance(1)
+        self.assertTrue(c.transport.aborted)
+        self.assertTrue(any("not complete within" in m for m in h.messages("warn")))
+
+    def test_completed_message_cancels_the_deadline(self) -> None:
+        h = harness(self, pong_timeout=100.0, ping_interval=300.0)
+        h.client.start()
+        c = h.active_conn()
+        h.reactor.advance(MAX_MESSAGE_SECONDS * 3)
+        self.assertTrue(h.client.is_active)
+        self.assertFalse(c.transport.aborted)

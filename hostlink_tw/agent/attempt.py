@@ -23,10 +23,11 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.error import ConnectError, ConnectionDone
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from hostlink_tw.agent.connection import MAX_FRAMES_PER_MESSAGE, MAX_UNSENT_BYTES
 from hostlink_tw.agent.events import (
     ClientEvent,
     Connected,
@@ -41,6 +42,7 @@ from hostlink_tw.agent.machine import ClientState, StateMachine, cancel_call
 from hostlink_tw.agent.session import (
     CLOSE_INVALID_PAYLOAD,
     CLOSE_NORMAL,
+    CLOSE_TOO_BIG,
     CLOSE_UNSUPPORTED_DATA,
     FRAME_PREVIEW_CHARS,
     Session,
@@ -66,6 +68,9 @@ if TYPE_CHECKING:
 __all__ = ["Attempt", "AttemptHost", "preview"]
 
 S = ClientState
+
+#: How long one message may take to arrive, from its first frame to its last.
+MAX_MESSAGE_SECONDS = 60.0
 
 
 def preview(payload: bytes) -> str:
@@ -143,6 +148,7 @@ class Attempt:
         self._close_timer = False
         self._lost: Failure | None = None
         self._keepalive: Keepalive | None = None
+        self._assembly: IDelayedCall | None = None
 
     def note(self, kind: str, text: str, **more: Any) -> None:
         """Remember why the attempt ends, unless a reason is known already."""
@@ -233,6 +239,73 @@ class Attempt:
         if self._mine(proto) or (not self.over and self.proto is None):
             with self.client.handling():
                 self.setup_failed(step, error)
+
+    def write_blocked(self, proto: HostlinkClientProtocol, unsent: int) -> None:
+        """The peer stopped reading and we would queue more than the bound."""
+        if not self._mine(proto):
+            return
+        with self.client.handling():
+            reason = (
+                f"the control plane stopped reading: {unsent} bytes queued "
+                f"(limit {MAX_UNSENT_BYTES})"
+            )
+            self._log.warn(
+                "aborting connection: {reason} agent_id={agent_id} url={url}",
+                reason=reason,
+                **self._fields,
+            )
+            self.note("protocol", reason)
+            self._closing(reason)
+
+    def message_begun(self, proto: HostlinkClientProtocol) -> None:
+        """A message starts arriving: it must be complete within the bound."""
+        if not self._mine(proto):
+            return
+        self._cancel_assembly()
+        call = self.client.clock.callLater(MAX_MESSAGE_SECONDS, self._assembly_timed_out)
+        self._assembly = call
+        self.client.machine.own(cancel_call(call), {S.AWAITING_ACK, S.ACTIVE})
+
+    def message_done(self, proto: HostlinkClientProtocol) -> None:
+        """The message is complete."""
+        if self._mine(proto):
+            self._cancel_assembly()
+
+    def too_many_frames(self, proto: HostlinkClientProtocol, frames: int) -> None:
+        """A message came in more frames than the bound."""
+        if not self._mine(proto):
+            return
+        with self.client.handling():
+            self._cancel_assembly()
+            self._reject(
+                ViolationError(
+                    "message too fragmented",
+                    f"more than {MAX_FRAMES_PER_MESSAGE} frames in one message",
+                    CLOSE_TOO_BIG,
+                    None,
+                ),
+                b"",
+            )
+
+    def _cancel_assembly(self) -> None:
+        if self._assembly is not None and self._assembly.active():
+            self._assembly.cancel()
+        self._assembly = None
+
+    def _assembly_timed_out(self) -> None:
+        self._assembly = None
+        if self.over or self.proto is None:
+            return
+        with self.client.handling():
+            reason = f"a message was not complete within {MAX_MESSAGE_SECONDS:g}s"
+            self._log.warn(
+                "aborting connection: {reason} agent_id={agent_id} url={url}",
+                reason=reason,
+                **self._fields,
+            )
+            self.note("protocol", reason)
+            self._closing(reason)
+            self.proto.abort(reason)
 
     def bad_head(self, proto: HostlinkClientProtocol, reason: str, data: bytes) -> None:
         """An HTTP response head we refuse to parse (too large, or unparsable)."""
@@ -563,5 +636,8 @@ class Attempt:
         end = EndReason(end.kind, end.text, code, self.refused_status, not stopping)
         if self.session is not None:
             self.session.end(end.text)
+        # Nothing of the dead connection stays reachable from the attempt.
+        self._keepalive = None
+        self.proto = None
         return end, clean, tls
 

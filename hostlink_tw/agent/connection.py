@@ -37,6 +37,15 @@ __all__ = ["ConnectionOwner", "HostlinkClientProtocol", "MAX_RESPONSE_HEAD_BYTES
 #: the blank line that ends the head.
 MAX_RESPONSE_HEAD_BYTES = 64 * 1024
 
+#: Most bytes the agent writes while the transport says its buffer is full
+#: (the peer does not read).  Beyond it the connection is aborted: pongs
+#: answering a ping flood, or anything else, never queue without bound.
+MAX_UNSENT_BYTES = 4 * 1024 * 1024
+
+#: Most frames one message may arrive in.  Autobahn keeps a list entry per
+#: frame, and empty continuation frames never approach the size limit.
+MAX_FRAMES_PER_MESSAGE = 1024
+
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -49,6 +58,10 @@ class ConnectionOwner(Protocol):
     def hook_failed(
         self, proto: HostlinkClientProtocol, step: str, error: BaseException
     ) -> None: ...
+    def write_blocked(self, proto: HostlinkClientProtocol, unsent: int) -> None: ...
+    def message_begun(self, proto: HostlinkClientProtocol) -> None: ...
+    def message_done(self, proto: HostlinkClientProtocol) -> None: ...
+    def too_many_frames(self, proto: HostlinkClientProtocol, frames: int) -> None: ...
     def bad_head(self, proto: HostlinkClientProtocol, reason: str, data: bytes) -> None: ...
     def proxy_refused(self, proto: HostlinkClientProtocol, reason: str) -> None: ...
     def upgrade_failed(
@@ -105,6 +118,69 @@ class HostlinkClientProtocol(WebSocketClientProtocol):
     factory: HostlinkClientFactory
     #: Who this connection reports to: its attempt (set by the factory).
     owner: ConnectionOwner
+
+    #: Whether the transport asked us to stop writing (its buffer is full).
+    paused = False
+    #: Bytes written since the transport paused us.
+    unsent = 0
+    _frames = 0
+    _blocked = False
+
+    # -- backpressure: the transport tells us when the peer stops reading ------------
+
+    def pauseProducing(self) -> None:
+        """The transport's buffer is full: count what we still write."""
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        """The transport's buffer drained."""
+        self.paused = False
+        self.unsent = 0
+
+    def stopProducing(self) -> None:
+        """The connection is going away."""
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        """
+        Every write of the connection passes here: while the peer does not
+        read, at most :data:`MAX_UNSENT_BYTES` more are queued, then the
+        connection is aborted (and nothing more is queued).
+        """
+        if self.paused:
+            self.unsent += len(data)
+            if self.unsent > MAX_UNSENT_BYTES:
+                if not self._blocked:
+                    self._blocked = True
+                    try:
+                        self.owner.write_blocked(self, self.unsent)
+                    finally:
+                        self.abort("the peer stopped reading")
+                return
+        super().sendData(data, sync, chopsize)
+
+    # -- message assembly bounds -----------------------------------------------------
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        """A message starts: its frames are counted and its assembly is timed."""
+        self._frames = 0
+        super().onMessageBegin(isBinary)
+        if not self.failedByMe:
+            self.owner.message_begun(self)
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        """One more frame of the current message."""
+        self._frames += 1
+        if self._frames > MAX_FRAMES_PER_MESSAGE and not self.failedByMe:
+            # Stop Autobahn from keeping the frames; the owner closes (1009).
+            self.failedByMe = True
+            self.owner.too_many_frames(self, self._frames)
+        super().onMessageFrameBegin(length)
+
+    def onMessageEnd(self) -> None:
+        """The message is complete."""
+        if not self.failedByMe:
+            self.owner.message_done(self)
+        super().onMessageEnd()
 
     # -- commands from the owner -----------------------------------------------------
 
@@ -164,9 +240,12 @@ class HostlinkClientProtocol(WebSocketClientProtocol):
         # wss:// connection we start it here, with the verified options,
         # before the upgrade request is written.  (Autobahn's own wss path
         # would be connectWS with an unverified ClientContextFactory.)
+        transport: Any = self.transport
         if self.factory.isSecure and self.factory.proxy is None:
-            transport: Any = self.transport
             transport.startTLS(self.factory.contextFactory)
+        # As a streaming producer the transport tells us when its buffer is
+        # full (the peer does not read): see sendData.
+        transport.registerProducer(self, True)
         super()._connectionMade()  # type: ignore[no-untyped-call]
 
     @_guarded("proxy CONNECT")
@@ -301,9 +380,19 @@ class HostlinkClientProtocol(WebSocketClientProtocol):
         return result
 
     def connectionLost(self, reason: Failure = ConnectionDone) -> None:  # type: ignore[assignment]
-        """The connection is gone: Autobahn cleans up, then the owner hears it."""
+        """
+        The connection is gone: Autobahn cleans up, then the owner hears it.
+        Then the references that would keep the dead transport and its
+        buffers alive in a cycle with this protocol are dropped.
+        """
         try:
             if getattr(self, "state", None) is not None:
                 super().connectionLost(reason)
         finally:
             self.owner.connection_lost(self, reason)
+            self.transport = None
+            self.data = b""
+            # Autobahn resolves is_closed with the protocol itself: a cycle
+            # that would keep it (and whatever it holds) until the cycle
+            # collector runs.  A fired future without the reference replaces it.
+            self.is_closed = txaio.create_future_success(None)  # type: ignore[attr-defined]

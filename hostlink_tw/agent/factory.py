@@ -50,6 +50,7 @@ def rcf_scales_before_waiting(rcf: type[ReconnectingClientFactory] = Reconnectin
     scheduled wait exactly the backoff's on either side of that change.
     """
     probe = rcf()
+    probe.noisy = False  # RCF logs 'will retry' lines when noisy
     clock = _RecordingClock()
     probe.clock = clock  # type: ignore[assignment]
     probe.jitter = 0

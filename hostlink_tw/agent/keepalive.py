@@ -71,11 +71,17 @@ class Keepalive:
         return len(self._outstanding)
 
     def stop(self) -> None:
-        """Stop pinging and forget the deadline (the connection is ending)."""
+        """
+        Stop pinging and forget the deadline (the connection is ending).  The
+        callbacks are dropped too: the loop and this object refer to each
+        other, and must not keep the dead connection reachable.
+        """
         if self._loop.running:
             self._loop.stop()
         self._cancel_deadline()
         self._outstanding.clear()
+        self._send_ping = self._on_ping = self._on_pong = _ignore
+        self._on_dead = _nothing
 
     def pong(self, payload: bytes) -> bool:
         """
@@ -110,13 +116,22 @@ class Keepalive:
 
     def _overdue(self) -> None:
         self._deadline = None
+        on_dead = self._on_dead
         self.stop()
-        self._on_dead()
+        on_dead()
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
+
+
+def _ignore(_: Any) -> None:
+    """A callback that does nothing (a stopped keepalive's)."""
+
+
+def _nothing() -> None:
+    """A callback that does nothing (a stopped keepalive's)."""
 
 
 def as_clock(reactor: Any) -> IReactorTime:
