@@ -76,7 +76,6 @@ twistd: ``twistd -n hostlink-controlplane --agents agents.json``
 
 from __future__ import annotations
 
-import heapq
 import json
 import os
 import re
@@ -107,7 +106,14 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 from zope.interface import directlyProvides, noLongerProvides, providedBy
 
-from hostlink_tw.identity import IdentityError, load_public_key
+from hostlink_tw.controlplane_replay import (
+    NonceCache,
+    NonceStore,
+    ReplayStoreError,
+    database_beside,
+    valid_nonce,
+)
+from hostlink_tw.identity import IdentityError, _read_small_file, load_public_key
 from hostlink_tw.protocol import (
     ACK,
     AGENT_HELLO,
@@ -148,6 +154,7 @@ __all__ = [
     "ControlPlane",
     "NoSessionError",
     "NonceCache",
+    "ReplayStoreError",
     "Session",
     "load_agents_file",
     "parse_agents",
@@ -178,12 +185,13 @@ DEFAULT_PING_INTERVAL = 30.0
 DEFAULT_PING_TIMEOUT = 20.0
 DEFAULT_MAX_CONNECTIONS = 1000
 DEFAULT_NONCE_CACHE_SIZE = 100_000
+#: Accepted upgrades one agent may have inside the replay window (±max_skew):
+#: far above what a reconnecting agent needs (its backoff allows about one a
+#: second at worst), far below the cache size, so one agent cannot fill it.
+DEFAULT_NONCE_QUOTA = 1000
 DEFAULT_RELOAD_INTERVAL = 1.0
 DEFAULT_LISTEN = "tcp:0:interface=127.0.0.1"
 
-# A nonce is 24 characters of base64; anything far longer is not a nonce and
-# must not be allowed to grow the replay memory.
-_MAX_NONCE_LENGTH = 128
 _MAX_AGENT_ID_LENGTH = 256
 # Go's strconv.ParseInt syntax for the timestamp: ASCII digits, optional sign.
 _TIMESTAMP = re.compile(r"[+-]?[0-9]{1,19}", re.ASCII)
@@ -192,8 +200,6 @@ _BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{
 _PAYLOAD_ERRORS = frozenset(
     {INVALID_UTF8, INVALID_JSON, NESTING_TOO_DEEP, NUMBER_OUT_OF_RANGE, DUPLICATE_KEY}
 )
-# The agents file is a few keys; refusing huge files keeps a mistake cheap.
-_MAX_AGENTS_FILE_BYTES = 16 << 20
 _RECEIVED_KEPT = 1000
 #: Upgrade attempts kept in L{ControlPlane.attempts} (the oldest are dropped
 #: in batches once twice as many have piled up), and the longest header value
@@ -248,78 +254,31 @@ def parse_agents(agents: Mapping[str, object], source: str = "agents") -> dict[s
     return result
 
 
+# identity._read_small_file is private there, but it is the project's one
+# non-blocking, regular-file-only reader: a FIFO at the path must not block
+# the reactor, and a second copy of that discipline would drift.
 def load_agents_file(path: str) -> dict[str, RSAPublicKey]:
     """
     Read the authorized-agents file: a JSON object mapping agent id to
     public key (see L{parse_agents}).
 
-    @raise AgentsFileError: The file is missing, unreadable, not JSON, or
-        holds a bad entry; the message names the file.
+    The file is opened non-blocking and must be a regular file of at most
+    1 MiB (about 2,500 agents): a FIFO or device at the path is refused at
+    once instead of blocking the reactor.
+
+    @raise AgentsFileError: The file is missing, unreadable, not a regular
+        file, too large, not JSON, or holds a bad entry; the message names
+        the file.
     """
     try:
-        with open(path, "rb") as f:
-            data = f.read(_MAX_AGENTS_FILE_BYTES + 1)
+        data = _read_small_file(path)
     except OSError as e:
         raise AgentsFileError(f"{path}: cannot read the agents file: {e.strerror or e}") from None
-    if len(data) > _MAX_AGENTS_FILE_BYTES:
-        raise AgentsFileError(f"{path}: the agents file is larger than 16 MiB")
     try:
         document = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise AgentsFileError(f"{path}: not valid JSON: {e}") from None
     return parse_agents(document, source=path)
-
-
-class NonceCache:
-    """
-    The replay memory: nonces accepted inside the time window.
-
-    An entry is kept until its signed timestamp leaves the window (after
-    that the same headers are refused as stale anyway), so memory is bounded
-    by the request rate; C{max_entries} is the hard cap on top.
-    """
-
-    def __init__(self, window: float, max_entries: int) -> None:
-        """
-        @param window: Seconds a timestamp stays acceptable (the max skew).
-        @param max_entries: Hard cap on remembered nonces.
-        """
-        self.window = window
-        self.max_entries = max_entries
-        self._expiry: dict[tuple[str, str], float] = {}
-        self._heap: list[tuple[float, tuple[str, str]]] = []
-
-    def __len__(self) -> int:
-        return len(self._expiry)
-
-    def evict(self, now: float) -> None:
-        """Forget every nonce whose timestamp left the window before C{now}."""
-        while self._heap and self._heap[0][0] < now:
-            expires, key = heapq.heappop(self._heap)
-            if self._expiry.get(key) == expires:
-                del self._expiry[key]
-
-    def seen(self, agent_id: str, nonce: str, now: float) -> bool:
-        """True if this agent used this nonce inside the window."""
-        self.evict(now)
-        return (agent_id, nonce) in self._expiry
-
-    def full(self, now: float) -> bool:
-        """True if no new nonce can be remembered (after eviction)."""
-        self.evict(now)
-        return len(self._expiry) >= self.max_entries
-
-    def add(self, agent_id: str, nonce: str, timestamp: float) -> None:
-        """Remember a nonce until C{timestamp + window}."""
-        expires = timestamp + self.window
-        key = (agent_id, nonce)
-        self._expiry[key] = expires
-        heapq.heappush(self._heap, (expires, key))
-
-    def clear(self) -> None:
-        """Forget every nonce."""
-        self._expiry.clear()
-        self._heap.clear()
 
 
 @dataclass(frozen=True)
@@ -518,10 +477,9 @@ class _GatewayProtocol(WebSocketServerProtocol):
             cp._stalled[self] = d
             d.addCallback(lambda _: self._authenticate(request))
             return d
-        self._authenticate(request)
-        return None
+        return self._authenticate(request)
 
-    def _authenticate(self, request: ConnectionRequest) -> None:
+    def _authenticate(self, request: ConnectionRequest) -> Deferred[None] | None:
         cp = self._cp
         headers = request.headers
         agent_id = headers.get(HEADER_AGENT_ID.lower(), "")
@@ -540,8 +498,10 @@ class _GatewayProtocol(WebSocketServerProtocol):
             raise self._deny(request, 401, f"malformed {HEADER_AGENT_ID} header")
         if not _TIMESTAMP.fullmatch(timestamp):
             raise self._deny(request, 401, f"malformed {HEADER_TIMESTAMP} header")
-        if len(nonce) > _MAX_NONCE_LENGTH:
-            raise self._deny(request, 401, f"malformed {HEADER_NONCE} header")
+        if not valid_nonce(nonce):
+            raise self._deny(
+                request, 401, f"malformed {HEADER_NONCE} header (must be base64 of 16 bytes)"
+            )
         now = cp.clock()
         signed_at = int(timestamp)
         if abs(now - signed_at) > cp.max_skew:
@@ -555,11 +515,36 @@ class _GatewayProtocol(WebSocketServerProtocol):
             raise self._deny(request, 401, "invalid signature")
         if cp._nonces.seen(agent_id, nonce, now):
             raise self._deny(request, 401, "replayed nonce")
+        if cp._nonces.over_quota(agent_id, now):
+            raise self._deny(request, 429, "too many upgrades from this agent, try again later")
         if cp._nonces.full(now):
             raise self._deny(request, 503, "replay cache full, try again later")
-        cp._nonces.add(agent_id, nonce, float(signed_at))
+        return self._accept(request, agent_id, nonce, float(signed_at), now)
+
+    def _accept(
+        self, request: ConnectionRequest, agent_id: str, nonce: str, signed_at: float, now: float
+    ) -> Deferred[None] | None:
+        """Remember the nonce (memory first, so a concurrent replay is refused), then accept."""
+        cp = self._cp
+        expires = cp._nonces.add(agent_id, nonce, signed_at)
         self._agent_id = agent_id
-        self._record(request, 101, "accepted")
+        if cp._nonce_store is None:
+            self._record(request, 101, "accepted")
+            return None
+        # Answered once the nonce is on disk: a restart must not accept it again.
+        stored = cp._nonce_store.record(agent_id, nonce, expires, now)
+
+        def committed(_: object) -> None:
+            self._record(request, 101, "accepted")
+
+        def failed(failure: Failure) -> None:
+            log.error(
+                "replay store write failed, refusing the upgrade: {error}",
+                error=str(failure.value),
+            )
+            raise self._deny(request, 503, "replay store unavailable, try again later")
+
+        return stored.addCallbacks(committed, failed)
 
     def _deny(self, request: ConnectionRequest, status: int, reason: str) -> ConnectionDeny:
         self._record(request, status, reason)
@@ -1010,7 +995,9 @@ class ControlPlane:
         ping_timeout: float = DEFAULT_PING_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         nonce_cache_size: int = DEFAULT_NONCE_CACHE_SIZE,
+        nonce_quota: int = DEFAULT_NONCE_QUOTA,
         reload_interval: float = DEFAULT_RELOAD_INTERVAL,
+        database: str | bool = True,
     ) -> None:
         """
         @param agents: Agent id → public key (L{RSAPublicKey}, or base64 of
@@ -1031,7 +1018,14 @@ class ControlPlane:
         @param max_connections: Concurrent connections; above it, 503.
         @param nonce_cache_size: Hard cap of the replay memory; when full,
             new upgrades get 503.
+        @param nonce_quota: Accepted upgrades one agent may have inside the
+            replay window; above it that agent (and only it) gets 429.
+        @param database: The control plane's SQLite file, where the replay
+            window survives a restart (L{NonceStore}): a path; C{True} (the
+            default) for C{controlplane.db} beside C{agents_file}, or memory
+            only when there is no agents file; C{False} for memory only.
         @raise AgentsFileError: The agents or the file are unusable.
+        @raise ReplayStoreError: The database cannot be used.
         @raise ValueError: An option is out of range.
         """
         if reactor is None:
@@ -1051,6 +1045,7 @@ class ControlPlane:
             ("max_message_bytes", max_message_bytes),
             ("max_connections", max_connections),
             ("nonce_cache_size", nonce_cache_size),
+            ("nonce_quota", nonce_quota),
         ):
             if not isinstance(count, int) or count < 1:
                 raise ValueError(f"{name} must be a positive integer, not {count!r}")
@@ -1080,7 +1075,18 @@ class ControlPlane:
             self._file_agents = load_agents_file(agents_file)
             self._file_signature = self._stat_agents_file()
         self._agents = {**self._static_agents, **self._file_agents}
-        self._nonces = NonceCache(max_skew, nonce_cache_size)
+        self._nonces = NonceCache(max_skew, nonce_cache_size, nonce_quota)
+        #: The SQLite file of the replay window, or None (memory only).
+        self.database: str | None = None
+        if isinstance(database, str):
+            self.database = database
+        elif database and agents_file is not None:
+            self.database = database_beside(agents_file)
+        self._nonce_store: NonceStore | None = None
+        if self.database is not None:
+            self._nonce_store = NonceStore(self.database, reactor)
+            for agent_id, nonce, expires in self._nonce_store.load(clock()):
+                self._nonces.remember(agent_id, nonce, expires)
         self._sessions: dict[str, Session] = {}
         self._active_waiters: dict[str, list[Deferred[Session]]] = {}
         self._message_waiters: list[tuple[str, str | None, Deferred[Envelope]]] = []
@@ -1240,6 +1246,10 @@ class ControlPlane:
             message_waiter.cancel()
         self._message_waiters.clear()
         result = defer.gatherResults(waits, consumeErrors=True)
+        store, self._nonce_store = self._nonce_store, None
+        if store is not None:
+            # After the connections: an upgrade still being committed finishes first.
+            result.addBoth(lambda outcome: store.close().addCallback(lambda _: outcome))
         stopped: Deferred[None] = result.addCallback(lambda _: None)
         self._stop_result = stopped
         return self._stop_chained(stopped)

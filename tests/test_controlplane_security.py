@@ -1,0 +1,293 @@
+"""
+Regression tests for the reference control plane's security defects of
+issue 10 (items 2, 5, 6, 8, 10, 12): each reproduces the attack over
+loopback, bounded in time and count, and fails without the fix.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from hostlink_tw.controlplane import (
+    AgentsFileError,
+    ControlPlane,
+    NonceCache,
+    load_agents_file,
+)
+from hostlink_tw.controlplane_replay import (
+    DATABASE_NAME,
+    NonceStore,
+    ReplayStoreError,
+    valid_nonce,
+)
+from hostlink_tw.identity import public_key_base64
+from hostlink_tw.signing import (
+    HEADER_AGENT_ID,
+    HEADER_NONCE,
+    HEADER_SIGNATURE,
+    HEADER_TIMESTAMP,
+    signed_message,
+)
+
+from .test_controlplane import (
+    AGENT_A,
+    AGENT_B,
+    BASE_TIME,
+    KEY_A,
+    KEY_B,
+    ControlPlaneTestMixin,
+    _signer,
+    raw_request,
+)
+
+
+def _signed_with_nonce(
+    nonce: str, key: rsa.RSAPrivateKey = KEY_A, agent_id: str = AGENT_A, at: float = BASE_TIME
+) -> dict[str, str]:
+    """Validly signed upgrade headers carrying this exact nonce."""
+    timestamp = str(int(at))
+    signature = key.sign(
+        signed_message(agent_id, timestamp, nonce),
+        padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH),
+        hashes.SHA256(),
+    )
+    return {
+        HEADER_AGENT_ID: agent_id,
+        HEADER_TIMESTAMP: timestamp,
+        HEADER_NONCE: nonce,
+        HEADER_SIGNATURE: base64.b64encode(signature).decode("ascii"),
+    }
+
+
+class SecurityTestMixin(ControlPlaneTestMixin):
+    @inlineCallbacks
+    def assertRefused(
+        self, cp: ControlPlane, headers: dict[str, str], status: int, reason: str
+    ) -> Any:
+        response = yield raw_request(cp.port, headers=headers)
+        self.assertEqual((response.status, response.text), (status, reason))  # type: ignore[attr-defined]
+        self.assertEqual(cp.sessions(), [])  # type: ignore[attr-defined]
+
+
+# -- item 5: one agent must not fill the replay memory for everyone -------------------
+
+
+class NonceQuotaTests(SynchronousTestCase):
+    def test_quota_refuses_only_the_offender(self) -> None:
+        cache = NonceCache(window=300, max_entries=10, per_agent=3)
+        for i in range(3):
+            self.assertFalse(cache.over_quota("a", 1000))
+            cache.add("a", f"n{i}", 1000)
+        self.assertTrue(cache.over_quota("a", 1000))
+        self.assertFalse(cache.over_quota("b", 1000))
+        self.assertFalse(cache.full(1000))
+        self.assertEqual((cache.count("a"), cache.count("b")), (3, 0))
+        # The window passes: the agent's quota comes back.
+        self.assertFalse(cache.over_quota("a", 1300.5))
+        self.assertEqual(cache.count("a"), 0)
+
+    def test_future_dated_entry_bounded(self) -> None:
+        """
+        A timestamp signed C{window} ahead is remembered until it leaves the
+        window (forgetting it earlier would accept its replay), and never
+        longer: at most C{now + 2 * window}.
+        """
+        cache = NonceCache(window=300, max_entries=10)
+        now = 1000.0
+        expires = cache.add("a", "future", now + 300)
+        self.assertEqual(expires, now + 600)
+        self.assertTrue(cache.seen("a", "future", now + 600))
+        self.assertFalse(cache.seen("a", "future", now + 600.001))
+        self.assertEqual(len(cache), 0)
+
+    def test_remember_same_nonce_twice_counts_once(self) -> None:
+        cache = NonceCache(window=300, max_entries=10, per_agent=5)
+        cache.remember("a", "n", 1300)
+        cache.remember("a", "n", 1300)
+        self.assertEqual(cache.count("a"), 1)
+        cache.evict(1301)
+        self.assertEqual((cache.count("a"), len(cache)), (0, 0))
+
+
+class NonceQuotaLoopbackTests(SecurityTestMixin, TestCase):
+    @inlineCallbacks
+    def test_one_agent_cannot_lock_out_the_others(self) -> Any:
+        """
+        Agent A signs upgrades as fast as it can; once past its quota it
+        alone is refused (429), and agent B still gets in.  Before the fix,
+        A filled the shared cache and B got 503 for the whole window.
+        """
+        cp = yield self.start(nonce_cache_size=4, nonce_quota=3, database=False)
+        statuses = []
+        for _ in range(4):
+            response = yield raw_request(cp.port, headers=_signer().sign_headers())
+            statuses.append(response.status)
+        self.assertEqual(statuses, [101, 101, 101, 429])
+        self.assertEqual(
+            cp.attempts[-1].reason, "too many upgrades from this agent, try again later"
+        )
+        response = yield raw_request(cp.port, headers=_signer(KEY_B, AGENT_B).sign_headers())
+        self.assertEqual(response.status, 101)
+
+
+# -- item 10: the nonce format, and replay across a restart ---------------------------
+
+
+class NonceFormatTests(SynchronousTestCase):
+    def test_valid_nonce(self) -> None:
+        for raw in (b"\0" * 16, os.urandom(16), b"\xff" * 16):
+            self.assertTrue(valid_nonce(base64.b64encode(raw).decode()))
+        for bad in (
+            "",
+            "abc",
+            base64.b64encode(os.urandom(15)).decode(),
+            base64.b64encode(os.urandom(17)).decode(),
+            base64.b64encode(os.urandom(16)).decode().rstrip("="),  # unpadded
+            base64.urlsafe_b64encode(b"\xfb" * 16).decode(),  # - and _
+            "AAAAAAAAAAAAAAAAAAAAAB==",  # non-canonical: unused bits set
+            "AAAAAAAAAAAAAAAAAAAAAA==\n",
+            "ＡAAAAAAAAAAAAAAAAAAAAA==",  # fullwidth letter
+            "A" * 128,
+        ):
+            self.assertFalse(valid_nonce(bad), bad)
+
+
+class NonceFormatLoopbackTests(SecurityTestMixin, TestCase):
+    @inlineCallbacks
+    def test_malformed_nonce_refused_even_when_signed(self) -> Any:
+        cp = yield self.start(database=False)
+        for nonce in ("not-a-nonce", "A" * 100, base64.b64encode(b"x" * 12).decode()):
+            yield self.assertRefused(
+                cp,
+                _signed_with_nonce(nonce),
+                401,
+                "malformed X-Nonce header (must be base64 of 16 bytes)",
+            )
+        response = yield raw_request(
+            cp.port, headers=_signed_with_nonce(base64.b64encode(b"y" * 16).decode())
+        )
+        self.assertEqual(response.status, 101)
+
+
+class ReplayAcrossRestartTests(SecurityTestMixin, TestCase):
+    def agents_file(self) -> str:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, "agents.json")
+        with open(path, "w") as f:
+            json.dump({AGENT_A: public_key_base64(KEY_A)}, f)
+        return path
+
+    @inlineCallbacks
+    def test_replay_after_restart_refused(self) -> Any:
+        """
+        A captured signed upgrade, replayed against a new control plane on
+        the same files (a restart) inside the window: 401.  Before the fix
+        the nonces lived only in memory and the replay was accepted.
+        """
+        path = self.agents_file()
+        first = yield self.start({}, agents_file=path, reload_interval=0)
+        self.assertEqual(first.database, os.path.abspath(os.path.join(path, "..", DATABASE_NAME)))
+        captured = _signer().sign_headers()
+        response = yield raw_request(first.port, headers=captured)
+        self.assertEqual(response.status, 101)
+        yield first.stop()
+
+        clock = self.clock
+        clock.now += 60
+        second = yield self.start({}, agents_file=path, reload_interval=0, clock=clock)
+        response = yield raw_request(second.port, headers=captured)
+        self.assertEqual((response.status, response.text), (401, "replayed nonce"))
+        # A fresh upgrade is fine, and the window still ends: 301 s after the
+        # captured timestamp the entry is gone (and the headers stale anyway).
+        response = yield raw_request(second.port, headers=_signer(at=clock.now).sign_headers())
+        self.assertEqual(response.status, 101)
+
+    @inlineCallbacks
+    def test_in_process_without_agents_file_is_memory_only(self) -> Any:
+        cp = yield self.start()
+        self.assertIsNone(cp.database)
+        response = yield raw_request(cp.port, headers=_signer().sign_headers())
+        self.assertEqual(response.status, 101)
+
+
+class NonceStoreTests(TestCase):
+    @inlineCallbacks
+    def test_rows_survive_and_expired_rows_are_purged(self) -> Any:
+        path = os.path.join(self.mktemp() + "-dir", DATABASE_NAME)
+        os.makedirs(os.path.dirname(path))
+        from twisted.internet import reactor
+
+        store = NonceStore(path, reactor)
+        # Three upgrades at once: one batch (or two), every Deferred fires.
+        yield store.record("a", "n1", 1300.0, now=1000.0)
+        pending = [store.record("a", f"m{i}", 1400.0, now=1000.0) for i in range(3)]
+        yield gatherResults(pending)
+        yield store.close()
+        store = NonceStore(path, reactor)
+        self.assertEqual(
+            sorted(store.load(now=1350.0)), [("a", "m0", 1400.0), ("a", "m1", 1400.0),
+                                             ("a", "m2", 1400.0)]
+        )
+        # The next write a minute later deletes what has expired.
+        yield store.record("b", "x", 2000.0, now=1500.0)
+        yield store.close()
+        import sqlite3
+
+        with sqlite3.connect(path) as db:
+            rows = db.execute("SELECT agent_id, nonce FROM nonces ORDER BY nonce").fetchall()
+            mode = db.execute("PRAGMA journal_mode").fetchone()[0]
+        self.assertEqual(rows, [("b", "x")])
+        self.assertEqual(mode, "wal")
+
+    def test_fifo_database_refused(self) -> None:
+        path = self.mktemp()
+        os.mkfifo(path)
+        from twisted.internet import reactor
+
+        error = self.assertRaises(ReplayStoreError, NonceStore, path, reactor)
+        self.assertIn(path, str(error))
+        self.assertIn("regular file", str(error))
+
+    @inlineCallbacks
+    def test_closed_store_refuses_writes(self) -> Any:
+        from twisted.internet import reactor
+
+        store = NonceStore(self.mktemp(), reactor)
+        yield store.close()
+        yield self.assertFailure(store.record("a", "n", 1.0, now=0.0), ReplayStoreError)
+
+
+# -- item 12: a FIFO as the agents file ------------------------------------------------
+
+
+class AgentsFileFIFOTests(SynchronousTestCase):
+    def test_fifo_agents_file_refused_at_once(self) -> None:
+        """
+        Opening a FIFO for reading blocks until a writer appears: before
+        the fix, the control plane's reactor (and twistd's start-up) hung
+        here.  Now the file is refused at once, naming it.
+        """
+        path = self.mktemp()
+        os.mkfifo(path)
+        error = self.assertRaises(AgentsFileError, load_agents_file, path)
+        self.assertIn(path, str(error))
+        self.assertIn("not a regular file", str(error))
+        error = self.assertRaises(AgentsFileError, ControlPlane, {}, agents_file=path)
+        self.assertIn("not a regular file", str(error))
+
+    def test_large_agents_file_refused(self) -> None:
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b" " * ((1 << 20) + 1))
+        error = self.assertRaises(AgentsFileError, load_agents_file, path)
+        self.assertIn("larger than", str(error))
+
