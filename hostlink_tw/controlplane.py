@@ -101,6 +101,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
@@ -184,6 +185,7 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_PING_INTERVAL = 30.0
 DEFAULT_PING_TIMEOUT = 20.0
 DEFAULT_MAX_CONNECTIONS = 1000
+DEFAULT_MAX_PENDING_CONNECTIONS = 256
 DEFAULT_NONCE_CACHE_SIZE = 100_000
 #: Accepted upgrades one agent may have inside the replay window (±max_skew):
 #: far above what a reconnecting agent needs (its backoff allows about one a
@@ -466,7 +468,7 @@ class _GatewayProtocol(WebSocketServerProtocol):
         cp = self._cp
         if request.path != GATEWAY_PATH:
             raise self._deny(request, 404, "not found")
-        if self.factory.countConnections > cp.max_connections:
+        if cp._tracker.upgraded_count >= cp.max_connections:
             raise self._deny(request, 503, "too many connections")
         if cp._refusal is not None:
             raise self._deny(request, cp._refusal[0], cp._refusal[1])
@@ -475,6 +477,8 @@ class _GatewayProtocol(WebSocketServerProtocol):
             # tests) until clear_stall() releases it into the normal path.
             d: Deferred[None] = Deferred()
             cp._stalled[self] = d
+            if isinstance(self.transport, _TrackedConnection):
+                self.transport.hold()
             d.addCallback(lambda _: self._authenticate(request))
             return d
         return self._authenticate(request)
@@ -616,6 +620,8 @@ class _GatewayProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:
         assert self._agent_id is not None
         cp = self._cp
+        if isinstance(self.transport, _TrackedConnection):
+            self.transport.upgrade_accepted()
         self._session = Session(self, self._agent_id, self.remote, cp.clock())
         cp._session_opened(self._session)
         if cp.ping_interval > 0:
@@ -842,13 +848,21 @@ class _GatewayFactory(WebSocketServerFactory):
 
 class _TrackedConnection(ProtocolWrapper):
     """
-    Every TCP connection of the listener: counted for the connection cap,
-    aborted on stop, and given C{handshake_timeout} to deliver its first
-    request (the WebSocket upgrade is one).
+    Every TCP connection of the gateway listener.
+
+    Until it is an accepted WebSocket it is I{pending}: it has an absolute
+    deadline (C{handshake_timeout} from TCP connect, whatever it sends
+    meanwhile: a request, a trickle of bytes, keep-alive requests) and it
+    counts against C{max_pending_connections}, where a new connection
+    pushes out the oldest pending one.  Once the upgrade is accepted the
+    deadline is gone and the connection counts against C{max_connections}
+    (the sessions), watched by the WebSocket keepalive instead.
     """
 
     factory: _ConnectionTracker
     _timer: Any = None
+    #: True once the WebSocket upgrade was accepted.
+    upgraded = False
 
     def makeConnection(self, transport: Any) -> None:
         timeout = self.factory.control_plane.handshake_timeout
@@ -860,12 +874,21 @@ class _TrackedConnection(ProtocolWrapper):
         if ISSLTransport.providedBy(self):
             noLongerProvides(self, ISSLTransport)
         Protocol.makeConnection(self, transport)  # type: ignore[no-untyped-call]
-        self.factory.registerProtocol(self)  # type: ignore[no-untyped-call]
+        self.factory.registerProtocol(self)
         wrapped: Any = self.wrappedProtocol
         wrapped.makeConnection(self)
 
-    def request_received(self) -> None:
-        """The first request arrived: the handshake deadline no longer applies."""
+    def upgrade_accepted(self) -> None:
+        """The WebSocket is open: no deadline, and it counts as a session now."""
+        self._cancel_deadline()
+        self.upgraded = True
+        self.factory.pending.pop(self, None)
+
+    def hold(self) -> None:
+        """A stalled upgrade (a test control): only the test releases it."""
+        self._cancel_deadline()
+
+    def _cancel_deadline(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -874,27 +897,14 @@ class _TrackedConnection(ProtocolWrapper):
         self._timer = None
         transport: Any = self.transport
         log.info("handshake timeout remote={remote}", remote=_format_address(transport.getPeer()))
+        # Abort, not close: a peer that does not read would hold a close forever.
         transport.abortConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.request_received()
+        self._cancel_deadline()
         super().connectionLost(reason)  # type: ignore[no-untyped-call]
         for d in self.factory.lost_waiters.pop(self, []):
             d.callback(None)
-
-
-class _OverCapacity(Protocol):
-    """Answers 503 and hangs up: the listener is at its connection cap."""
-
-    def connectionMade(self) -> None:
-        body = b"too many connections\n"
-        assert self.transport is not None
-        transport: Any = self.transport
-        transport.write(
-            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
-        )
-        transport.loseConnection()
 
 
 class _ConnectionTracker(WrappingFactory):
@@ -904,19 +914,60 @@ class _ConnectionTracker(WrappingFactory):
         super().__init__(site)  # type: ignore[no-untyped-call]
         self.control_plane = control_plane
         self.lost_waiters: dict[_TrackedConnection, list[Deferred[None]]] = {}
+        #: Connections not yet an accepted WebSocket, oldest first.
+        self.pending: dict[_TrackedConnection, None] = {}
+        #: Pending connections closed to make room for newer ones.
+        self.evicted = 0
+        self._evicted_logged = 0
+        self._eviction_logged_at: float | None = None
+
+    @property
+    def upgraded_count(self) -> int:
+        """How many connections are accepted WebSockets."""
+        return len(self.protocols) - len(self.pending)
+
+    def registerProtocol(self, p: Protocol) -> None:
+        super().registerProtocol(p)  # type: ignore[no-untyped-call]
+        if isinstance(p, _TrackedConnection):
+            self.pending[p] = None
+
+    def unregisterProtocol(self, p: Protocol) -> None:
+        super().unregisterProtocol(p)  # type: ignore[no-untyped-call]
+        self.pending.pop(p, None)  # type: ignore[call-overload]
 
     def buildProtocol(self, addr: IAddress) -> Protocol | None:  # type: ignore[override]
-        # The cap counts every TCP connection, WebSocket or plain HTTP, with
-        # a little room so the WebSocket-level check answers first.
-        if len(self.protocols) >= self.control_plane.max_connections + 1:
-            log.warn(
-                "connection refused: at the cap of {cap} connections remote={remote}",
-                cap=self.control_plane.max_connections,
-                remote=_format_address(addr),
-            )
-            over = _OverCapacity()
-            return over
-        return super().buildProtocol(addr)
+        # Unauthenticated connections get their own cap, and the oldest one
+        # makes room: holding the cap then needs a fresh connection faster
+        # than an agent completes its upgrade (milliseconds), not a slow
+        # trickle, and the sessions' cap is not theirs to fill.
+        cap = self.control_plane.max_pending_connections
+        while len(self.pending) >= cap:
+            oldest = next(iter(self.pending))
+            del self.pending[oldest]
+            self.evicted += 1
+            if oldest.transport is not None:
+                oldest.transport.abortConnection()
+        self._log_evictions(addr)
+        built: Protocol | None = super().buildProtocol(addr)
+        return built
+
+    def _log_evictions(self, addr: IAddress) -> None:
+        # At most one line a minute: the eviction is the defence against a
+        # flood, which must not become a flood of log lines.
+        if self.evicted == self._evicted_logged:
+            return
+        now = self.control_plane.reactor.seconds()
+        if self._eviction_logged_at is not None and now - self._eviction_logged_at < 60:
+            return
+        log.warn(
+            "pending-connection cap of {cap} reached: closed {count} oldest unauthenticated "
+            "connection(s) to make room (latest from {remote})",
+            cap=self.control_plane.max_pending_connections,
+            count=self.evicted - self._evicted_logged,
+            remote=_format_address(addr),
+        )
+        self._evicted_logged = self.evicted
+        self._eviction_logged_at = now
 
     def when_lost(self, connection: _TrackedConnection) -> Deferred[None]:
         d: Deferred[None] = Deferred()
@@ -924,13 +975,50 @@ class _ConnectionTracker(WrappingFactory):
         return d
 
 
+_BODY_REFUSED = b"request bodies are not accepted\n"
+
+
+class _Channel(HTTPChannel):
+    """
+    HTTP on the gateway listener: no request has a body here (the upgrade
+    and C{/healthz} are GETs), so a body is refused with 413 before any of it
+    is stored, and the connection is closed.
+    """
+
+    def allHeadersReceived(self) -> None:
+        # length: None for chunked, the Content-Length otherwise (0 if absent).
+        # Checked before the request sees its length, which is when Twisted
+        # would create the body's temporary file.
+        if self.length == 0:
+            super().allHeadersReceived()  # type: ignore[no-untyped-call]
+            return
+        self.persistent = False
+        # The parser goes on in raw mode (length is not 0): everything after
+        # the headers is dropped unread.
+        self.rawDataReceived = lambda data: None  # type: ignore[method-assign]
+        transport: Any = self.transport
+        transport.write(
+            b"HTTP/1.1 413 Content Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (len(_BODY_REFUSED), _BODY_REFUSED)
+        )
+        transport.loseConnection()
+
+
 class _Site(Site):
-    """A Site that tells the connection wrapper when its first request is in."""
+    """
+    A Site whose answers other than the WebSocket upgrade close the
+    connection: a keep-alive connection would be a way to stay connected
+    without ever authenticating.
+    """
+
+    # A plain HTTP/1.1 channel: no HTTP/2 negotiation on the gateway.
+    protocol = _Channel  # type: ignore[assignment]
 
     def getResourceFor(self, request: Request) -> IResource:
-        transport = request.channel.transport if request.channel is not None else None
-        if isinstance(transport, _TrackedConnection):
-            transport.request_received()
+        if request.path != GATEWAY_PATH.encode("ascii"):
+            request.channel.persistent = False
+            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
         resource: IResource = super().getResourceFor(request)  # type: ignore[no-untyped-call]
         return resource
 
@@ -994,6 +1082,7 @@ class ControlPlane:
         ping_interval: float = DEFAULT_PING_INTERVAL,
         ping_timeout: float = DEFAULT_PING_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_pending_connections: int = DEFAULT_MAX_PENDING_CONNECTIONS,
         nonce_cache_size: int = DEFAULT_NONCE_CACHE_SIZE,
         nonce_quota: int = DEFAULT_NONCE_QUOTA,
         reload_interval: float = DEFAULT_RELOAD_INTERVAL,
@@ -1011,11 +1100,15 @@ class ControlPlane:
         @param clock: Wall-clock Unix time, for timestamps and the nonce window.
         @param max_skew: Seconds a signed timestamp may differ from C{clock()}.
         @param max_message_bytes: Larger inbound messages close with 1009.
-        @param handshake_timeout: Seconds a new connection has to send its
-            request (the WebSocket upgrade); 0 disables.
+        @param handshake_timeout: Seconds from TCP connect until the
+            connection must be an accepted WebSocket, whatever it sends
+            meanwhile (0 disables: tests only).
         @param ping_interval: Our keepalive ping period (0: no pings).
         @param ping_timeout: Seconds to wait for the pong before dropping.
-        @param max_connections: Concurrent connections; above it, 503.
+        @param max_connections: Concurrent WebSocket sessions; above it,
+            upgrades get 503.
+        @param max_pending_connections: Concurrent connections that are not
+            (yet) an accepted WebSocket; a new one closes the oldest.
         @param nonce_cache_size: Hard cap of the replay memory; when full,
             new upgrades get 503.
         @param nonce_quota: Accepted upgrades one agent may have inside the
@@ -1044,6 +1137,7 @@ class ControlPlane:
         for name, count in (
             ("max_message_bytes", max_message_bytes),
             ("max_connections", max_connections),
+            ("max_pending_connections", max_pending_connections),
             ("nonce_cache_size", nonce_cache_size),
             ("nonce_quota", nonce_quota),
         ):
@@ -1057,6 +1151,7 @@ class ControlPlane:
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.max_connections = max_connections
+        self.max_pending_connections = max_pending_connections
         self.reload_interval = reload_interval
         self.agents_file = agents_file
 

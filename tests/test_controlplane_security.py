@@ -13,7 +13,13 @@ from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from hostlink_tw.controlplane import (
@@ -43,8 +49,10 @@ from .test_controlplane import (
     BASE_TIME,
     KEY_A,
     KEY_B,
+    WAIT,
     ControlPlaneTestMixin,
     _signer,
+    _timeout,
     raw_request,
 )
 
@@ -75,6 +83,199 @@ class SecurityTestMixin(ControlPlaneTestMixin):
         response = yield raw_request(cp.port, headers=headers)
         self.assertEqual((response.status, response.text), (status, reason))  # type: ignore[attr-defined]
         self.assertEqual(cp.sessions(), [])  # type: ignore[attr-defined]
+
+
+# -- item 2: unauthenticated connections must not hold the gateway -------------------
+
+
+class _Holder(Protocol):
+    """A hostile client: sends what it is told, records what it gets, closes never."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.closed: Deferred[None] = Deferred()
+        self.closed_at: float | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed_at = reactor.seconds()
+        self.closed.callback(None)
+
+
+@inlineCallbacks
+def _open_holder(port: int, first: bytes = b"") -> Any:
+    holder = _Holder()
+    yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), holder)
+    if first:
+        holder.transport.write(first)
+    return holder
+
+
+_KEEP_ALIVE_HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+class DeadlineClockTests(SynchronousTestCase):
+    """The handshake deadline on a Clock: absolute, whatever the peer sends."""
+
+    def connect(self, cp: ControlPlane) -> tuple[Any, StringTransport]:
+        protocol = cp._tracker.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_deadline_survives_complete_requests(self) -> None:
+        """
+        Before the fix the first complete request cancelled the deadline:
+        a keep-alive connection that kept sending stayed forever.
+        """
+        clock = MemoryReactorClock()
+        cp = ControlPlane({}, reactor=clock, handshake_timeout=10.0, database=False)
+        protocol, transport = self.connect(cp)
+        protocol.dataReceived(_KEEP_ALIVE_HEALTHZ)
+        self.assertIn(b"\r\nConnection: close\r\n", transport.value())
+        self.assertTrue(transport.disconnecting)  # closes once the answer is out...
+        for _ in range(99):  # ...and a peer that never lets it go is still cut off:
+            clock.advance(0.1)
+            protocol.dataReceived(b"x")
+        self.assertFalse(transport.disconnected)
+        clock.advance(0.11)
+        self.assertTrue(transport.disconnected)  # abortConnection
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_accepted_websocket_has_no_deadline(self) -> None:
+        clock = MemoryReactorClock()
+        cp = ControlPlane({}, reactor=clock, handshake_timeout=10.0, database=False)
+        protocol, _ = self.connect(cp)
+        self.assertEqual(list(cp._tracker.pending), [protocol])
+        protocol.upgrade_accepted()
+        self.assertEqual((list(cp._tracker.pending), cp._tracker.upgraded_count), ([], 1))
+        deadlines = [c for c in clock.getDelayedCalls() if "_timed_out" in repr(c)]
+        self.assertEqual((deadlines, protocol._timer), ([], None))
+
+
+class UnauthenticatedConnectionTests(SecurityTestMixin, TestCase):
+    N = 20
+
+    @inlineCallbacks
+    def test_keep_alive_tricklers_are_all_closed(self) -> Any:
+        """
+        N sockets each send a complete keep-alive request, then one byte
+        every 50 ms.  All are closed within the deadline (0.5 s; the test
+        allows 3 s).  Before the fix every one stayed open (only Twisted's
+        12-hour idle timeout applied, reset by each byte).
+        """
+        cp = yield self.start(handshake_timeout=0.5, database=False)
+        started = reactor.seconds()
+        holders = []
+        for _ in range(self.N):
+            holder = yield _open_holder(cp.port, _KEEP_ALIVE_HEALTHZ)
+            holders.append(holder)
+        trickle = LoopingCall(
+            lambda: [h.transport.write(b"G") for h in holders if h.closed_at is None]
+        )
+        trickle.start(0.05)
+        try:
+            yield _timeout(gatherResults([h.closed for h in holders]), 3.0)
+        finally:
+            trickle.stop()
+        latest = max(h.closed_at for h in holders if h.closed_at is not None) - started
+        self.assertLess(latest, 3.0)
+        for holder in holders:
+            self.assertIn(b"\r\nConnection: close\r\n", holder.data)
+        self.assertEqual(len(cp._tracker.protocols), 0)
+
+    @inlineCallbacks
+    def test_partial_requests_closed_by_the_deadline(self) -> Any:
+        cp = yield self.start(handshake_timeout=0.3, database=False)
+        holders = []
+        for _ in range(self.N):
+            holder = yield _open_holder(cp.port, b"GET /api/v1/agents/ws HTTP/1.1\r\nX-A: ")
+            holders.append(holder)
+        trickle = LoopingCall(
+            lambda: [h.transport.write(b"a") for h in holders if h.closed_at is None]
+        )
+        trickle.start(0.05)
+        try:
+            yield _timeout(gatherResults([h.closed for h in holders]), 3.0)
+        finally:
+            trickle.stop()
+        self.assertEqual([h.data for h in holders], [b""] * self.N)
+
+    @inlineCallbacks
+    def test_signed_upgrade_succeeds_while_the_cap_is_held(self) -> Any:
+        """
+        Hostile connections fill the cap of unauthenticated connections;
+        a real signed upgrade still gets in (the oldest hostile connection
+        makes room).  Before the fix, the hostile connections counted
+        against the one cap of all connections and agents got 503.
+        """
+        cp = yield self.start(
+            max_pending_connections=5, max_connections=2, handshake_timeout=30, database=False
+        )
+        holders = []
+        for _ in range(5):
+            holder = yield _open_holder(cp.port, b"GET /api/v1/agents/ws HTTP/1.1\r\n")
+            holders.append(holder)
+        for _ in range(100):
+            if len(cp._tracker.pending) == 5:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(len(cp._tracker.pending), 5)
+        yield self.connect(cp)
+        session = yield cp.wait_active(AGENT_A, timeout=WAIT)
+        self.assertTrue(session.active)
+        yield _timeout(holders[0].closed)
+        self.assertEqual(cp._tracker.evicted, 1)
+        self.assertEqual((len(cp._tracker.pending), cp._tracker.upgraded_count), (4, 1))
+        # Sessions have their own cap: the second agent fits, a third would not.
+        yield self.connect(cp, _signer(KEY_B, AGENT_B))
+        response = yield raw_request(cp.port, headers=_signer().sign_headers())
+        self.assertEqual((response.status, response.text), (503, "too many connections"))
+
+    @inlineCallbacks
+    def test_request_body_refused_unwritten(self) -> Any:
+        """
+        A request with a body (announced 1 GB, or chunked) gets 413 and a
+        closed connection; nothing is stored.  Before the fix Twisted
+        spooled the body to a temporary file for as long as it came.
+        """
+        created: list[object] = []
+        from twisted.web import http
+
+        original = http._getContentFile
+
+        def spy(length: int | None) -> Any:
+            created.append(length)
+            return original(length)
+
+        self.patch(http, "_getContentFile", spy)
+        cp = yield self.start(database=False)
+        for head in (
+            b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n",
+            b"PUT /status HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET /api/v1/agents/ws HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n",
+        ):
+            holder = yield _open_holder(cp.port, head)
+            for _ in range(16):
+                if holder.closed_at is not None:
+                    break
+                holder.transport.write(b"z" * 65536)
+                yield deferLater(reactor, 0, lambda: None)
+            yield _timeout(holder.closed)
+            self.assertTrue(holder.data.startswith(b"HTTP/1.1 413 "), holder.data[:40])
+        self.assertEqual(created, [])
+        response = yield raw_request(cp.port, "/healthz", upgrade=False)
+        self.assertEqual(response.status, 200)
+
+    @inlineCallbacks
+    def test_pipelined_requests_answered_once(self) -> Any:
+        """Requests pipelined behind the first are never read: one answer, then close."""
+        cp = yield self.start(database=False)
+        holder = yield _open_holder(cp.port, _KEEP_ALIVE_HEALTHZ * 1000)
+        yield _timeout(holder.closed)
+        self.assertEqual(holder.data.count(b"HTTP/1.1 200"), 1)
 
 
 # -- item 5: one agent must not fill the replay memory for everyone -------------------
@@ -224,8 +425,6 @@ class NonceStoreTests(TestCase):
     def test_rows_survive_and_expired_rows_are_purged(self) -> Any:
         path = os.path.join(self.mktemp() + "-dir", DATABASE_NAME)
         os.makedirs(os.path.dirname(path))
-        from twisted.internet import reactor
-
         store = NonceStore(path, reactor)
         # Three upgrades at once: one batch (or two), every Deferred fires.
         yield store.record("a", "n1", 1300.0, now=1000.0)
@@ -251,16 +450,12 @@ class NonceStoreTests(TestCase):
     def test_fifo_database_refused(self) -> None:
         path = self.mktemp()
         os.mkfifo(path)
-        from twisted.internet import reactor
-
         error = self.assertRaises(ReplayStoreError, NonceStore, path, reactor)
         self.assertIn(path, str(error))
         self.assertIn("regular file", str(error))
 
     @inlineCallbacks
     def test_closed_store_refuses_writes(self) -> Any:
-        from twisted.internet import reactor
-
         store = NonceStore(self.mktemp(), reactor)
         yield store.close()
         yield self.assertFailure(store.record("a", "n", 1.0, now=0.0), ReplayStoreError)
