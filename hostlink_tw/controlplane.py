@@ -76,6 +76,7 @@ twistd: ``twistd -n hostlink-controlplane --agents agents.json``
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import re
@@ -187,6 +188,9 @@ DEFAULT_PING_TIMEOUT = 20.0
 DEFAULT_MAX_CONNECTIONS = 1000
 DEFAULT_MAX_PENDING_CONNECTIONS = 256
 DEFAULT_NONCE_CACHE_SIZE = 100_000
+#: Bytes that may wait in one connection's send buffers (the peer not
+#: reading) before it is aborted: room for several of the largest messages.
+DEFAULT_MAX_SEND_BUFFER_BYTES = 4 << 20
 #: Accepted upgrades one agent may have inside the replay window (±max_skew):
 #: far above what a reconnecting agent needs (its backoff allows about one a
 #: second at worst), far below the cache size, so one agent cannot fill it.
@@ -202,7 +206,6 @@ _BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{
 _PAYLOAD_ERRORS = frozenset(
     {INVALID_UTF8, INVALID_JSON, NESTING_TOO_DEEP, NUMBER_OUT_OF_RANGE, DUPLICATE_KEY}
 )
-_RECEIVED_KEPT = 1000
 #: Upgrade attempts kept in L{ControlPlane.attempts} (the oldest are dropped
 #: in batches once twice as many have piled up), and the longest header value
 #: kept per attempt: anyone can send upgrades, so neither may grow unbounded.
@@ -312,7 +315,8 @@ class Session:
     One open WebSocket session of an authenticated agent.
 
     Counters and timestamps are what C{/status} reports.  C{received} keeps
-    the last inbound envelopes (for tests).
+    the last inbound envelopes, for tests, only while the control plane's
+    C{record_messages} is set, and only that many bytes of them.
     """
 
     def __init__(self, protocol: _GatewayProtocol, agent_id: str, remote: str, now: float) -> None:
@@ -327,7 +331,11 @@ class Session:
         self.active = False
         self.active_since: float | None = None
         self.hello_message_id: str | None = None
-        self.received: deque[Envelope] = deque(maxlen=_RECEIVED_KEPT)
+        self.received: deque[Envelope] = deque()
+        self._received_sizes: deque[int] = deque()
+        self._received_bytes = 0
+        #: The most bytes ever waiting in this connection's send buffers.
+        self.peak_send_buffer = 0
         self.close_code: int | None = None
         self.close_reason: str | None = None
         self.closed = False
@@ -385,6 +393,17 @@ class Session:
             "messages_out": self.messages_out,
         }
 
+    def _keep(self, envelope: Envelope, size: int, limit: int) -> None:
+        """Keep an inbound envelope of C{size} bytes, the oldest going past C{limit} bytes."""
+        if limit <= 0 or size > limit:
+            return
+        self.received.append(envelope)
+        self._received_sizes.append(size)
+        self._received_bytes += size
+        while self._received_bytes > limit:
+            self.received.popleft()
+            self._received_bytes -= self._received_sizes.popleft()
+
     def _ended(self, code: int | None, reason: str | None) -> None:
         self.closed = True
         self.active = False
@@ -416,6 +435,37 @@ def _phrase(status: int) -> str:
         return "Error"
 
 
+def _buffered_bytes(transport: object) -> int:
+    """
+    Bytes written to C{transport} that the peer has not taken yet: the
+    write buffers of every layer down to the socket (our connection wrapper,
+    TLS's cleartext buffer, the TCP transport's buffer).
+
+    Twisted has no public accessor for a transport's buffered size (only
+    the pause/resume producer signal at 64 KiB, which its HTTP channel
+    already holds on this connection), so this reads the attributes of
+    L{twisted.internet.abstract.FileDescriptor} and
+    L{twisted.protocols.tls.TLSMemoryBIOProtocol}; the flood test checks
+    that they still mean what they meant.
+    """
+    total = 0
+    for _ in range(8):  # a few wrapping layers at most
+        # Instance attributes only: ProtocolWrapper forwards unknown
+        # attributes to its transport, which would count a buffer twice.
+        own = getattr(transport, "__dict__", {})
+        data_buffer = own.get("dataBuffer")
+        if isinstance(data_buffer, (bytes, bytearray, memoryview)):
+            total += len(data_buffer) - int(own.get("offset", 0))
+            total += int(own.get("_tempDataLen", 0))
+        tls_buffer = own.get("_appSendBuffer")
+        if isinstance(tls_buffer, list):
+            total += sum(len(chunk) for chunk in tls_buffer)
+        transport = own.get("transport")
+        if transport is None:
+            break
+    return total
+
+
 def _format_address(address: IAddress | str) -> str:
     if isinstance(address, (IPv4Address, IPv6Address)):
         host = f"[{address.host}]" if isinstance(address, IPv6Address) else address.host
@@ -436,6 +486,9 @@ class _GatewayProtocol(WebSocketServerProtocol):
     _attempt_recorded = False
     _ping_call: Any = None
     _pong_deadline: Any = None
+    _ping_payload: bytes | None = None
+    _send_aborted = False
+    _peak_buffered = 0
 
     @property
     def _cp(self) -> ControlPlane:
@@ -634,13 +687,23 @@ class _GatewayProtocol(WebSocketServerProtocol):
         self._ping_call = cp.reactor.callLater(cp.ping_interval, self._ping)
         if self.state != self.STATE_OPEN:
             return
-        self.sendPing(os.urandom(8))
-        # One deadline for the oldest unanswered ping: a peer that keeps not
-        # answering must not push it further away with every new ping.
-        if cp.ping_timeout > 0 and self._pong_deadline is None:
+        # One ping outstanding at a time, with one deadline: a peer that
+        # keeps not answering must not push it further away with every ping.
+        if self._ping_payload is not None and cp.ping_timeout > 0:
+            return
+        # Random, and checked on the pong: a peer that never reads our
+        # frames cannot answer it, so it cannot keep a dead session alive.
+        self._ping_payload = os.urandom(16)
+        self.sendPing(self._ping_payload)
+        if cp.ping_timeout > 0:
             self._pong_deadline = cp.reactor.callLater(cp.ping_timeout, self._pong_missed)
 
     def onPong(self, payload: bytes) -> None:
+        expected = self._ping_payload
+        if expected is None or not hmac.compare_digest(payload, expected):
+            # Unsolicited pongs are allowed (RFC 6455 §5.5.3), but prove nothing.
+            return
+        self._ping_payload = None
         if self._pong_deadline is not None:
             self._pong_deadline.cancel()
             self._pong_deadline = None
@@ -690,7 +753,7 @@ class _GatewayProtocol(WebSocketServerProtocol):
         except ProtocolError as e:
             self._refuse(CLOSE_POLICY, e.code, e.message, envelope.message_id)
             return
-        session.received.append(envelope)
+        session._keep(envelope, len(payload), self._cp.record_messages)
         self._dispatch(session, envelope)
         # After dispatch, so a waiter sees the answer (hello_ack) already sent.
         self._cp._message_received(session, envelope)
@@ -787,6 +850,34 @@ class _GatewayProtocol(WebSocketServerProtocol):
             )
         )
         self.close_with(close_code, code)
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        """
+        Every byte we send passes here (the upgrade answer, frames, Autobahn's
+        own pongs and close frames): once the peer stops reading and more
+        than C{max_send_buffer_bytes} wait in our buffers, the connection is
+        aborted, so a peer flooding pings it never reads cannot grow our
+        memory.
+        """
+        if self._send_aborted:
+            return
+        super().sendData(data, sync, chopsize)
+        buffered = _buffered_bytes(self.transport) + sum(len(e[0]) for e in self.send_queue)
+        if buffered > self._peak_buffered:
+            self._peak_buffered = buffered
+            if self._session is not None:
+                self._session.peak_send_buffer = buffered
+        if buffered > self._cp.max_send_buffer_bytes:
+            self._send_aborted = True
+            log.warn(
+                "peer is not reading: {buffered} bytes waiting to be sent (limit {limit}), "
+                "dropping agent_id={agent_id} remote={remote}",
+                buffered=buffered,
+                limit=self._cp.max_send_buffer_bytes,
+                agent_id=self._agent_id or "-",
+                remote=self.remote,
+            )
+            self.abort()
 
     def send_envelope(self, envelope: Envelope) -> None:
         """Send one envelope as a text frame."""
@@ -1087,6 +1178,8 @@ class ControlPlane:
         nonce_quota: int = DEFAULT_NONCE_QUOTA,
         reload_interval: float = DEFAULT_RELOAD_INTERVAL,
         database: str | bool = True,
+        max_send_buffer_bytes: int = DEFAULT_MAX_SEND_BUFFER_BYTES,
+        record_messages: int = 0,
     ) -> None:
         """
         @param agents: Agent id → public key (L{RSAPublicKey}, or base64 of
@@ -1117,6 +1210,11 @@ class ControlPlane:
             window survives a restart (L{NonceStore}): a path; C{True} (the
             default) for C{controlplane.db} beside C{agents_file}, or memory
             only when there is no agents file; C{False} for memory only.
+        @param max_send_buffer_bytes: Bytes that may wait to be sent on one
+            connection (its peer not reading) before it is aborted.
+        @param record_messages: Bytes of inbound envelopes each session
+            keeps in L{Session.received} (for tests; 0, the default, keeps
+            none).  May be changed at any time.
         @raise AgentsFileError: The agents or the file are unusable.
         @raise ReplayStoreError: The database cannot be used.
         @raise ValueError: An option is out of range.
@@ -1140,6 +1238,7 @@ class ControlPlane:
             ("max_pending_connections", max_pending_connections),
             ("nonce_cache_size", nonce_cache_size),
             ("nonce_quota", nonce_quota),
+            ("max_send_buffer_bytes", max_send_buffer_bytes),
         ):
             if not isinstance(count, int) or count < 1:
                 raise ValueError(f"{name} must be a positive integer, not {count!r}")
@@ -1152,6 +1251,9 @@ class ControlPlane:
         self.ping_timeout = ping_timeout
         self.max_connections = max_connections
         self.max_pending_connections = max_pending_connections
+        self.max_send_buffer_bytes = max_send_buffer_bytes
+        #: Bytes of inbound envelopes kept per session (tests; 0: none).
+        self.record_messages = record_messages
         self.reload_interval = reload_interval
         self.agents_file = agents_file
 

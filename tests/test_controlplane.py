@@ -526,7 +526,7 @@ class SessionTests(ControlPlaneTestMixin, TestCase):
 
     @inlineCallbacks
     def test_task_messages_acked(self) -> Any:
-        cp = yield self.start()
+        cp = yield self.start(record_messages=1 << 20)
         client = yield self.connect(cp)
         received = make_envelope(
             TASK_RECEIVED, AGENT_A, {}, task_id="t1", execution_attempt_id="e1"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes
@@ -22,6 +23,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from hostlink_tw import controlplane
 from hostlink_tw.controlplane import (
     AgentsFileError,
     ControlPlane,
@@ -276,6 +278,99 @@ class UnauthenticatedConnectionTests(SecurityTestMixin, TestCase):
         holder = yield _open_holder(cp.port, _KEEP_ALIVE_HEALTHZ * 1000)
         yield _timeout(holder.closed)
         self.assertEqual(holder.data.count(b"HTTP/1.1 200"), 1)
+
+
+# -- item 6: an authenticated agent must not grow the control plane's memory -------------
+
+
+def _masked_frame(opcode: int, payload: bytes) -> bytes:
+    """One client-to-server frame (FIN set, masked), payload at most 125 bytes."""
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked
+
+
+class SendBufferTests(SecurityTestMixin, TestCase):
+    LIMIT = 64 * 1024
+
+    @inlineCallbacks
+    def test_ping_flood_without_reading_is_aborted(self) -> Any:
+        """
+        An authenticated client floods pings and never reads the pongs.
+        The control plane's buffered bytes stay within the limit (plus one
+        pong) and the connection is aborted.  Before the fix every pong was
+        buffered: the attack grew the control plane by ~9 MiB/s (manual
+        run: 58 -> 338 MiB in 30 s).  Bounded: at most 64 MiB of pings.
+        """
+        cp = yield self.start(max_send_buffer_bytes=self.LIMIT, ping_interval=0, database=False)
+        client = yield self.connect(cp)
+        session = cp.session(AGENT_A)
+        # Small kernel buffers on both sides, so the flood reaches the
+        # control plane's own buffer after kilobytes, not megabytes.
+        client.proto.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        server_socket = session._protocol.transport.transport.getHandle()
+        server_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        client.proto.transport.pauseProducing()  # never reads again
+        chunk = b"".join(_masked_frame(0x9, os.urandom(125)) for _ in range(512))
+        sent = 0
+        while not session.closed and sent < 64 << 20:
+            client.proto.transport.write(chunk)
+            sent += len(chunk)
+            yield deferLater(reactor, 0, lambda: None)
+        code = yield _timeout(session.when_closed())
+        self.assertEqual(code, controlplane.CLOSE_ABNORMAL)
+        self.assertGreater(session.pings_received, 0)
+        self.assertGreater(session.peak_send_buffer, self.LIMIT // 2)
+        self.assertLessEqual(session.peak_send_buffer, self.LIMIT + 127)
+
+    @inlineCallbacks
+    def test_forged_pongs_do_not_keep_a_session(self) -> Any:
+        """
+        A client that never answers our pings but sends pongs of its own
+        is dropped at the pong deadline.  Before the fix any pong cancelled
+        the deadline, so a client that never read kept its session.
+        """
+        cp = yield self.start(ping_interval=0.05, ping_timeout=0.3, database=False)
+        client = yield self.connect(cp)
+        client.answer_pings = False
+        session = cp.session(AGENT_A)
+        forge = LoopingCall(lambda: client.proto.sendPong(b"\0" * 16))
+        forge.start(0.02)
+        try:
+            code = yield _timeout(session.when_closed(), 3.0)
+        finally:
+            forge.stop()
+        self.assertEqual(code, controlplane.CLOSE_ABNORMAL)
+
+    @inlineCallbacks
+    def test_answered_pings_keep_the_session(self) -> Any:
+        cp = yield self.start(ping_interval=0.05, ping_timeout=0.3, database=False)
+        client = yield self.connect(cp)
+        for _ in range(100):
+            if client.pings >= 10:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertGreaterEqual(client.pings, 10)
+        self.assertFalse(cp.session(AGENT_A).closed)
+
+    @inlineCallbacks
+    def test_messages_kept_only_on_request_and_bounded(self) -> Any:
+        """Before the fix every session kept its last 1,000 envelopes (up to ~1 GiB)."""
+        cp = yield self.start(database=False)
+        client = yield self.connect(cp)
+        session = cp.session(AGENT_A)
+        self.assertEqual(list(session.received), [])
+        cp.record_messages = 1000
+        sent = [client.hello() for _ in range(20)]
+        yield client.message(20)  # the last hello's ack: all 20 were handled
+        kept = list(session.received)
+        self.assertLessEqual(sum(len(e.to_json()) for e in kept), 1000)
+        self.assertGreater(len(kept), 0)
+        self.assertEqual(kept, sent[-len(kept) :])
+        cp.record_messages = 0
+        client.hello()
+        yield client.message(21)
+        self.assertEqual(list(session.received), kept)
 
 
 # -- item 5: one agent must not fill the replay memory for everyone -------------------
