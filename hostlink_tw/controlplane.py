@@ -4,7 +4,7 @@ and local development.
 
 It serves the server side of the Hostlink agent protocol (PROTOCOL.md) over
 Autobahn and Twisted Web, on any Twisted server endpoint (``tcp:…`` plain,
-``ssl:…`` TLS), on one listener:
+``ssl:…`` TLS).  The gateway listener serves only:
 
 * ``GET /api/v1/agents/ws`` — the agent gateway (WebSocket upgrade).  Every
   upgrade is authenticated from the four signed headers (PROTOCOL §2):
@@ -13,8 +13,22 @@ Autobahn and Twisted Web, on any Twisted server endpoint (``tcp:…`` plain,
   seen inside the window.  Refusals are HTTP 401 with a short text body and
   one log line; a full nonce memory answers 503.
 * ``GET /healthz`` — C{200 ok}.
-* ``GET /status`` — JSON: the open sessions.
 * anything else — 404.
+
+Every answer but an accepted upgrade closes its connection, a request with a
+body is refused (413) unread, and a connection that is not an accepted
+WebSocket C{handshake_timeout} after TCP connect is aborted, whatever it has
+sent.  Unauthenticated connections are capped apart from sessions
+(C{max_pending_connections}; a new one closes the oldest), so they cannot
+take the sessions' place (C{max_connections}).  A peer that stops reading is
+aborted once C{max_send_buffer_bytes} wait to be sent to it.  The listen
+backlog is Twisted's default of 50 pending TCP handshakes; a storm of more
+agents needs a larger one in the endpoint (C{tcp:8080:backlog=1024}; the
+kernel caps it at C{net.core.somaxconn}).
+
+A separate I{operator} listener (L{ControlPlane.listen_operator}; loopback
+by default) serves ``GET /status``: JSON, the open sessions with each agent's
+id and remote address, which is why it is not on the gateway.
 
 Sessions
 ========
@@ -56,6 +70,9 @@ In-process use (tests, demos)
     cp.stall_upgrades()                   # hold upgrades unanswered (clear_stall() releases)
     cp.withhold_hello_ack = True          # hellos stay unanswered
     cp.attempts                           # upgrade attempts and verdicts (the last 10,000+)
+    cp.record_messages = 1 << 20          # keep 1 MiB of inbound envelopes per session
+    cp.session("agent-1").received        # ... here
+    yield cp.listen_operator()            # GET cp.operator_url + "/status"
     yield cp.stop()                       # closes everything, stops listening
 
 L{ControlPlane.wait_active} fires when the control plane has I{sent} the
@@ -66,9 +83,13 @@ chaos durations) on the C{reactor} given.
 Options (keyword arguments of L{ControlPlane} and L{start_control_plane}):
 C{agents_file}, C{clock} (wall-clock Unix time for the timestamp window),
 C{max_skew} (300 s), C{max_message_bytes} (1 MiB), C{handshake_timeout}
-(10 s from TCP connect to a complete first request), C{ping_interval} (30 s)
+(10 s from TCP connect to an accepted WebSocket), C{ping_interval} (30 s)
 and C{ping_timeout} (20 s) for our keepalive, C{max_connections} (1000
-concurrent connections; above it 503), C{nonce_cache_size} (100,000),
+sessions; above it 503), C{max_pending_connections} (256 connections not
+yet upgraded), C{max_send_buffer_bytes} (4 MiB), C{nonce_cache_size}
+(100,000), C{nonce_quota} (1000 per agent; above it 429), C{database}
+(the replay window's SQLite file, by default C{controlplane.db} beside the
+agents file; memory only without one), C{record_messages} (0 bytes),
 C{reload_interval} (1 s agents-file poll).  As a daemon it runs under
 twistd: ``twistd -n hostlink-controlplane --agents agents.json``
 (L{hostlink_tw.controlplane_tap}).
@@ -77,6 +98,7 @@ twistd: ``twistd -n hostlink-controlplane --agents agents.json``
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import os
 import re
@@ -197,6 +219,9 @@ DEFAULT_MAX_SEND_BUFFER_BYTES = 4 << 20
 DEFAULT_NONCE_QUOTA = 1000
 DEFAULT_RELOAD_INTERVAL = 1.0
 DEFAULT_LISTEN = "tcp:0:interface=127.0.0.1"
+#: In process, the operator listener (C{/status}) is opened only on request,
+#: on an ephemeral loopback port by default.
+DEFAULT_OPERATOR_LISTEN = "tcp:0:interface=127.0.0.1"
 
 _MAX_AGENT_ID_LENGTH = 256
 # Go's strconv.ParseInt syntax for the timestamp: ASCII digits, optional sign.
@@ -1141,6 +1166,8 @@ class _Healthz(Resource):
 
 
 class _Status(Resource):
+    """C{GET /status} on the operator listener: the sessions, as JSON."""
+
     isLeaf = True
 
     def __init__(self, control_plane: ControlPlane) -> None:
@@ -1150,6 +1177,23 @@ class _Status(Resource):
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"Content-Type", b"application/json")  # type: ignore[no-untyped-call]
         return json.dumps(self._cp.status(), indent=2).encode("utf-8") + b"\n"
+
+
+class _OperatorSite(Site):
+    """The operator listener's site: every answer closes its connection."""
+
+    def getResourceFor(self, request: Request) -> IResource:
+        request.channel.persistent = False
+        request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+        resource: IResource = super().getResourceFor(request)  # type: ignore[no-untyped-call]
+        return resource
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 class ControlPlane:
@@ -1293,6 +1337,11 @@ class ControlPlane:
         # Twisted's interface types; Any because mypy cannot see zope interfaces.
         self._timers: dict[str, Any] = {}
         self._port: Any = None
+        self._operator_port: Any = None
+        self._operator = WrappingFactory(
+            _OperatorSite(_Root({b"/status": _Status(self)}), reactor=reactor)  # type: ignore[no-untyped-call]
+        )
+        self._operator.noisy = False
         self._secure = False
         self._poller: LoopingCall | None = None
         self._stop_result: Deferred[None] | None = None
@@ -1326,7 +1375,6 @@ class ControlPlane:
                 {
                     GATEWAY_PATH.encode("ascii"): WebSocketResource(factory),  # type: ignore[no-untyped-call]
                     b"/healthz": _Healthz(),
-                    b"/status": _Status(self),
                 }
             ),
             reactor=reactor,
@@ -1392,6 +1440,48 @@ class ControlPlane:
         """The agent gateway URL (what C{HOSTLINK_WS_URL} should be)."""
         return "ws" + self.url[len("http") :] + GATEWAY_PATH
 
+    def listen_operator(self, description: str = DEFAULT_OPERATOR_LISTEN) -> Deferred[ControlPlane]:
+        """
+        Serve C{GET /status} (every session: agent id, remote address,
+        counters) on its own listener, apart from the gateway, which anyone
+        who can reach an agent's control plane can reach.  Bind it to
+        loopback (the default) unless the network in between is trusted:
+        a warning is logged when it is not.
+        """
+        if self._operator_port is not None:
+            raise RuntimeError("the operator listener is already open")
+        endpoint = serverFromString(self.reactor, description)  # type: ignore[no-untyped-call]
+        d: Deferred[Any] = endpoint.listen(self._operator)
+
+        def listening(port: Any) -> ControlPlane:
+            self._operator_port = port
+            host = str(getattr(port.getHost(), "host", ""))
+            log.info("operator status page on {url}/status", url=self.operator_url)
+            if not _is_loopback(host):
+                log.warn(
+                    "the operator status page listens on {host}, not loopback: anyone who "
+                    "can reach it sees every agent id and address",
+                    host=host or "?",
+                )
+            return self
+
+        return d.addCallback(listening)
+
+    @property
+    def operator_url(self) -> str:
+        """The operator listener's base URL (C{http://127.0.0.1:port}); C{/status} is there."""
+        if self._operator_port is None:
+            raise RuntimeError("the operator listener is not open")
+        address = self._operator_port.getHost()
+        host = str(getattr(address, "host", "127.0.0.1"))
+        if host in ("0.0.0.0", ""):  # noqa: S104 - describing, not binding
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{address.port}"
+
     def stop(self) -> Deferred[None]:
         """
         Stop listening, close every session with 1001, drop every other
@@ -1412,6 +1502,10 @@ class ControlPlane:
         waits: list[Deferred[Any]] = []
         if self._port is not None:
             waits.append(defer.maybeDeferred(self._port.stopListening))
+        if self._operator_port is not None:
+            waits.append(defer.maybeDeferred(self._operator_port.stopListening))
+            for connection in list(self._operator.protocols):
+                connection.transport.abortConnection()
         gone = [self._tracker.when_lost(c) for c in list(self._tracker.protocols)]
         for connection in list(self._tracker.protocols):
             inner = connection.wrappedProtocol
@@ -1711,6 +1805,7 @@ def start_control_plane(
     agents: Mapping[str, RSAPublicKey | str],
     *,
     listen: str = DEFAULT_LISTEN,
+    operator_listen: str | None = None,
     reactor: Any = None,
     **options: Any,
 ) -> Deferred[ControlPlane]:
@@ -1720,10 +1815,15 @@ def start_control_plane(
     @param agents: Agent id → public key (L{RSAPublicKey}, base64 PKIX DER, or PEM).
     @param listen: A Twisted server endpoint description; the default is an
         ephemeral port on 127.0.0.1 (read L{ControlPlane.port} / C{ws_url}).
+    @param operator_listen: Also open the operator listener (C{/status})
+        there (L{ControlPlane.listen_operator}); None: not opened.
     @param options: Keyword arguments of L{ControlPlane}.
     """
     try:
         control_plane = ControlPlane(agents, reactor=reactor, **options)
     except (AgentsFileError, ValueError):
         return defer.fail()
-    return control_plane.listen(listen)
+    d = control_plane.listen(listen)
+    if operator_listen is not None:
+        d.addCallback(lambda cp: cp.listen_operator(operator_listen))
+    return d

@@ -373,6 +373,34 @@ class SendBufferTests(SecurityTestMixin, TestCase):
         self.assertEqual(list(session.received), kept)
 
 
+# -- item 8: /status only on the operator listener -------------------------------------
+
+
+class OperatorListenerTests(SecurityTestMixin, TestCase):
+    @inlineCallbacks
+    def test_gateway_does_not_list_agents(self) -> Any:
+        """Before the fix GET /status on the gateway listed every agent id and address."""
+        cp = yield self.start(database=False)
+        yield self.connect(cp)
+        response = yield raw_request(cp.port, "/status", upgrade=False)
+        self.assertEqual(response.status, 404)
+        self.assertNotIn(AGENT_A.encode(), response.body)
+        self.assertRaises(RuntimeError, lambda: cp.operator_url)
+        yield cp.listen_operator()
+        port = int(cp.operator_url.rsplit(":", 1)[1])
+        response = yield raw_request(port, "/status", upgrade=False)
+        self.assertEqual(json.loads(response.body)["sessions"][0]["agent_id"], AGENT_A)
+        self.assertEqual(response.headers["connection"], "close")
+        response = yield raw_request(port, "/healthz", upgrade=False)
+        self.assertEqual(response.status, 404)
+
+    def test_loopback_detection(self) -> None:
+        for host in ("127.0.0.1", "127.9.9.9", "::1"):
+            self.assertTrue(controlplane._is_loopback(host), host)
+        for host in ("0.0.0.0", "::", "10.0.0.1", "", "localhost"):  # noqa: S104
+            self.assertFalse(controlplane._is_loopback(host), host)
+
+
 # -- item 5: one agent must not fill the replay memory for everyone -------------------
 
 
