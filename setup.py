@@ -14,7 +14,7 @@ setup(
     python_requires=">=3.10",
     # "twisted.plugins" ships our plugin files (no __init__.py there: the
     # directory belongs to Twisted's namespace of plugin modules).
-    packages=["hostlink_tw", "twisted.plugins"],
+    packages=["hostlink_tw", "hostlink_tw.agent", "twisted.plugins"],
     package_data={"hostlink_tw": ["py.typed"]},
     install_requires=[
         "twisted[tls]>=24.7.0",
@@ -29,6 +29,8 @@ setup(
             "hypothesis>=6.100",
             "ruff>=0.6",
             "mypy>=1.10",
+            # mypy plugin that understands zope.interface, for typed reactors.
+            "mypy-zope>=1.0.17",
         ],
         # Benchmarks only: plots for docs/performance.rst.
         "bench": ["matplotlib>=3.8"],
