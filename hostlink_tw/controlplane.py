@@ -130,6 +130,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 from zope.interface import directlyProvides, noLongerProvides, providedBy
 
+from hostlink_tw._files import read_regular_file
 from hostlink_tw.controlplane_replay import (
     NonceCache,
     NonceStore,
@@ -137,7 +138,7 @@ from hostlink_tw.controlplane_replay import (
     database_beside,
     valid_nonce,
 )
-from hostlink_tw.identity import IdentityError, _read_small_file, load_public_key
+from hostlink_tw.identity import IdentityError, load_public_key
 from hostlink_tw.protocol import (
     ACK,
     AGENT_HELLO,
@@ -231,6 +232,8 @@ _BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{
 _PAYLOAD_ERRORS = frozenset(
     {INVALID_UTF8, INVALID_JSON, NESTING_TOO_DEEP, NUMBER_OUT_OF_RANGE, DUPLICATE_KEY}
 )
+# The agents file is a few keys; refusing huge files keeps a mistake cheap.
+_MAX_AGENTS_FILE_BYTES = 16 << 20
 #: Upgrade attempts kept in L{ControlPlane.attempts} (the oldest are dropped
 #: in batches once twice as many have piled up), and the longest header value
 #: kept per attempt: anyone can send upgrades, so neither may grow unbounded.
@@ -285,24 +288,21 @@ def parse_agents(agents: Mapping[str, object], source: str = "agents") -> dict[s
     return result
 
 
-# identity._read_small_file is private there, but it is the project's one
-# non-blocking, regular-file-only reader: a FIFO at the path must not block
-# the reactor, and a second copy of that discipline would drift.
 def load_agents_file(path: str) -> dict[str, RSAPublicKey]:
     """
     Read the authorized-agents file: a JSON object mapping agent id to
     public key (see L{parse_agents}).
 
     The file is opened non-blocking and must be a regular file of at most
-    1 MiB (about 2,500 agents): a FIFO or device at the path is refused at
-    once instead of blocking the reactor.
+    16 MiB (L{hostlink_tw._files.read_regular_file}): a FIFO or device at
+    the path is refused at once instead of blocking the reactor.
 
     @raise AgentsFileError: The file is missing, unreadable, not a regular
         file, too large, not JSON, or holds a bad entry; the message names
         the file.
     """
     try:
-        data = _read_small_file(path)
+        data = read_regular_file(path, _MAX_AGENTS_FILE_BYTES)
     except OSError as e:
         raise AgentsFileError(f"{path}: cannot read the agents file: {e.strerror or e}") from None
     try:

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from hostlink_tw._files import FileTooLargeError, NotRegularFileError, read_regular_file
 from hostlink_tw.config import ConfigError, check_server_endpoint
 from hostlink_tw.controlplane import (
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -161,6 +162,7 @@ class Options(usage.Options):
 
     @staticmethod
     def _check_listen(option: str, description: str) -> None:
+        _check_endpoint_files(option, description)
         try:
             check_server_endpoint(description)
         except ConfigError as e:
@@ -238,6 +240,34 @@ class ControlPlaneService(Service):
             signal.signal(signal.SIGHUP, previous if previous is not None else signal.SIG_DFL)
             self._sighup_installed = False
         return self.control_plane.stop()
+
+
+# The files an ssl: endpoint reads (Twisted reads them, blocking, while the
+# description is parsed): key, certificate, chain, DH parameters.
+_ENDPOINT_FILE_KEYS = ("privateKey", "certKey", "extraCertChain", "dhParameters")
+# Arguments are separated by ":" unless escaped as "\:".
+_ENDPOINT_SEPARATOR = re.compile(r"(?<!\\):")
+
+
+def _check_endpoint_files(option: str, description: str) -> None:
+    """
+    Refuse an endpoint whose TLS files are not regular files, before Twisted
+    opens them with a blocking open: a FIFO there would hang the start.
+    """
+    for argument in _ENDPOINT_SEPARATOR.split(description)[1:]:
+        key, found, value = argument.partition("=")
+        if not found or key.strip() not in _ENDPOINT_FILE_KEYS:
+            continue
+        path = value.replace("\\:", ":")
+        try:
+            read_regular_file(path, _MAX_ENDPOINT_FILE_BYTES)
+        except (NotRegularFileError, FileTooLargeError, IsADirectoryError) as e:
+            raise usage.UsageError(f"--{option} {key}={path}: {e.strerror}") from None
+        except OSError:
+            continue  # missing or unreadable: Twisted's own error names it
+
+
+_MAX_ENDPOINT_FILE_BYTES = 1 << 20
 
 
 def _cannot_listen(error: CannotListenError, option: str) -> str:

@@ -605,7 +605,7 @@ class AgentsFileFIFOTests(SynchronousTestCase):
     def test_large_agents_file_refused(self) -> None:
         path = self.mktemp()
         with open(path, "wb") as f:
-            f.write(b" " * ((1 << 20) + 1))
+            f.truncate((16 << 20) + 1)
         error = self.assertRaises(AgentsFileError, load_agents_file, path)
         self.assertIn("larger than", str(error))
 

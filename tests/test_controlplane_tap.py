@@ -20,6 +20,7 @@ from twisted.trial.unittest import TestCase
 
 from hostlink_tw.controlplane_tap import ControlPlaneService, Options, makeService
 from hostlink_tw.identity import public_key_base64
+from hostlink_tw.testing import make_test_certificates
 
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
@@ -85,6 +86,29 @@ class OptionsTests(TestCase):
         error = self.assertRaises(usage.UsageError, self.parse, *args)
         self.assertIn(expected, str(error))
         self.assertNotIn("\n", str(error))
+
+    def test_fifo_tls_files_refused(self) -> None:
+        """
+        Issue 10 item 12: Twisted opens an ssl: endpoint's files with a
+        blocking open while parsing; a FIFO there hung twistd's start.
+        """
+        certificates = make_test_certificates(self.mktemp())
+        fifo = self.mktemp()
+        os.mkfifo(fifo)
+        good = self.agents_file()
+        for key in ("privateKey", "certKey"):
+            listen = certificates.listen().replace(
+                getattr(certificates, "key" if key == "privateKey" else "cert"), fifo
+            )
+            self.assertIn(fifo, listen)
+            self.assertUsageError(
+                f"--listen {key}={fifo}: not a regular file", "--agents", good, "--listen", listen
+            )
+        self.assertUsageError(
+            f"--operator-listen privateKey={fifo}: not a regular file",
+            "--agents", good, "--operator-listen",
+            f"ssl:0:interface=127.0.0.1:privateKey={fifo}:certKey={certificates.cert}",
+        )
 
     def test_bad_options(self) -> None:
         good = self.agents_file()
