@@ -401,6 +401,19 @@ class OperatorListenerTests(SecurityTestMixin, TestCase):
             self.assertFalse(controlplane._is_loopback(host), host)
 
 
+# -- item 16 (part): the listen backlog is the endpoint's ------------------------------
+
+
+class BacklogTests(SecurityTestMixin, TestCase):
+    @inlineCallbacks
+    def test_backlog_from_the_endpoint(self) -> Any:
+        """Twisted's default is 50; README says how to raise it, and this is that way."""
+        cp = yield self.start(listen="tcp:0:interface=127.0.0.1:backlog=7", database=False)
+        self.assertEqual(cp._port.backlog, 7)
+        default = yield self.start(database=False)
+        self.assertEqual(default._port.backlog, 50)
+
+
 # -- item 5: one agent must not fill the replay memory for everyone -------------------
 
 
@@ -519,7 +532,6 @@ class ReplayAcrossRestartTests(SecurityTestMixin, TestCase):
         """
         path = self.agents_file()
         first = yield self.start({}, agents_file=path, reload_interval=0)
-        self.assertEqual(first.database, os.path.abspath(os.path.join(path, "..", DATABASE_NAME)))
         captured = _signer().sign_headers()
         response = yield raw_request(first.port, headers=captured)
         self.assertEqual(response.status, 101)
@@ -530,6 +542,8 @@ class ReplayAcrossRestartTests(SecurityTestMixin, TestCase):
         second = yield self.start({}, agents_file=path, reload_interval=0, clock=clock)
         response = yield raw_request(second.port, headers=captured)
         self.assertEqual((response.status, response.text), (401, "replayed nonce"))
+        self.assertEqual(first.database, os.path.abspath(os.path.join(path, "..", DATABASE_NAME)))
+        self.assertTrue(os.path.isfile(first.database))
         # A fresh upgrade is fine, and the window still ends: 301 s after the
         # captured timestamp the entry is gone (and the headers stale anyway).
         response = yield raw_request(second.port, headers=_signer(at=clock.now).sign_headers())
