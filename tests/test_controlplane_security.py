@@ -21,6 +21,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from hostlink_tw import controlplane
@@ -155,6 +156,34 @@ class DeadlineClockTests(SynchronousTestCase):
         self.assertEqual((list(cp._tracker.pending), cp._tracker.upgraded_count), ([], 1))
         deadlines = [c for c in clock.getDelayedCalls() if "_timed_out" in repr(c)]
         self.assertEqual((deadlines, protocol._timer), ([], None))
+
+
+class PendingCapClockTests(SynchronousTestCase):
+    def test_oldest_pending_makes_room_and_one_line_a_minute(self) -> None:
+        clock = MemoryReactorClock()
+        cp = ControlPlane({}, reactor=clock, max_pending_connections=2, database=False)
+        lines: list[str] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            if "pending-connection cap" in event.get("log_format", ""):
+                lines.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        transports = []
+        for i in range(5):
+            protocol = cp._tracker.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000 + i))
+            transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000 + i))
+            protocol.makeConnection(transport)
+            transports.append(transport)
+        self.assertEqual([t.disconnected for t in transports], [True] * 3 + [False] * 2)
+        self.assertEqual(cp._tracker.evicted, 3)
+        self.assertEqual(len(lines), 1)
+        self.assertIn("closed 1 oldest", lines[0])
+        clock.advance(61)
+        cp._tracker.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40010))
+        self.assertEqual(len(lines), 2)
+        self.assertIn("closed 3 oldest", lines[1])
 
 
 class UnauthenticatedConnectionTests(SecurityTestMixin, TestCase):
