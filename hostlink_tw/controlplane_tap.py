@@ -42,6 +42,7 @@ from hostlink_tw.controlplane import (
     ReplayStoreError,
     load_agents_file,
 )
+from hostlink_tw.controlplane_replay import NonceStore, database_beside
 from hostlink_tw.duration import DurationError, format_duration, parse_go_duration
 
 __all__ = ["ControlPlaneService", "Options", "makeService"]
@@ -150,8 +151,10 @@ class Options(usage.Options):
         database = (self["database"] or "").strip()
         if database.lower() == OFF:
             settings["database"] = False
-        elif database:
-            settings["database"] = database
+        else:
+            if database:
+                settings["database"] = database
+            self._check_database(database or database_beside(self["agents"]))
         self["listen"] = self["listen"].strip()
         self._check_listen("listen", self["listen"])
         operator = (self["operator-listen"] or "").strip()
@@ -159,6 +162,15 @@ class Options(usage.Options):
         if self["operator-listen"] is not None:
             self._check_listen("operator-listen", self["operator-listen"])
         self.settings = settings
+
+    @staticmethod
+    def _check_database(path: str) -> None:
+        # Opened (and created) now, so a bad path is a usage error, not a
+        # traceback from makeService.
+        try:
+            NonceStore(path, reactor=None).close()
+        except ReplayStoreError as e:
+            raise usage.UsageError(f"--database: {e}") from None
 
     @staticmethod
     def _check_listen(option: str, description: str) -> None:
@@ -298,6 +310,7 @@ def makeService(options: Options, reactor: Any = None) -> ControlPlaneService:
     """Build the service twistd runs from parsed L{Options}."""
     try:
         control_plane = ControlPlane(reactor=reactor, **options.settings)
-    except ReplayStoreError as e:
-        raise usage.UsageError(f"--database: {e}") from None
+    except (AgentsFileError, ReplayStoreError) as e:
+        # Checked by Options already; changed since: still one line.
+        raise SystemExit(f"hostlink-controlplane: {e}") from None
     return ControlPlaneService(control_plane, options["listen"], options["operator-listen"])

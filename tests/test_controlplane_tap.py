@@ -122,6 +122,12 @@ class OptionsTests(TestCase):
             "--operator-listen", "--agents", good, "--operator-listen", "bogus:1"
         )
         self.assertUsageError("--nonce-quota", "--agents", good, "--nonce-quota", "0")
+        self.assertUsageError(
+            "cannot use the database", "--agents", good, "--database", "/nonexistent/x.db"
+        )
+        fifo = self.mktemp()
+        os.mkfifo(fifo)
+        self.assertUsageError("must be a regular file", "--agents", good, "--database", fifo)
         self.assertUsageError("cannot read", "--agents", self.mktemp())
         self.assertUsageError("agent 'a'", "--agents", self.agents_file({"a": "nope"}))
 
