@@ -75,6 +75,8 @@ class StormControlPlane(LineReceiver):
         return {
             # Room for every agent plus the connections of a replaced session.
             "max_connections": 2 * len(self.agents) + 100,
+            # The whole fleet may be mid-upgrade at once: none may push out another.
+            "max_pending_connections": 2 * len(self.agents) + 100,
             "nonce_cache_size": max(100_000, 20 * len(self.agents)),
         }
 

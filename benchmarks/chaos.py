@@ -211,10 +211,20 @@ class FaultRun:
             os.path.join(self.dir, "agents.json"), identities or [self.identity]
         )
 
-    async def control_plane_process(self, port: int, name: str = "control-plane") -> ManagedProcess:
-        """A ``twistd hostlink-controlplane`` on ``port``, listening when this returns."""
+    async def control_plane_process(
+        self, port: int, name: str = "control-plane", status_port: int | None = None
+    ) -> ManagedProcess:
+        """
+        A ``twistd hostlink-controlplane`` on ``port`` (and its ``/status`` on
+        ``status_port``, if given), listening when this returns.
+        """
         process = spawn_control_plane(
-            f"tcp:{port}:interface=127.0.0.1", self.agents_file(), name=name
+            f"tcp:{port}:interface=127.0.0.1",
+            self.agents_file(),
+            name=name,
+            operator_listen=(
+                "none" if status_port is None else f"tcp:{status_port}:interface=127.0.0.1"
+            ),
         )
         self.on_cleanup(process.reap)
         await process.wait_for(LISTENING, timeout=self.config.startup_timeout)
@@ -424,12 +434,10 @@ async def http_get(port: int, path: str) -> tuple[int, bytes]:
     return int(head.split(None, 2)[1]), body
 
 
-async def _process_status(cp_port: int) -> dict[str, Any]:
-    """GET /status of a control plane process (its own connection counted out)."""
-    _, body = await http_get(cp_port, "/status")
+async def _process_status(status_port: int) -> dict[str, Any]:
+    """GET /status of a control plane process (from its operator listener)."""
+    _, body = await http_get(status_port, "/status")
     data: dict[str, Any] = json.loads(body)
-    # The request's own connection is one of those counted.
-    data["connections"] -= 1
     return data
 
 
@@ -469,8 +477,8 @@ _GAVE_UP = r"giving up this attempt: connect and upgrade not done within .* \(st
 
 async def control_plane_killed(run: FaultRun) -> None:
     """SIGKILL the control plane process, keep it down, start it again on the same port."""
-    port = free_port()
-    cp = await run.control_plane_process(port)
+    port, status_port = free_port(), free_port()
+    cp = await run.control_plane_process(port, status_port=status_port)
     await run.start_agent(f"ws://127.0.0.1:{port}{_GATEWAY}", {port})
     run.fault_starts()
     cp.signal(signal.SIGKILL)
@@ -479,19 +487,21 @@ async def control_plane_killed(run: FaultRun) -> None:
     await run.also_logged(_REFUSED, "connection refused while down", run.config.bound + 2)
     await run.hold()
     async def restart() -> float:
-        new = await run.control_plane_process(port, name="control-plane (restarted)")
+        new = await run.control_plane_process(
+            port, name="control-plane (restarted)", status_port=status_port
+        )
         match = new.find(LISTENING)
         assert match is not None
         return match.at
 
     await run.ends(restart)
-    await _expect_one_session(run, lambda: _process_status(port))
+    await _expect_one_session(run, lambda: _process_status(status_port))
 
 
 async def control_plane_frozen(run: FaultRun) -> None:
     """SIGSTOP the control plane (a dead peer: TCP up, nothing answers), then SIGCONT."""
-    port = free_port()
-    cp = await run.control_plane_process(port)
+    port, status_port = free_port(), free_port()
+    cp = await run.control_plane_process(port, status_port=status_port)
     await run.start_agent(f"ws://127.0.0.1:{port}{_GATEWAY}", {port})
     run.fault_starts()
     cp.signal(signal.SIGSTOP)
@@ -501,7 +511,7 @@ async def control_plane_frozen(run: FaultRun) -> None:
     await run.also_logged(_GAVE_UP, "frozen attempt given up", run.config.bound + 2)
     await run.hold()
     await run.ends(lambda: cp.signal(signal.SIGCONT))
-    await _expect_one_session(run, lambda: _process_status(port))
+    await _expect_one_session(run, lambda: _process_status(status_port))
 
 
 async def proxy_blackhole_then_reset(run: FaultRun, reset_phase: bool = True) -> None:

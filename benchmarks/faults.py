@@ -689,12 +689,22 @@ def spawn_agent(
 
 
 def spawn_control_plane(
-    listen: str, agents_file: str, *, name: str = "control-plane", extra: Sequence[str] = ()
+    listen: str,
+    agents_file: str,
+    *,
+    name: str = "control-plane",
+    extra: Sequence[str] = (),
+    operator_listen: str = "none",
 ) -> ManagedProcess:
-    """``twistd -n hostlink-controlplane --listen … --agents …`` as a real process."""
+    """
+    ``twistd -n hostlink-controlplane --listen … --agents …`` as a real process
+    (``operator_listen``: its ``/status`` endpoint, off by default so that
+    harnesses side by side do not compete for the default port 8081).
+    """
     args = [
         _twistd(), "-n", "--pidfile=", "--logfile=-", "hostlink-controlplane",
-        "--listen", listen, "--agents", agents_file, *extra,
+        "--listen", listen, "--agents", agents_file, "--operator-listen", operator_listen,
+        *extra,
     ]
     process = ManagedProcess(name)
     process.spawn(args, _child_env())

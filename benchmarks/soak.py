@@ -300,7 +300,8 @@ class Soak:
             "control plane",
             [f"--logfile={self.dir / 'controlplane.log'}", "hostlink-controlplane",
              "--listen", f"tcp:{self.cp_port}:interface={HOST}",
-             "--agents", str(agents), "--ping-interval", "5s", "--ping-timeout", "3s"],
+             "--agents", str(agents), "--ping-interval", "5s", "--ping-timeout", "3s",
+             "--operator-listen", "none"],
             self.dir,
             env,
         )

@@ -4,7 +4,7 @@ and local development.
 
 It serves the server side of the Hostlink agent protocol (PROTOCOL.md) over
 Autobahn and Twisted Web, on any Twisted server endpoint (``tcp:…`` plain,
-``ssl:…`` TLS), on one listener:
+``ssl:…`` TLS).  The gateway listener serves only:
 
 * ``GET /api/v1/agents/ws`` — the agent gateway (WebSocket upgrade).  Every
   upgrade is authenticated from the four signed headers (PROTOCOL §2):
@@ -13,8 +13,22 @@ Autobahn and Twisted Web, on any Twisted server endpoint (``tcp:…`` plain,
   seen inside the window.  Refusals are HTTP 401 with a short text body and
   one log line; a full nonce memory answers 503.
 * ``GET /healthz`` — C{200 ok}.
-* ``GET /status`` — JSON: the open sessions.
 * anything else — 404.
+
+Every answer but an accepted upgrade closes its connection, a request with a
+body is refused (413) unread, and a connection that is not an accepted
+WebSocket C{handshake_timeout} after TCP connect is aborted, whatever it has
+sent.  Unauthenticated connections are capped apart from sessions
+(C{max_pending_connections}; a new one closes the oldest), so they cannot
+take the sessions' place (C{max_connections}).  A peer that stops reading is
+aborted once C{max_send_buffer_bytes} wait to be sent to it.  The listen
+backlog is Twisted's default of 50 pending TCP handshakes; a storm of more
+agents needs a larger one in the endpoint (C{tcp:8080:backlog=1024}; the
+kernel caps it at C{net.core.somaxconn}).
+
+A separate I{operator} listener (L{ControlPlane.listen_operator}; loopback
+by default) serves ``GET /status``: JSON, the open sessions with each agent's
+id and remote address, which is why it is not on the gateway.
 
 Sessions
 ========
@@ -56,6 +70,9 @@ In-process use (tests, demos)
     cp.stall_upgrades()                   # hold upgrades unanswered (clear_stall() releases)
     cp.withhold_hello_ack = True          # hellos stay unanswered
     cp.attempts                           # upgrade attempts and verdicts (the last 10,000+)
+    cp.record_messages = 1 << 20          # keep 1 MiB of inbound envelopes per session
+    cp.session("agent-1").received        # ... here
+    yield cp.listen_operator()            # GET cp.operator_url + "/status"
     yield cp.stop()                       # closes everything, stops listening
 
 L{ControlPlane.wait_active} fires when the control plane has I{sent} the
@@ -66,9 +83,13 @@ chaos durations) on the C{reactor} given.
 Options (keyword arguments of L{ControlPlane} and L{start_control_plane}):
 C{agents_file}, C{clock} (wall-clock Unix time for the timestamp window),
 C{max_skew} (300 s), C{max_message_bytes} (1 MiB), C{handshake_timeout}
-(10 s from TCP connect to a complete first request), C{ping_interval} (30 s)
+(10 s from TCP connect to an accepted WebSocket), C{ping_interval} (30 s)
 and C{ping_timeout} (20 s) for our keepalive, C{max_connections} (1000
-concurrent connections; above it 503), C{nonce_cache_size} (100,000),
+sessions; above it 503), C{max_pending_connections} (256 connections not
+yet upgraded), C{max_send_buffer_bytes} (4 MiB), C{nonce_cache_size}
+(100,000), C{nonce_quota} (1000 per agent; above it 429), C{database}
+(the replay window's SQLite file, by default C{controlplane.db} beside the
+agents file; memory only without one), C{record_messages} (0 bytes),
 C{reload_interval} (1 s agents-file poll).  As a daemon it runs under
 twistd: ``twistd -n hostlink-controlplane --agents agents.json``
 (L{hostlink_tw.controlplane_tap}).
@@ -76,7 +97,8 @@ twistd: ``twistd -n hostlink-controlplane --agents agents.json``
 
 from __future__ import annotations
 
-import heapq
+import hmac
+import ipaddress
 import json
 import os
 import re
@@ -102,11 +124,20 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 from zope.interface import directlyProvides, noLongerProvides, providedBy
 
+from hostlink_tw._files import read_regular_file
+from hostlink_tw.controlplane_replay import (
+    NonceCache,
+    NonceStore,
+    ReplayStoreError,
+    database_beside,
+    valid_nonce,
+)
 from hostlink_tw.identity import IdentityError, load_public_key
 from hostlink_tw.protocol import (
     ACK,
@@ -149,6 +180,7 @@ __all__ = [
     "ControlPlane",
     "NoSessionError",
     "NonceCache",
+    "ReplayStoreError",
     "Session",
     "load_agents_file",
     "parse_agents",
@@ -178,13 +210,21 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_PING_INTERVAL = 30.0
 DEFAULT_PING_TIMEOUT = 20.0
 DEFAULT_MAX_CONNECTIONS = 1000
+DEFAULT_MAX_PENDING_CONNECTIONS = 256
 DEFAULT_NONCE_CACHE_SIZE = 100_000
+#: Bytes that may wait in one connection's send buffers (the peer not
+#: reading) before it is aborted: room for several of the largest messages.
+DEFAULT_MAX_SEND_BUFFER_BYTES = 4 << 20
+#: Accepted upgrades one agent may have inside the replay window (±max_skew):
+#: far above what a reconnecting agent needs (its backoff allows about one a
+#: second at worst), far below the cache size, so one agent cannot fill it.
+DEFAULT_NONCE_QUOTA = 1000
 DEFAULT_RELOAD_INTERVAL = 1.0
 DEFAULT_LISTEN = "tcp:0:interface=127.0.0.1"
+#: In process, the operator listener (C{/status}) is opened only on request,
+#: on an ephemeral loopback port by default.
+DEFAULT_OPERATOR_LISTEN = "tcp:0:interface=127.0.0.1"
 
-# A nonce is 24 characters of base64; anything far longer is not a nonce and
-# must not be allowed to grow the replay memory.
-_MAX_NONCE_LENGTH = 128
 # Go's strconv.ParseInt syntax for the timestamp: ASCII digits, optional sign.
 _TIMESTAMP = re.compile(r"[+-]?[0-9]{1,19}", re.ASCII)
 _BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?", re.ASCII)
@@ -194,7 +234,6 @@ _PAYLOAD_ERRORS = frozenset(
 )
 # The agents file is a few keys; refusing huge files keeps a mistake cheap.
 _MAX_AGENTS_FILE_BYTES = 16 << 20
-_RECEIVED_KEPT = 1000
 #: Upgrade attempts kept in L{ControlPlane.attempts} (the oldest are dropped
 #: in batches once twice as many have piled up), and the longest header value
 #: kept per attempt: anyone can send upgrades, so neither may grow unbounded.
@@ -254,73 +293,23 @@ def load_agents_file(path: str) -> dict[str, RSAPublicKey]:
     Read the authorized-agents file: a JSON object mapping agent id to
     public key (see L{parse_agents}).
 
-    @raise AgentsFileError: The file is missing, unreadable, not JSON, or
-        holds a bad entry; the message names the file.
+    The file is opened non-blocking and must be a regular file of at most
+    16 MiB (L{hostlink_tw._files.read_regular_file}): a FIFO or device at
+    the path is refused at once instead of blocking the reactor.
+
+    @raise AgentsFileError: The file is missing, unreadable, not a regular
+        file, too large, not JSON, or holds a bad entry; the message names
+        the file.
     """
     try:
-        with open(path, "rb") as f:
-            data = f.read(_MAX_AGENTS_FILE_BYTES + 1)
+        data = read_regular_file(path, _MAX_AGENTS_FILE_BYTES)
     except OSError as e:
         raise AgentsFileError(f"{path}: cannot read the agents file: {e.strerror or e}") from None
-    if len(data) > _MAX_AGENTS_FILE_BYTES:
-        raise AgentsFileError(f"{path}: the agents file is larger than 16 MiB")
     try:
         document = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise AgentsFileError(f"{path}: not valid JSON: {e}") from None
     return parse_agents(document, source=path)
-
-
-class NonceCache:
-    """
-    The replay memory: nonces accepted inside the time window.
-
-    An entry is kept until its signed timestamp leaves the window (after
-    that the same headers are refused as stale anyway), so memory is bounded
-    by the request rate; C{max_entries} is the hard cap on top.
-    """
-
-    def __init__(self, window: float, max_entries: int) -> None:
-        """
-        @param window: Seconds a timestamp stays acceptable (the max skew).
-        @param max_entries: Hard cap on remembered nonces.
-        """
-        self.window = window
-        self.max_entries = max_entries
-        self._expiry: dict[tuple[str, str], float] = {}
-        self._heap: list[tuple[float, tuple[str, str]]] = []
-
-    def __len__(self) -> int:
-        return len(self._expiry)
-
-    def evict(self, now: float) -> None:
-        """Forget every nonce whose timestamp left the window before C{now}."""
-        while self._heap and self._heap[0][0] < now:
-            expires, key = heapq.heappop(self._heap)
-            if self._expiry.get(key) == expires:
-                del self._expiry[key]
-
-    def seen(self, agent_id: str, nonce: str, now: float) -> bool:
-        """True if this agent used this nonce inside the window."""
-        self.evict(now)
-        return (agent_id, nonce) in self._expiry
-
-    def full(self, now: float) -> bool:
-        """True if no new nonce can be remembered (after eviction)."""
-        self.evict(now)
-        return len(self._expiry) >= self.max_entries
-
-    def add(self, agent_id: str, nonce: str, timestamp: float) -> None:
-        """Remember a nonce until C{timestamp + window}."""
-        expires = timestamp + self.window
-        key = (agent_id, nonce)
-        self._expiry[key] = expires
-        heapq.heappush(self._heap, (expires, key))
-
-    def clear(self) -> None:
-        """Forget every nonce."""
-        self._expiry.clear()
-        self._heap.clear()
 
 
 @dataclass(frozen=True)
@@ -352,7 +341,8 @@ class Session:
     One open WebSocket session of an authenticated agent.
 
     Counters and timestamps are what C{/status} reports.  C{received} keeps
-    the last inbound envelopes (for tests).
+    the last inbound envelopes, for tests, only while the control plane's
+    C{record_messages} is set, and only that many bytes of them.
     """
 
     def __init__(self, protocol: _GatewayProtocol, agent_id: str, remote: str, now: float) -> None:
@@ -367,7 +357,11 @@ class Session:
         self.active = False
         self.active_since: float | None = None
         self.hello_message_id: str | None = None
-        self.received: deque[Envelope] = deque(maxlen=_RECEIVED_KEPT)
+        self.received: deque[Envelope] = deque()
+        self._received_sizes: deque[int] = deque()
+        self._received_bytes = 0
+        #: The most bytes ever waiting in this connection's send buffers.
+        self.peak_send_buffer = 0
         self.close_code: int | None = None
         self.close_reason: str | None = None
         self.closed = False
@@ -425,6 +419,17 @@ class Session:
             "messages_out": self.messages_out,
         }
 
+    def _keep(self, envelope: Envelope, size: int, limit: int) -> None:
+        """Keep an inbound envelope of C{size} bytes, the oldest going past C{limit} bytes."""
+        if limit <= 0 or size > limit:
+            return
+        self.received.append(envelope)
+        self._received_sizes.append(size)
+        self._received_bytes += size
+        while self._received_bytes > limit:
+            self.received.popleft()
+            self._received_bytes -= self._received_sizes.popleft()
+
     def _ended(self, code: int | None, reason: str | None) -> None:
         self.closed = True
         self.active = False
@@ -456,6 +461,37 @@ def _phrase(status: int) -> str:
         return "Error"
 
 
+def _buffered_bytes(transport: object) -> int:
+    """
+    Bytes written to C{transport} that the peer has not taken yet: the
+    write buffers of every layer down to the socket (our connection wrapper,
+    TLS's cleartext buffer, the TCP transport's buffer).
+
+    Twisted has no public accessor for a transport's buffered size (only
+    the pause/resume producer signal at 64 KiB, which its HTTP channel
+    already holds on this connection), so this reads the attributes of
+    L{twisted.internet.abstract.FileDescriptor} and
+    L{twisted.protocols.tls.TLSMemoryBIOProtocol}; the flood test checks
+    that they still mean what they meant.
+    """
+    total = 0
+    for _ in range(8):  # a few wrapping layers at most
+        # Instance attributes only: ProtocolWrapper forwards unknown
+        # attributes to its transport, which would count a buffer twice.
+        own = getattr(transport, "__dict__", {})
+        data_buffer = own.get("dataBuffer")
+        if isinstance(data_buffer, (bytes, bytearray, memoryview)):
+            total += len(data_buffer) - int(own.get("offset", 0))
+            total += int(own.get("_tempDataLen", 0))
+        tls_buffer = own.get("_appSendBuffer")
+        if isinstance(tls_buffer, list):
+            total += sum(len(chunk) for chunk in tls_buffer)
+        transport = own.get("transport")
+        if transport is None:
+            break
+    return total
+
+
 def _format_address(address: IAddress | str) -> str:
     if isinstance(address, (IPv4Address, IPv6Address)):
         host = f"[{address.host}]" if isinstance(address, IPv6Address) else address.host
@@ -476,6 +512,9 @@ class _GatewayProtocol(WebSocketServerProtocol):
     _attempt_recorded = False
     _ping_call: Any = None
     _pong_deadline: Any = None
+    _ping_payload: bytes | None = None
+    _send_aborted = False
+    _peak_buffered = 0
 
     @property
     def _cp(self) -> ControlPlane:
@@ -508,7 +547,7 @@ class _GatewayProtocol(WebSocketServerProtocol):
         cp = self._cp
         if request.path != GATEWAY_PATH:
             raise self._deny(request, 404, "not found")
-        if self.factory.countConnections > cp.max_connections:
+        if cp._tracker.upgraded_count >= cp.max_connections:
             raise self._deny(request, 503, "too many connections")
         if cp._refusal is not None:
             raise self._deny(request, cp._refusal[0], cp._refusal[1])
@@ -517,12 +556,13 @@ class _GatewayProtocol(WebSocketServerProtocol):
             # tests) until clear_stall() releases it into the normal path.
             d: Deferred[None] = Deferred()
             cp._stalled[self] = d
+            if isinstance(self.transport, _TrackedConnection):
+                self.transport.hold()
             d.addCallback(lambda _: self._authenticate(request))
             return d
-        self._authenticate(request)
-        return None
+        return self._authenticate(request)
 
-    def _authenticate(self, request: ConnectionRequest) -> None:
+    def _authenticate(self, request: ConnectionRequest) -> Deferred[None] | None:
         cp = self._cp
         headers = request.headers
         agent_id = headers.get(HEADER_AGENT_ID.lower(), "")
@@ -542,8 +582,10 @@ class _GatewayProtocol(WebSocketServerProtocol):
             raise self._deny(request, 401, f"malformed {HEADER_AGENT_ID} header: {problem}")
         if not _TIMESTAMP.fullmatch(timestamp):
             raise self._deny(request, 401, f"malformed {HEADER_TIMESTAMP} header")
-        if len(nonce) > _MAX_NONCE_LENGTH:
-            raise self._deny(request, 401, f"malformed {HEADER_NONCE} header")
+        if not valid_nonce(nonce):
+            raise self._deny(
+                request, 401, f"malformed {HEADER_NONCE} header (must be base64 of 16 bytes)"
+            )
         now = cp.clock()
         signed_at = int(timestamp)
         if abs(now - signed_at) > cp.max_skew:
@@ -557,11 +599,36 @@ class _GatewayProtocol(WebSocketServerProtocol):
             raise self._deny(request, 401, "invalid signature")
         if cp._nonces.seen(agent_id, nonce, now):
             raise self._deny(request, 401, "replayed nonce")
+        if cp._nonces.over_quota(agent_id, now):
+            raise self._deny(request, 429, "too many upgrades from this agent, try again later")
         if cp._nonces.full(now):
             raise self._deny(request, 503, "replay cache full, try again later")
-        cp._nonces.add(agent_id, nonce, float(signed_at))
+        return self._accept(request, agent_id, nonce, float(signed_at), now)
+
+    def _accept(
+        self, request: ConnectionRequest, agent_id: str, nonce: str, signed_at: float, now: float
+    ) -> Deferred[None] | None:
+        """Remember the nonce (memory first, so a concurrent replay is refused), then accept."""
+        cp = self._cp
+        expires = cp._nonces.add(agent_id, nonce, signed_at)
         self._agent_id = agent_id
-        self._record(request, 101, "accepted")
+        if cp._nonce_store is None:
+            self._record(request, 101, "accepted")
+            return None
+        # Answered once the nonce is on disk: a restart must not accept it again.
+        stored = cp._nonce_store.record(agent_id, nonce, expires, now)
+
+        def committed(_: object) -> None:
+            self._record(request, 101, "accepted")
+
+        def failed(failure: Failure) -> None:
+            log.error(
+                "replay store write failed, refusing the upgrade: {error}",
+                error=str(failure.value),
+            )
+            raise self._deny(request, 503, "replay store unavailable, try again later")
+
+        return stored.addCallbacks(committed, failed)
 
     def _deny(self, request: ConnectionRequest, status: int, reason: str) -> ConnectionDeny:
         self._record(request, status, reason)
@@ -633,6 +700,8 @@ class _GatewayProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:
         assert self._agent_id is not None
         cp = self._cp
+        if isinstance(self.transport, _TrackedConnection):
+            self.transport.upgrade_accepted()
         self._session = Session(self, self._agent_id, self.remote, cp.clock())
         cp._session_opened(self._session)
         if cp.ping_interval > 0:
@@ -645,13 +714,23 @@ class _GatewayProtocol(WebSocketServerProtocol):
         self._ping_call = cp.reactor.callLater(cp.ping_interval, self._ping)
         if self.state != self.STATE_OPEN:
             return
-        self.sendPing(os.urandom(8))
-        # One deadline for the oldest unanswered ping: a peer that keeps not
-        # answering must not push it further away with every new ping.
-        if cp.ping_timeout > 0 and self._pong_deadline is None:
+        # One ping outstanding at a time, with one deadline: a peer that
+        # keeps not answering must not push it further away with every ping.
+        if self._ping_payload is not None and cp.ping_timeout > 0:
+            return
+        # Random, and checked on the pong: a peer that never reads our
+        # frames cannot answer it, so it cannot keep a dead session alive.
+        self._ping_payload = os.urandom(16)
+        self.sendPing(self._ping_payload)
+        if cp.ping_timeout > 0:
             self._pong_deadline = cp.reactor.callLater(cp.ping_timeout, self._pong_missed)
 
     def onPong(self, payload: bytes) -> None:
+        expected = self._ping_payload
+        if expected is None or not hmac.compare_digest(payload, expected):
+            # Unsolicited pongs are allowed (RFC 6455 §5.5.3), but prove nothing.
+            return
+        self._ping_payload = None
         if self._pong_deadline is not None:
             self._pong_deadline.cancel()
             self._pong_deadline = None
@@ -701,7 +780,7 @@ class _GatewayProtocol(WebSocketServerProtocol):
         except ProtocolError as e:
             self._refuse(CLOSE_POLICY, e.code, e.message, envelope.message_id)
             return
-        session.received.append(envelope)
+        session._keep(envelope, len(payload), self._cp.record_messages)
         self._dispatch(session, envelope)
         # After dispatch, so a waiter sees the answer (hello_ack) already sent.
         self._cp._message_received(session, envelope)
@@ -799,6 +878,34 @@ class _GatewayProtocol(WebSocketServerProtocol):
         )
         self.close_with(close_code, code)
 
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        """
+        Every byte we send passes here (the upgrade answer, frames, Autobahn's
+        own pongs and close frames): once the peer stops reading and more
+        than C{max_send_buffer_bytes} wait in our buffers, the connection is
+        aborted, so a peer flooding pings it never reads cannot grow our
+        memory.
+        """
+        if self._send_aborted:
+            return
+        super().sendData(data, sync, chopsize)
+        buffered = _buffered_bytes(self.transport) + sum(len(e[0]) for e in self.send_queue)
+        if buffered > self._peak_buffered:
+            self._peak_buffered = buffered
+            if self._session is not None:
+                self._session.peak_send_buffer = buffered
+        if buffered > self._cp.max_send_buffer_bytes:
+            self._send_aborted = True
+            log.warn(
+                "peer is not reading: {buffered} bytes waiting to be sent (limit {limit}), "
+                "dropping agent_id={agent_id} remote={remote}",
+                buffered=buffered,
+                limit=self._cp.max_send_buffer_bytes,
+                agent_id=self._agent_id or "-",
+                remote=self.remote,
+            )
+            self.abort()
+
     def send_envelope(self, envelope: Envelope) -> None:
         """Send one envelope as a text frame."""
         self.send_frame(envelope.to_json().encode("utf-8"), is_binary=False)
@@ -860,13 +967,21 @@ class _GatewayFactory(WebSocketServerFactory):
 
 class _TrackedConnection(ProtocolWrapper):
     """
-    Every TCP connection of the listener: counted for the connection cap,
-    aborted on stop, and given C{handshake_timeout} to deliver its first
-    request (the WebSocket upgrade is one).
+    Every TCP connection of the gateway listener.
+
+    Until it is an accepted WebSocket it is I{pending}: it has an absolute
+    deadline (C{handshake_timeout} from TCP connect, whatever it sends
+    meanwhile: a request, a trickle of bytes, keep-alive requests) and it
+    counts against C{max_pending_connections}, where a new connection
+    pushes out the oldest pending one.  Once the upgrade is accepted the
+    deadline is gone and the connection counts against C{max_connections}
+    (the sessions), watched by the WebSocket keepalive instead.
     """
 
     factory: _ConnectionTracker
     _timer: Any = None
+    #: True once the WebSocket upgrade was accepted.
+    upgraded = False
 
     def makeConnection(self, transport: Any) -> None:
         timeout = self.factory.control_plane.handshake_timeout
@@ -878,12 +993,21 @@ class _TrackedConnection(ProtocolWrapper):
         if ISSLTransport.providedBy(self):
             noLongerProvides(self, ISSLTransport)
         Protocol.makeConnection(self, transport)  # type: ignore[no-untyped-call]
-        self.factory.registerProtocol(self)  # type: ignore[no-untyped-call]
+        self.factory.registerProtocol(self)
         wrapped: Any = self.wrappedProtocol
         wrapped.makeConnection(self)
 
-    def request_received(self) -> None:
-        """The first request arrived: the handshake deadline no longer applies."""
+    def upgrade_accepted(self) -> None:
+        """The WebSocket is open: no deadline, and it counts as a session now."""
+        self._cancel_deadline()
+        self.upgraded = True
+        self.factory.pending.pop(self, None)
+
+    def hold(self) -> None:
+        """A stalled upgrade (a test control): only the test releases it."""
+        self._cancel_deadline()
+
+    def _cancel_deadline(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -892,27 +1016,14 @@ class _TrackedConnection(ProtocolWrapper):
         self._timer = None
         transport: Any = self.transport
         log.info("handshake timeout remote={remote}", remote=_format_address(transport.getPeer()))
+        # Abort, not close: a peer that does not read would hold a close forever.
         transport.abortConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.request_received()
+        self._cancel_deadline()
         super().connectionLost(reason)  # type: ignore[no-untyped-call]
         for d in self.factory.lost_waiters.pop(self, []):
             d.callback(None)
-
-
-class _OverCapacity(Protocol):
-    """Answers 503 and hangs up: the listener is at its connection cap."""
-
-    def connectionMade(self) -> None:
-        body = b"too many connections\n"
-        assert self.transport is not None
-        transport: Any = self.transport
-        transport.write(
-            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
-        )
-        transport.loseConnection()
 
 
 class _ConnectionTracker(WrappingFactory):
@@ -922,19 +1033,61 @@ class _ConnectionTracker(WrappingFactory):
         super().__init__(site)  # type: ignore[no-untyped-call]
         self.control_plane = control_plane
         self.lost_waiters: dict[_TrackedConnection, list[Deferred[None]]] = {}
+        #: Connections not yet an accepted WebSocket, oldest first.
+        self.pending: dict[_TrackedConnection, None] = {}
+        #: Pending connections closed to make room for newer ones.
+        self.evicted = 0
+        self._evicted_logged = 0
+        self._eviction_logged_at: float | None = None
+
+    @property
+    def upgraded_count(self) -> int:
+        """How many connections are accepted WebSockets."""
+        return len(self.protocols) - len(self.pending)
+
+    def registerProtocol(self, p: Protocol) -> None:
+        super().registerProtocol(p)  # type: ignore[no-untyped-call]
+        if isinstance(p, _TrackedConnection):
+            self.pending[p] = None
+
+    def unregisterProtocol(self, p: Protocol) -> None:
+        super().unregisterProtocol(p)  # type: ignore[no-untyped-call]
+        self.pending.pop(p, None)  # type: ignore[call-overload]
 
     def buildProtocol(self, addr: IAddress) -> Protocol | None:  # type: ignore[override]
-        # The cap counts every TCP connection, WebSocket or plain HTTP, with
-        # a little room so the WebSocket-level check answers first.
-        if len(self.protocols) >= self.control_plane.max_connections + 1:
-            log.warn(
-                "connection refused: at the cap of {cap} connections remote={remote}",
-                cap=self.control_plane.max_connections,
-                remote=_format_address(addr),
-            )
-            over = _OverCapacity()
-            return over
-        return super().buildProtocol(addr)
+        # Unauthenticated connections get their own cap, and the oldest one
+        # makes room: holding the cap then needs a fresh connection faster
+        # than an agent completes its upgrade (milliseconds), not a slow
+        # trickle, and the sessions' cap is not theirs to fill.
+        cap = self.control_plane.max_pending_connections
+        while len(self.pending) >= cap:
+            oldest = next(iter(self.pending))
+            del self.pending[oldest]
+            self.evicted += 1
+            transport: Any = oldest.transport  # TCP or TLS: it can abort
+            if transport is not None:
+                transport.abortConnection()
+        self._log_evictions(addr)
+        built: Protocol | None = super().buildProtocol(addr)
+        return built
+
+    def _log_evictions(self, addr: IAddress) -> None:
+        # At most one line a minute: the eviction is the defence against a
+        # flood, which must not become a flood of log lines.
+        if self.evicted == self._evicted_logged:
+            return
+        now = self.control_plane.reactor.seconds()
+        if self._eviction_logged_at is not None and now - self._eviction_logged_at < 60:
+            return
+        log.warn(
+            "pending-connection cap of {cap} reached: closed {count} oldest unauthenticated "
+            "connection(s) to make room (latest from {remote})",
+            cap=self.control_plane.max_pending_connections,
+            count=self.evicted - self._evicted_logged,
+            remote=_format_address(addr),
+        )
+        self._evicted_logged = self.evicted
+        self._eviction_logged_at = now
 
     def when_lost(self, connection: _TrackedConnection) -> Deferred[None]:
         d: Deferred[None] = Deferred()
@@ -942,13 +1095,50 @@ class _ConnectionTracker(WrappingFactory):
         return d
 
 
+_BODY_REFUSED = b"request bodies are not accepted\n"
+
+
+class _Channel(HTTPChannel):
+    """
+    HTTP on the gateway listener: no request has a body here (the upgrade
+    and C{/healthz} are GETs), so a body is refused with 413 before any of it
+    is stored, and the connection is closed.
+    """
+
+    def allHeadersReceived(self) -> None:
+        # length: None for chunked, the Content-Length otherwise (0 if absent).
+        # Checked before the request sees its length, which is when Twisted
+        # would create the body's temporary file.
+        if self.length == 0:
+            super().allHeadersReceived()  # type: ignore[no-untyped-call]
+            return
+        self.persistent = False
+        # The parser goes on in raw mode (length is not 0): everything after
+        # the headers is dropped unread.
+        self.rawDataReceived = lambda data: None  # type: ignore[method-assign]
+        transport: Any = self.transport
+        transport.write(
+            b"HTTP/1.1 413 Content Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (len(_BODY_REFUSED), _BODY_REFUSED)
+        )
+        transport.loseConnection()
+
+
 class _Site(Site):
-    """A Site that tells the connection wrapper when its first request is in."""
+    """
+    A Site whose answers other than the WebSocket upgrade close the
+    connection: a keep-alive connection would be a way to stay connected
+    without ever authenticating.
+    """
+
+    # A plain HTTP/1.1 channel: no HTTP/2 negotiation on the gateway.
+    protocol = _Channel  # type: ignore[assignment]
 
     def getResourceFor(self, request: Request) -> IResource:
-        transport = request.channel.transport if request.channel is not None else None
-        if isinstance(transport, _TrackedConnection):
-            transport.request_received()
+        if request.path != GATEWAY_PATH.encode("ascii"):
+            request.channel.persistent = False
+            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
         resource: IResource = super().getResourceFor(request)  # type: ignore[no-untyped-call]
         return resource
 
@@ -980,6 +1170,8 @@ class _Healthz(Resource):
 
 
 class _Status(Resource):
+    """C{GET /status} on the operator listener: the sessions, as JSON."""
+
     isLeaf = True
 
     def __init__(self, control_plane: ControlPlane) -> None:
@@ -989,6 +1181,23 @@ class _Status(Resource):
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"Content-Type", b"application/json")  # type: ignore[no-untyped-call]
         return json.dumps(self._cp.status(), indent=2).encode("utf-8") + b"\n"
+
+
+class _OperatorSite(Site):
+    """The operator listener's site: every answer closes its connection."""
+
+    def getResourceFor(self, request: Request) -> IResource:
+        request.channel.persistent = False
+        request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+        resource: IResource = super().getResourceFor(request)  # type: ignore[no-untyped-call]
+        return resource
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 class ControlPlane:
@@ -1012,8 +1221,13 @@ class ControlPlane:
         ping_interval: float = DEFAULT_PING_INTERVAL,
         ping_timeout: float = DEFAULT_PING_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_pending_connections: int = DEFAULT_MAX_PENDING_CONNECTIONS,
         nonce_cache_size: int = DEFAULT_NONCE_CACHE_SIZE,
+        nonce_quota: int = DEFAULT_NONCE_QUOTA,
         reload_interval: float = DEFAULT_RELOAD_INTERVAL,
+        database: str | bool = True,
+        max_send_buffer_bytes: int = DEFAULT_MAX_SEND_BUFFER_BYTES,
+        record_messages: int = 0,
     ) -> None:
         """
         @param agents: Agent id → public key (L{RSAPublicKey}, or base64 of
@@ -1027,14 +1241,30 @@ class ControlPlane:
         @param clock: Wall-clock Unix time, for timestamps and the nonce window.
         @param max_skew: Seconds a signed timestamp may differ from C{clock()}.
         @param max_message_bytes: Larger inbound messages close with 1009.
-        @param handshake_timeout: Seconds a new connection has to send its
-            request (the WebSocket upgrade); 0 disables.
+        @param handshake_timeout: Seconds from TCP connect until the
+            connection must be an accepted WebSocket, whatever it sends
+            meanwhile (0 disables: tests only).
         @param ping_interval: Our keepalive ping period (0: no pings).
         @param ping_timeout: Seconds to wait for the pong before dropping.
-        @param max_connections: Concurrent connections; above it, 503.
+        @param max_connections: Concurrent WebSocket sessions; above it,
+            upgrades get 503.
+        @param max_pending_connections: Concurrent connections that are not
+            (yet) an accepted WebSocket; a new one closes the oldest.
         @param nonce_cache_size: Hard cap of the replay memory; when full,
             new upgrades get 503.
+        @param nonce_quota: Accepted upgrades one agent may have inside the
+            replay window; above it that agent (and only it) gets 429.
+        @param database: The control plane's SQLite file, where the replay
+            window survives a restart (L{NonceStore}): a path; C{True} (the
+            default) for C{controlplane.db} beside C{agents_file}, or memory
+            only when there is no agents file; C{False} for memory only.
+        @param max_send_buffer_bytes: Bytes that may wait to be sent on one
+            connection (its peer not reading) before it is aborted.
+        @param record_messages: Bytes of inbound envelopes each session
+            keeps in L{Session.received} (for tests; 0, the default, keeps
+            none).  May be changed at any time.
         @raise AgentsFileError: The agents or the file are unusable.
+        @raise ReplayStoreError: The database cannot be used.
         @raise ValueError: An option is out of range.
         """
         if reactor is None:
@@ -1053,7 +1283,10 @@ class ControlPlane:
         for name, count in (
             ("max_message_bytes", max_message_bytes),
             ("max_connections", max_connections),
+            ("max_pending_connections", max_pending_connections),
             ("nonce_cache_size", nonce_cache_size),
+            ("nonce_quota", nonce_quota),
+            ("max_send_buffer_bytes", max_send_buffer_bytes),
         ):
             if not isinstance(count, int) or count < 1:
                 raise ValueError(f"{name} must be a positive integer, not {count!r}")
@@ -1065,6 +1298,10 @@ class ControlPlane:
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.max_connections = max_connections
+        self.max_pending_connections = max_pending_connections
+        self.max_send_buffer_bytes = max_send_buffer_bytes
+        #: Bytes of inbound envelopes kept per session (tests; 0: none).
+        self.record_messages = record_messages
         self.reload_interval = reload_interval
         self.agents_file = agents_file
 
@@ -1083,7 +1320,18 @@ class ControlPlane:
             self._file_agents = load_agents_file(agents_file)
             self._file_signature = self._stat_agents_file()
         self._agents = {**self._static_agents, **self._file_agents}
-        self._nonces = NonceCache(max_skew, nonce_cache_size)
+        self._nonces = NonceCache(max_skew, nonce_cache_size, nonce_quota)
+        #: The SQLite file of the replay window, or None (memory only).
+        self.database: str | None = None
+        if isinstance(database, str):
+            self.database = database
+        elif database and agents_file is not None:
+            self.database = database_beside(agents_file)
+        self._nonce_store: NonceStore | None = None
+        if self.database is not None:
+            self._nonce_store = NonceStore(self.database, reactor)
+            for agent_id, nonce, expires in self._nonce_store.load(clock()):
+                self._nonces.remember(agent_id, nonce, expires)
         self._sessions: dict[str, Session] = {}
         self._active_waiters: dict[str, list[Deferred[Session]]] = {}
         self._message_waiters: list[tuple[str, str | None, Deferred[Envelope]]] = []
@@ -1093,6 +1341,11 @@ class ControlPlane:
         # Twisted's interface types; Any because mypy cannot see zope interfaces.
         self._timers: dict[str, Any] = {}
         self._port: Any = None
+        self._operator_port: Any = None
+        self._operator = WrappingFactory(
+            _OperatorSite(_Root({b"/status": _Status(self)}), reactor=reactor)  # type: ignore[no-untyped-call]
+        )
+        self._operator.noisy = False
         self._secure = False
         self._poller: LoopingCall | None = None
         self._stop_result: Deferred[None] | None = None
@@ -1126,7 +1379,6 @@ class ControlPlane:
                 {
                     GATEWAY_PATH.encode("ascii"): WebSocketResource(factory),  # type: ignore[no-untyped-call]
                     b"/healthz": _Healthz(),
-                    b"/status": _Status(self),
                 }
             ),
             reactor=reactor,
@@ -1192,6 +1444,48 @@ class ControlPlane:
         """The agent gateway URL (what C{HOSTLINK_WS_URL} should be)."""
         return "ws" + self.url[len("http") :] + GATEWAY_PATH
 
+    def listen_operator(self, description: str = DEFAULT_OPERATOR_LISTEN) -> Deferred[ControlPlane]:
+        """
+        Serve C{GET /status} (every session: agent id, remote address,
+        counters) on its own listener, apart from the gateway, which anyone
+        who can reach an agent's control plane can reach.  Bind it to
+        loopback (the default) unless the network in between is trusted:
+        a warning is logged when it is not.
+        """
+        if self._operator_port is not None:
+            raise RuntimeError("the operator listener is already open")
+        endpoint = serverFromString(self.reactor, description)  # type: ignore[no-untyped-call]
+        d: Deferred[Any] = endpoint.listen(self._operator)
+
+        def listening(port: Any) -> ControlPlane:
+            self._operator_port = port
+            host = str(getattr(port.getHost(), "host", ""))
+            log.info("operator status page on {url}/status", url=self.operator_url)
+            if not _is_loopback(host):
+                log.warn(
+                    "the operator status page listens on {host}, not loopback: anyone who "
+                    "can reach it sees every agent id and address",
+                    host=host or "?",
+                )
+            return self
+
+        return d.addCallback(listening)
+
+    @property
+    def operator_url(self) -> str:
+        """The operator listener's base URL (C{http://127.0.0.1:port}); C{/status} is there."""
+        if self._operator_port is None:
+            raise RuntimeError("the operator listener is not open")
+        address = self._operator_port.getHost()
+        host = str(getattr(address, "host", "127.0.0.1"))
+        if host in ("0.0.0.0", ""):  # noqa: S104 - describing, not binding
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{address.port}"
+
     def stop(self) -> Deferred[None]:
         """
         Stop listening, close every session with 1001, drop every other
@@ -1212,6 +1506,10 @@ class ControlPlane:
         waits: list[Deferred[Any]] = []
         if self._port is not None:
             waits.append(defer.maybeDeferred(self._port.stopListening))
+        if self._operator_port is not None:
+            waits.append(defer.maybeDeferred(self._operator_port.stopListening))
+            for connection in list(self._operator.protocols):
+                connection.transport.abortConnection()
         gone = [self._tracker.when_lost(c) for c in list(self._tracker.protocols)]
         for connection in list(self._tracker.protocols):
             inner = connection.wrappedProtocol
@@ -1243,6 +1541,10 @@ class ControlPlane:
             message_waiter.cancel()
         self._message_waiters.clear()
         result = defer.gatherResults(waits, consumeErrors=True)
+        store, self._nonce_store = self._nonce_store, None
+        if store is not None:
+            # After the connections: an upgrade still being committed finishes first.
+            result.addBoth(lambda outcome: store.close().addCallback(lambda _: outcome))
         stopped: Deferred[None] = result.addCallback(lambda _: None)
         self._stop_result = stopped
         return self._stop_chained(stopped)
@@ -1507,6 +1809,7 @@ def start_control_plane(
     agents: Mapping[str, RSAPublicKey | str],
     *,
     listen: str = DEFAULT_LISTEN,
+    operator_listen: str | None = None,
     reactor: Any = None,
     **options: Any,
 ) -> Deferred[ControlPlane]:
@@ -1516,10 +1819,15 @@ def start_control_plane(
     @param agents: Agent id → public key (L{RSAPublicKey}, base64 PKIX DER, or PEM).
     @param listen: A Twisted server endpoint description; the default is an
         ephemeral port on 127.0.0.1 (read L{ControlPlane.port} / C{ws_url}).
+    @param operator_listen: Also open the operator listener (C{/status})
+        there (L{ControlPlane.listen_operator}); None: not opened.
     @param options: Keyword arguments of L{ControlPlane}.
     """
     try:
         control_plane = ControlPlane(agents, reactor=reactor, **options)
     except (AgentsFileError, ValueError):
         return defer.fail()
-    return control_plane.listen(listen)
+    d = control_plane.listen(listen)
+    if operator_listen is not None:
+        d.addCallback(lambda cp: cp.listen_operator(operator_listen))
+    return d

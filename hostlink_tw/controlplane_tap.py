@@ -10,6 +10,7 @@ on SIGHUP.
 
 from __future__ import annotations
 
+import errno
 import re
 import signal
 from types import FrameType
@@ -17,24 +18,31 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from hostlink_tw._files import FileTooLargeError, NotRegularFileError, read_regular_file
 from hostlink_tw.config import ConfigError, check_server_endpoint
 from hostlink_tw.controlplane import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_PENDING_CONNECTIONS,
+    DEFAULT_MAX_SEND_BUFFER_BYTES,
     DEFAULT_MAX_SKEW,
     DEFAULT_NONCE_CACHE_SIZE,
+    DEFAULT_NONCE_QUOTA,
     DEFAULT_PING_INTERVAL,
     DEFAULT_PING_TIMEOUT,
     DEFAULT_RELOAD_INTERVAL,
     AgentsFileError,
     ControlPlane,
+    ReplayStoreError,
     load_agents_file,
 )
+from hostlink_tw.controlplane_replay import NonceStore, database_beside
 from hostlink_tw.duration import DurationError, format_duration, parse_go_duration
 
 __all__ = ["ControlPlaneService", "Options", "makeService"]
@@ -42,13 +50,18 @@ __all__ = ["ControlPlaneService", "Options", "makeService"]
 log = Logger()
 
 DEFAULT_DAEMON_LISTEN = "tcp:8080:interface=127.0.0.1"
+#: The operator listener (C{GET /status}); issue 13's operator API joins it.
+DEFAULT_OPERATOR_LISTEN = "tcp:8081:interface=127.0.0.1"
+#: The value of C{--operator-listen} / C{--database} that turns them off.
+OFF = "none"
 
 # (option, attribute, default seconds, help)
 _DURATIONS: tuple[tuple[str, str, float, str], ...] = (
     ("max-skew", "max_skew", DEFAULT_MAX_SKEW,
      "How far a signed X-Timestamp may be from this clock."),
     ("handshake-timeout", "handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT,
-     "Time a new connection has to send its request (0s: no limit)."),
+     "Time from TCP connect until a connection must be an accepted WebSocket, "
+     "whatever it sends meanwhile (0s: no limit)."),
     ("ping-interval", "ping_interval", DEFAULT_PING_INTERVAL,
      "Keepalive ping period towards agents (0s: no pings)."),
     ("ping-timeout", "ping_timeout", DEFAULT_PING_TIMEOUT,
@@ -62,9 +75,15 @@ _COUNTS: tuple[tuple[str, str, int, str], ...] = (
     ("max-message-bytes", "max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES,
      "Largest inbound message; larger ones close the session with 1009."),
     ("max-connections", "max_connections", DEFAULT_MAX_CONNECTIONS,
-     "Concurrent connections; above it, upgrades get HTTP 503."),
+     "Concurrent WebSocket sessions; above it, upgrades get HTTP 503."),
+    ("max-pending-connections", "max_pending_connections", DEFAULT_MAX_PENDING_CONNECTIONS,
+     "Concurrent connections not yet an accepted WebSocket; a new one closes the oldest."),
+    ("max-send-buffer-bytes", "max_send_buffer_bytes", DEFAULT_MAX_SEND_BUFFER_BYTES,
+     "Bytes that may wait to be sent to a peer that does not read; above it, abort."),
     ("nonce-cache-size", "nonce_cache_size", DEFAULT_NONCE_CACHE_SIZE,
      "Most nonces remembered for replay protection; when full, upgrades get HTTP 503."),
+    ("nonce-quota", "nonce_quota", DEFAULT_NONCE_QUOTA,
+     "Accepted upgrades per agent inside the replay window; above it that agent gets 429."),
 )
 
 _COUNT = re.compile(r"[0-9]+", re.ASCII)
@@ -77,16 +96,26 @@ class Options(usage.Options):
     longdesc = (
         "Reference Hostlink control plane: serves the agent WebSocket gateway at "
         "/api/v1/agents/ws (signed upgrades, agent.hello -> agent.hello_ack), plus "
-        "GET /healthz and GET /status, on one Twisted endpoint (tcp: or ssl:). "
+        "GET /healthz, on one Twisted endpoint (tcp: or ssl:); GET /status (every "
+        "session, with agent ids and addresses) on a separate operator endpoint, "
+        "loopback by default. "
         "Authorized agents come from a JSON file mapping agent id to public key "
         "(standard base64 of the PKIX DER encoding, or PEM); it is re-read when it "
-        "changes and on SIGHUP. Durations use Go syntax (300ms, 5s, 2m)."
+        "changes and on SIGHUP. The replay window is kept in controlplane.db beside "
+        "it. Durations use Go syntax (300ms, 5s, 2m)."
     )
     optParameters = [
         ["listen", None, DEFAULT_DAEMON_LISTEN,
          "Twisted server endpoint, e.g. tcp:8080:interface=127.0.0.1 or "
-         "ssl:8443:privateKey=key.pem:certKey=cert.pem."],
+         "ssl:8443:privateKey=key.pem:certKey=cert.pem (listen backlog: "
+         "Twisted's 50 unless the endpoint says backlog=N)."],
+        ["operator-listen", None, DEFAULT_OPERATOR_LISTEN,
+         "Endpoint of the operator listener (GET /status), or 'none'. Keep it on "
+         "loopback: it lists every agent id and address."],
         ["agents", None, None, "JSON file: agent id -> public key (required)."],
+        ["database", None, None,
+         "SQLite file of the replay window (default: controlplane.db beside the "
+         "agents file; 'none': memory only, replays accepted after a restart)."],
     ] + [
         [name, None, format_duration(default), text] for name, _, default, text in _DURATIONS
     ] + [
@@ -119,16 +148,37 @@ class Options(usage.Options):
         except AgentsFileError as e:
             raise usage.UsageError(f"--agents: {e}") from None
         settings["agents_file"] = self["agents"]
+        database = (self["database"] or "").strip()
+        if database.lower() == OFF:
+            settings["database"] = False
+        else:
+            if database:
+                settings["database"] = database
+            self._check_database(database or database_beside(self["agents"]))
         self["listen"] = self["listen"].strip()
-        self._check_listen(self["listen"])
+        self._check_listen("listen", self["listen"])
+        operator = (self["operator-listen"] or "").strip()
+        self["operator-listen"] = None if operator.lower() in (OFF, "") else operator
+        if self["operator-listen"] is not None:
+            self._check_listen("operator-listen", self["operator-listen"])
         self.settings = settings
 
     @staticmethod
-    def _check_listen(description: str) -> None:
+    def _check_database(path: str) -> None:
+        # Opened (and created) now, so a bad path is a usage error, not a
+        # traceback from makeService.
+        try:
+            NonceStore(path, reactor=None).close()
+        except ReplayStoreError as e:
+            raise usage.UsageError(f"--database: {e}") from None
+
+    @staticmethod
+    def _check_listen(option: str, description: str) -> None:
+        _check_endpoint_files(option, description)
         try:
             check_server_endpoint(description)
         except ConfigError as e:
-            raise usage.UsageError(f"--listen {e}") from None
+            raise usage.UsageError(f"--{option} {e}") from None
 
 
 class ControlPlaneService(Service):
@@ -137,19 +187,43 @@ class ControlPlaneService(Service):
     are dropped), re-reads the agents file on SIGHUP, stops cleanly.
     """
 
-    def __init__(self, control_plane: ControlPlane, listen: str) -> None:
+    def __init__(
+        self, control_plane: ControlPlane, listen: str, operator_listen: str | None = None
+    ) -> None:
         self.control_plane = control_plane
         self.listen = listen
+        self.operator_listen = operator_listen
         self._previous_sighup: Any = None
         self._sighup_installed = False
 
     def privilegedStartService(self) -> None:
-        """Bind the port; a failure to listen stops twistd with the error."""
+        """
+        Bind the ports.  A port that cannot be bound (busy, privileged, an
+        address not on this host) stops twistd with one line naming the
+        option, the port and what to do, instead of a traceback.
+        """
         super().privilegedStartService()  # type: ignore[no-untyped-call]
+        self._listen("listen", self.listen, self.control_plane.listen)
+        if self.operator_listen is not None:
+            self._listen(
+                "operator-listen", self.operator_listen, self.control_plane.listen_operator
+            )
+
+    @staticmethod
+    def _listen(option: str, description: str, listen: Any) -> None:
         failures: list[Failure] = []
-        self.control_plane.listen(self.listen).addErrback(failures.append)
-        if failures:
-            failures[0].raiseException()
+        listen(description).addErrback(failures.append)
+        if not failures:
+            return
+        error = failures[0].value
+        if isinstance(error, CannotListenError):
+            # SystemExit with a message: twistd ends with that one line
+            # (status 1); an exception would print its whole traceback.
+            raise SystemExit(
+                f"hostlink-controlplane: --{option} {description}: "
+                f"{_cannot_listen(error, option)}"
+            )
+        failures[0].raiseException()
 
     def startService(self) -> None:
         """Install the SIGHUP handler (chaining any previous one)."""
@@ -180,7 +254,63 @@ class ControlPlaneService(Service):
         return self.control_plane.stop()
 
 
+# The files an ssl: endpoint reads (Twisted reads them, blocking, while the
+# description is parsed): key, certificate, chain, DH parameters.
+_ENDPOINT_FILE_KEYS = ("privateKey", "certKey", "extraCertChain", "dhParameters")
+# Arguments are separated by ":" unless escaped as "\:".
+_ENDPOINT_SEPARATOR = re.compile(r"(?<!\\):")
+
+
+def _check_endpoint_files(option: str, description: str) -> None:
+    """
+    Refuse an endpoint whose TLS files are not regular files, before Twisted
+    opens them with a blocking open: a FIFO there would hang the start.
+    """
+    for argument in _ENDPOINT_SEPARATOR.split(description)[1:]:
+        key, found, value = argument.partition("=")
+        if not found or key.strip() not in _ENDPOINT_FILE_KEYS:
+            continue
+        path = value.replace("\\:", ":")
+        try:
+            read_regular_file(path, _MAX_ENDPOINT_FILE_BYTES)
+        except (NotRegularFileError, FileTooLargeError, IsADirectoryError) as e:
+            raise usage.UsageError(f"--{option} {key}={path}: {e.strerror}") from None
+        except OSError:
+            continue  # missing or unreadable: Twisted's own error names it
+
+
+_MAX_ENDPOINT_FILE_BYTES = 1 << 20
+
+
+def _cannot_listen(error: CannotListenError, option: str) -> str:
+    """Why a port cannot be bound, and what to do, in a few words."""
+    cause = error.socketError
+    code = getattr(cause, "errno", None)
+    port = error.port
+    if code == errno.EADDRINUSE:
+        return (
+            f"port {port} is already in use by another process: stop that process, "
+            f"or choose another port with --{option}"
+        )
+    if code == errno.EACCES:
+        return (
+            f"permission denied for port {port} (ports below 1024 need root or "
+            f"CAP_NET_BIND_SERVICE): choose another port with --{option}"
+        )
+    if code == errno.EADDRNOTAVAIL:
+        return (
+            f"address {error.interface or '?'} is not on this host: "
+            f"use one of its addresses in --{option}"
+        )
+    reason = getattr(cause, "strerror", None) or str(cause)
+    return f"cannot listen on port {port}: {reason}"
+
+
 def makeService(options: Options, reactor: Any = None) -> ControlPlaneService:
     """Build the service twistd runs from parsed L{Options}."""
-    control_plane = ControlPlane(reactor=reactor, **options.settings)
-    return ControlPlaneService(control_plane, options["listen"])
+    try:
+        control_plane = ControlPlane(reactor=reactor, **options.settings)
+    except (AgentsFileError, ReplayStoreError) as e:
+        # Checked by Options already; changed since: still one line.
+        raise SystemExit(f"hostlink-controlplane: {e}") from None
+    return ControlPlaneService(control_plane, options["listen"], options["operator-listen"])

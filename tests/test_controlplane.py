@@ -526,7 +526,7 @@ class SessionTests(ControlPlaneTestMixin, TestCase):
 
     @inlineCallbacks
     def test_task_messages_acked(self) -> Any:
-        cp = yield self.start()
+        cp = yield self.start(record_messages=1 << 20)
         client = yield self.connect(cp)
         received = make_envelope(
             TASK_RECEIVED, AGENT_A, {}, task_id="t1", execution_attempt_id="e1"
@@ -768,7 +768,7 @@ class AgentsReloadTests(ControlPlaneTestMixin, TestCase):
 
 
 class HTTPTests(ControlPlaneTestMixin, TestCase):
-    """/healthz, /status and everything else."""
+    """/healthz, /status (operator listener) and everything else."""
 
     @inlineCallbacks
     def test_healthz(self) -> Any:
@@ -778,9 +778,14 @@ class HTTPTests(ControlPlaneTestMixin, TestCase):
 
     @inlineCallbacks
     def test_status(self) -> Any:
-        cp = yield self.start()
+        """/status is on the operator listener, and only there."""
+        cp = yield self.start(operator_listen="tcp:0:interface=127.0.0.1")
         yield self.connect(cp)
         response = yield raw_request(cp.port, "/status", upgrade=False)
+        self.assertEqual(response.status, 404)
+        operator_port = int(cp.operator_url.rsplit(":", 1)[1])
+        self.assertNotEqual(operator_port, cp.port)
+        response = yield raw_request(operator_port, "/status", upgrade=False)
         self.assertEqual(response.status, 200)
         self.assertEqual(response.headers["content-type"], "application/json")
         status = json.loads(response.body)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
+import subprocess
+import sys
 from types import FrameType
 from typing import Any
 
@@ -16,6 +20,7 @@ from twisted.trial.unittest import TestCase
 
 from hostlink_tw.controlplane_tap import ControlPlaneService, Options, makeService
 from hostlink_tw.identity import public_key_base64
+from hostlink_tw.testing import make_test_certificates
 
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
@@ -36,6 +41,7 @@ class OptionsTests(TestCase):
         path = self.agents_file()
         options = self.parse("--agents", path)
         self.assertEqual(options["listen"], "tcp:8080:interface=127.0.0.1")
+        self.assertEqual(options["operator-listen"], "tcp:8081:interface=127.0.0.1")
         self.assertEqual(
             options.settings,
             {
@@ -47,7 +53,10 @@ class OptionsTests(TestCase):
                 "reload_interval": 1.0,
                 "max_message_bytes": 1 << 20,
                 "max_connections": 1000,
+                "max_pending_connections": 256,
+                "max_send_buffer_bytes": 4 << 20,
                 "nonce_cache_size": 100_000,
+                "nonce_quota": 1000,
             },
         )
 
@@ -61,10 +70,45 @@ class OptionsTests(TestCase):
         self.assertEqual(options.settings["ping_interval"], 0.0)
         self.assertEqual(options["listen"], "tcp:0")
 
+    def test_operator_listen_and_database_can_be_off(self) -> None:
+        options = self.parse(
+            "--agents", self.agents_file(), "--operator-listen", "none", "--database", "none",
+            "--nonce-quota", "5", "--max-pending-connections", "7",
+        )
+        self.assertIsNone(options["operator-listen"])
+        self.assertIs(options.settings["database"], False)
+        self.assertEqual(options.settings["nonce_quota"], 5)
+        self.assertEqual(options.settings["max_pending_connections"], 7)
+        options = self.parse("--agents", self.agents_file(), "--database", "x.db")
+        self.assertEqual(options.settings["database"], "x.db")
+
     def assertUsageError(self, expected: str, *args: str) -> None:
         error = self.assertRaises(usage.UsageError, self.parse, *args)
         self.assertIn(expected, str(error))
         self.assertNotIn("\n", str(error))
+
+    def test_fifo_tls_files_refused(self) -> None:
+        """
+        Issue 10 item 12: Twisted opens an ssl: endpoint's files with a
+        blocking open while parsing; a FIFO there hung twistd's start.
+        """
+        certificates = make_test_certificates(self.mktemp())
+        fifo = self.mktemp()
+        os.mkfifo(fifo)
+        good = self.agents_file()
+        for key in ("privateKey", "certKey"):
+            listen = certificates.listen().replace(
+                getattr(certificates, "key" if key == "privateKey" else "cert"), fifo
+            )
+            self.assertIn(fifo, listen)
+            self.assertUsageError(
+                f"--listen {key}={fifo}: not a regular file", "--agents", good, "--listen", listen
+            )
+        self.assertUsageError(
+            f"--operator-listen privateKey={fifo}: not a regular file",
+            "--agents", good, "--operator-listen",
+            f"ssl:0:interface=127.0.0.1:privateKey={fifo}:certKey={certificates.cert}",
+        )
 
     def test_bad_options(self) -> None:
         good = self.agents_file()
@@ -74,6 +118,16 @@ class OptionsTests(TestCase):
         self.assertUsageError("--max-connections", "--agents", good, "--max-connections", "0")
         self.assertUsageError("--nonce-cache-size", "--agents", good, "--nonce-cache-size", "1e5")
         self.assertUsageError("--listen", "--agents", good, "--listen", "bogus:1")
+        self.assertUsageError(
+            "--operator-listen", "--agents", good, "--operator-listen", "bogus:1"
+        )
+        self.assertUsageError("--nonce-quota", "--agents", good, "--nonce-quota", "0")
+        self.assertUsageError(
+            "cannot use the database", "--agents", good, "--database", "/nonexistent/x.db"
+        )
+        fifo = self.mktemp()
+        os.mkfifo(fifo)
+        self.assertUsageError("must be a regular file", "--agents", good, "--database", fifo)
         self.assertUsageError("cannot read", "--agents", self.mktemp())
         self.assertUsageError("agent 'a'", "--agents", self.agents_file({"a": "nope"}))
 
@@ -93,7 +147,8 @@ class ServiceTests(TestCase):
         self.addCleanup(signal.signal, signal.SIGHUP, original)
         options = Options()
         options.parseOptions(
-            ["--agents", path, "--listen", "tcp:0:interface=127.0.0.1", "--reload-interval", "0s"]
+            ["--agents", path, "--listen", "tcp:0:interface=127.0.0.1", "--reload-interval", "0s",
+             "--operator-listen", "tcp:0:interface=127.0.0.1"]
         )
         service = makeService(options)
         self.assertIsInstance(service, ControlPlaneService)
@@ -109,6 +164,9 @@ class ServiceTests(TestCase):
         self.addCleanup(stop)
         cp = service.control_plane
         self.assertTrue(cp.ws_url.startswith("ws://127.0.0.1:"))
+        self.assertTrue(cp.operator_url.startswith("http://127.0.0.1:"))
+        self.assertEqual(cp.database, os.path.join(os.path.dirname(os.path.abspath(path)),
+                                                   "controlplane.db"))
         with open(path, "w") as f:
             json.dump({"agent-2": public_key_base64(KEY)}, f)
         handler = signal.getsignal(signal.SIGHUP)
@@ -123,3 +181,57 @@ class ServiceTests(TestCase):
         stopped = True
         yield service.stopService()
         self.assertIs(signal.getsignal(signal.SIGHUP), previous)
+
+
+class BusyPortTests(TestCase):
+    """Issue 9 item 6: a busy port is one line naming it, not a traceback."""
+
+    def run_twistd(self, *args: str) -> subprocess.CompletedProcess[str]:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        agents = os.path.join(directory, "agents.json")
+        with open(agents, "w") as f:
+            json.dump({"agent-1": public_key_base64(KEY)}, f)
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        return subprocess.run(
+            [twistd, "-n", "--pidfile=", "hostlink-controlplane", "--agents", agents, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=directory,
+        )
+
+    def busy_port(self) -> int:
+        holder = socket.socket()
+        self.addCleanup(holder.close)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port: int = holder.getsockname()[1]
+        return port
+
+    def assertOneLine(self, result: subprocess.CompletedProcess[str], expected: str) -> None:
+        output = result.stdout + result.stderr
+        self.assertEqual(result.returncode, 1, output)
+        self.assertNotIn("Traceback", output)
+        errors = [line for line in output.splitlines() if "error]" in line or "Error" in line]
+        self.assertEqual(len(errors), 1, output)
+        self.assertIn(expected, errors[0])
+
+    def test_busy_gateway_port(self) -> None:
+        port = self.busy_port()
+        result = self.run_twistd(
+            "--listen", f"tcp:{port}:interface=127.0.0.1", "--operator-listen", "none"
+        )
+        self.assertOneLine(
+            result,
+            f"--listen tcp:{port}:interface=127.0.0.1: port {port} is already in use by "
+            "another process: stop that process, or choose another port with --listen",
+        )
+
+    def test_busy_operator_port(self) -> None:
+        port = self.busy_port()
+        result = self.run_twistd(
+            "--listen", "tcp:0:interface=127.0.0.1",
+            "--operator-listen", f"tcp:{port}:interface=127.0.0.1",
+        )
+        self.assertOneLine(result, "choose another port with --operator-listen")
