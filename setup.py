@@ -1,6 +1,16 @@
 """Packaging for hostlink_tw, the Twisted agent uplink of a Hostlink control plane."""
 
+import atexit
+import shutil
+import tempfile
+
 from setuptools import setup
+
+# pip builds in the checkout, and setuptools would leave build/ and
+# hostlink_tw.egg-info/ behind there (pypa/setuptools#3236, #4198): build in
+# a scratch directory instead, removed when this build step ends.
+_SCRATCH = tempfile.mkdtemp(prefix="hostlink_tw-build-")
+atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
 
 setup(
     name="hostlink_tw",
@@ -15,6 +25,11 @@ setup(
     # "twisted.plugins" ships our plugin files (no __init__.py there: the
     # directory belongs to Twisted's namespace of plugin modules).
     packages=["hostlink_tw", "twisted.plugins"],
+    # Declaring the root as the package directory makes an editable install
+    # ("pip install -e .") a plain .pth entry for the checkout, which twistd
+    # needs: it finds plugins only in twisted/plugins/ directories of
+    # sys.path entries, and setuptools' import-hook editable modes add none.
+    package_dir={"": "."},
     package_data={"hostlink_tw": ["py.typed"]},
     install_requires=[
         "twisted[tls]>=24.7.0",
@@ -35,6 +50,10 @@ setup(
     },
     entry_points={
         "console_scripts": ["hostlink-tw = hostlink_tw.cli:main"],
+    },
+    options={
+        "build": {"build_base": f"{_SCRATCH}/build"},
+        "egg_info": {"egg_base": _SCRATCH},
     },
     license="MIT",
     classifiers=[

@@ -1,6 +1,8 @@
 """
 The distribution ships its twistd plugins: after ``pip install .`` and after
 ``pip install -e .`` into a fresh virtualenv, ``twistd --help`` lists them.
+Neither leaves build output in the checkout, and the editable install needs
+no deprecated setuptools mode.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 ROOT = Path(__file__).resolve().parent.parent
 # The files a build reads; copying them keeps build/ and *.egg-info out of
 # the checkout the tests run from.
-SOURCES = ("setup.py", "setup.cfg", "pyproject.toml", "README.rst", "hostlink_tw", "twisted")
+SOURCES = ("setup.py", "pyproject.toml", "README.rst", "hostlink_tw", "twisted")
 # tapname -> the plugin module that provides it
 PLUGINS = {
     "hostlink": "hostlink_plugin.py",
@@ -34,10 +36,14 @@ LIST_PLUGINS = (
 )
 
 
-def _run(args: list[str], cwd: Path | None = None) -> str:
+def _run(
+    args: list[str], cwd: Path | None = None, tmpdir: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     # trial's --jobs workers inherit a PYTHONPATH holding the checkout; the
     # scratch environments must see only what was installed into them.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if tmpdir is not None:
+        env["TMPDIR"] = str(tmpdir)
     done = subprocess.run(
         args,
         cwd=cwd,
@@ -50,7 +56,7 @@ def _run(args: list[str], cwd: Path | None = None) -> str:
         raise AssertionError(
             f"{args!r} exited {done.returncode}\n{done.stdout}\n{done.stderr}"
         )
-    return done.stdout
+    return done
 
 
 class PluginShippingTests(SynchronousTestCase):
@@ -81,22 +87,37 @@ class PluginShippingTests(SynchronousTestCase):
         target = self.work / name
         venv.create(target, with_pip=False)
         python = target / "bin" / "python"
-        purelib = _run([str(python), "-c", PRINT_PURELIB])
+        purelib = _run([str(python), "-c", PRINT_PURELIB]).stdout
         Path(purelib.strip(), "_hostlink_test_deps.pth").write_text(
             sysconfig.get_paths()["purelib"] + "\n"
         )
         return python
 
-    def _pip_install(self, python: Path, *spec: str) -> None:
-        _run([
-            sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet",
-            "--no-deps", "--no-build-isolation", *spec,
-        ])
+    def _pip(self, *args: str) -> str:
+        """Run pip; its output (stdout and stderr), after checking it left no litter."""
+        tmp = self.work / "tmp"
+        tmp.mkdir(exist_ok=True)
+        done = _run([sys.executable, "-m", "pip", *args], tmpdir=tmp)
+        self.assertCheckoutClean()
+        self.assertEqual(sorted(p.name for p in tmp.iterdir()), [])
+        return done.stdout + done.stderr
+
+    def _pip_install(self, python: Path, *spec: str) -> str:
+        return self._pip(
+            "--python", str(python), "install", "--quiet", "--no-deps",
+            "--no-build-isolation", *spec,
+        )
+
+    def assertCheckoutClean(self) -> None:
+        """No build/, no *.egg-info: only the sources the checkout had."""
+        self.assertEqual(
+            sorted(p.name for p in self.source.iterdir()), sorted(SOURCES)
+        )
 
     def _listed_tapnames(self, python: Path) -> str:
         # Run from an unrelated directory, so the checkout is not on sys.path
         # by accident.
-        return _run([str(python), "-c", LIST_PLUGINS], cwd=self.work)
+        return _run([str(python), "-c", LIST_PLUGINS], cwd=self.work).stdout
 
     def assertPluginsListed(self, listing: str) -> None:
         commands = listing.split("Commands:", 1)
@@ -114,10 +135,10 @@ class PluginShippingTests(SynchronousTestCase):
         belong to Twisted), and no dropin.cache.
         """
         wheels = self.work / "wheels"
-        _run([
-            sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-            "--no-build-isolation", "-w", str(wheels), str(self.source),
-        ])
+        self._pip(
+            "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(wheels),
+            str(self.source),
+        )
         (wheel,) = wheels.glob("hostlink_tw-*.whl")
         names = zipfile.ZipFile(wheel).namelist()
         for module in PLUGINS.values():
@@ -130,9 +151,17 @@ class PluginShippingTests(SynchronousTestCase):
         self._pip_install(python, str(wheel))
         self.assertPluginsListed(self._listed_tapnames(python))
 
+    def test_installed_from_the_checkout(self) -> None:
+        """``pip install .``: the plugins, and nothing left in the checkout."""
+        python = self._scratch_env("from-checkout")
+        self._pip_install(python, str(self.source))
+        self.assertPluginsListed(self._listed_tapnames(python))
+
     def test_editable_install_finds_plugins(self) -> None:
         python = self._scratch_env("editable")
-        self._pip_install(python, "-e", str(self.source))
+        output = self._pip_install(python, "-e", str(self.source))
+        # setuptools' "compat" editable mode prints a deprecation banner.
+        self.assertNotIn("editable", output.lower(), output)
         self.assertPluginsListed(self._listed_tapnames(python))
 
     def test_scratch_env_without_project_lists_no_plugin(self) -> None:
