@@ -1,6 +1,7 @@
 """Packaging for hostlink_tw, the Twisted agent uplink of a Hostlink control plane."""
 
 import atexit
+import re
 import shutil
 import tempfile
 
@@ -12,9 +13,19 @@ from setuptools import setup
 _SCRATCH = tempfile.mkdtemp(prefix="hostlink_tw-build-")
 atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
 
+
+def _version() -> str:
+    # Read, not imported: the build must not need the package's dependencies.
+    with open("hostlink_tw/__init__.py", encoding="utf-8") as f:
+        match = re.search(r'^__version__ = "([^"]+)"$', f.read(), re.MULTILINE)
+    if match is None:
+        raise RuntimeError("no __version__ in hostlink_tw/__init__.py")
+    return match.group(1)
+
+
 setup(
     name="hostlink_tw",
-    version="0.1.0",
+    version=_version(),
     description=(
         "Agent-side WebSocket uplink to a Hostlink control plane, "
         "on Twisted and Autobahn"

@@ -27,6 +27,7 @@ from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
+from hostlink_tw import __version__
 from hostlink_tw.backoff import Backoff
 from hostlink_tw.client import ClientEvent, HostlinkClient, Observers, redact_url
 from hostlink_tw.config import Settings
@@ -111,6 +112,7 @@ class HostlinkService(MultiService):
     def startService(self) -> None:
         """Start the children and, behind the feature flag, the client (asynchronously)."""
         super().startService()  # type: ignore[no-untyped-call]
+        self.log.info("hostlink_tw {version} starting", version=__version__)
         if not self.settings.enabled:
             self.log.info(
                 "Hostlink WebSocket uplink is disabled; to enable it, {hint}", hint=ENABLE_HINT

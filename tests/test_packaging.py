@@ -19,6 +19,8 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from hostlink_tw import __version__
+
 ROOT = Path(__file__).resolve().parent.parent
 # The files a build reads; copying them keeps build/ and *.egg-info out of
 # the checkout the tests run from.
@@ -139,7 +141,8 @@ class PluginShippingTests(SynchronousTestCase):
             "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(wheels),
             str(self.source),
         )
-        (wheel,) = wheels.glob("hostlink_tw-*.whl")
+        # The distribution's version is the package's (setup.py reads it).
+        (wheel,) = wheels.glob(f"hostlink_tw-{__version__}-*.whl")
         names = zipfile.ZipFile(wheel).namelist()
         for module in PLUGINS.values():
             self.assertIn(f"twisted/plugins/{module}", names)
