@@ -35,7 +35,7 @@ setup(
     python_requires=">=3.10",
     # "twisted.plugins" ships our plugin files (no __init__.py there: the
     # directory belongs to Twisted's namespace of plugin modules).
-    packages=["hostlink_tw", "twisted.plugins"],
+    packages=["hostlink_tw", "hostlink_tw.agent", "twisted.plugins"],
     # Declaring the root as the package directory makes an editable install
     # ("pip install -e .") a plain .pth entry for the checkout, which twistd
     # needs: it finds plugins only in twisted/plugins/ directories of
@@ -55,6 +55,8 @@ setup(
             "hypothesis>=6.100",
             "ruff>=0.6",
             "mypy>=1.10",
+            # mypy plugin that understands zope.interface, for typed reactors.
+            "mypy-zope>=1.0.17",
         ],
         # Benchmarks only: plots for docs/performance.rst.
         "bench": ["matplotlib>=3.8"],

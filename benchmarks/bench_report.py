@@ -34,7 +34,7 @@ _STEP_ORDER = (
     "parse_envelope (JSON + every §5 rule)",
     "  of which JSON parsing with duplicate-key/depth checks",
     "  of which Envelope.validate",
-    "ack handling (last-ack bookkeeping, activation)",
+    "the session's dispatch (ack handling, last-ack bookkeeping)",
     "the message_in event",
 )
 _MB = 1024 * 1024

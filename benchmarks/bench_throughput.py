@@ -133,7 +133,7 @@ class _ActiveSession:
             b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
         )
         hello_ack = make_envelope(
-            AGENT_HELLO_ACK, _AGENT, ack_payload(self.proto.hello_id, AGENT_HELLO)
+            AGENT_HELLO_ACK, _AGENT, ack_payload(self.client.hello_id or "", AGENT_HELLO)
         )
         self.proto.dataReceived(_server_frame(hello_ack.to_json().encode()))
         if not self.client.is_active:
@@ -219,8 +219,8 @@ _STEPS = {
     "parse_envelope": "parse_envelope (JSON + every §5 rule)",
     "_loads": "  of which JSON parsing with duplicate-key/depth checks",
     "validate": "  of which Envelope.validate",
-    "_on_ack": "ack handling (last-ack bookkeeping, activation)",
-    "_emit": "the message_in event",
+    "handle": "the session's dispatch (ack handling, last-ack bookkeeping)",
+    "emit": "the message_in event",
 }
 
 

@@ -15,6 +15,15 @@ L{SETTINGS} describes every variable once (name, meaning, default, range,
 option name); the README table, the twistd options and the parsing here are
 all driven by it.
 
+Two kinds of environment value are refused rather than replaced, because
+guessing would hide the mistake and leave an agent that never connects: a
+C{HOSTLINK_WS_CA_FILE} that holds no readable certificate, and a gateway URL
+(given or derived) that the client cannot dial.  L{load_settings} does not
+raise for them: they are kept in L{Settings.errors}, each one line, so that
+an embedding application gets a L{Settings} it can hand to
+C{HostlinkService} (which logs them and stays C{misconfigured}), and
+C{twistd hostlink} turns them into a usage error with L{Settings.check}.
+
 Everything here is a plain function of its arguments: no reactor, and the only
 I/O is reading the CA file named by C{HOSTLINK_WS_CA_FILE}.
 """
@@ -31,6 +40,7 @@ from urllib.parse import SplitResult, urlsplit, urlunsplit
 from twisted.logger import Logger
 
 from hostlink_tw.duration import DurationError, format_duration, parse_go_duration
+from hostlink_tw.safetext import redact_url
 
 __all__ = [
     "SETTINGS",
@@ -39,6 +49,7 @@ __all__ = [
     "Settings",
     "check_server_endpoint",
     "derive_ws_url",
+    "gateway_url_problem",
     "load_settings",
 ]
 
@@ -64,10 +75,10 @@ _Number = TypeVar("_Number", int, float)
 class ConfigError(ValueError):
     """A setting that cannot be used.
 
-    Raised by L{load_settings} for any unusable command-line override and,
-    from either source, for a C{HOSTLINK_WS_CA_FILE} that is set but cannot
-    be read as PEM certificates.  The message is one line naming the option
-    or variable, the value and what would be accepted.
+    Raised by L{load_settings} for any unusable command-line override, and
+    by L{Settings.check} for the environment values L{load_settings} refused
+    (see L{Settings.errors}).  The message is one line naming the option or
+    variable, the value and what would be accepted.
     """
 
 
@@ -129,7 +140,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec(
         env="HOSTLINK_WS_URL",
         attribute="ws_url",
-        meaning="gateway URL override, used as is",
+        meaning="gateway URL override (ws:// or wss://), used as is",
         default="derived from SH_CONTROL_PLANE_URL",
         option="url",
         kind="ws-url",
@@ -241,7 +252,8 @@ SETTINGS: tuple[SettingSpec, ...] = (
         env="HOSTLINK_PRIVATE_KEY_PATH",
         attribute="private_key_path",
         meaning="agent RSA private key (PEM)",
-        default="/var/lib/hostlink/agent.key",
+        # Resolved by identity.default_private_key_path (Go-layout fallback).
+        default="HOSTLINK_STATE_PATH/agent.key",
         option="private-key-path",
         kind="path",
     ),
@@ -299,12 +311,14 @@ def derive_ws_url(control_plane_url: str, log: Logger | None = None) -> str:
     parts = _split_url(control_plane_url)
     if parts is None:
         used = control_plane_url.rstrip("/") + _WS_PATH
+        # Redacted: an operator's URL may carry a password or a token, and
+        # escaped: it may carry the control characters that made it unparsable.
         (log or _log).warn(
-            "SH_CONTROL_PLANE_URL={value!r} cannot be parsed as a URL; "
-            "using {used!r} as the WebSocket URL",
+            "SH_CONTROL_PLANE_URL='{value}' cannot be parsed as a URL; "
+            "using '{used}' as the WebSocket URL",
             variable="SH_CONTROL_PLANE_URL",
-            value=control_plane_url,
-            used=used,
+            value=redact_url(control_plane_url),
+            used=redact_url(used),
             reason="unparsable URL",
         )
         return used
@@ -327,6 +341,31 @@ def _split_url(text: str) -> SplitResult | None:
     except ValueError:
         return None
     return parts
+
+
+def gateway_url_problem(url: str) -> str | None:
+    """Why the client could not dial the gateway URL *url*, or C{None} if it can.
+
+    Mirrors what Autobahn's C{parse_url} and our client need: a parsable
+    URL, scheme C{ws} or C{wss}, a host, a port from 1 to 65535 and no
+    fragment.  A host named C{unix} (in any case) is refused too: Autobahn
+    takes C{ws://unix:/path} for a UNIX socket, not a host.
+    """
+    parts = _split_url(url)
+    if parts is None:
+        return "cannot be parsed as a URL"
+    if parts.scheme not in ("ws", "wss"):
+        return "is not a ws:// or wss:// URL"
+    if not parts.hostname:
+        return "has no host"
+    if parts.hostname == "unix":
+        return "names the host 'unix', which Autobahn takes for a UNIX socket path, not a host"
+    if parts.port == 0:
+        return "has port 0"
+    if parts.fragment:
+        # "(not shown)": messages show URLs redacted, without their fragment.
+        return "has a #fragment (not shown), which WebSocket URLs cannot have"
+    return None
 
 
 @dataclass(frozen=True)
@@ -355,7 +394,15 @@ class Settings:
     reconnect_jitter: str = _spec("HOSTLINK_WS_RECONNECT_JITTER").default
     status_listen: str | None = None
     state_path: str = _spec("HOSTLINK_STATE_PATH").default
-    private_key_path: str = _spec("HOSTLINK_PRIVATE_KEY_PATH").default
+    private_key_path: str = os.path.join(_spec("HOSTLINK_STATE_PATH").default, "agent.key")
+    errors: tuple[str, ...] = ()
+    """Environment values refused by L{load_settings}, one line each: the
+    uplink cannot run with them (see the module docstring)."""
+
+    def check(self) -> None:
+        """Raise L{ConfigError} (one line) if L{errors} is not empty."""
+        if self.errors:
+            raise ConfigError("; ".join(self.errors))
 
     @property
     def agent_state_file(self) -> str:
@@ -384,18 +431,21 @@ def load_settings(
         as text) and C{reason}.
 
     C{HOSTLINK_WS_CA_FILE}, when set from either source, must be a readable
-    file holding at least one PEM certificate.  An unusable one raises
-    L{ConfigError} even from the environment: ignoring it would silently
-    drop the CA the operator asked to trust, and the agent would then fail
-    every TLS handshake with a misleading certificate error instead of
-    saying what is wrong at startup.
+    file holding at least one PEM certificate, and the gateway URL
+    (C{HOSTLINK_WS_URL}, or the one derived from C{SH_CONTROL_PLANE_URL})
+    must pass L{gateway_url_problem}.  From an override, an unusable one
+    raises L{ConfigError}; from the environment it is not replaced by a
+    default either (ignoring a CA file would silently trust fewer CAs; a URL
+    the client cannot dial leaves an agent that never connects): it is
+    recorded in L{Settings.errors} without raising and without logging, so
+    that whoever uses the settings reports it once.  Call L{Settings.check}
+    to raise them.
 
     C{HOSTLINK_WS_STATUS_LISTEN} is kept as text: checking an endpoint
     description needs the reactor's endpoint parsers, which run where the
     status page is started.
 
-    @raise ConfigError: for an unusable override, an unknown override name,
-        or an unusable CA file.
+    @raise ConfigError: for an unusable override or an unknown override name.
     """
     reader = _Reader(
         os.environ if environ is None else environ,
@@ -404,15 +454,26 @@ def load_settings(
     )
     control_plane_url = reader.text("SH_CONTROL_PLANE_URL")
     ws_url = reader.optional("HOSTLINK_WS_URL")
+    if ws_url is None:
+        ws_url = derive_ws_url(control_plane_url, reader.log)
+        reader.check_gateway_url("SH_CONTROL_PLANE_URL", ws_url, control_plane_url)
+    else:
+        reader.check_gateway_url("HOSTLINK_WS_URL", ws_url, ws_url)
     reconnect_min = reader.duration("HOSTLINK_WS_RECONNECT_MIN")
     reconnect_max = reader.duration("HOSTLINK_WS_RECONNECT_MAX")
     if reconnect_max < reconnect_min:
         reconnect_max = reader.raise_to_minimum(
             "HOSTLINK_WS_RECONNECT_MAX", reconnect_max, "HOSTLINK_WS_RECONNECT_MIN", reconnect_min
         )
+    state_path = reader.text("HOSTLINK_STATE_PATH")
+    key_path = reader.text("HOSTLINK_PRIVATE_KEY_PATH")
+    if key_path == _spec("HOSTLINK_PRIVATE_KEY_PATH").default:  # unset: follow the state path
+        from hostlink_tw.identity import default_private_key_path
+
+        key_path = default_private_key_path(state_path, reader.log)
     return Settings(
         enabled=reader.flag("HOSTLINK_WS_ENABLED"),
-        ws_url=ws_url if ws_url is not None else derive_ws_url(control_plane_url, reader.log),
+        ws_url=ws_url,
         control_plane_url=control_plane_url,
         reconnect_min=reconnect_min,
         reconnect_max=reconnect_max,
@@ -424,8 +485,9 @@ def load_settings(
         ca_file=reader.optional("HOSTLINK_WS_CA_FILE"),
         reconnect_jitter=reader.choice("HOSTLINK_WS_RECONNECT_JITTER"),
         status_listen=reader.optional("HOSTLINK_WS_STATUS_LISTEN"),
-        state_path=reader.text("HOSTLINK_STATE_PATH"),
-        private_key_path=reader.text("HOSTLINK_PRIVATE_KEY_PATH"),
+        state_path=state_path,
+        private_key_path=key_path,
+        errors=tuple(reader.errors),
     )
 
 
@@ -444,6 +506,33 @@ class _Reader:
         self._environ = environ
         self._overrides = overrides
         self.log = log
+        self.errors: list[str] = []
+
+    def refuse(self, env: str, message: str) -> None:
+        """An unusable value of *env*: raise for an override, record it otherwise."""
+        spec = _spec(env)
+        if env in self._overrides:
+            raise ConfigError(f"--{spec.option} ({spec.env}): {message}")
+        self.errors.append(f"{spec.env}: {message}")
+
+    def check_gateway_url(self, env: str, url: str, given: str) -> None:
+        """Refuse a gateway URL the client cannot dial, with the hint for *env*."""
+        problem = gateway_url_problem(url)
+        if problem is None:
+            return
+        if env == "HOSTLINK_WS_URL":
+            hint = (
+                "use the gateway's host name or address"
+                if problem.startswith("names the host")
+                else "use ws:// or wss://, or unset it and set SH_CONTROL_PLANE_URL to derive it"
+            )
+            self.refuse(env, f"{redact_url(url)!r} {problem}; {hint}")
+        else:
+            self.refuse(
+                env,
+                f"{redact_url(given)!r} gives the gateway URL {redact_url(url)!r}, which "
+                f"{problem}; use an https:// or http:// URL with a host, or set HOSTLINK_WS_URL",
+            )
 
     def _get(self, env: str, *kinds: _Kind) -> tuple[SettingSpec, str, bool]:
         """The spec, the raw text and whether it came from an override."""
@@ -563,23 +652,18 @@ class _Reader:
 
     def optional(self, env: str) -> str | None:
         """A setting that may be unset: the gateway URL, the CA file, the status endpoint."""
-        spec, raw, strict = self._get(env, "ws-url", "ca-file", "endpoint")
+        spec, raw, _ = self._get(env, "ws-url", "ca-file", "endpoint")
         if spec.kind == "ca-file":
             # A path may legitimately start or end with a space: only empty is unset.
             if raw == "":
                 return None
-            _check_ca_file(spec, raw, strict)
+            problem = _ca_file_problem(raw)
+            if problem is not None:
+                self.refuse(env, problem)
             return raw
         value = raw.strip()
-        if not value:
-            return None
-        if strict and spec.kind == "ws-url":
-            parts = _split_url(value)
-            if parts is None or parts.scheme not in ("ws", "wss") or not parts.netloc:
-                raise _strict_error(
-                    spec, raw, "is not a ws:// or wss:// URL", "e.g. wss://cp.example/api/v1/agents/ws"
-                )
-        return value
+        # The gateway URL is checked by load_settings, given or derived alike.
+        return value or None
 
     def choice(self, env: str) -> str:
         """One of the spec's choices, in any case; anything else means the default."""
@@ -607,15 +691,13 @@ def _strict_error(spec: SettingSpec, raw: str, problem: str, accepted: str = "")
     return ConfigError(f"--{spec.option} ({spec.env}): {raw!r} {problem}{suffix}")
 
 
-def _check_ca_file(spec: SettingSpec, path: str, strict: bool) -> None:
-    """Refuse a CA file that cannot be read or holds no PEM certificate."""
+def _ca_file_problem(path: str) -> str | None:
+    """Why *path* cannot be used as a CA file, or C{None}."""
     # The client's own reader, so start-up refuses exactly what it would.
     from hostlink_tw.tls import TLSConfigError, read_ca_file
 
-    where = f"--{spec.option} ({spec.env})" if strict else spec.env
     try:
         read_ca_file(path)
     except TLSConfigError as error:
-        raise ConfigError(
-            f"{where}: {error}; point it at a PEM file of CA certificates, or unset it"
-        ) from None
+        return f"{error}; point it at a PEM file of CA certificates, or unset it"
+    return None

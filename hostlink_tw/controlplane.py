@@ -123,6 +123,7 @@ from hostlink_tw.protocol import (
     Envelope,
     ProtocolError,
     ack_payload,
+    agent_id_problem,
     error_payload,
     format_sent_at,
     make_envelope,
@@ -184,7 +185,6 @@ DEFAULT_LISTEN = "tcp:0:interface=127.0.0.1"
 # A nonce is 24 characters of base64; anything far longer is not a nonce and
 # must not be allowed to grow the replay memory.
 _MAX_NONCE_LENGTH = 128
-_MAX_AGENT_ID_LENGTH = 256
 # Go's strconv.ParseInt syntax for the timestamp: ASCII digits, optional sign.
 _TIMESTAMP = re.compile(r"[+-]?[0-9]{1,19}", re.ASCII)
 _BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?", re.ASCII)
@@ -231,8 +231,9 @@ def parse_agents(agents: Mapping[str, object], source: str = "agents") -> dict[s
         )
     result: dict[str, RSAPublicKey] = {}
     for agent_id, key in agents.items():
-        if not isinstance(agent_id, str) or not agent_id.strip():
-            raise AgentsFileError(f"{source}: agent id {agent_id!r} must be a non-empty string")
+        problem = agent_id_problem(agent_id)
+        if problem is not None:
+            raise AgentsFileError(f"{source}: agent id {str(agent_id)[:64]!r}: {problem}")
         if isinstance(key, RSAPublicKey):
             result[agent_id] = key
             continue
@@ -536,8 +537,9 @@ class _GatewayProtocol(WebSocketServerProtocol):
         ):
             if not value:
                 raise self._deny(request, 401, f"missing {name} header")
-        if len(agent_id) > _MAX_AGENT_ID_LENGTH:
-            raise self._deny(request, 401, f"malformed {HEADER_AGENT_ID} header")
+        problem = agent_id_problem(agent_id)  # the one rule (protocol.AGENT_ID_RULE)
+        if problem is not None:
+            raise self._deny(request, 401, f"malformed {HEADER_AGENT_ID} header: {problem}")
         if not _TIMESTAMP.fullmatch(timestamp):
             raise self._deny(request, 401, f"malformed {HEADER_TIMESTAMP} header")
         if len(nonce) > _MAX_NONCE_LENGTH:
@@ -817,8 +819,9 @@ class _GatewayProtocol(WebSocketServerProtocol):
 
     def abort(self) -> None:
         """Drop the TCP connection at once."""
-        if self.transport is not None:
-            self.transport.abortConnection()
+        transport: Any = self.transport  # a TCP or TLS transport: it can abort
+        if transport is not None:
+            transport.abortConnection()
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         session = self._session

@@ -16,8 +16,9 @@ file, says what is wrong with it and how to fix it, so an operator can act on
 the log line alone.  No message ever carries key material.
 
 Files are read through an ``O_NONBLOCK`` open followed by ``fstat`` on the
-open descriptor, so the checks (regular file, permissions, size) apply to the
-very file that is read, and a FIFO left at the path cannot hang the agent.
+open descriptor (:mod:`hostlink_tw._files`, shared with the CA file reader),
+so the checks (regular file, permissions, size) apply to the very file that
+is read, and a FIFO left at the path cannot hang the agent.
 
 Everything here is POSIX-only: the permission rules are those of OpenSSH.
 """
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import errno
 import json
 import os
 import re
@@ -44,11 +44,15 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
 from twisted.logger import Logger
 
+from hostlink_tw._files import read_regular_file
 from hostlink_tw._json import INT64_MAX, INT64_MIN, json_kind
+from hostlink_tw.protocol import agent_id_problem
 
 __all__ = [
     "AGENT_STATE_FILENAME",
+    "GO_DEFAULT_PRIVATE_KEY_PATH",
     "MIN_RSA_BITS",
+    "PRIVATE_KEY_FILENAME",
     "AgentIdError",
     "AgentState",
     "AgentStateError",
@@ -72,19 +76,31 @@ __all__ = [
     "PublicKeyError",
     "agent_state_file",
     "check_agent_id",
+    "default_private_key_path",
     "generate_private_key",
     "load_agent_state",
     "load_private_key",
     "load_public_key",
+    "new_private_key",
     "public_key_base64",
     "public_key_pem",
     "write_agent_state",
+    "write_identity",
 ]
 
 log = Logger()
 
 #: Name of the agent state file inside the state directory.
 AGENT_STATE_FILENAME = "agent.json"
+
+#: Name of the private key inside the state directory when
+#: C{HOSTLINK_PRIVATE_KEY_PATH} is unset (what C{hostlink-tw init} writes).
+PRIVATE_KEY_FILENAME = "agent.key"
+
+#: Where the Go agent keeps its key by default; still used when
+#: C{HOSTLINK_PRIVATE_KEY_PATH} is unset and only this file exists (see
+#: L{default_private_key_path}).
+GO_DEFAULT_PRIVATE_KEY_PATH = "/var/lib/hostlink/agent.key"
 
 #: Smallest RSA modulus this project loads, generates or signs with.
 MIN_RSA_BITS = 2048
@@ -252,30 +268,54 @@ class AgentState:
 
 def check_agent_id(value: object) -> str:
     """
-    Check that C{value} is usable as an agent id and return it.
+    Check that C{value} is an agent id and return it.
 
-    An agent id must be a non-empty string.  It must also survive being sent
-    as an HTTP header value unchanged, because the control plane checks the
-    signature over the value it receives: control characters (CR and LF
-    would even split the header) and leading or trailing whitespace (which
-    HTTP strips) are refused.
+    The rule is L{hostlink_tw.protocol.AGENT_ID_RULE} (1 to 256 characters
+    of C{A-Z a-z 0-9 . _ : @ -}), defined once for the agent, C{init} and
+    the control plane: anything else could never authenticate (HTTP header
+    decoding, length limits) or would silence logging (lone surrogates).
 
-    @raise ValueError: With a description of the problem.
+    @raise ValueError: With a description of the problem that ends with the
+        rule.
     """
-    if not isinstance(value, str):
-        raise ValueError(f"agent_id is {json_kind(value)}, not a string")
-    if value == "":
-        raise ValueError("agent_id is empty")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
-        raise ValueError("agent_id contains control characters")
-    if value != value.strip():
-        raise ValueError("agent_id has leading or trailing whitespace")
+    problem = agent_id_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    assert isinstance(value, str)
     return value
 
 
 def agent_state_file(state_path: str) -> str:
     """The path of C{agent.json} inside the state directory C{state_path}."""
     return os.path.join(state_path, AGENT_STATE_FILENAME)
+
+
+def default_private_key_path(state_path: str, logger: Logger | None = None) -> str:
+    """
+    The private key path when C{HOSTLINK_PRIVATE_KEY_PATH} is unset.
+
+    C{$HOSTLINK_STATE_PATH/agent.key}, where C{hostlink-tw init} writes it,
+    so the two agree for any state directory.  For agents migrating from the
+    Go agent's layout (a key at L{GO_DEFAULT_PRIVATE_KEY_PATH} next to a
+    state directory elsewhere): when C{state_path/agent.key} does not exist
+    but the Go default does, the Go default is used, and that choice is
+    logged.  When neither exists, C{state_path/agent.key} (what the error
+    message will name, and what C{init} creates).
+
+    @param logger: Where the choice of the Go default is logged (info).
+    """
+    preferred = os.path.join(state_path, PRIVATE_KEY_FILENAME)
+    go_default = GO_DEFAULT_PRIVATE_KEY_PATH
+    if os.path.lexists(preferred) or not os.path.lexists(go_default):
+        return preferred
+    if os.path.abspath(preferred) != os.path.abspath(go_default):
+        (logger or log).info(
+            "HOSTLINK_PRIVATE_KEY_PATH is unset and {preferred} does not exist: "
+            "using the Go agent's key at {path}",
+            preferred=preferred,
+            path=go_default,
+        )
+    return go_default
 
 
 def load_agent_state(state_path: str) -> AgentState:
@@ -298,14 +338,15 @@ def load_agent_state(state_path: str) -> AgentState:
     """
     path = agent_state_file(state_path)
     register_fix = (
-        "register this agent (registration writes agent_id into this file), or set "
-        "HOSTLINK_STATE_PATH to the directory that holds agent.json"
+        f"create this agent's identity with 'hostlink-tw init --state-path {state_path}' "
+        "(it writes agent.json and the key), or set HOSTLINK_STATE_PATH to the directory "
+        "that holds agent.json"
     )
     try:
-        data = _read_small_file(path)
+        data = _read_small_file(path, check_mode=_warn_if_writable_by_others)
     except FileNotFoundError:
         raise AgentStateMissingError(
-            f"agent state file {path} does not exist (the agent is not registered)",
+            f"agent state file {path} does not exist (this agent has no identity yet)",
             path=path,
             fix=register_fix,
         ) from None
@@ -323,7 +364,10 @@ def load_agent_state(state_path: str) -> AgentState:
             fix=_unreadable_fix(e, path, "a regular file holding the agent state"),
         ) from None
 
-    fix_json = f"restore {path} from a backup or register this agent again"
+    fix_json = (
+        f"restore {path} from a backup, or create a new identity with "
+        f"'hostlink-tw init --force --state-path {state_path}'"
+    )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -351,14 +395,24 @@ def load_agent_state(state_path: str) -> AgentState:
 
     if "agent_id" not in obj:
         raise AgentIdError(
-            f"agent state file {path} has no agent_id (the agent is not registered)",
+            f"agent state file {path} has no agent_id (this agent has no identity yet)",
             path=path,
             fix=register_fix,
         )
     try:
         agent_id = check_agent_id(obj["agent_id"])
     except ValueError as e:
-        raise AgentIdError(f"agent state file {path}: {e}", path=path, fix=register_fix) from None
+        # The message ends with the rule (protocol.AGENT_ID_RULE).
+        raise AgentIdError(
+            f"agent state file {path}: {e}",
+            path=path,
+            fix=(
+                f"set agent_id in {path} to the id the control plane knows this agent by "
+                "(within the rule)"
+                if isinstance(obj["agent_id"], str) and obj["agent_id"]
+                else register_fix
+            ),
+        ) from None
 
     last_sync_time = obj.get("last_sync_time")
     problem = _last_sync_time_problem(last_sync_time)
@@ -378,7 +432,40 @@ def load_agent_state(state_path: str) -> AgentState:
             path=path,
             fix="correct or remove metadata (an object whose values are strings)",
         )
+    _warn_if_directory_writable_by_others(state_path)
     return AgentState(agent_id=agent_id, last_sync_time=last_sync_time, metadata=metadata)
+
+
+def _warn_if_writable_by_others(path: str, st: os.stat_result) -> None:
+    # Not refused (the Go agent reads such files too), but whoever can write
+    # agent.json can make this agent claim another agent's id.
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        log.warn(
+            "agent state file {path} is writable by group or others (mode {mode}); "
+            "fix: chmod go-w {quoted}",
+            path=path,
+            mode=f"{mode:04o}",
+            quoted=shlex.quote(path),
+        )
+
+
+def _warn_if_directory_writable_by_others(directory: str) -> None:
+    # Whoever can write the directory can replace agent.json (and the key,
+    # when it lives there) by renaming another file over it.
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        log.warn(
+            "state directory {path} is writable by group or others (mode {mode}); "
+            "fix: chmod go-w {quoted}",
+            path=directory,
+            mode=f"{mode:04o}",
+            quoted=shlex.quote(directory),
+        )
 
 
 def write_agent_state(state_path: str, state: AgentState) -> str:
@@ -394,9 +481,12 @@ def write_agent_state(state_path: str, state: AgentState) -> str:
     @raise IdentityWriteError: The directory or file cannot be written.
     """
     path = agent_state_file(state_path)
-    data = (json.dumps(state.to_json_object(), indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-    _write_file_atomically(path, data, what="agent state file", overwrite=True)
+    _write_file_atomically(path, _state_bytes(state), what="agent state file", overwrite=True)
     return path
+
+
+def _state_bytes(state: AgentState) -> bytes:
+    return (json.dumps(state.to_json_object(), indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 def _last_sync_time_problem(value: object) -> str | None:
@@ -463,7 +553,8 @@ def load_private_key(path: str) -> RSAPrivateKey:
     """
     regenerate = (
         f"point HOSTLINK_PRIVATE_KEY_PATH at this agent's PEM RSA private key "
-        f"(2048 bits or more), or register the agent again to create {path}"
+        f"(2048 bits or more), or create a new identity with 'hostlink-tw init --force' "
+        f"to write {path}"
     )
     try:
         data = _read_small_file(path, check_mode=_check_key_mode)
@@ -537,6 +628,18 @@ def _check_key_mode(path: str, st: os.stat_result) -> None:
             f"(mode {mode:04o}); it must be readable by its owner only",
             path=path,
             fix=f"chmod 600 {shlex.quote(path)}",
+        )
+    uid = os.geteuid()
+    if st.st_uid != uid:
+        # Readable (we are root, or it is ours by group ACL...), but its owner
+        # can replace it: the agent should run as the key's owner.
+        log.warn(
+            "private key file {path} is owned by uid {owner}, not by the user running "
+            "the agent (uid {uid}); fix: chown {uid} {quoted}, or run the agent as its owner",
+            path=path,
+            owner=st.st_uid,
+            uid=uid,
+            quoted=shlex.quote(path),
         )
 
 
@@ -623,12 +726,8 @@ def generate_private_key(
         )
     if not overwrite and os.path.lexists(path):
         raise _key_exists_error(path)
-    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
-    pem = key.private_bytes(
-        encoding=serialization.Encoding.PEM,
-        format=serialization.PrivateFormat.TraditionalOpenSSL,
-        encryption_algorithm=serialization.NoEncryption(),
-    )
+    key = new_private_key(bits)
+    pem = _private_key_pem(key)
     try:
         _write_file_atomically(path, pem, what="private key file", overwrite=overwrite)
     except FileExistsError:
@@ -636,6 +735,32 @@ def generate_private_key(
         raise _key_exists_error(path) from None
     log.info("generated a {bits}-bit RSA private key at {path}", bits=bits, path=path)
     return key
+
+
+def new_private_key(bits: int = MIN_RSA_BITS) -> RSAPrivateKey:
+    """
+    A new RSA private key of C{bits} bits (in memory only; see
+    L{write_identity} and L{generate_private_key} to save one).
+
+    @raise PrivateKeyTooSmallError: C{bits} below L{MIN_RSA_BITS}.
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"bits must be an int, not {type(bits).__name__}")
+    if bits < MIN_RSA_BITS:
+        raise PrivateKeyTooSmallError(
+            f"refusing to generate a {bits}-bit RSA key; at least {MIN_RSA_BITS} bits are required",
+            fix=f"use {MIN_RSA_BITS} bits or more",
+        )
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+def _private_key_pem(key: RSAPrivateKey) -> bytes:
+    # PKCS#1 "RSA PRIVATE KEY", unencrypted: what the Go agent writes.
+    return key.private_bytes(
+        encoding=serialization.Encoding.PEM,
+        format=serialization.PrivateFormat.TraditionalOpenSSL,
+        encryption_algorithm=serialization.NoEncryption(),
+    )
 
 
 def _key_exists_error(path: str) -> PrivateKeyExistsError:
@@ -736,54 +861,19 @@ def load_public_key(text: str) -> RSAPublicKey:
 # File helpers
 
 
-class _NotRegularFileError(OSError):
-    """The path is a FIFO, socket or device: never something we should read."""
-
-
-class _FileTooLargeError(OSError):
-    """The file is larger than any state file or key can be."""
-
-
-def _open_readonly(path: str) -> int:
-    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a
-    # writer; it has no effect on regular files.  Tests replace this function
-    # to simulate EACCES, which root (as tests often run) never gets.
-    return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-
-
 def _read_small_file(
     path: str, check_mode: Callable[[str, os.stat_result], None] | None = None
 ) -> bytes:
     """
-    Read a small regular file, checking the open descriptor (not the path,
-    which could be swapped between a check and the read).
+    Read a small regular file with the shared discipline of
+    L{hostlink_tw._files.read_regular_file} (non-blocking open, checks on
+    the open descriptor), bounded by C{_MAX_FILE_BYTES}.
 
     @raise OSError: C{FileNotFoundError}, C{PermissionError},
-        C{IsADirectoryError}, L{_NotRegularFileError}, L{_FileTooLargeError}...
+        C{IsADirectoryError}, not a regular file, too large...
     @raise IdentityError: Whatever C{check_mode} raises.
     """
-    fd = _open_readonly(path)
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-        if not stat.S_ISREG(st.st_mode):
-            raise _NotRegularFileError(errno.EINVAL, "not a regular file", path)
-        if check_mode is not None:
-            check_mode(path, st)
-        chunks: list[bytes] = []
-        size = 0
-        while size <= _MAX_FILE_BYTES:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        if size > _MAX_FILE_BYTES:
-            raise _FileTooLargeError(errno.EFBIG, f"larger than {_MAX_FILE_BYTES} bytes", path)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+    return read_regular_file(path, _MAX_FILE_BYTES, check_mode)
 
 
 def _describe_os_error(error: OSError) -> str:
@@ -822,18 +912,16 @@ def _ensure_private_dir(directory: str) -> None:
         os.chmod(new, 0o700)
 
 
-def _write_file_atomically(path: str, data: bytes, *, what: str, overwrite: bool) -> None:
+def _write_temp(path: str, data: bytes, *, what: str) -> str:
     """
-    Write C{data} to C{path} with mode 0600 atomically.
+    Write C{data} to a new temporary file next to C{path}, mode 0600, fsynced.
 
-    A temporary file in the same directory is created with C{O_EXCL} and mode
-    0600 (then C{fchmod} to exactly 0600, since the umask can only remove
-    bits), written, fsynced, and renamed over C{path} (or hard-linked to it
-    when not C{overwrite}, which fails if C{path} exists).  Readers see the
-    old file or the new one, never a partial or world-readable one.
+    The file is created with C{O_EXCL} and mode 0600 (then C{fchmod} to
+    exactly 0600, since the umask can only remove bits); the directory is
+    created (0700) if missing.
 
-    @raise FileExistsError: C{overwrite} is false and C{path} exists.
-    @raise IdentityWriteError: Any other L{OSError}.
+    @return: The temporary file's path; the caller renames or removes it.
+    @raise IdentityWriteError: Any L{OSError} (the temporary file is removed).
     """
     directory = os.path.dirname(os.path.abspath(path))
     temp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp")
@@ -851,8 +939,43 @@ def _write_file_atomically(path: str, data: bytes, *, what: str, overwrite: bool
             os.fsync(fd)
         finally:
             os.close(fd)
+    except OSError as e:
+        _remove_quietly(temp)
+        raise _write_error(e, path, what) from None
+    return temp
+
+
+def _write_error(error: OSError, path: str, what: str) -> IdentityWriteError:
+    directory = os.path.dirname(os.path.abspath(path))
+    return IdentityWriteError(
+        f"cannot write {what} {path}: {_describe_os_error(error)}",
+        path=path,
+        fix=f"make sure {directory} is a writable directory for the user running the agent",
+    )
+
+
+def _rename(source: str, destination: str) -> None:
+    # One place for the renames that commit a write, so tests can make the
+    # second of two fail (root, as tests often run, ignores read-only modes).
+    os.replace(source, destination)
+
+
+def _write_file_atomically(path: str, data: bytes, *, what: str, overwrite: bool) -> None:
+    """
+    Write C{data} to C{path} with mode 0600 atomically.
+
+    A temporary file (L{_write_temp}) is renamed over C{path}, or hard-linked
+    to it when not C{overwrite}, which fails if C{path} exists.  Readers see
+    the old file or the new one, never a partial or world-readable one.
+
+    @raise FileExistsError: C{overwrite} is false and C{path} exists.
+    @raise IdentityWriteError: Any other L{OSError}.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    temp = _write_temp(path, data, what=what)
+    try:
         if overwrite:
-            os.replace(temp, path)
+            _rename(temp, path)
         else:
             os.link(temp, path)
             os.unlink(temp)
@@ -861,11 +984,74 @@ def _write_file_atomically(path: str, data: bytes, *, what: str, overwrite: bool
         _remove_quietly(temp)
         if isinstance(e, FileExistsError) and not overwrite:
             raise
-        raise IdentityWriteError(
-            f"cannot write {what} {path}: {_describe_os_error(e)}",
-            path=path,
-            fix=f"make sure {directory} is a writable directory for the user running the agent",
-        ) from None
+        raise _write_error(e, path, what) from None
+
+
+def write_identity(
+    state_path: str, key_path: str, state: AgentState, key: RSAPrivateKey | None = None
+) -> None:
+    """
+    Write C{agent.json} and, when C{key} is given, the private key, as one
+    change: afterwards both files are new, or (on L{IdentityWriteError})
+    both are what they were.
+
+    Both are first written to temporary files next to their destinations.
+    Then the key is renamed into place, with the old key kept as a hard link,
+    and C{agent.json} after it; if that last rename fails (a directory in
+    its place, a read-only directory...), the old key is put back (or the new
+    one removed when there was none), so a failed C{init --force} never
+    leaves a key that the control plane does not know.
+
+    @param key: C{None} writes C{agent.json} only, for a key that exists.
+    @raise IdentityWriteError: Nothing was changed.
+    """
+    state_file = agent_state_file(state_path)
+    state_data = _state_bytes(state)
+    key_temp = None
+    if key is not None:
+        key_temp = _write_temp(key_path, _private_key_pem(key), what="private key file")
+    try:
+        state_temp = _write_temp(state_file, state_data, what="agent state file")
+    except IdentityWriteError:
+        if key_temp is not None:
+            _remove_quietly(key_temp)
+        raise
+    backup = None
+    if key_temp is not None:
+        try:
+            if os.path.lexists(key_path):
+                backup = f"{key_temp}.old"
+                os.link(key_path, backup, follow_symlinks=False)
+            _rename(key_temp, key_path)
+        except OSError as e:
+            for leftover in (key_temp, state_temp, backup):
+                if leftover is not None:
+                    _remove_quietly(leftover)
+            raise _write_error(e, key_path, "private key file") from None
+    try:
+        _rename(state_temp, state_file)
+    except OSError as e:
+        _remove_quietly(state_temp)
+        error = _write_error(e, state_file, "agent state file")
+        if key_temp is not None:
+            # Roll the key back: the new one is registered nowhere.
+            try:
+                if backup is not None:
+                    os.replace(backup, key_path)
+                else:
+                    os.unlink(key_path)
+            except OSError as undo:
+                raise IdentityWriteError(
+                    f"{error.problem}; and the previous key could not be put back "
+                    f"({_describe_os_error(undo)})",
+                    path=key_path,
+                    fix=f"move {backup} back to {key_path}" if backup else error.fix,
+                ) from None
+        raise error from None
+    if backup is not None:
+        _remove_quietly(backup)
+    for directory in {os.path.dirname(os.path.abspath(p)) for p in (key_path, state_file)}:
+        _fsync_directory(directory)
 
 
 def _fsync_directory(directory: str) -> None:

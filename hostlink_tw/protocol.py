@@ -10,6 +10,10 @@ object (PROTOCOL §5).  This module is pure code (no reactor, no I/O):
 * The typed payloads (:class:`AckPayload`, :class:`ErrorPayload`,
   :class:`TaskOutputPayload`, :class:`TaskFinalPayload`) validate their own
   fields; :func:`ack_payload` and :func:`error_payload` build wire dicts.
+* :data:`AGENT_ID_RULE` is the one definition of what an agent id may be;
+  :func:`agent_id_problem` checks a value against it (the ``init`` command,
+  the agent's ``agent.json``, the signer and the reference control plane
+  all use it).
 * :class:`MessageIdGenerator` makes ``msg_<unix nanoseconds>`` ids;
   :class:`DuplicateTracker` and :class:`OutputSequenceTracker` are the bounded
   receive-side bookkeeping for de-duplication and output sequences.
@@ -37,7 +41,10 @@ from hostlink_tw._json import INT64_MAX, INT64_MIN, json_kind
 
 __all__ = [
     "ACK",
+    "AGENT_ID_MAX_LENGTH",
     "AGENT_ID_MISMATCH",
+    "AGENT_ID_PATTERN",
+    "AGENT_ID_RULE",
     "DUPLICATE_KEY",
     "FINAL_STATUSES",
     "INVALID_ARGUMENT",
@@ -86,6 +93,7 @@ __all__ = [
     "TaskFinalPayload",
     "TaskOutputPayload",
     "ack_payload",
+    "agent_id_problem",
     "error_payload",
     "format_sent_at",
     "make_envelope",
@@ -97,6 +105,51 @@ __all__ = [
 
 #: The only protocol version phase 1 speaks.
 PROTOCOL_VERSION = 1
+
+# --- agent ids (PROTOCOL §1, §2) ---------------------------------------------
+
+#: The longest agent id: the reference control plane has always refused
+#: longer ``X-Agent-ID`` headers.
+AGENT_ID_MAX_LENGTH = 256
+
+#: What an agent id may be.  It travels as the ``X-Agent-ID`` header, is
+#: signed as UTF-8 by the agent while Autobahn (like many HTTP stacks)
+#: decodes request headers as ISO-8859-1, and the Go agent puts it in URL
+#: paths (``/api/v1/agents/{agent_id}/heartbeat``): only ASCII letters,
+#: digits and ``. _ : @ -`` survive all three unchanged.  Every id the Go
+#: agent and the control plane issue (``agt_01HX5Z``, UUIDs, ``agent-<hex>``)
+#: fits.
+AGENT_ID_PATTERN = re.compile(rf"[A-Za-z0-9._:@-]{{1,{AGENT_ID_MAX_LENGTH}}}", re.ASCII)
+
+#: The rule in words, for error messages.
+AGENT_ID_RULE = (
+    f"an agent id is 1 to {AGENT_ID_MAX_LENGTH} characters of "
+    "A-Z, a-z, 0-9 and . _ : @ -"
+)
+
+
+def agent_id_problem(value: object) -> str | None:
+    """What makes *value* not an agent id under :data:`AGENT_ID_RULE`, or ``None``.
+
+    The description names the problem (the type, the length, the code point
+    of the first character outside the alphabet) but never repeats the
+    value, so it is safe to log or send in an HTTP reason whatever a peer
+    sent, and ends with the rule.
+    """
+    if not isinstance(value, str):
+        detail = f"is {json_kind(value)}, not a string"
+    elif value == "":
+        detail = "is empty"
+    elif len(value) > AGENT_ID_MAX_LENGTH:
+        detail = f"has {len(value)} characters"
+    elif AGENT_ID_PATTERN.fullmatch(value) is None:
+        bad = next(ch for ch in value if AGENT_ID_PATTERN.fullmatch(ch) is None)
+        kind = "a control character" if ord(bad) < 0x20 or ord(bad) == 0x7F else "a character"
+        detail = f"contains {kind} outside the alphabet (U+{ord(bad):04X})"
+    else:
+        return None
+    return f"agent_id {detail}; {AGENT_ID_RULE}"
+
 
 # --- message types (PROTOCOL §5) ---------------------------------------------
 

@@ -8,30 +8,37 @@ Add it to any Twisted application::
 
     HostlinkService(load_settings()).setServiceParent(application)
 
-``startService`` never blocks and never raises because of configuration or
-identity: everything that can go wrong is logged in one clear line and the
-rest of the application runs on.  Unlike the reference agent, a missing or
-broken identity is not final: the service looks again on the reconnect
-backoff and starts the client by itself once registration has written
+Neither ``load_settings()`` nor ``startService`` raises or blocks because of
+configuration or identity: everything that can go wrong is logged in one
+clear line and the rest of the application runs on.  Settings refused from
+the environment (``Settings.errors``: an unreadable ``HOSTLINK_WS_CA_FILE``,
+a gateway URL the client cannot dial) are one error line at start, and the
+service then stays ``misconfigured`` without connecting.  Unlike the
+reference agent, a missing or broken identity is not final: the service
+looks again on the reconnect backoff and starts the client by itself once
+``hostlink-tw init`` (or whatever provisions the host) has written
 ``agent.json`` and the key.
 """
 
 from __future__ import annotations
 
+import platform
 import random
 from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService
+from twisted.copyright import version as twisted_version
 from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
 from hostlink_tw import __version__
 from hostlink_tw.backoff import Backoff
-from hostlink_tw.client import ClientEvent, HostlinkClient, Observers, redact_url
+from hostlink_tw.client import ClientEvent, HostlinkClient, Observers
 from hostlink_tw.config import Settings
 from hostlink_tw.identity import IdentityError, load_agent_state
+from hostlink_tw.safetext import escape_control, redact_url
 from hostlink_tw.signing import RequestSigner, SigningError
 
 __all__ = ["HostlinkService"]
@@ -93,7 +100,7 @@ class HostlinkService(MultiService):
     def _add_status_page(self, endpoint: str) -> None:
         # Imported only when asked for: prometheus_client and twisted.web
         # cost a noticeable share of start-up time (docs/performance.rst).
-        from hostlink_tw.status import make_status_service
+        from hostlink_tw.status import exposed_interface, make_status_service
 
         try:
             status, self.metrics = make_status_service(endpoint, self, self.reactor)
@@ -106,13 +113,37 @@ class HostlinkService(MultiService):
             return
         status.setName("status")  # type: ignore[no-untyped-call]
         status.setServiceParent(self)  # type: ignore[no-untyped-call]
+        exposed = exposed_interface(status.endpoint)
+        if exposed is not None:
+            # Issue 10 item 16: the page is unauthenticated and names this
+            # agent, its control plane and its failures.
+            self.log.warn(
+                "status page {endpoint!r} listens on {address}, not only on loopback: "
+                "anyone who can reach it reads this agent's id, URL and state; "
+                "add interface=127.0.0.1 unless that is intended",
+                endpoint=endpoint,
+                address=exposed,
+            )
 
     # -- IService ------------------------------------------------------------------
 
     def startService(self) -> None:
         """Start the children and, behind the feature flag, the client (asynchronously)."""
         super().startService()  # type: ignore[no-untyped-call]
-        self.log.info("hostlink_tw {version} starting", version=__version__)
+        # The first line of the agent's own: what a bug report needs.
+        self.log.info(
+            "hostlink_tw {version} (Twisted {twisted}, Python {python})",
+            version=__version__,
+            twisted=twisted_version,
+            python=platform.python_version(),
+        )
+        if self.settings.errors:
+            # Refused settings do not fix themselves: one line, no client, no retries.
+            self._config_problem = "; ".join(self.settings.errors)
+            self.log.error(
+                "Hostlink WebSocket uplink not started: {error}", error=self._config_problem
+            )
+            return
         if not self.settings.enabled:
             self.log.info(
                 "Hostlink WebSocket uplink is disabled; to enable it, {hint}", hint=ENABLE_HINT
@@ -157,14 +188,17 @@ class HostlinkService(MultiService):
             state = load_agent_state(settings.state_path)
             signer = RequestSigner(settings.private_key_path, state.agent_id)
         except (IdentityError, SigningError) as e:
-            self._wait_for_identity(str(e))
+            # Escaped: paths and ids come from the environment and from files.
+            self._wait_for_identity(escape_control(str(e)))
             return
         try:
             client = self._client_factory(settings, signer, reactor=self.reactor, rng=self._rng)
         except ValueError as e:
             # A configuration the client cannot use does not fix itself.
-            self.log.error("Hostlink WebSocket uplink not started: {error}", error=str(e))
-            self._config_problem = str(e)
+            self._config_problem = escape_control(str(e))
+            self.log.error(
+                "Hostlink WebSocket uplink not started: {error}", error=self._config_problem
+            )
             return
         self._identity_problem = None
         self.client = client
@@ -172,7 +206,7 @@ class HostlinkService(MultiService):
         self.log.info(
             "Hostlink WebSocket uplink starting agent_id={agent_id} url={url}",
             agent_id=client.agent_id,
-            url=client.snapshot()["url"],
+            url=redact_url(client.snapshot()["url"]),  # query values too, not only user info
         )
         client.start()
 
@@ -199,10 +233,10 @@ class HostlinkService(MultiService):
         """The client's state, or why there is no client yet."""
         if self.client is not None:
             return self.client.snapshot()
-        if not self.settings.enabled:
-            state = "disabled"
-        elif self._config_problem is not None:
+        if self._config_problem is not None:
             state = "misconfigured"
+        elif not self.settings.enabled:
+            state = "disabled"
         elif self._identity_problem is not None:
             state = "waiting_for_identity"
         else:

@@ -257,7 +257,8 @@ def _checked_agent_id(agent_id: object) -> str:
         return check_agent_id(agent_id)
     except ValueError as e:
         raise SigningError(
-            f"cannot sign requests: {e}; the agent id comes from agent.json written at registration"
+            f"cannot sign requests: {e}; the agent id comes from agent.json "
+            "(written by hostlink-tw init)"
         ) from None
 
 

@@ -8,38 +8,64 @@ Twisted server endpoint (``tcp:9920:interface=127.0.0.1``).  It serves:
     ``200 active`` while the session is active, ``503 inactive`` otherwise
     (so a load balancer or a systemd watchdog script can use it as is).
 ``GET /status``
-    the client's state as JSON (see :meth:`StatusSource.snapshot`).
+    the client's state as JSON (see :meth:`StatusSource.snapshot`), its
+    times as RFC 3339 UTC text (``2026-04-27T11:03:00Z``, as the reference
+    control plane's ``/status``) and its URLs redacted
+    (:func:`hostlink_tw.safetext.redact_url`).
 ``GET /metrics``
     Prometheus text exposition, from a registry of our own (not the
     process-global one, so an application embedding several agents, or a
-    test suite, never sees two of them collide).
+    test suite, never sees two of them collide), without the ``_created``
+    series of the counters.
 
-Metrics come from two places: counters from the client's events as they
-happen, gauges from the client's state at scrape time.
+Metrics come from two places: counters and timestamps from the client's
+events as they happen, gauges from the client's state at scrape time.
+Timestamps follow Prometheus conventions: Unix time of the last event, read
+from the wall clock when the event arrives (never "seconds since", which
+grows on a healthy session and cannot be aggregated).
 """
 
 from __future__ import annotations
 
+import copy
+import ipaddress
 import json
 import math
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import serverFromString
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from hostlink_tw.protocol import MESSAGE_TYPES
+from hostlink_tw.protocol import (
+    ACK,
+    AGENT_HELLO_ACK,
+    MESSAGE_TYPES,
+    ProtocolError,
+    format_sent_at,
+)
+from hostlink_tw.safetext import redact_url
 
 __all__ = [
+    "TIME_FIELDS",
     "ClientMetrics",
     "StatusResource",
     "StatusSource",
+    "exposed_interface",
     "make_status_service",
 ]
+
+#: The ``/status`` fields that are times: reactor seconds in the snapshot,
+#: RFC 3339 UTC text in the JSON.
+TIME_FIELDS = ("connected_since", "last_ack_at", "next_retry_at")
+_URL_FIELDS = ("url", "proxy")
+_ACK_TYPES = frozenset({AGENT_HELLO_ACK, ACK})
 
 # Label values must stay bounded whatever the peer sends: anything outside
 # these sets is counted under "other".
@@ -61,8 +87,10 @@ class StatusSource(Protocol):
     def snapshot(self) -> dict[str, Any]:
         """
         JSON-able state.  Keys read here: ``active`` (bool),
-        ``current_delay`` (seconds or None), ``last_ack_at`` (reactor time
-        or None); everything else is passed through to ``/status``.
+        ``current_delay`` (seconds or None), the :data:`TIME_FIELDS`
+        (reactor seconds or None, shown as RFC 3339 text) and ``url`` and
+        ``proxy`` (shown redacted); everything else is passed through to
+        ``/status``.
         """
 
     def add_observer(self, observer: Callable[[Any], None]) -> Callable[[], None]:
@@ -89,24 +117,48 @@ def _status_label(value: object) -> str:
     return _OTHER
 
 
+class _WithoutCreated:
+    """A view of a registry without the ``_created`` samples of its metrics.
+
+    prometheus_client's own switches (``disable_created_metrics()``,
+    ``PROMETHEUS_DISABLE_CREATED_SERIES``) are process-global: they would
+    change the metrics of an application that embeds the agent.  Filtering
+    our own exposition touches nothing else.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._registry.collect():
+            created = metric.name + "_created"
+            if any(sample.name == created for sample in metric.samples):
+                metric = copy.copy(metric)
+                metric.samples = [s for s in metric.samples if s.name != created]
+            yield metric
+
+
 class ClientMetrics:
     """
     Prometheus metrics of one agent, fed by its events.
 
     :param source: the agent whose events and state are measured.
-    :param clock: the agent's reactor, for "seconds since last ack".
     :param registry: where the metrics are registered; a new one by default.
+    :param wall_clock: Unix time now, for the ``*_timestamp_seconds`` gauges
+        (the wall clock, not the reactor: a test reactor's seconds start at
+        0, and Prometheus compares these with its own ``time()``).
     """
 
     def __init__(
         self,
         source: StatusSource,
-        clock: _Clock,
         registry: CollectorRegistry | None = None,
+        *,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._source = source
-        self._clock = clock
+        self._wall_clock = wall_clock
         r = self.registry
         self.attempts = Counter(
             "hostlink_connection_attempts", "Connection attempts started.", registry=r
@@ -137,12 +189,23 @@ class ClientMetrics:
             registry=r,
         )
         delay.set_function(self._current_delay)
-        since_ack = Gauge(
-            "hostlink_seconds_since_last_ack",
-            "Seconds since the last ack from the control plane (NaN before the first).",
+        self.last_ack = Gauge(
+            "hostlink_last_ack_timestamp_seconds",
+            "Unix time of the last ack (agent.hello_ack or ack) received (NaN before the first).",
             registry=r,
         )
-        since_ack.set_function(self._seconds_since_ack)
+        self.last_pong = Gauge(
+            "hostlink_last_pong_timestamp_seconds",
+            "Unix time of the last pong received (NaN before the first).",
+            registry=r,
+        )
+        self.session_start = Gauge(
+            "hostlink_session_start_timestamp_seconds",
+            "Unix time the current session became active (NaN while none is).",
+            registry=r,
+        )
+        for gauge in (self.last_ack, self.last_pong, self.session_start):
+            gauge.set(math.nan)
         self._unsubscribe = source.add_observer(self.observe)
 
     def _state(self) -> dict[str, Any]:
@@ -152,12 +215,6 @@ class ClientMetrics:
         value = self._state().get("current_delay")
         return float(value) if isinstance(value, (int, float)) else 0.0
 
-    def _seconds_since_ack(self) -> float:
-        at = self._state().get("last_ack_at")
-        if not isinstance(at, (int, float)):
-            return math.nan
-        return max(0.0, self._clock.seconds() - float(at))
-
     def observe(self, event: _Event) -> None:
         """Count one client event."""
         kind, fields = event.kind, event.fields
@@ -165,11 +222,20 @@ class ClientMetrics:
             self.attempts.inc()
         elif kind == "active":
             self.activations.inc()
+            self.session_start.set(self._wall_clock())
+        elif kind == "pong":
+            self.last_pong.set(self._wall_clock())
         elif kind == "message_in":
-            self.messages_in.labels(type=_type_label(fields.get("type"))).inc()
+            message_type = fields.get("type")
+            self.messages_in.labels(type=_type_label(message_type)).inc()
+            if message_type in _ACK_TYPES:
+                self.last_ack.set(self._wall_clock())
         elif kind == "message_out":
             self.messages_out.labels(type=_type_label(fields.get("type"))).inc()
+        elif kind in ("inactive", "stopped"):
+            self.session_start.set(math.nan)
         elif kind == "closed":
+            self.session_start.set(math.nan)
             self.closes.labels(code=_code_label(fields.get("code"))).inc()
         elif kind == "refused":
             self.refusals.labels(status=_status_label(fields.get("status"))).inc()
@@ -179,8 +245,8 @@ class ClientMetrics:
         self._unsubscribe()
 
     def exposition(self) -> bytes:
-        """The Prometheus text exposition of these metrics."""
-        return bytes(generate_latest(self.registry))
+        """The Prometheus text exposition of these metrics, without ``_created`` series."""
+        return bytes(generate_latest(_WithoutCreated(self.registry)))
 
 
 class _Leaf(Resource):
@@ -195,18 +261,34 @@ class _Leaf(Resource):
 
 
 class StatusResource(Resource):
-    """The ``/healthz``, ``/status`` and ``/metrics`` resources of one agent."""
+    """
+    The ``/healthz``, ``/status`` and ``/metrics`` resources of one agent.
 
-    def __init__(self, source: StatusSource, metrics: ClientMetrics) -> None:
+    :param clock: the agent's reactor, whose ``seconds()`` the snapshot's
+        times are in; ``None`` when they already are Unix time.
+    :param wall_clock: Unix time now; a reactor time ``t`` is shown as
+        ``wall_clock() - (clock.seconds() - t)``.
+    """
+
+    def __init__(
+        self,
+        source: StatusSource,
+        metrics: ClientMetrics,
+        *,
+        clock: _Clock | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._source = source
         self._metrics = metrics
+        self._clock = clock
+        self._wall_clock = wall_clock
         for name, render in (
             (b"healthz", self._healthz),
             (b"status", self._status),
             (b"metrics", self._prometheus),
         ):
-            self.putChild(name, _Leaf(render))  # type: ignore[arg-type]
+            self.putChild(name, _Leaf(render))
 
     def _healthz(self, request: Request) -> bytes:
         request.setHeader(  # type: ignore[no-untyped-call]
@@ -219,7 +301,23 @@ class StatusResource(Resource):
     def _status(self, request: Request) -> bytes:
         request.setHeader(  # type: ignore[no-untyped-call]
             b"content-type", b"application/json")
-        return json.dumps(self._source.snapshot(), sort_keys=True, default=str).encode() + b"\n"
+        return json.dumps(self.status(), sort_keys=True, default=str).encode() + b"\n"
+
+    def status(self) -> dict[str, Any]:
+        """The ``/status`` document: the snapshot with times as text and URLs redacted."""
+        state = self._source.snapshot()
+        offset = 0.0 if self._clock is None else self._wall_clock() - self._clock.seconds()
+        for key in TIME_FIELDS:
+            value = state.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                try:
+                    state[key] = format_sent_at(float(value) + offset)
+                except ProtocolError:  # NaN, infinite or beyond year 9999: not a time
+                    state[key] = None
+        for key in _URL_FIELDS:
+            if isinstance(state.get(key), str):
+                state[key] = redact_url(state[key])
+        return state
 
     def _prometheus(self, request: Request) -> bytes:
         request.setHeader(  # type: ignore[no-untyped-call]
@@ -234,11 +332,35 @@ def make_status_service(
     A service serving the status resources of ``source`` on ``endpoint``
     (a Twisted server endpoint description), and the metrics it keeps.
     """
-    metrics = ClientMetrics(source, reactor)
-    site = Site(StatusResource(source, metrics))  # type: ignore[no-untyped-call]
+    metrics = ClientMetrics(source)
+    site = Site(StatusResource(source, metrics, clock=reactor))  # type: ignore[no-untyped-call]
     # Access logs of a scraper every 15 s are noise in an agent's log.
     site.log = lambda request: None  # type: ignore[method-assign]
     service = StreamServerEndpointService(  # type: ignore[no-untyped-call]
         serverFromString(reactor, endpoint), site  # type: ignore[no-untyped-call]
     )
     return service, metrics
+
+
+def exposed_interface(endpoint: object) -> str | None:
+    """
+    The address a server endpoint listens on when it is not loopback-only,
+    else ``None``: ``"all interfaces"`` for the default, or the address.
+
+    TCP and SSL endpoints (``tcp:``, ``tcp6:``, ``ssl:``) keep their
+    ``interface``; anything else (``unix:``, a custom plugin) is not a
+    network address here and gives ``None``.
+    """
+    interface = getattr(endpoint, "_interface", None)
+    if not isinstance(interface, str):
+        return None
+    if interface in ("", "0.0.0.0", "::"):  # noqa: S104 - naming it, not binding it
+        return "all interfaces"
+    if interface.lower() == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(interface.split("%", 1)[0]).is_loopback:
+            return None
+    except ValueError:
+        pass
+    return interface

@@ -114,6 +114,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         try:
             self.settings = load_settings(self.environ, self.overrides())
+            self.settings.check()  # refused environment values: usage errors here too
         except ConfigError as e:
             raise SettingError(str(e)) from None
         if self.settings.status_listen:

@@ -72,16 +72,24 @@ def make_test_certificates(
     names: Iterable[str] = ("localhost",),
     ips: Iterable[str] = ("127.0.0.1",),
     label: str = "hostlink test",
+    subject_alt_names: bool = True,
 ) -> TestCertificates:
     """
     Make a new CA and a server certificate for ``names`` and ``ips`` in
     ``directory`` (created if missing) as ``ca.pem``, ``server.pem`` and
     ``server.key``.  Every call makes a new CA, so two calls give two
     authorities that do not trust each other.
+
+    ``names`` become dNSName entries exactly as given, so a test can make the
+    malformed ones some CAs issue (an IP address as a dNSName,
+    ``a.*.example``, an empty name).  With ``subject_alt_names`` false the
+    certificate has no subjectAltName extension at all, only a common name.
     """
     names, ips = tuple(names), tuple(ips)
     if not names and not ips:
         raise ValueError("a server certificate needs at least one name or IP address")
+    # A common name cannot be empty; it is never used for verification.
+    common_name = next((n for n in names + ips if n), "hostlink test server")
     os.makedirs(directory, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
 
@@ -117,16 +125,19 @@ def make_test_certificates(
     server_key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
     sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-    server = (
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, (names or ips)[0])]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca_name)
         .public_key(server_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - _BACKDATE)
         .not_valid_after(now + _VALID_FOR)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+    )
+    if subject_alt_names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    server = (
+        builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False

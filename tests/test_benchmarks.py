@@ -90,7 +90,7 @@ class StockRCFBackoffTests(SynchronousTestCase):
         )
         clients = _build_clients("rcf", 2, [key], "ws://127.0.0.1:9/api/v1/agents/ws", 1.0, 3)
         self.assertIsInstance(clients[0].factory.backoff, StockRCFBackoff)
-        clients[0].factory.start_trying()
+        clients[0].start()
         self.assertEqual(len(reactor.tcpClients), 1)
         go = _build_clients("go", 1, [key], "ws://127.0.0.1:9/api/v1/agents/ws", 1.0, 3)
         self.assertNotIsInstance(go[0].factory.backoff, StockRCFBackoff)

@@ -9,13 +9,27 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
+from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
-from hostlink_tw.cli import main
-from hostlink_tw.identity import load_agent_state, load_private_key, load_public_key
+from hostlink_tw import identity
+from hostlink_tw.cli import human_time, main, status_url_from_listen
+from hostlink_tw.config import load_settings
+from hostlink_tw.identity import (
+    AgentState,
+    generate_private_key,
+    load_agent_state,
+    load_private_key,
+    load_public_key,
+    public_key_base64,
+    write_agent_state,
+)
+from hostlink_tw.protocol import AGENT_ID_RULE
+from hostlink_tw.signing import RequestSigner
 
 
 def run(*argv: str) -> tuple[int, str, str]:
@@ -59,17 +73,198 @@ class InitTests(SynchronousTestCase):
         self.assertNotEqual(open(os.path.join(self.state, "agent.key"), "rb").read(), key_before)
 
     def test_refuses_bad_agent_id(self) -> None:
-        status, _, err = run("init", "--state-path", self.state, "--agent-id", "bad\nid")
-        self.assertEqual(status, 2)
-        self.assertTrue(err.startswith("hostlink-tw init:"))
-        self.assertFalse(os.path.exists(self.state))
+        for bad in ("bad\nid", "agënt", "a" * 257, "agt\ud800"):
+            status, _, err = run("init", "--state-path", self.state, "--agent-id", bad)
+            self.assertEqual(status, 2)
+            self.assertTrue(err.startswith("hostlink-tw init:"))
+            self.assertIn(AGENT_ID_RULE, err)
+            self.assertEqual(err.count("\n"), 1)
+            self.assertFalse(os.path.exists(self.state))
+
+    # -- issue 10.7: --force never leaves a key nobody registered ------------------
+
+    def files(self) -> dict[str, bytes]:
+        """Every file in the state directory, by name (temporary files included)."""
+        result = {}
+        for name in sorted(os.listdir(self.state)):
+            path = os.path.join(self.state, name)
+            if os.path.isfile(path):
+                with open(path, "rb") as f:
+                    result[name] = f.read()
+        return result
+
+    def test_force_keeps_old_key_when_agent_json_is_a_directory(self) -> None:
+        self.assertEqual(run("init", "--state-path", self.state, "--agent-id", "a1")[0], 0)
+        state_file = os.path.join(self.state, "agent.json")
+        os.unlink(state_file)
+        os.mkdir(state_file)
+        before = self.files()
+        status, out, err = run("init", "--state-path", self.state, "--agent-id", "a2", "--force")
+        self.assertEqual((status, out), (1, ""))
+        self.assertIn(f"cannot write agent state file {state_file}", err)
+        self.assertEqual(err.count("\n"), 1)
+        self.assertEqual(self.files(), before)  # same key bytes, no temporary files
+        self.assertTrue(os.path.isdir(state_file))
+
+    def test_force_keeps_old_identity_when_agent_json_write_fails(self) -> None:
+        self.assertEqual(run("init", "--state-path", self.state, "--agent-id", "a1")[0], 0)
+        before = self.files()
+        self.assertEqual(sorted(before), ["agent.json", "agent.key"])
+
+        def failing_rename(source: str, destination: str) -> None:
+            if destination.endswith("agent.json"):
+                raise PermissionError(13, "Permission denied", destination)
+            os.replace(source, destination)
+
+        self.patch(identity, "_rename", failing_rename)
+        status, _, err = run("init", "--state-path", self.state, "--agent-id", "a2", "--force")
+        self.assertEqual(status, 1)
+        self.assertIn("permission denied", err)
+        self.assertEqual(self.files(), before)  # both files byte for byte, nothing left over
+        self.assertEqual(load_agent_state(self.state).agent_id, "a1")
+
+    def test_new_identity_leaves_no_key_when_agent_json_write_fails(self) -> None:
+        def failing_rename(source: str, destination: str) -> None:
+            if destination.endswith("agent.json"):
+                raise PermissionError(13, "Permission denied", destination)
+            os.replace(source, destination)
+
+        self.patch(identity, "_rename", failing_rename)
+        self.assertEqual(run("init", "--state-path", self.state, "--agent-id", "a1")[0], 1)
+        self.assertEqual(self.files(), {})  # a rerun needs no --force
+
+    # -- issue 9.10: completing a half-made identity ----------------------------------
+
+    def test_completes_identity_for_an_existing_key(self) -> None:
+        key_path = os.path.join(self.state, "agent.key")
+        key = generate_private_key(key_path)
+        with open(key_path, "rb") as f:
+            key_bytes = f.read()
+        status, out, err = run("init", "--state-path", self.state, "--agent-id", "agt_9")
+        self.assertEqual(status, 0, err)
+        self.assertIn("kept the existing key", err)
+        with open(key_path, "rb") as f:
+            self.assertEqual(f.read(), key_bytes)
+        self.assertEqual(load_agent_state(self.state).agent_id, "agt_9")
+        self.assertEqual(
+            json.loads(out.strip().splitlines()[-1]), {"agt_9": public_key_base64(key)}
+        )
+
+    def test_completes_identity_for_an_existing_agent_json(self) -> None:
+        write_agent_state(self.state, AgentState("agt_7"))
+        status, out, err = run("init", "--state-path", self.state)
+        self.assertEqual(status, 0, err)
+        self.assertIn("new key", err)
+        key = load_private_key(os.path.join(self.state, "agent.key"))
+        self.assertEqual(
+            json.loads(out.strip().splitlines()[-1]), {"agt_7": public_key_base64(key)}
+        )
+        self.assertEqual(load_agent_state(self.state).agent_id, "agt_7")
+
+    def test_existing_agent_json_with_another_id_is_refused(self) -> None:
+        write_agent_state(self.state, AgentState("agt_7"))
+        status, _, err = run("init", "--state-path", self.state, "--agent-id", "agt_8")
+        self.assertEqual(status, 1)
+        self.assertIn("'agt_7'", err)
+        self.assertFalse(os.path.exists(os.path.join(self.state, "agent.key")))
+
+    # -- issue 9.8: init and the agent agree on the key path ----------------------------
+
+    def test_agent_finds_the_key_init_wrote(self) -> None:
+        self.patch(identity, "GO_DEFAULT_PRIVATE_KEY_PATH", os.path.abspath(self.mktemp()))
+        self.assertEqual(run("init", "--state-path", self.state, "--agent-id", "agt_1")[0], 0)
+        settings = load_settings(environ={"HOSTLINK_STATE_PATH": self.state})
+        self.assertEqual(settings.private_key_path, os.path.join(self.state, "agent.key"))
+        signer = RequestSigner(settings.private_key_path, load_agent_state(self.state).agent_id)
+        self.assertEqual(signer.agent_id, "agt_1")
+
+    def test_go_layout_keeps_working(self) -> None:
+        go_key = os.path.join(os.path.abspath(self.mktemp()), "agent.key")
+        self.patch(identity, "GO_DEFAULT_PRIVATE_KEY_PATH", go_key)
+        key = generate_private_key(go_key)
+        write_agent_state(self.state, AgentState("agt_go"))
+        logged: list[dict[str, Any]] = []
+        settings = load_settings(
+            environ={"HOSTLINK_STATE_PATH": self.state}, log=Logger(observer=logged.append)
+        )
+        self.assertEqual(settings.private_key_path, go_key)
+        self.assertTrue(any(e.get("path") == go_key for e in logged), logged)
+        # init sees the same (complete) identity and leaves it alone...
+        status, _, err = run("init", "--state-path", self.state)
+        self.assertEqual(status, 1)
+        self.assertIn(go_key, err)
+        # ...and identity show prints it.
+        status, out, _ = run("identity", "show", "--state-path", self.state, "--json")
+        self.assertEqual(status, 0)
+        self.assertEqual(json.loads(out)["public_key"], public_key_base64(key))
+        # An explicit HOSTLINK_PRIVATE_KEY_PATH always wins.
+        other = os.path.join(self.state, "other.key")
+        settings = load_settings(
+            environ={"HOSTLINK_STATE_PATH": self.state, "HOSTLINK_PRIVATE_KEY_PATH": other}
+        )
+        self.assertEqual(settings.private_key_path, other)
+
+
+class IdentityShowTests(SynchronousTestCase):
+    """Issue 9.10: print an existing identity without rotating anything."""
+
+    def setUp(self) -> None:
+        self.state = os.path.abspath(self.mktemp())
+        self.assertEqual(run("init", "--state-path", self.state, "--agent-id", "agt_5")[0], 0)
+        self.key = load_private_key(os.path.join(self.state, "agent.key"))
+
+    def snapshot(self) -> dict[str, tuple[bytes, int]]:
+        result = {}
+        for name in os.listdir(self.state):
+            path = os.path.join(self.state, name)
+            with open(path, "rb") as f:
+                result[name] = (f.read(), os.stat(path).st_mtime_ns)
+        return result
+
+    def test_text(self) -> None:
+        before = self.snapshot()
+        status, out, err = run("identity", "show", "--state-path", self.state)
+        self.assertEqual((status, err), (0, ""))
+        public = public_key_base64(self.key)
+        self.assertIn("agent id:    agt_5\n", out)
+        self.assertIn(public + "\n", out)
+        self.assertEqual(json.loads(out.strip().splitlines()[-1]), {"agt_5": public})
+        self.assertEqual(self.snapshot(), before)
+
+    def test_json(self) -> None:
+        status, out, _ = run("identity", "show", "--state-path", self.state, "--json")
+        self.assertEqual(status, 0)
+        report = json.loads(out)
+        public = public_key_base64(self.key)
+        self.assertEqual(
+            report,
+            {
+                "agent_id": "agt_5",
+                "agent_state_file": os.path.join(self.state, "agent.json"),
+                "private_key_path": os.path.join(self.state, "agent.key"),
+                "public_key": public,
+                "agents_file_entry": {"agt_5": public},
+            },
+        )
+        self.assertEqual(
+            load_public_key(report["public_key"]).public_numbers(),
+            self.key.public_key().public_numbers(),
+        )
+
+    def test_missing_identity_is_one_line(self) -> None:
+        os.unlink(os.path.join(self.state, "agent.key"))
+        status, out, err = run("identity", "show", "--state-path", self.state)
+        self.assertEqual((status, out), (1, ""))
+        self.assertTrue(err.startswith("hostlink-tw identity show: private key file"))
+        self.assertEqual(err.count("\n"), 1)
 
 
 class _StatusHandler(BaseHTTPRequestHandler):
-    state: dict[str, Any] = {}
+    state: Any = {}
+    raw: bytes | None = None
 
     def do_GET(self) -> None:
-        body = json.dumps(self.state).encode()
+        body = self.raw if self.raw is not None else json.dumps(self.state).encode()
         self.send_response(200 if self.path == "/status" else 404)
         self.send_header("content-type", "application/json")
         self.end_headers()
@@ -80,8 +275,8 @@ class _StatusHandler(BaseHTTPRequestHandler):
 
 
 class StatusTests(SynchronousTestCase):
-    def serve(self, state: dict[str, Any]) -> str:
-        handler = type("Handler", (_StatusHandler,), {"state": state})
+    def serve(self, state: Any, raw: bytes | None = None) -> str:
+        handler = type("Handler", (_StatusHandler,), {"state": state, "raw": raw})
         server = HTTPServer(("127.0.0.1", 0), handler)
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
@@ -98,8 +293,134 @@ class StatusTests(SynchronousTestCase):
         url = self.serve({"active": True, "state": "active", "agent_id": "agent-9"})
         status, out, _ = run("status", "--url", url)
         self.assertEqual(status, 0)
-        self.assertIn("active (active)", out)
+        self.assertIn("session:         active\n", out)
+        self.assertNotIn("active (active)", out)
         self.assertIn("agent-9", out)
+
+    def test_human_output(self) -> None:
+        """Issue 9 item 14: human times, "-" for missing values, no Python reprs."""
+        now = time.time()
+        url = self.serve({
+            "active": True,
+            "state": "active",
+            "agent_id": "agent-9",
+            "url": "wss://cp.example/api/v1/agents/ws",
+            "connected_since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 125)),
+            "last_ack_at": now - 3600 * 3,  # an older agent's Unix seconds
+            "attempts": 0,
+            "last_failure": None,
+            "next_retry_at": None,
+        })
+        status, out, err = run("status", "--url", url)
+        self.assertEqual((status, err), (0, ""))
+        lines = dict(line.split(":", 1) for line in out.splitlines())
+        self.assertRegex(
+            lines["connected since"].strip(),
+            r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(2m [456]s ago\)$",
+        )
+        self.assertRegex(lines["last ack at"].strip(), r"UTC \(3h 0m ago\)$")
+        self.assertEqual(lines["last failure"].strip(), "-")
+        self.assertEqual(lines["next retry at"].strip(), "-")
+        self.assertEqual(lines["attempts"].strip(), "0")
+        self.assertNotIn("None", out)
+
+    def test_human_time(self) -> None:
+        now = 1_780_272_000.0  # 2026-06-01T00:00:00Z
+        cases = [
+            (None, "-"),
+            ("2026-06-01T00:00:00Z", "2026-06-01 00:00:00 UTC (now)"),
+            ("2026-05-31T23:59:50Z", "2026-05-31 23:59:50 UTC (10s ago)"),
+            ("2026-06-01T00:00:03Z", "2026-06-01 00:00:03 UTC (in 3s)"),
+            ("2026-05-29T22:00:00Z", "2026-05-29 22:00:00 UTC (2d 2h ago)"),
+            (now - 61, "2026-05-31 23:58:59 UTC (1m 1s ago)"),
+            ("2026-06-01T00:00:00", "2026-06-01T00:00:00"),  # no zone: shown as given
+            ("soon\x1b[2J", "soon\\x1b[2J"),
+            (float("nan"), "nan"),
+            (1e300, "1e+300"),
+            (True, "True"),
+        ]
+        for value, expected in cases:
+            with self.subTest(value=value):
+                self.assertEqual(human_time(value, now), expected)
+
+    def test_peer_text_is_escaped(self) -> None:
+        """Issue 10 item 13: a hostile page cannot write control sequences to the terminal."""
+        url = self.serve({
+            "active": False,
+            "state": "waiting\x1b[31m",
+            "agent_id": "agent\r\x1b[2Kforged",
+            "url": "wss://cp.example/\x9b2J",
+            "last_failure": "closed 1008: \x1b]0;pwned\x07" + "x" * 5000,
+            "attempts": "\x1b",
+            "connected_since": "\ud800",
+        })
+        status, out, err = run("status", "--url", url)
+        self.assertEqual((status, err), (1, ""))
+        for character in ("\x1b", "\r", "\x9b", "\x07", "\ud800"):
+            self.assertNotIn(character, out)
+        self.assertIn("agent\\r\\x1b[2Kforged", out)
+        self.assertIn("inactive (waiting\\x1b[31m)", out)
+        self.assertLess(max(len(line) for line in out.splitlines()), 400)
+        out.encode("utf-8")
+
+    def test_control_plane_page_is_not_an_agent_page(self) -> None:
+        """Issue 9 item 14: pointed at the control plane's /status: a clear error, exit 2."""
+        for page in ({"sessions": [], "agents": 3}, [1, 2], "text", {"active": "yes",
+                                                                      "state": "active"}):
+            with self.subTest(page=page):
+                url = self.serve(page)
+                status, out, err = run("status", "--url", url)
+                self.assertEqual((status, out), (2, ""))
+                self.assertIn("is not an agent's status page", err)
+                self.assertEqual(err.count("\n"), 1)
+
+    def test_not_json(self) -> None:
+        url = self.serve(None, raw=b"<html>\x1b[2J</html>")
+        status, _, err = run("status", "--url", url)
+        self.assertEqual(status, 2)
+        self.assertIn("did not answer JSON", err)
+        self.assertNotIn("\x1b", err)
+
+    def test_answer_is_bounded(self) -> None:
+        """Issue 10 item 13: at most 1 MiB is read."""
+        big = json.dumps({"active": True, "state": "active", "pad": "x" * (1024 * 1024)})
+        url = self.serve(None, raw=big.encode())
+        status, out, err = run("status", "--url", url)
+        self.assertEqual((status, out), (2, ""))
+        self.assertIn("more than 1 MiB", err)
+
+    def test_default_url_from_status_listen(self) -> None:
+        url = self.serve({"active": True, "state": "active"})
+        port = url.rsplit(":", 1)[1]
+        for listen in (f"tcp:{port}:interface=127.0.0.1", f"tcp:{port}"):
+            with self.subTest(listen=listen):
+                self.patch(os, "environ", {"HOSTLINK_WS_STATUS_LISTEN": listen})
+                status, out, err = run("status")
+                self.assertEqual((status, err), (0, ""))
+
+    def test_status_url_from_listen(self) -> None:
+        cases = {
+            "tcp:9920:interface=127.0.0.1": "http://127.0.0.1:9920",
+            "tcp:9921": "http://127.0.0.1:9921",
+            "tcp:9922:interface=0.0.0.0": "http://127.0.0.1:9922",
+            "tcp6:9923:interface=\\:\\:1": "http://[::1]:9923",
+            "tcp6:9924": "http://[::1]:9924",
+            "tcp:9925:interface=192.0.2.1": "http://192.0.2.1:9925",
+        }
+        for listen, expected in cases.items():
+            with self.subTest(listen=listen):
+                self.assertEqual(status_url_from_listen(listen), expected)
+
+    def test_underivable_default_url(self) -> None:
+        for listen, why in (("unix:/run/s.sock", "not a TCP endpoint"),
+                            ("tcp:0", "any free port"), ("bogus:1", "not a server endpoint")):
+            with self.subTest(listen=listen):
+                self.patch(os, "environ", {"HOSTLINK_WS_STATUS_LISTEN": listen})
+                status, out, err = run("status")
+                self.assertEqual((status, out), (2, ""))
+                self.assertIn("HOSTLINK_WS_STATUS_LISTEN", err)
+                self.assertIn(why, err)
+                self.assertIn("pass --url", err)
 
     def test_inactive_exits_1(self) -> None:
         url = self.serve({"active": False, "state": "waiting", "last_failure": "refused"})
@@ -123,6 +444,8 @@ class StatusTests(SynchronousTestCase):
         status, _, err = run("status", "--url", f"http://127.0.0.1:{free}", "--timeout", "5")
         self.assertEqual(status, 2)
         self.assertIn("cannot read", err)
+        self.assertIn("Connection refused", err)
+        self.assertNotIn("URLError", err)  # no exception reprs
 
     def test_not_http_exits_2(self) -> None:
         """Something else on the port (an SSH banner): unreachable, not a crash."""
@@ -146,6 +469,8 @@ class StatusTests(SynchronousTestCase):
         thread.join(10)
         self.assertEqual(status, 2)
         self.assertIn("cannot read", err)
+        self.assertIn("not HTTP", err)
+        self.assertNotIn("BadStatusLine", err)
 
 
 class DemoTests(SynchronousTestCase):

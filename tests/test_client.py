@@ -357,10 +357,11 @@ class BadInputTests(SynchronousTestCase):
         def boom(envelope: Any) -> None:
             raise RuntimeError("observer-free bug")
 
-        h.client._ack_received = boom  # type: ignore[method-assign]
+        h.client.ack_received = boom  # type: ignore[method-assign]
         c.ack_hello()
         self.assertEqual([cf[0] for cf in c.close_frames()], [1007])
-        self.assertIn("RuntimeError", h.client.last_failure or c.proto.failure or "")
+        c.lose()
+        self.assertIn("RuntimeError", h.client.last_failure or "")
 
     def test_observer_errors_are_logged_not_raised(self) -> None:
         h = harness(self)
@@ -540,13 +541,33 @@ class BackoffTests(SynchronousTestCase):
         self.assertEqual(h.client.attempts, 301)
         self.assertLessEqual(max(h.delays()), 2.5)
 
-    def test_rcf_fields_mirror_settings(self) -> None:
+    def test_rcf_fields_are_the_configured_values(self) -> None:
+        """No mirrors: RCF's fields are what it really uses; its jitter is off (Backoff's is on)."""
         h = harness(self, reconnect_min=2.0, reconnect_max=30.0)
         f = h.client.factory
-        self.assertEqual((f.initialDelay, f.maxDelay, f.factor, f.jitter), (2.0, 30.0, 2.0, 0.25))
+        # maxDelay: the longest wait, RECONNECT_MAX plus go jitter's 25 %.
+        self.assertEqual((f.initialDelay, f.maxDelay, f.factor, f.jitter), (2.0, 37.5, 2.0, 0))
         h.client.start()
         h.fail_connect()
-        self.assertEqual((f.retries, f.delay), (1, 4.0))
+        self.assertEqual(f.retries, 1)  # RCF's own counter
+        self.assertEqual(h.delays(), [2.0])
+
+    def test_rcf_retry_calls_connector_connect(self) -> None:
+        """RCF's loop reconnects: its retry() schedules connector.connect() on the clock."""
+        h = harness(self)
+        h.client.start()
+        connector = h.reactor.connectors[-1]
+        calls: list[str] = []
+        real_connect = connector.connect
+        connector.connect = lambda: (calls.append("connect"), real_connect())[1]
+        h.fail_connect()
+        self.assertIs(h.client.factory.connector, connector)
+        pending = [c for c in h.pending_calls() if c.func.__name__ == "reconnector"]
+        self.assertEqual(len(pending), 1)  # RCF's own reconnector, held in _callID
+        self.assertIs(h.client.factory._callID, pending[0])
+        h.reactor.advance(h.client.current_delay or 0)
+        self.assertEqual(calls, ["connect"])
+        self.assertEqual(h.attempts_made, 2)
 
     def test_reset_delay_keeps_a_pending_retry(self) -> None:
         h = harness(self)
@@ -827,15 +848,15 @@ class TLSAndProxyTests(SynchronousTestCase):
     """Point 7 on memory transports (real TLS is in test_client_e2e)."""
 
     def test_wss_starts_tls_with_verifying_options(self) -> None:
-        from twisted.internet._sslverify import ClientTLSOptions
+        from hostlink_tw.tls import FailClosedClientTLSOptions
 
         h = harness(self, ws_url="wss://cp.example.test/api/v1/agents/ws")
         h.client.start()
         self.assertEqual(h.target(), ("cp.example.test", 443))
         c = h.conn()
-        self.assertIsInstance(c.transport.tls_options, ClientTLSOptions)
+        self.assertIsInstance(c.transport.tls_options, FailClosedClientTLSOptions)
         self.assertNotIsInstance(c.transport.tls_options, ClientContextFactory)
-        self.assertEqual(c.transport.tls_options._hostname, "cp.example.test")
+        self.assertEqual(c.transport.tls_options.hostname, "cp.example.test")
         self.assertEqual(c.request()[1]["host"], "cp.example.test:443")
 
     def test_unreadable_ca_file_fails_the_attempt_and_backs_off(self) -> None:
@@ -888,7 +909,7 @@ class TLSAndProxyTests(SynchronousTestCase):
         self.assertNotIn("p%40ss", "\n".join(h.messages()))
 
     def test_wss_through_proxy_keeps_verified_tls(self) -> None:
-        from twisted.internet._sslverify import ClientTLSOptions
+        from hostlink_tw.tls import FailClosedClientTLSOptions
 
         h, c = self._proxied(
             "wss://cp.example.test/api/v1/agents/ws", {"HTTPS_PROXY": "proxy.corp:3128"}
@@ -897,8 +918,8 @@ class TLSAndProxyTests(SynchronousTestCase):
         self.assertIsNone(c.transport.tls_options)  # not before the tunnel is up
         self.assertTrue(c.written().startswith(b"CONNECT cp.example.test:443 HTTP/1.1"))
         c.receive(b"HTTP/1.1 200 OK\r\n\r\n")
-        self.assertIsInstance(c.transport.tls_options, ClientTLSOptions)
-        self.assertEqual(c.transport.tls_options._hostname, "cp.example.test")
+        self.assertIsInstance(c.transport.tls_options, FailClosedClientTLSOptions)
+        self.assertEqual(c.transport.tls_options.hostname, "cp.example.test")
 
     def test_proxy_refusal_backs_off(self) -> None:
         h, c = self._proxied("ws://cp.example.test/ws", {"http_proxy": "http://proxy.corp"})
@@ -1294,7 +1315,7 @@ class OneConnectionTests(SynchronousTestCase):
                 elif action == "refuse" and state == 1:
                     c.refuse(rng.choice([401, 403, 500, 503]))
                 elif action == "ack" and state in (2, 3):
-                    if c.proto.hello_id:
+                    if h.client.hello_id:
                         c.ack_hello()
                 elif action == "close" and state in (2, 3):
                     c.send_close(1000)

@@ -22,7 +22,12 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionRefusedError
+from twisted.internet.error import (
+    ConnectionAborted,
+    ConnectionDone,
+    ConnectionRefusedError,
+    UserError,
+)
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogEvent, Logger, formatEvent
@@ -127,6 +132,55 @@ def parse_client_frames(data: bytes) -> list[tuple[int, bytes]]:
         frames.append((opcode, payload))
         i = j + n
     return frames
+
+
+class _Redialer:
+    """
+    A memory-reactor connector that can connect again, as a real one can:
+    each ``connect()`` (RCF's retry calls it) records a new attempt in the
+    reactor's ``tcpClients`` and ``connectors`` and tells the factory.
+    """
+
+    def __init__(self, reactor: RedialingReactor, host: str, port: int, factory: Any,
+                 timeout: float, bind: Any) -> None:
+        self.reactor = reactor
+        self.args = (host, port, factory, timeout, bind)
+        self.stoppedConnecting = False
+        self._in_connect = False
+
+    def connect(self) -> None:
+        self.stoppedConnecting = False
+        self._in_connect = True
+        try:
+            self.args[2].startedConnecting(self)
+        finally:
+            self._in_connect = False
+        if not self.stoppedConnecting:
+            # A connector stopped inside startedConnecting never dials.
+            self.reactor.tcpClients.append(self.args)
+            self.reactor.connectors.append(self)
+
+    def stopConnecting(self) -> None:
+        self.stoppedConnecting = True
+        if self._in_connect:
+            # Twisted's real connectors report a stopped connect at once.
+            self.args[2].clientConnectionFailed(self, Failure(UserError()))
+
+    def disconnect(self) -> None:
+        pass
+
+    def getDestination(self) -> IPv4Address:
+        return IPv4Address("TCP", self.args[0], self.args[1])
+
+
+class RedialingReactor(MemoryReactorClock):
+    """A ``MemoryReactorClock`` whose connectors can be connected again."""
+
+    def connectTCP(self, host: str, port: int, factory: Any, timeout: float = 30,
+                   bindAddress: Any = None) -> _Redialer:
+        connector = _Redialer(self, host, port, factory, timeout, bindAddress)
+        connector.connect()
+        return connector
 
 
 class Conn:
@@ -267,7 +321,7 @@ class Harness:
 
     def __init__(self, environ: dict[str, str] | None = None, rng: random.Random | None = None,
                  **overrides: Any) -> None:
-        self.reactor = MemoryReactorClock()
+        self.reactor = RedialingReactor()
         self.txaio_clock = Clock()
         self.settings = settings(**overrides)
         self.signer = RequestSigner.from_key(key(), AGENT, clock=lambda: 1_800_000_000.0)
@@ -300,13 +354,14 @@ class Harness:
         host, port = self.reactor.tcpClients[-1][:2]
         return host, port
 
-    def conn(self) -> Conn:
-        """The newest attempt's TCP connection, made."""
+    def conn(self, made: bool = True) -> Conn:
+        """The newest attempt's TCP connection, made (or only built, to ``open()`` later)."""
         assert self.attempts_made > self._seen_clients, "no new connection attempt"
         self._seen_clients = self.attempts_made
         host, port, factory, _, _ = self.reactor.tcpClients[-1]
         proto = factory.buildProtocol(IPv4Address("TCP", host, port))
-        return Conn(self, proto, self.reactor.connectors[-1]).open()
+        conn = Conn(self, proto, self.reactor.connectors[-1])
+        return conn.open() if made else conn
 
     def fail_connect(self, reason: Exception | None = None) -> None:
         """The newest attempt's TCP connect fails."""

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any
 
 from OpenSSL import SSL
 from service_identity import VerificationError
-from service_identity.hazmat import DNS_ID, DNSMismatch
+from service_identity.hazmat import DNS_ID, DNSMismatch, IPAddress_ID
 from twisted.internet._sslverify import ClientTLSOptions
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
@@ -16,7 +17,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from hostlink_tw.testing import make_test_certificates
 from hostlink_tw.tls import (
     CA_FILE_MAX_BYTES,
+    CertificateNamesError,
     CombinedTrustRoot,
+    FailClosedClientTLSOptions,
     TLSConfigError,
     client_tls_options,
     describe_tls_failure,
@@ -24,6 +27,14 @@ from hostlink_tw.tls import (
     load_ca_certificates,
     trust_root,
 )
+
+
+class _Blocked(Exception):
+    pass
+
+
+def _timed_out(signum: int, frame: object) -> None:
+    raise _Blocked("reading the CA file blocked")
 
 
 class _Store:
@@ -66,6 +77,43 @@ class CAFileTests(SynchronousTestCase):
         e = self.assertRaises(TLSConfigError, load_ca_certificates, path)
         self.assertIn("larger than", str(e))
         self.assertIn("HOSTLINK_WS_CA_FILE", str(e))
+
+    def test_fifo_is_refused_without_blocking(self) -> None:
+        # Issue 10.12: open() on a FIFO with no writer blocks forever; the
+        # reader must refuse it at once.  The alarm bounds the test if a
+        # regression blocks (it interrupts the open with an exception).
+        path = os.path.join(self.dir, "ca.fifo")
+        os.mkfifo(path)
+        previous = signal.signal(signal.SIGALRM, _timed_out)
+        self.addCleanup(signal.signal, signal.SIGALRM, previous)
+        signal.alarm(5)
+        try:
+            e = self.assertRaises(TLSConfigError, load_ca_certificates, path)
+        finally:
+            signal.alarm(0)
+        self.assertIn(path, str(e))
+        self.assertIn("not a regular file", str(e))
+        self.assertIn("HOSTLINK_WS_CA_FILE", str(e))
+
+    def test_fifo_refused_at_the_agents_start(self) -> None:
+        # The start-up check (load_settings) reads the file with the same reader.
+        from hostlink_tw.config import ConfigError, load_settings
+
+        path = os.path.join(self.dir, "ca.fifo")
+        os.mkfifo(path)
+        previous = signal.signal(signal.SIGALRM, _timed_out)
+        self.addCleanup(signal.signal, signal.SIGALRM, previous)
+        signal.alarm(5)
+        try:
+            settings = load_settings(environ={"HOSTLINK_WS_CA_FILE": path})
+            e = self.assertRaises(ConfigError, settings.check)
+        finally:
+            signal.alarm(0)
+        self.assertIn("not a regular file", str(e))
+
+    def test_directory_is_refused(self) -> None:
+        e = self.assertRaises(TLSConfigError, load_ca_certificates, self.dir)
+        self.assertIn("directory", str(e))
 
     def test_garbage_names_the_path(self) -> None:
         path = os.path.join(self.dir, "bad.pem")
@@ -122,11 +170,14 @@ class TrustRootTests(SynchronousTestCase):
 
     def test_client_options_verify_the_host(self) -> None:
         options = client_tls_options("cp.example.test", None)
-        self.assertIsInstance(options, ClientTLSOptions)
-        self.assertEqual(options._hostname, "cp.example.test")
-        self.assertTrue(options._hostnameIsDnsName)
+        self.assertIsInstance(options, FailClosedClientTLSOptions)
+        self.assertEqual(options.hostname, "cp.example.test")
+        self.assertIsInstance(options._options, ClientTLSOptions)
+        self.assertTrue(options._options._hostnameIsDnsName)
+        self.assertIsInstance(options._service_id, DNS_ID)
         ip = client_tls_options("127.0.0.1", None)
-        self.assertFalse(ip._hostnameIsDnsName)
+        self.assertFalse(ip._options._hostnameIsDnsName)
+        self.assertIsInstance(ip._service_id, IPAddress_ID)
 
     def test_client_options_bad_ca_file(self) -> None:
         self.assertRaises(TLSConfigError, client_tls_options, "h", "/nonexistent/ca.pem")
@@ -151,6 +202,11 @@ class FailureTests(SynchronousTestCase):
             describe_tls_failure(f, "a.example"), "server certificate is not valid for a.example"
         )
         self.assertIn("a.example", describe_tls_failure(f))
+
+    def test_names_not_checkable(self) -> None:
+        f = Failure(CertificateNamesError("server certificate's names cannot be checked (x)"))
+        self.assertTrue(is_tls_failure(f))
+        self.assertIn("cannot be checked", describe_tls_failure(f, "h"))
 
     def test_not_tls(self) -> None:
         self.assertFalse(is_tls_failure(Failure(ConnectionDone())))

@@ -21,8 +21,10 @@ from hostlink_tw.config import (
     Settings,
     SettingSpec,
     derive_ws_url,
+    gateway_url_problem,
     load_settings,
 )
+from hostlink_tw.safetext import escape_control, redact_url
 from hostlink_tw.testing import make_test_certificates
 
 Event = dict[str, Any]
@@ -112,7 +114,7 @@ class SettingSpecTests(SynchronousTestCase):
 
     def test_one_spec_per_setting(self) -> None:
         """Each L{Settings} field has exactly one spec; names and options are unique."""
-        fields = [item.name for item in dataclasses.fields(Settings)]
+        fields = [item.name for item in dataclasses.fields(Settings) if item.name != "errors"]
         self.assertEqual(sorted(ATTRIBUTES.values()), sorted(fields))
         options = [spec.option for spec in SETTINGS]
         self.assertEqual(len(set(options)), len(options))
@@ -504,7 +506,7 @@ class WebSocketURLTests(SynchronousTestCase):
     def test_override_used_as_is(self) -> None:
         """A non-empty HOSTLINK_WS_URL is used as is, trimmed, whatever the base URL."""
         for text in ("wss://gw.example/agents", " ws://127.0.0.1:9000/x?y=1 ",
-                     "http://odd.example/ws"):
+                     "WSS://GW.example:443/ws"):
             with self.subTest(text=text):
                 settings, events = load(
                     {"HOSTLINK_WS_URL": text, "SH_CONTROL_PLANE_URL": "https://cp.example"}
@@ -531,10 +533,180 @@ class WebSocketURLTests(SynchronousTestCase):
         self.assertEqual(settings.control_plane_url, "https://api.selfhost.dev")
 
     def test_unparsable_control_plane_warns(self) -> None:
-        """An unparsable control plane URL reaches the caller's log."""
+        """An unparsable control plane URL reaches the caller's log, and is refused.
+
+        PROTOCOL §3's text-appended URL keeps the https scheme: the client
+        could never dial it, so it is also an error (see L{GatewayURLTests}).
+        """
         settings, events = load({"SH_CONTROL_PLANE_URL": "https://[::1"})
         self.assertEqual(settings.ws_url, "https://[::1/api/v1/agents/ws")
         self.assertEqual([event["variable"] for event in events], ["SH_CONTROL_PLANE_URL"])
+        [error] = settings.errors
+        self.assertTrue(error.startswith("SH_CONTROL_PLANE_URL: 'https://[::1' gives"), error)
+
+
+class GatewayURLTests(SynchronousTestCase):
+    """Issue 9 item 7, issue 10 item 11: a gateway URL the client cannot dial is refused.
+
+    From the environment it lands in L{Settings.errors} (one line, with a
+    hint) instead of leaving an agent that runs and never connects; as an
+    option it is a L{ConfigError}.
+    """
+
+    BAD = [
+        ("http://cp.example/ws", "is not a ws:// or wss:// URL"),
+        ("https://cp.example/ws", "is not a ws:// or wss:// URL"),
+        ("cp.example/api/v1/agents/ws", "is not a ws:// or wss:// URL"),
+        ("cp.example:8080", "is not a ws:// or wss:// URL"),
+        ("wss://", "has no host"),
+        ("wss:///path", "has no host"),
+        ("wss://cp.example:0/ws", "has port 0"),
+        ("wss://cp.example:99999/ws", "cannot be parsed as a URL"),
+        ("wss://[::1/ws", "cannot be parsed as a URL"),
+        ("wss://cp example/ws", "cannot be parsed as a URL"),
+        ("wss://cp.example/ws#part", "has a #fragment"),
+        ("ws://unix:/run/cp.sock", "names the host 'unix'"),
+        ("wss://UNIX/ws", "names the host 'unix'"),
+        ("ws://user@unix:8080/ws", "names the host 'unix'"),
+    ]
+    GOOD = [
+        "wss://cp.example/api/v1/agents/ws",
+        "ws://127.0.0.1:8080/api/v1/agents/ws?tenant=a",
+        "wss://[::1]:8443/ws",
+        "WSS://Cp.Example/ws",
+        "ws://unix.example/ws",
+        "ws://user:pw@cp.example/ws",
+    ]
+
+    def test_problems(self) -> None:
+        for url, problem in self.BAD:
+            with self.subTest(url=url):
+                self.assertTrue((gateway_url_problem(url) or "").startswith(problem), url)
+        for url in self.GOOD:
+            with self.subTest(url=url):
+                self.assertIsNone(gateway_url_problem(url))
+
+    def test_accepted_urls_are_what_autobahn_dials_over_tcp(self) -> None:
+        """Every URL we accept, Autobahn parses as a TCP host (not its UNIX-socket branch)."""
+        from autobahn.websocket.util import parse_url
+
+        for url in self.GOOD:
+            with self.subTest(url=url):
+                secure, host, port, _, _, _ = parse_url(url)
+                self.assertNotEqual(host, "unix")
+                self.assertIsInstance(port, int)
+        for url, _ in self.BAD:
+            if "unix" in url.lower():
+                # The branch item 11 is about: a path instead of a port, or
+                # an IndexError nobody catches.
+                try:
+                    host = parse_url(url)[1]
+                except IndexError:
+                    continue
+                self.assertEqual(host, "unix")
+
+    @given(
+        st.sampled_from(["ws", "wss", "WS", "http", "", "unix"]),
+        st.sampled_from(["", "u:p@", "@"]),
+        st.sampled_from(["cp.example", "UNIX", "unix", "[::1]", "127.0.0.1", "", "a b", "[::1"]),
+        st.sampled_from(["", ":0", ":1", ":65535", ":65536", ":x", ":"]),
+        st.text(max_size=12),
+    )
+    def test_accepted_means_autobahn_dials_tcp(
+        self, scheme: str, userinfo: str, host: str, port: str, rest: str
+    ) -> None:
+        """Whatever we accept, Autobahn parses without error and not as a UNIX socket."""
+        from autobahn.websocket.util import parse_url
+
+        url = f"{scheme}://{userinfo}{host}{port}/{rest}"
+        if gateway_url_problem(url) is None:
+            _, parsed_host, parsed_port, _, _, _ = parse_url(url)
+            self.assertNotEqual(parsed_host, "unix")
+            self.assertTrue(1 <= parsed_port <= 65535)
+
+    def test_environment_url_recorded_with_hint(self) -> None:
+        for url, problem in self.BAD:
+            with self.subTest(url=url):
+                settings, events = load({"HOSTLINK_WS_URL": url})
+                self.assertEqual(events, [])
+                [message] = settings.errors
+                self.assertTrue(
+                    message.startswith(f"HOSTLINK_WS_URL: {redact_url(url)!r} "), message
+                )
+                self.assertIn(problem, message)
+                if "unix" in url.lower():
+                    self.assertIn("use the gateway's host name or address", message)
+                else:
+                    self.assertIn(
+                        "use ws:// or wss://, or unset it and set SH_CONTROL_PLANE_URL "
+                        "to derive it",
+                        message,
+                    )
+                self.assertRaises(ConfigError, settings.check)
+
+    def test_option_url_refused(self) -> None:
+        for url, problem in self.BAD:
+            with self.subTest(url=url):
+                error = self.assertRaises(ConfigError, load, {}, {"HOSTLINK_WS_URL": url})
+                self.assertTrue(str(error).startswith("--url (HOSTLINK_WS_URL): "), str(error))
+                self.assertIn(problem, str(error))
+
+    def test_option_replaces_bad_environment_url(self) -> None:
+        settings, _ = load(
+            {"HOSTLINK_WS_URL": "http://x"}, {"HOSTLINK_WS_URL": "wss://cp.example/ws"}
+        )
+        self.assertEqual((settings.ws_url, settings.errors), ("wss://cp.example/ws", ()))
+
+    def test_derived_url_refused(self) -> None:
+        """A control plane URL whose gateway URL cannot be dialled names both."""
+        for base, problem in (
+            ("ftp://cp.example", "is not a ws:// or wss:// URL"),
+            ("cp.example", "is not a ws:// or wss:// URL"),
+            ("https://unix", "names the host 'unix'"),
+            ("https://unix:8443/base", "names the host 'unix'"),
+        ):
+            with self.subTest(base=base):
+                settings, _ = load({"SH_CONTROL_PLANE_URL": base})
+                [message] = settings.errors
+                self.assertTrue(
+                    message.startswith(f"SH_CONTROL_PLANE_URL: {base!r} gives the gateway URL"),
+                    message,
+                )
+                self.assertIn(problem, message)
+                self.assertIn("or set HOSTLINK_WS_URL", message)
+                error = self.assertRaises(ConfigError, load, {}, {"SH_CONTROL_PLANE_URL": base}
+                                          ) if "://" in base else None
+                if error is not None:
+                    self.assertIn("--control-plane-url (SH_CONTROL_PLANE_URL)", str(error))
+
+    def test_secrets_not_in_the_error(self) -> None:
+        settings, _ = load({"HOSTLINK_WS_URL": "https://admin:hunter2@cp.example/ws?token=s3"})
+        [message] = settings.errors
+        self.assertNotIn("hunter2", message)
+        self.assertNotIn("s3", message.replace("wss", ""))
+        self.assertIn("'https://cp.example/ws?token=REDACTED'", message)
+
+    def test_good_settings_have_no_errors(self) -> None:
+        self.assertEqual(load({})[0].errors, ())
+        Settings().check()
+
+    def test_twistd_refuses_environment_values(self) -> None:
+        """Under twistd each refused environment value is a one-line usage error."""
+        from twisted.python import usage
+
+        from hostlink_tw.tap import Options
+
+        for environ, needle in (
+            ({"HOSTLINK_WS_URL": "http://cp.example/ws"}, "HOSTLINK_WS_URL: 'http://cp.example"),
+            ({"HOSTLINK_WS_URL": "ws://unix:/x"}, "names the host 'unix'"),
+            ({"SH_CONTROL_PLANE_URL": "ftp://cp.example"}, "SH_CONTROL_PLANE_URL: 'ftp://"),
+            ({"HOSTLINK_WS_CA_FILE": "/nonexistent/ca.pem"}, "HOSTLINK_WS_CA_FILE: cannot read"),
+        ):
+            with self.subTest(environ=environ):
+                options = Options(environ=environ)
+                error = self.assertRaises(usage.UsageError, options.parseOptions, [])
+                self.assertIn(needle, str(error))
+                self.assertNotIn("\n", str(error))
 
 
 class DeriveWebSocketURLTests(WarningAssertions):
@@ -587,7 +759,28 @@ class DeriveWebSocketURLTests(WarningAssertions):
             with self.subTest(base=base):
                 events: list[Event] = []
                 self.assertEqual(derive_ws_url(base, Logger(observer=events.append)), expected)
-                self.assertWarned(events, "SH_CONTROL_PLANE_URL", base, expected)
+                self.assertEqual(len(events), 1)
+                [event] = events
+                self.assertEqual(event["log_level"], LogLevel.warn)
+                # Shown escaped: the control characters made it unparsable.
+                shown, used = escape_control(base), escape_control(expected)
+                self.assertEqual((event["variable"], event["value"], event["used"]),
+                                 ("SH_CONTROL_PLANE_URL", shown, used))
+                self.assertIn(f"SH_CONTROL_PLANE_URL='{shown}'", formatEvent(event))
+                self.assertIn(f"'{used}'", formatEvent(event))
+
+    def test_unparsable_warning_shows_no_secret(self) -> None:
+        """Issue 10 item 14: no password, query value or fragment in the warning."""
+        base = "https://admin:hunter2@cp example/base?token=s3cret#frag-secret"
+        events: list[Event] = []
+        used = derive_ws_url(base, Logger(observer=events.append))
+        self.assertEqual(used, base + "/api/v1/agents/ws")
+        [event] = events
+        text = formatEvent(event)
+        for secret in ("admin", "hunter2", "s3cret", "frag-secret"):
+            self.assertNotIn(secret, text)
+            self.assertNotIn(secret, repr(event))
+        self.assertIn("cp example/base?token=REDACTED", text)
 
     def test_module_logger(self) -> None:
         """Without a C{log}, the warning goes to the module's logger."""
@@ -607,10 +800,17 @@ class CAFileTests(SynchronousTestCase):
     env = "HOSTLINK_WS_CA_FILE"
 
     def assertRefused(self, path: str, why: str) -> None:
-        """Both sources refuse *path* with a one-line message naming it and *why*."""
-        error = self.assertRaises(ConfigError, load, {self.env: path})
-        message = str(error)
-        self.assertIn(self.env, message)
+        """Both sources refuse *path* with a one-line message naming it and *why*.
+
+        From the environment, L{load_settings} records it without raising or
+        logging (an embedding application must get its L{Settings}), and
+        L{Settings.check} raises it.
+        """
+        settings, events = load({self.env: path})
+        self.assertEqual(events, [])
+        [message] = settings.errors
+        self.assertEqual(str(self.assertRaises(ConfigError, settings.check)), message)
+        self.assertTrue(message.startswith(f"{self.env}: "), message)
         self.assertNotIn("--ca-file", message)
         self.assertIn(repr(path), message)
         self.assertIn(why, message)

@@ -77,7 +77,7 @@ from twisted.logger import LogEvent, LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from txaio.testutil import replace_loop
 
-from hostlink_tw.client import CLOSE_TIMEOUT, MAX_RESPONSE_HEAD_BYTES, ClientEvent
+from hostlink_tw.client import CLOSE_TIMEOUT, MAX_RESPONSE_HEAD_BYTES, ClientEvent, ClientState
 from hostlink_tw.protocol import (
     ACK,
     AGENT_HELLO,
@@ -1070,7 +1070,7 @@ class DriverTests(SynchronousTestCase):
         """A client made active by hand fails the check."""
         driver = Driver()
         driver.start()
-        driver.h.client._session_active(driver.lines[0].conn.proto)
+        driver.h.client._machine.set(ClientState.ACTIVE, "made active by the test")
         self.assertRaises(AssertionError, driver.check)
 
     def test_error_log_is_caught(self) -> None:

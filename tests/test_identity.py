@@ -14,9 +14,10 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from hostlink_tw import identity
+from hostlink_tw import _files, identity
 from hostlink_tw.identity import (
     AGENT_STATE_FILENAME,
     AgentIdError,
@@ -42,6 +43,7 @@ from hostlink_tw.identity import (
     PublicKeyError,
     agent_state_file,
     check_agent_id,
+    default_private_key_path,
     generate_private_key,
     load_agent_state,
     load_private_key,
@@ -49,7 +51,9 @@ from hostlink_tw.identity import (
     public_key_base64,
     public_key_pem,
     write_agent_state,
+    write_identity,
 )
+from hostlink_tw.protocol import AGENT_ID_RULE
 
 # Key generation is slow: every key a test needs is made once per run.
 
@@ -143,7 +147,7 @@ class _TempDirMixin:
 
 
 def simulate_eacces(path: str) -> int:
-    """Replacement for identity._open_readonly: root never sees EACCES for real."""
+    """Replacement for _files._open_readonly: root never sees EACCES for real."""
     raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
 
 
@@ -213,8 +217,13 @@ class AgentStateLoadTests(_TempDirMixin, SynchronousTestCase):
         self.assertEqual(agent_state_file("/var/lib/hostlink"), "/var/lib/hostlink/agent.json")
 
     def test_missing_file(self) -> None:
-        """No agent.json: not registered, and the fix says so."""
-        self.assertStateError(None, AgentStateMissingError, "does not exist", "register")
+        """No agent.json: no identity yet, and the fix names the command that makes one."""
+        error = self.assertStateError(
+            None, AgentStateMissingError, "does not exist", "no identity yet"
+        )
+        self.assertIn(f"'hostlink-tw init --state-path {os.path.dirname(error.path)}'",
+                      str(error))
+        self.assertNotIn("regist", str(error))
 
     def test_missing_directory(self) -> None:
         """A state directory that does not exist is the same missing file."""
@@ -241,7 +250,7 @@ class AgentStateLoadTests(_TempDirMixin, SynchronousTestCase):
 
     def test_permission_denied(self) -> None:
         """EACCES is unreadable, and the fix is about the running user."""
-        self.patch(identity, "_open_readonly", simulate_eacces)
+        self.patch(_files, "_open_readonly", simulate_eacces)
         error = self.assertStateError('{"agent_id": "a"}', AgentStateUnreadableError)
         self.assertIn("permission denied", str(error))
         self.assertIn("run the agent as the user", str(error))
@@ -301,9 +310,11 @@ class AgentStateLoadTests(_TempDirMixin, SynchronousTestCase):
             self.assertStateError(content, AgentStateNotObjectError, needle, "not a JSON object")
 
     def test_agent_id_missing(self) -> None:
-        """No agent_id: not registered."""
-        self.assertStateError('{"last_sync_time": 1}', AgentIdError, "no agent_id", "register")
-        self.assertStateError("{}", AgentIdError, "not registered")
+        """No agent_id: no identity yet; the fix names hostlink-tw init."""
+        self.assertStateError(
+            '{"last_sync_time": 1}', AgentIdError, "no agent_id", "hostlink-tw init --state-path"
+        )
+        self.assertStateError("{}", AgentIdError, "no identity yet")
 
     def test_agent_id_unusable(self) -> None:
         """Empty, non-string or header-breaking agent ids are refused."""
@@ -314,15 +325,29 @@ class AgentStateLoadTests(_TempDirMixin, SynchronousTestCase):
             ("true", "agent_id is a boolean"),
             ('["a"]', "agent_id is an array"),
             ('{"id": "a"}', "agent_id is an object"),
-            ('"agt\\r\\nX-Evil: 1"', "control characters"),
-            ('"agt\\u0000"', "control characters"),
-            ('" agt"', "whitespace"),
-            ('"agt\\t"', "control characters"),
+            ('"agt\\r\\nX-Evil: 1"', "control character outside the alphabet (U+000D)"),
+            ('"agt\\u0000"', "control character outside the alphabet (U+0000)"),
+            ('" agt"', "(U+0020)"),
+            ('"agt\\t"', "control character outside the alphabet (U+0009)"),
+            # Issue 10.9: non-ASCII ids can never authenticate (headers are
+            # decoded as ISO-8859-1 on the other side); over 256 characters
+            # the control plane refuses them.
+            ('"ag\u00ebnt"', "outside the alphabet (U+00EB)"),
+            ('"' + "a" * 257 + '"', "has 257 characters"),
+            # Issue 10.15: a lone surrogate silenced every log event.
+            ('"agt\\ud800"', "outside the alphabet (U+D800)"),
         ]
         for value, needle in cases:
             self.assertStateError(
-                '{"agent_id": ' + value + "}", AgentIdError, needle, "register this agent"
+                '{"agent_id": ' + value + "}", AgentIdError, needle, AGENT_ID_RULE
             )
+
+    def test_agent_id_at_the_limits(self) -> None:
+        """Every character of the alphabet, and exactly 256 characters, load."""
+        for agent_id in ("a", "A-Z.a_z:0@9", "x" * 256, "550e8400-e29b-41d4-a716-446655440000"):
+            directory = self.make_dir()
+            write_agent_state(directory, AgentState(agent_id))
+            self.assertEqual(load_agent_state(directory).agent_id, agent_id)
 
     def test_last_sync_time_wrong_type(self) -> None:
         """Go refuses non-integers for an int64 field; so do we, clearly."""
@@ -401,9 +426,10 @@ class AgentStateValueTests(SynchronousTestCase):
     def test_check_agent_id(self) -> None:
         """check_agent_id returns good ids and raises ValueError otherwise."""
         self.assertEqual(check_agent_id("agt_01HX"), "agt_01HX")
-        self.assertEqual(check_agent_id("agent ünïcode"), "agent ünïcode")
-        for bad in ("", None, 1, " a", "a ", "a\r", "a\x7f"):
-            self.assertRaises(ValueError, check_agent_id, bad)
+        for bad in ("", None, 1, " a", "a ", "a\r", "a\x7f", "agent ünïcode", "\ud800", "a" * 257):
+            error = self.assertRaises(ValueError, check_agent_id, bad)
+            self.assertIn(AGENT_ID_RULE, str(error))
+        self.assertRaises(ValueError, AgentState, "agënt")
 
 
 class AgentStateWriteTests(_TempDirMixin, SynchronousTestCase):
@@ -607,7 +633,10 @@ class PrivateKeyLoadTests(_TempDirMixin, SynchronousTestCase):
     def test_missing(self) -> None:
         """A missing key file says so, with a fix."""
         path = os.path.join(self.make_dir(), "agent.key")
-        self.assertKeyError(path, PrivateKeyMissingError, "does not exist", "register")
+        error = self.assertKeyError(
+            path, PrivateKeyMissingError, "does not exist", "'hostlink-tw init --force'"
+        )
+        self.assertNotIn("regist", str(error))
 
     def test_directory(self) -> None:
         """A directory at the key path is unreadable."""
@@ -617,7 +646,7 @@ class PrivateKeyLoadTests(_TempDirMixin, SynchronousTestCase):
     def test_permission_denied(self) -> None:
         """EACCES is unreadable, with a fix about the running user."""
         path = self.key_file(pem(rsa_key(), PKCS1))
-        self.patch(identity, "_open_readonly", simulate_eacces)
+        self.patch(_files, "_open_readonly", simulate_eacces)
         self.assertKeyError(path, PrivateKeyUnreadableError, "permission denied", "user")
 
     def test_fifo(self) -> None:
@@ -924,3 +953,121 @@ class PublicKeyTests(SynchronousTestCase):
         error = self.assertRaises(PublicKeyError, load_public_key, private_pem)
         for line in body_lines(private_pem.encode()):
             self.assertNotIn(line[:16], str(error))
+
+
+class PermissionWarningTests(_TempDirMixin, SynchronousTestCase):
+    """Issue 10.16: one warning line for files others could replace."""
+
+    def setUp(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.patch(identity, "log", Logger(observer=self.events.append))
+
+    def warnings(self) -> list[str]:
+        return [formatEvent(e) for e in self.events if e["log_level"] == LogLevel.warn]
+
+    def test_private_files_give_no_warning(self) -> None:
+        directory = self.state_dir('{"agent_id": "a"}')
+        os.chmod(directory, 0o700)
+        load_agent_state(directory)
+        key_path = os.path.join(directory, "agent.key")
+        generate_private_key(key_path)
+        load_private_key(key_path)
+        self.assertEqual(self.warnings(), [])
+
+    def test_state_directory_writable_by_others(self) -> None:
+        directory = self.state_dir('{"agent_id": "a"}')
+        for mode in (0o770, 0o707, 0o1777):
+            self.events.clear()
+            os.chmod(directory, mode)
+            load_agent_state(directory)
+            [line] = self.warnings()
+            self.assertIn(f"state directory {directory} is writable by group or others", line)
+            self.assertIn(f"chmod go-w {directory}", line)
+
+    def test_agent_json_writable_by_others(self) -> None:
+        directory = self.state_dir('{"agent_id": "a"}')
+        os.chmod(directory, 0o700)
+        path = os.path.join(directory, AGENT_STATE_FILENAME)
+        os.chmod(path, 0o662)
+        self.assertEqual(load_agent_state(directory).agent_id, "a")  # a warning, not a refusal
+        [line] = self.warnings()
+        self.assertIn(f"agent state file {path} is writable by group or others (mode 0662)", line)
+
+    def test_key_owned_by_another_user(self) -> None:
+        if os.geteuid() != 0:
+            raise SkipTest("only root can give a file to another user")
+        key_path = os.path.join(self.make_dir(), "agent.key")
+        generate_private_key(key_path)
+        os.chown(key_path, 65534, -1)
+        load_private_key(key_path)  # still loads: a warning
+        [line] = self.warnings()
+        self.assertIn(f"private key file {key_path} is owned by uid 65534", line)
+        self.assertIn("uid 0", line)
+
+
+class KeyPathTests(_TempDirMixin, SynchronousTestCase):
+    """Issue 9.8: the key path when HOSTLINK_PRIVATE_KEY_PATH is unset."""
+
+    def setUp(self) -> None:
+        self.go_key = os.path.join(self.make_dir(), "agent.key")
+        self.patch(identity, "GO_DEFAULT_PRIVATE_KEY_PATH", self.go_key)
+        self.events: list[dict[str, Any]] = []
+        self.logger = Logger(observer=self.events.append)
+
+    def test_state_path_key_when_nothing_exists(self) -> None:
+        state = self.make_dir()
+        path = default_private_key_path(state, self.logger)
+        self.assertEqual(path, os.path.join(state, "agent.key"))
+        self.assertEqual(self.events, [])
+
+    def test_state_path_key_wins_over_the_go_default(self) -> None:
+        state = self.make_dir()
+        self.write_file(self.go_key, b"x")
+        self.write_file(os.path.join(state, "agent.key"), b"y")
+        self.assertEqual(default_private_key_path(state), os.path.join(state, "agent.key"))
+
+    def test_go_default_when_only_it_exists(self) -> None:
+        state = self.make_dir()
+        self.write_file(self.go_key, b"x")
+        self.assertEqual(default_private_key_path(state, self.logger), self.go_key)
+        [event] = self.events
+        self.assertIn("using the Go agent's key", formatEvent(event))
+        self.assertEqual(event["path"], self.go_key)
+
+
+class WriteIdentityTests(_TempDirMixin, SynchronousTestCase):
+    """Issue 10.7: write_identity changes both files or neither."""
+
+    def test_writes_both(self) -> None:
+        state = os.path.join(self.make_dir(), "state")
+        key_path = os.path.join(state, "agent.key")
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        write_identity(state, key_path, AgentState("agt_1"), key)
+        self.assertEqual(load_agent_state(state).agent_id, "agt_1")
+        self.assertEqual(public_key_base64(load_private_key(key_path)), public_key_base64(key))
+        self.assertEqual(file_mode(key_path), 0o600)
+        self.assertEqual(sorted(os.listdir(state)), ["agent.json", "agent.key"])
+
+    def test_state_only_keeps_the_key(self) -> None:
+        state = self.make_dir()
+        key_path = os.path.join(state, "agent.key")
+        generate_private_key(key_path)
+        with open(key_path, "rb") as f:
+            before = f.read()
+        write_identity(state, key_path, AgentState("agt_2"))
+        with open(key_path, "rb") as f:
+            self.assertEqual(f.read(), before)
+        self.assertEqual(load_agent_state(state).agent_id, "agt_2")
+
+    def test_failed_key_write_changes_nothing(self) -> None:
+        state = self.make_dir()
+        write_agent_state(state, AgentState("old"))
+        key_path = os.path.join(state, "sub", "agent.key")
+        os.makedirs(key_path)  # the key's place is a directory: its rename fails
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.assertRaises(
+            IdentityWriteError, write_identity, state, key_path, AgentState("new"), key
+        )
+        self.assertEqual(load_agent_state(state).agent_id, "old")
+        self.assertEqual(sorted(os.listdir(state)), ["agent.json", "sub"])
+        self.assertEqual(os.listdir(os.path.dirname(key_path)), ["agent.key"])

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import sys
+import time
 from typing import Any
 
 from twisted.internet import reactor
@@ -138,6 +140,10 @@ class IntegrationTests(TestCase):
         metrics = yield readBody(response)
         self.assertIn(b"hostlink_session_active 1.0", metrics)
         self.assertIn(b'hostlink_messages_in_total{type="agent.hello_ack"} 1.0', metrics)
+        # Timestamps are Unix time on the real reactor (issue 9 item 9).
+        started = re.search(rb"^hostlink_session_start_timestamp_seconds (\S+)$", metrics, re.M)
+        assert started is not None, metrics
+        self.assertLess(abs(float(started.group(1)) - time.time()), 60)
 
         yield cp.stop()
         response = yield agent.request(b"GET", base + b"/healthz")
@@ -147,7 +153,7 @@ class IntegrationTests(TestCase):
         state = json.loads((yield readBody(response)))
         self.assertFalse(state["active"])
         self.assertEqual(state["agent_id"], "agent-it")
-        self.assertIsNotNone(state["next_retry_at"])
+        self.assertRegex(state["next_retry_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 
     @inlineCallbacks
     def test_identity_written_after_start_then_session_starts(self) -> Any:

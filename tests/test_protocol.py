@@ -24,6 +24,8 @@ from hostlink_tw.protocol import (
     ACK,
     AGENT_HELLO,
     AGENT_HELLO_ACK,
+    AGENT_ID_MAX_LENGTH,
+    AGENT_ID_RULE,
     ERROR,
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
@@ -45,6 +47,7 @@ from hostlink_tw.protocol import (
     TaskFinalPayload,
     TaskOutputPayload,
     ack_payload,
+    agent_id_problem,
     error_payload,
     format_sent_at,
     make_envelope,
@@ -409,6 +412,47 @@ for _name, _frame, _code in FRAME_RULES:
 
 
 # --- envelope behaviour ---------------------------------------------------------------
+
+
+class AgentIdRuleTests(SynchronousTestCase):
+    """Issues 10.9 and 10.15: the one agent-id rule."""
+
+    def test_ids_in_use_are_accepted(self) -> None:
+        # The ids of the tests, the demo, the Go agent's examples and UUIDs.
+        for agent_id in (
+            "a", "agt_01HX5Z", "agent-7f3a", "agent-0123456789abcdef", "demo-agent",
+            "550e8400-e29b-41d4-a716-446655440000", "host.example:1@x", "x" * AGENT_ID_MAX_LENGTH,
+        ):
+            self.assertIsNone(agent_id_problem(agent_id), agent_id)
+
+    def test_ids_outside_the_rule(self) -> None:
+        cases = {
+            "": "is empty",
+            "a" * (AGENT_ID_MAX_LENGTH + 1): "has 257 characters",
+            "agënt": "outside the alphabet (U+00EB)",
+            "agt\ud800": "outside the alphabet (U+D800)",
+            "a b": "(U+0020)",
+            "a\r\nX: y": "a control character outside the alphabet (U+000D)",
+            "a/b": "(U+002F)",
+        }
+        for value, needle in cases.items():
+            problem = agent_id_problem(value)
+            assert problem is not None, value
+            self.assertIn(needle, problem)
+            self.assertTrue(problem.endswith(AGENT_ID_RULE), problem)
+            if value:
+                # Never repeats the (possibly hostile) value.
+                self.assertNotIn(value, problem)
+        for value, kind in ((None, "null"), (7, "an integer")):
+            problem = agent_id_problem(value)
+            assert problem is not None
+            self.assertIn(f"is {kind}, not a string", problem)
+
+    def test_problem_text_is_ascii(self) -> None:
+        # It may go into an HTTP reason and a log line whatever was sent.
+        problem = agent_id_problem("\u202e\x1b[2J")
+        assert problem is not None
+        problem.encode("ascii")
 
 
 class EnvelopeTests(SynchronousTestCase):

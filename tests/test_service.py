@@ -10,7 +10,7 @@ from typing import Any
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from hostlink_tw.client import ClientEvent
@@ -124,6 +124,47 @@ class ServiceTests(SynchronousTestCase):
         self.assertTrue(service.snapshot()["active"])
         self.successResultOf(service.stopService())
         self.assertEqual(client.stopped, 1)
+
+    def test_start_line_and_status_show_the_url_redacted(self) -> None:
+        """Issue 10 item 14: no user info, query value or fragment in the log or /status."""
+        _install_identity(self.state_path, self.key_path)
+        secret_url = "wss://u:hunter2@cp.example/ws?token=s3cret#frag"
+
+        class LeakyClient(FakeClient):
+            def snapshot(self) -> dict[str, Any]:
+                return {"active": False, "url": secret_url, "state": "connecting"}
+
+        service = HostlinkService(
+            replace(self.settings, ws_url=secret_url, enabled=False),
+            reactor=self.clock, log=self.log, client_factory=LeakyClient,
+        )
+        self.assertEqual(service.snapshot()["url"], "wss://cp.example/ws?token=REDACTED")
+        service = HostlinkService(
+            replace(self.settings, ws_url=secret_url),
+            reactor=self.clock, log=self.log, client_factory=LeakyClient,
+        )
+        service.startService()
+        self.clock.advance(0)
+        [starting] = [e for e in self.events if "starting" in e.get("log_format", "")]
+        text = formatEvent(starting)
+        self.assertIn("wss://cp.example/ws?token=REDACTED", text)
+        for secret in ("hunter2", "s3cret", "frag"):
+            self.assertNotIn(secret, text)
+        self.successResultOf(service.stopService())
+
+    def test_identity_problem_is_logged_escaped(self) -> None:
+        """Issue 10 item 13: a state path with a terminal sequence reaches the log escaped."""
+        hostile = os.path.join(self.dir, "state\x1b[2J\r")
+        service = self.make(replace(self.settings, state_path=hostile))
+        service.startService()
+        self.clock.advance(0)
+        (error,) = self.errors()
+        text = formatEvent(error)
+        self.assertNotIn("\x1b", text)
+        self.assertNotIn("\r", text)
+        self.assertIn("state\\x1b[2J\\r", text)
+        self.assertNotIn("\x1b", service.snapshot()["last_failure"])
+        self.successResultOf(service.stopService())
 
     def test_missing_identity_logs_once_then_starts_when_it_appears(self) -> None:
         service = self.make()
@@ -299,6 +340,34 @@ class ServiceTests(SynchronousTestCase):
         self.assertIsNone(snapshot["next_retry_at"])
         self.successResultOf(service.stopService())
 
+    def test_status_page_beyond_loopback_warns_once(self) -> None:
+        """Issue 10 item 16: one warning at start when the page is reachable from elsewhere."""
+        for listen, expected in (
+            ("tcp:0", "all interfaces"),
+            ("tcp:0:interface=192.0.2.7", "192.0.2.7"),
+            ("tcp:0:interface=127.0.0.1", None),
+        ):
+            with self.subTest(listen=listen):
+                del self.events[:]
+                from twisted.internet.testing import MemoryReactorClock
+
+                service = HostlinkService(
+                    replace(self.settings, status_listen=listen, enabled=False),
+                    reactor=MemoryReactorClock(),
+                    log=self.log,
+                )
+                service.startService()
+                warnings = [e for e in self.events if e["log_level"] == LogLevel.warn]
+                if expected is None:
+                    self.assertEqual(warnings, [])
+                else:
+                    (warning,) = warnings
+                    self.assertEqual(warning["address"], expected)
+                    text = formatEvent(warning)
+                    self.assertIn(listen, text)
+                    self.assertIn("interface=127.0.0.1", text)
+                self.successResultOf(service.stopService())
+
     def test_bad_status_endpoint_is_logged_not_raised(self) -> None:
         service = self.make(replace(self.settings, status_listen="bogus:1"))
         (error,) = self.errors()
@@ -308,3 +377,135 @@ class ServiceTests(SynchronousTestCase):
         self.clock.advance(0)
         self.successResultOf(service.stopService())
 
+
+
+def _readme_tac() -> str:
+    """The README's embedding snippet, the ``app.tac`` it tells users to write."""
+    from tests.test_readme import _section
+
+    code = _section("Embedding in a Twisted application").split("::\n\n", 1)[1]
+    code = code.split("\n\n``", 1)[0]
+    return "\n".join(line[4:] for line in code.splitlines()) + "\n"
+
+
+class EmbeddingConfigurationTests(SynchronousTestCase):
+    """Issue 9 item 5: configuration problems reach an embedder as one line, never raised."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.events: list[dict[str, Any]] = []
+        self.log = Logger(observer=self.events.append)
+        self.made: list[Any] = []
+
+    def factory(self, settings: Settings, signer: Any, **kwargs: Any) -> FakeClient:
+        self.made.append(settings)  # pragma: no cover - must not be reached
+        return FakeClient(settings, signer, **kwargs)  # pragma: no cover
+
+    def errors(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["log_level"] in (LogLevel.error, LogLevel.critical)]
+
+    def test_refused_environment_is_one_error_and_misconfigured(self) -> None:
+        """The .tac path with a bad CA file and a bad URL: no exception, one line."""
+        from twisted.application.service import Application, IService
+
+        from hostlink_tw.config import load_settings
+
+        environ = {
+            "HOSTLINK_WS_ENABLED": "true",
+            "HOSTLINK_WS_CA_FILE": os.path.abspath(self.mktemp()),
+            "HOSTLINK_WS_URL": "http://cp.example/api/v1/agents/ws",
+        }
+        application = Application("my-daemon")
+        other = Service()
+        other.setServiceParent(application)
+        settings = load_settings(environ, log=self.log)  # what the .tac does: must not raise
+        uplink = HostlinkService(
+            settings, reactor=self.clock, log=self.log, client_factory=self.factory
+        )
+        uplink.setServiceParent(application)
+        IService(application).startService()
+        self.clock.advance(3600)
+        (error,) = self.errors()
+        text = formatEvent(error)
+        self.assertNotIn("\n", text)
+        self.assertIn("HOSTLINK_WS_CA_FILE: cannot read", text)
+        self.assertIn("HOSTLINK_WS_URL: 'http://cp.example", text)
+        self.assertEqual(self.made, [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertTrue(other.running)
+        snapshot = uplink.snapshot()
+        self.assertEqual(snapshot["state"], "misconfigured")
+        self.assertIn("HOSTLINK_WS_CA_FILE", snapshot["last_failure"])
+        self.successResultOf(IService(application).stopService())
+
+    def test_refused_even_when_disabled(self) -> None:
+        """A refused value is reported whatever the flag: turning it on must not surprise."""
+        settings = Settings(errors=("HOSTLINK_WS_URL: 'x' is not a ws:// or wss:// URL",))
+        uplink = HostlinkService(
+            settings, reactor=self.clock, log=self.log, client_factory=self.factory
+        )
+        uplink.startService()
+        self.assertEqual(len(self.errors()), 1)
+        self.assertEqual(uplink.snapshot()["state"], "misconfigured")
+        self.successResultOf(uplink.stopService())
+
+    def test_twistd_runs_the_readme_tac_without_traceback(self) -> None:
+        """A real ``twistd -ny app.tac`` with a bad CA file: one error line, no traceback.
+
+        The application keeps running (the uplink only is off); the test waits
+        for the error line (30 s at most), then stops twistd with SIGTERM.
+        """
+        import selectors
+        import signal
+        import subprocess
+        import sys
+        import time
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        with open(os.path.join(directory, "app.tac"), "w") as handle:
+            handle.write(_readme_tac())
+        environ = dict(os.environ)
+        for name in list(environ):
+            if name.startswith(("HOSTLINK_", "SH_CONTROL_PLANE")):
+                del environ[name]
+        environ.update(
+            HOSTLINK_WS_ENABLED="true",
+            HOSTLINK_WS_CA_FILE=os.path.join(directory, "missing-ca.pem"),
+            HOSTLINK_STATE_PATH=directory,
+        )
+        code = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+        process = subprocess.Popen(
+            [sys.executable, "-c", code, "-ny", "app.tac"],
+            cwd=directory,
+            env=environ,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        output = b""
+        try:
+            assert process.stdout is not None
+            selector = selectors.DefaultSelector()
+            selector.register(process.stdout, selectors.EVENT_READ)
+            deadline = time.monotonic() + 30
+            while b"not started" not in output and time.monotonic() < deadline:
+                if selector.select(timeout=max(0.0, deadline - time.monotonic())):
+                    chunk = os.read(process.stdout.fileno(), 65536)
+                    if not chunk:
+                        break
+                    output += chunk
+            selector.close()
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+            try:
+                rest, _ = process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()  # never leave it behind, even when the test fails
+                rest, _ = process.communicate(timeout=30)
+            output += rest
+        text = output.decode("utf-8", "replace")
+        self.assertNotIn("Traceback", text)
+        errors = [line for line in text.splitlines() if "not started" in line]
+        self.assertEqual(len(errors), 1, text)
+        self.assertIn("HOSTLINK_WS_CA_FILE: cannot read", errors[0])

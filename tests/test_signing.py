@@ -26,6 +26,7 @@ from hostlink_tw.identity import (
     PrivateKeyTooSmallError,
     public_key_pem,
 )
+from hostlink_tw.protocol import AGENT_ID_RULE
 from hostlink_tw.signing import (
     HEADER_AGENT_ID,
     HEADER_NONCE,
@@ -167,19 +168,20 @@ class SignHeadersTests(SynchronousTestCase):
                 hashes.SHA256(),
             )
 
-    def test_non_ascii_agent_id(self) -> None:
-        """A non-ASCII agent id is signed as UTF-8."""
-        signer = RequestSigner.from_key(key(), "agënt-ü")
-        headers = signer.sign_headers()
-        self.assertTrue(
-            verify_signature(
-                key().public_key(),
-                "agënt-ü",
-                headers[HEADER_TIMESTAMP],
-                headers[HEADER_NONCE],
-                headers[HEADER_SIGNATURE],
-            )
-        )
+    def test_non_ascii_agent_id_refused(self) -> None:
+        """Issue 10.9/10.15: ids outside the rule are refused before signing.
+
+        A non-ASCII id would be signed as UTF-8 but read back as ISO-8859-1
+        by the control plane (never authenticates); a lone surrogate cannot
+        be encoded at all.
+        """
+        for bad in ("agënt-ü", "agt\ud800", "a" * 257):
+            error = self.assertRaises(SigningError, RequestSigner.from_key, key(), bad)
+            self.assertIn(AGENT_ID_RULE, str(error))
+
+    def test_signed_message_is_utf8(self) -> None:
+        """The signed bytes are UTF-8, as the Go agent's (for ids of any origin)."""
+        self.assertEqual(signed_message("agënt", "1", "n"), "agënt|1|n".encode())
 
     def test_nonces_16_bytes_and_unique(self) -> None:
         """10,000 calls: every nonce is padded base64 of 16 bytes, all distinct."""
