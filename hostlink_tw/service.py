@@ -129,14 +129,14 @@ class HostlinkService(MultiService):
 
     def startService(self) -> None:
         """Start the children and, behind the feature flag, the client (asynchronously)."""
-        super().startService()  # type: ignore[no-untyped-call]
-        # The first line of the agent's own: what a bug report needs.
+        # The agent's first line (before the status page's): what a bug report needs.
         self.log.info(
             "hostlink_tw {version} (Twisted {twisted}, Python {python})",
             version=__version__,
             twisted=twisted_version,
             python=platform.python_version(),
         )
+        super().startService()  # type: ignore[no-untyped-call]
         if self.settings.errors:
             # Refused settings do not fix themselves: one line, no client, no retries.
             self._config_problem = "; ".join(self.settings.errors)
