@@ -42,6 +42,9 @@ setup(
     # sys.path entries, and setuptools' import-hook editable modes add none.
     package_dir={"": "."},
     package_data={"hostlink_tw": ["py.typed"]},
+    # Installed as PREFIX/share/doc/hostlink-tw/, where the systemd unit's
+    # Documentation= points (/opt/hostlink-tw in contrib/hostlink-tw.service).
+    data_files=[("share/doc/hostlink-tw", ["README.rst", "docs/protocol.rst"])],
     install_requires=[
         "twisted[tls]>=24.7.0",
         "autobahn>=24.4.2",

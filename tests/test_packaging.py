@@ -24,7 +24,10 @@ from hostlink_tw import __version__
 ROOT = Path(__file__).resolve().parent.parent
 # The files a build reads; copying them keeps build/ and *.egg-info out of
 # the checkout the tests run from.
-SOURCES = ("setup.py", "pyproject.toml", "README.rst", "hostlink_tw", "twisted")
+SOURCES = ("setup.py", "pyproject.toml", "README.rst", "docs", "hostlink_tw", "twisted")
+UNIT = ROOT / "contrib" / "hostlink-tw.service"
+# Where the unit expects the installation (python3 -m venv /opt/hostlink-tw).
+UNIT_PREFIX = "file:///opt/hostlink-tw/"
 # tapname -> the plugin module that provides it
 PLUGINS = {
     "hostlink": "hostlink_plugin.py",
@@ -153,6 +156,20 @@ class PluginShippingTests(SynchronousTestCase):
         python = self._scratch_env("installed")
         self._pip_install(python, str(wheel))
         self.assertPluginsListed(self._listed_tapnames(python))
+        self.assertUnitDocumentationInstalled(python.parent.parent)
+
+    def assertUnitDocumentationInstalled(self, prefix: Path) -> None:
+        """Every Documentation= of the systemd unit is a file the install wrote."""
+        documentation = [
+            line.split("=", 1)[1].strip()
+            for line in UNIT.read_text(encoding="utf-8").splitlines()
+            if line.startswith("Documentation=")
+        ]
+        self.assertIn(f"{UNIT_PREFIX}share/doc/hostlink-tw/protocol.rst", documentation)
+        for uri in documentation:
+            self.assertTrue(uri.startswith(UNIT_PREFIX), uri)
+            installed = prefix / uri[len(UNIT_PREFIX):]
+            self.assertTrue(installed.is_file(), f"{uri}: nothing installed at {installed}")
 
     def test_installed_from_the_checkout(self) -> None:
         """``pip install .``: the plugins, and nothing left in the checkout."""
