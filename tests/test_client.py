@@ -1476,7 +1476,8 @@ class LoggingTests(SynchronousTestCase):
         self.assertTrue(all("reason" in e for e in closes))
 
     def test_redact_url(self) -> None:
-        self.assertEqual(redact_url("wss://a:b@h:1/p?q=1"), "wss://h:1/p?q=1")
+        # Issue 10.14: query values are secrets too (?token=...), not only user info.
+        self.assertEqual(redact_url("wss://a:b@h:1/p?q=1"), "wss://h:1/p?q=REDACTED")
         self.assertEqual(redact_url("wss://h/p"), "wss://h/p")
 
     def test_autobahn_debug_logging_is_pinned_off(self) -> None:
