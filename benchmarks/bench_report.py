@@ -467,7 +467,7 @@ def render(r: Results) -> str:
         f"Measured by ``{r.command}`` (``python -m benchmarks.run``) on {r.date}"
         + (f"; the whole run took {r.runtime / 60:.1f} min" if r.runtime else "")
         + ".  This file and ``storm.png`` are generated; rerun the command to measure "
-        "your machine.  Everything talks to 127.0.0.1 only.\n\n"
+        "your machine (it writes ``benchmarks/results/``).  Everything talks to 127.0.0.1 only.\n\n"
     )
     out.append(_section("Machine"))
     machine = dict(r.machine)

@@ -1,6 +1,8 @@
 """
 ``make bench``: run every benchmark, print the results, and write
-``docs/performance.rst`` and ``docs/storm.png``.
+``performance.rst`` and ``storm.png`` into ``benchmarks/results/``
+(git-ignored).  Publishing them is a separate, deliberate step:
+``make bench-publish`` copies both into ``docs/``.
 
 Usage: ``python -m benchmarks.run [--agents 5000] [--only storm] …`` (see
 ``--help``).  At the default sizes the whole run takes a few minutes on two
@@ -34,6 +36,8 @@ from benchmarks.bench_throughput import measure_throughput
 __all__ = ["main"]
 
 BENCHMARKS = ("coldstart", "idle", "throughput", "storm")
+# A run writes here, never over the tracked docs/ (make bench-publish copies).
+RESULTS = REPO / "benchmarks" / "results"
 
 
 def _say(text: str) -> None:
@@ -43,7 +47,10 @@ def _say(text: str) -> None:
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.run",
-        description="hostlink_tw benchmarks; writes docs/performance.rst and docs/storm.png.",
+        description=(
+            "hostlink_tw benchmarks; writes performance.rst and storm.png into "
+            "benchmarks/results/ (make bench-publish copies them into docs/)."
+        ),
     )
     parser.add_argument("--only", action="append", choices=BENCHMARKS,
                         help="run only this benchmark (repeatable)")
@@ -60,8 +67,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
                         help="one more go fleet of this size, run 1 only (0 skips)")
     parser.add_argument("--no-profile", action="store_true",
                         help="skip the profiled storm run")
-    parser.add_argument("--rst", default=str(REPO / "docs" / "performance.rst"))
-    parser.add_argument("--png", default=str(REPO / "docs" / "storm.png"))
+    parser.add_argument("--rst", default=str(RESULTS / "performance.rst"))
+    parser.add_argument("--png", default=str(RESULTS / "storm.png"))
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -151,6 +158,8 @@ async def _main(reactor: Any, args: argparse.Namespace) -> None:
         dump_json(args.json, results_to_dict(results))
     if args.no_write:
         return
+    for path in (args.rst, args.png):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if results.storms:
         plot_storm(results.storms, args.png)
         _say(f"wrote {args.png}")

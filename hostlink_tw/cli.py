@@ -38,6 +38,7 @@ from typing import Any, TextIO
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
+from hostlink_tw import __version__
 from hostlink_tw.config import SETTINGS
 from hostlink_tw.identity import (
     AgentState,
@@ -379,6 +380,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hostlink-tw", description="Hostlink agent uplink: identity, status and demo."
     )
+    parser.add_argument("--version", action="version", version=f"hostlink-tw {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     init = commands.add_parser(

@@ -2,7 +2,7 @@
 The reference Hostlink control plane: a real agent gateway for tests, demos
 and local development.
 
-It serves the server side of the Hostlink agent protocol (PROTOCOL.md) over
+It serves the server side of the Hostlink agent protocol (docs/protocol.rst) over
 Autobahn and Twisted Web, on any Twisted server endpoint (``tcp:…`` plain,
 ``ssl:…`` TLS).  The gateway listener serves only:
 

@@ -76,10 +76,14 @@ class _Narrator:
             self.say("agent", f"← {f.get('type')} {f.get('message_id')}")
         elif kind == "active":
             self.say("agent", "SESSION ACTIVE")
-        elif kind == "inactive":
-            self.say("agent", f"session inactive: {f.get('reason')}")
         elif kind == "closed":
-            self.say("agent", f"connection closed: code={f.get('code')} {f.get('reason', '')}")
+            # One line per connection: the reason names the close code when
+            # there was one ("inactive", which precedes it, says the same).
+            reason = str(f.get("reason") or "")
+            code = f.get("code")
+            if code is not None and f"code={code}" not in reason:
+                reason = f"{reason} (close code {code})"
+            self.say("agent", f"connection closed: {reason}")
         elif kind == "retry_scheduled":
             self.say("agent", f"backing off: next attempt in {f.get('delay', 0):.2f}s")
         elif kind == "ping":
@@ -112,8 +116,12 @@ class _Narrator:
         def observe(event: dict[str, Any]) -> None:
             namespace = event.get("log_namespace", "")
             level = event.get("log_level")
+            if namespace.startswith("hostlink_tw.client") and "close_code" in event:
+                return  # the end of a connection: the "closed" event narrates it
             if namespace.startswith("hostlink_tw.controlplane"):
-                self.say("control plane", formatEvent(event))
+                text = formatEvent(event)
+                # "control plane  control plane listening…" says it twice.
+                self.say("control plane", text.removeprefix("control plane "))
             elif level is not None and level >= LogLevel.warn:
                 self.say("log", formatEvent(event))
 
@@ -150,9 +158,9 @@ class _DemoRun:
         write_agent_state(state_path, AgentState(agent_id=DEMO_AGENT_ID))
         narrator.say("demo", f"throwaway identity {DEMO_AGENT_ID!r} in {state_path}")
 
+        # The control plane's own log line says where it listens.
         cp = await self._start_cp(key.public_key(), "tcp:0:interface=127.0.0.1")
         port = cp.port
-        narrator.say("control plane", f"listening on {cp.ws_url} with {DEMO_AGENT_ID!r} authorized")
         settings = Settings(
             enabled=True,
             ws_url=cp.ws_url,
@@ -182,7 +190,6 @@ class _DemoRun:
         await _sleep(reactor, DOWN_FOR)
         back = narrator.wait_for("active", reactor, ACTIVE_TIMEOUT)
         await self._start_cp(key.public_key(), f"tcp:{port}:interface=127.0.0.1")
-        narrator.say("control plane", "back, listening again")
         await back
         narrator.say("demo", "--- session is back: reconnect complete ---")
 
@@ -220,15 +227,26 @@ def run_demo(
         [narrator.log_observer()], discardBuffer=True, redirectStandardIO=False
     )
     demo = _DemoRun(reactor, narrator, directory)
-    result = {"status": 1}
-    # Ctrl-C stops the reactor; everything is closed before it exits.
-    reactor.addSystemEventTrigger("before", "shutdown", lambda: ensureDeferred(demo.stop()))
+    status, finished_run = 1, False
+
+    def shutting_down() -> Deferred[None]:
+        nonlocal status
+        # Ctrl-C (SIGINT) or SIGTERM stops the reactor before the run ends:
+        # that is how the demo is meant to end, so it is a success.
+        if not finished_run:
+            status = 0
+        return ensureDeferred(demo.stop())
+
+    # Everything is closed before the reactor exits.
+    reactor.addSystemEventTrigger("before", "shutdown", shutting_down)
 
     def finished(outcome: object) -> None:
+        nonlocal status, finished_run
+        finished_run = True
         if isinstance(outcome, Failure):
             narrator.say("demo", f"failed: {outcome.getErrorMessage() or repr(outcome.value)}")
         else:
-            result["status"] = outcome if isinstance(outcome, int) else 1
+            status = outcome if isinstance(outcome, int) else 1
         if reactor.running:
             reactor.stop()
 
@@ -238,4 +256,4 @@ def run_demo(
     reactor.callWhenRunning(begin)
     reactor.run()
     narrator.say("demo", "stopped")
-    return result["status"]
+    return status

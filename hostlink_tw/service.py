@@ -22,15 +22,18 @@ looks again on the reconnect backoff and starts the client by itself once
 
 from __future__ import annotations
 
+import platform
 import random
 from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService
+from twisted.copyright import version as twisted_version
 from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
+from hostlink_tw import __version__
 from hostlink_tw.backoff import Backoff
 from hostlink_tw.client import ClientEvent, HostlinkClient, Observers
 from hostlink_tw.config import Settings
@@ -126,6 +129,13 @@ class HostlinkService(MultiService):
 
     def startService(self) -> None:
         """Start the children and, behind the feature flag, the client (asynchronously)."""
+        # The agent's first line (before the status page's): what a bug report needs.
+        self.log.info(
+            "hostlink_tw {version} (Twisted {twisted}, Python {python})",
+            version=__version__,
+            twisted=twisted_version,
+            python=platform.python_version(),
+        )
         super().startService()  # type: ignore[no-untyped-call]
         if self.settings.errors:
             # Refused settings do not fix themselves: one line, no client, no retries.

@@ -40,6 +40,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -51,6 +52,8 @@ from hostlink_tw.protocol import (
     format_sent_at,
 )
 from hostlink_tw.safetext import redact_url
+
+_log = Logger(namespace="hostlink_tw.status")
 
 __all__ = [
     "TIME_FIELDS",
@@ -334,12 +337,36 @@ def make_status_service(
     """
     metrics = ClientMetrics(source)
     site = Site(StatusResource(source, metrics, clock=reactor))  # type: ignore[no-untyped-call]
-    # Access logs of a scraper every 15 s are noise in an agent's log.
+    # Access logs of a scraper every 15 s are noise in an agent's log, and
+    # so are "Starting factory <Site object at 0x…>" lines; Twisted's own
+    # "<prefix> starting on <port>" line cannot be turned off: it names us.
     site.log = lambda request: None  # type: ignore[method-assign]
-    service = StreamServerEndpointService(  # type: ignore[no-untyped-call]
+    site.noisy = False
+    site.logPrefix = lambda: "status page"  # type: ignore[method-assign]
+    service = _StatusPageService(  # type: ignore[no-untyped-call]
         serverFromString(reactor, endpoint), site  # type: ignore[no-untyped-call]
     )
     return service, metrics
+
+
+class _StatusPageService(StreamServerEndpointService):
+    """Says where the page is once it listens: ``status page on http://…/``."""
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
+        if self._waitingForPort is not None:
+            self._waitingForPort.addCallback(_announce)
+
+
+def _announce(port: Any) -> Any:
+    address = port.getHost()
+    host = getattr(address, "host", None)
+    if isinstance(host, str):
+        where = f"http://{f'[{host}]' if ':' in host else host}:{address.port}/"
+    else:  # a unix socket, or an endpoint plugin's address
+        where = str(getattr(address, "name", address))
+    _log.info("status page on {url}", url=where)
+    return port
 
 
 def exposed_interface(endpoint: object) -> str | None:

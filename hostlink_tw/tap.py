@@ -3,7 +3,8 @@
 
 Every setting of :data:`hostlink_tw.config.SETTINGS` is an option whose help
 names its environment variable and default.  Options override the
-environment; a bad value is a usage error with a one-line message.
+environment; a bad value is a usage error with a one-line message (under
+twistd: that line and a pointer to ``--help``, not the whole option list).
 
 twistd stops on SIGTERM by stopping the services (the client sends its close
 frame and waits a short bound for the handshake) and then, as Twisted does,
@@ -14,21 +15,33 @@ counts as a clean stop.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from twisted.application.service import IService
+from twisted.copyright import version as twisted_version
 from twisted.python import usage
 
+from hostlink_tw import __version__
 from hostlink_tw.config import (
     SETTINGS,
     ConfigError,
     Settings,
+    SettingSpec,
     check_server_endpoint,
     load_settings,
 )
 
-__all__ = ["Options", "makeService"]
+__all__ = ["Options", "SettingError", "makeService"]
+
+# A flag takes no value, so its help says what it does; the setting's
+# meaning describes the values its environment variable accepts.
+_FLAG_HELP = {"enable": "turn the WebSocket uplink on"}
+
+
+class SettingError(usage.UsageError):
+    """A setting's value (from an option or the environment) is unusable."""
 
 
 def _help(meaning: str, env: str, default: str, accepted: str) -> str:
@@ -38,19 +51,23 @@ def _help(meaning: str, env: str, default: str, accepted: str) -> str:
     return text + "]"
 
 
+def _flag_help(spec: SettingSpec) -> str:
+    what = _FLAG_HELP.get(spec.option)
+    if what is None:
+        return _help(spec.meaning, spec.env, spec.default, spec.range)
+    return f"{what} [env {spec.env}=true (also 1 or yes, any case); default {spec.default}]"
+
+
 class Options(usage.Options):
     """Options of ``twistd hostlink``, generated from the settings table."""
 
     synopsis = "[options]"
     longdesc = (
-        "Keep this host's authenticated WebSocket session to its Hostlink control plane. "
+        f"hostlink_tw {__version__}: "
+        "keep this host's authenticated WebSocket session to its Hostlink control plane. "
         "Each option overrides the environment variable named in its help."
     )
-    optFlags = [
-        [spec.option, None, _help(spec.meaning, spec.env, spec.default, spec.range)]
-        for spec in SETTINGS
-        if spec.kind == "flag"
-    ]
+    optFlags = [[spec.option, None, _flag_help(spec)] for spec in SETTINGS if spec.kind == "flag"]
     optParameters = [
         [spec.option, None, None, _help(spec.meaning, spec.env, spec.default, spec.range)]
         for spec in SETTINGS
@@ -61,6 +78,26 @@ class Options(usage.Options):
         super().__init__()  # type: ignore[no-untyped-call]
         self.environ = os.environ if environ is None else environ
         self.settings: Settings | None = None
+
+    def opt_version(self) -> None:
+        """Print the versions of hostlink_tw and Twisted, and exit."""
+        sys.stdout.write(f"hostlink_tw {__version__} (Twisted {twisted_version})\n")
+        raise SystemExit(0)
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        """
+        Parse ``options``; under twistd, a bad setting ends the process with
+        one line and a pointer to ``--help``, where twistd would print the
+        whole option list first.  Used alone, it raises :class:`SettingError`.
+        """
+        try:
+            super().parseOptions(options)  # type: ignore[no-untyped-call]
+        except SettingError as e:
+            if getattr(self, "parent", None) is None:  # not a twistd subcommand
+                raise
+            raise SystemExit(
+                f"twistd hostlink: {e}\n(twistd hostlink --help lists every setting)"
+            ) from None
 
     def overrides(self) -> dict[str, str]:
         """The options given, keyed by the environment variable they override."""
@@ -79,12 +116,12 @@ class Options(usage.Options):
             self.settings = load_settings(self.environ, self.overrides())
             self.settings.check()  # refused environment values: usage errors here too
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            raise SettingError(str(e)) from None
         if self.settings.status_listen:
             try:
                 check_server_endpoint(self.settings.status_listen)
             except ConfigError as e:
-                raise usage.UsageError(
+                raise SettingError(
                     f"--status-listen (HOSTLINK_WS_STATUS_LISTEN): {e}"
                 ) from None
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 import cProfile
 import os
 import random
+import re
+import subprocess
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
@@ -314,3 +317,45 @@ class ProcessSmokeTests(TestCase):
             self.assertGreater(result.sign_ms, 0)
 
         return defer.ensureDeferred(check())
+
+
+class OutputPlaceTests(SynchronousTestCase):
+    """What the benchmark commands write, and where (issue 9 item 20)."""
+
+    def test_bench_writes_into_the_results_folder_not_docs(self) -> None:
+        from benchmarks.bench_support import REPO
+        from benchmarks.run import _parse
+
+        args = _parse([])
+        results = REPO / "benchmarks" / "results"
+        self.assertEqual((Path(args.rst).parent, Path(args.png).parent), (results, results))
+        ignored = subprocess.run(
+            ["git", "check-ignore", "-q", str(results / "performance.rst")],
+            cwd=REPO,
+            timeout=30,
+        )
+        self.assertEqual(ignored.returncode, 0, "benchmarks/results/ must be git-ignored")
+
+    def test_chaos_note_counts_name_servers_without_addresses(self) -> None:
+        from benchmarks.chaos import _resolver_note
+
+        path = self.mktemp()
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("# resolv.conf\nnameserver 10.1.2.3\nnameserver fe80::1%eth0\n\nsearch x\n")
+        note = _resolver_note(path)
+        self.assertIn("2 configured", note)
+        self.assertNotIn("10.1.2.3", note)
+        self.assertNotIn("fe80", note)
+
+    def test_docs_name_no_host_address(self) -> None:
+        """Published results carry no address of the machine that made them."""
+        from benchmarks.bench_support import REPO
+
+        generated = ("chaos.rst", "performance.rst", "soak.rst", "fuzzing.rst")
+        for doc in (REPO / "docs" / name for name in generated):
+            for address in re.findall(r"\b(?:\d{1,3}\.){3}\d{1,3}\b", doc.read_text()):
+                with self.subTest(doc=doc.name, address=address):
+                    self.assertTrue(
+                        address.startswith("127.") or address == "0.0.0.0",  # noqa: S104
+                        f"{doc.name} names {address}",
+                    )

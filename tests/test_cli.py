@@ -510,3 +510,7 @@ class DemoTests(SynchronousTestCase):
         self.assertEqual(order, sorted(order), out)
         self.assertIn("code=1000", out.split("stopping: closing the session")[-1])
         self.assertNotIn("Traceback", out + done.stderr)
+        # Each thing said once: one line per control plane start, one per close.
+        self.assertEqual(out.count("listening on"), 2, out)
+        self.assertEqual(out.count("control plane stopping"), 1, out)
+        self.assertNotIn("code=None", out)

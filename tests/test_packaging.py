@@ -1,6 +1,8 @@
 """
 The distribution ships its twistd plugins: after ``pip install .`` and after
 ``pip install -e .`` into a fresh virtualenv, ``twistd --help`` lists them.
+Neither leaves build output in the checkout, and the editable install needs
+no deprecated setuptools mode.
 """
 
 from __future__ import annotations
@@ -17,10 +19,15 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from hostlink_tw import __version__
+
 ROOT = Path(__file__).resolve().parent.parent
 # The files a build reads; copying them keeps build/ and *.egg-info out of
 # the checkout the tests run from.
-SOURCES = ("setup.py", "setup.cfg", "pyproject.toml", "README.rst", "hostlink_tw", "twisted")
+SOURCES = ("setup.py", "pyproject.toml", "README.rst", "docs", "hostlink_tw", "twisted")
+UNIT = ROOT / "contrib" / "hostlink-tw.service"
+# Where the unit expects the installation (python3 -m venv /opt/hostlink-tw).
+UNIT_PREFIX = "file:///opt/hostlink-tw/"
 # tapname -> the plugin module that provides it
 PLUGINS = {
     "hostlink": "hostlink_plugin.py",
@@ -34,10 +41,14 @@ LIST_PLUGINS = (
 )
 
 
-def _run(args: list[str], cwd: Path | None = None) -> str:
+def _run(
+    args: list[str], cwd: Path | None = None, tmpdir: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     # trial's --jobs workers inherit a PYTHONPATH holding the checkout; the
     # scratch environments must see only what was installed into them.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if tmpdir is not None:
+        env["TMPDIR"] = str(tmpdir)
     done = subprocess.run(
         args,
         cwd=cwd,
@@ -50,7 +61,7 @@ def _run(args: list[str], cwd: Path | None = None) -> str:
         raise AssertionError(
             f"{args!r} exited {done.returncode}\n{done.stdout}\n{done.stderr}"
         )
-    return done.stdout
+    return done
 
 
 class PluginShippingTests(SynchronousTestCase):
@@ -81,22 +92,37 @@ class PluginShippingTests(SynchronousTestCase):
         target = self.work / name
         venv.create(target, with_pip=False)
         python = target / "bin" / "python"
-        purelib = _run([str(python), "-c", PRINT_PURELIB])
+        purelib = _run([str(python), "-c", PRINT_PURELIB]).stdout
         Path(purelib.strip(), "_hostlink_test_deps.pth").write_text(
             sysconfig.get_paths()["purelib"] + "\n"
         )
         return python
 
-    def _pip_install(self, python: Path, *spec: str) -> None:
-        _run([
-            sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet",
-            "--no-deps", "--no-build-isolation", *spec,
-        ])
+    def _pip(self, *args: str) -> str:
+        """Run pip; its output (stdout and stderr), after checking it left no litter."""
+        tmp = self.work / "tmp"
+        tmp.mkdir(exist_ok=True)
+        done = _run([sys.executable, "-m", "pip", *args], tmpdir=tmp)
+        self.assertCheckoutClean()
+        self.assertEqual(sorted(p.name for p in tmp.iterdir()), [])
+        return done.stdout + done.stderr
+
+    def _pip_install(self, python: Path, *spec: str) -> str:
+        return self._pip(
+            "--python", str(python), "install", "--quiet", "--no-deps",
+            "--no-build-isolation", *spec,
+        )
+
+    def assertCheckoutClean(self) -> None:
+        """No build/, no *.egg-info: only the sources the checkout had."""
+        self.assertEqual(
+            sorted(p.name for p in self.source.iterdir()), sorted(SOURCES)
+        )
 
     def _listed_tapnames(self, python: Path) -> str:
         # Run from an unrelated directory, so the checkout is not on sys.path
         # by accident.
-        return _run([str(python), "-c", LIST_PLUGINS], cwd=self.work)
+        return _run([str(python), "-c", LIST_PLUGINS], cwd=self.work).stdout
 
     def assertPluginsListed(self, listing: str) -> None:
         commands = listing.split("Commands:", 1)
@@ -114,11 +140,12 @@ class PluginShippingTests(SynchronousTestCase):
         belong to Twisted), and no dropin.cache.
         """
         wheels = self.work / "wheels"
-        _run([
-            sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-            "--no-build-isolation", "-w", str(wheels), str(self.source),
-        ])
-        (wheel,) = wheels.glob("hostlink_tw-*.whl")
+        self._pip(
+            "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(wheels),
+            str(self.source),
+        )
+        # The distribution's version is the package's (setup.py reads it).
+        (wheel,) = wheels.glob(f"hostlink_tw-{__version__}-*.whl")
         names = zipfile.ZipFile(wheel).namelist()
         for module in PLUGINS.values():
             self.assertIn(f"twisted/plugins/{module}", names)
@@ -129,10 +156,32 @@ class PluginShippingTests(SynchronousTestCase):
         python = self._scratch_env("installed")
         self._pip_install(python, str(wheel))
         self.assertPluginsListed(self._listed_tapnames(python))
+        self.assertUnitDocumentationInstalled(python.parent.parent)
+
+    def assertUnitDocumentationInstalled(self, prefix: Path) -> None:
+        """Every Documentation= of the systemd unit is a file the install wrote."""
+        documentation = [
+            line.split("=", 1)[1].strip()
+            for line in UNIT.read_text(encoding="utf-8").splitlines()
+            if line.startswith("Documentation=")
+        ]
+        self.assertIn(f"{UNIT_PREFIX}share/doc/hostlink-tw/protocol.rst", documentation)
+        for uri in documentation:
+            self.assertTrue(uri.startswith(UNIT_PREFIX), uri)
+            installed = prefix / uri[len(UNIT_PREFIX):]
+            self.assertTrue(installed.is_file(), f"{uri}: nothing installed at {installed}")
+
+    def test_installed_from_the_checkout(self) -> None:
+        """``pip install .``: the plugins, and nothing left in the checkout."""
+        python = self._scratch_env("from-checkout")
+        self._pip_install(python, str(self.source))
+        self.assertPluginsListed(self._listed_tapnames(python))
 
     def test_editable_install_finds_plugins(self) -> None:
         python = self._scratch_env("editable")
-        self._pip_install(python, "-e", str(self.source))
+        output = self._pip_install(python, "-e", str(self.source))
+        # setuptools' "compat" editable mode prints a deprecation banner.
+        self.assertNotIn("editable", output.lower(), output)
         self.assertPluginsListed(self._listed_tapnames(python))
 
     def test_scratch_env_without_project_lists_no_plugin(self) -> None:

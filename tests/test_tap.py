@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -141,3 +142,45 @@ class OptionsTests(SynchronousTestCase):
         service = makeService(parse(["--status-listen", "tcp:0:interface=127.0.0.1"]))
         assert isinstance(service, HostlinkService)
         self.assertIsNotNone(service.getServiceNamed("status"))
+
+
+class UnderTwistdTests(SynchronousTestCase):
+    """What an operator sees when twistd runs the plugin."""
+
+    def twistd(self, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        code = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+        return subprocess.run(
+            [sys.executable, "-c", code, "-n", "--pidfile=", "hostlink", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, **env},
+        )
+
+    def test_bad_environment_value_is_one_line_and_a_pointer(self) -> None:
+        """No 50-line option list in front of the one line that matters."""
+        done = self.twistd([], {"HOSTLINK_WS_CA_FILE": "/nonexistent/ca.pem"})
+        self.assertEqual(done.returncode, 1)
+        self.assertEqual(done.stdout, "")
+        lines = done.stderr.splitlines()
+        self.assertEqual(len(lines), 2, done.stderr)
+        self.assertIn("HOSTLINK_WS_CA_FILE", lines[0])
+        self.assertIn("/nonexistent/ca.pem", lines[0])
+        self.assertIn("--help", lines[1])
+
+    def test_bad_option_value_is_one_line_and_a_pointer(self) -> None:
+        done = self.twistd(["--reconnect-min", "fast"], {})
+        self.assertEqual(done.returncode, 1)
+        self.assertNotIn("--ping-interval", done.stdout + done.stderr)  # no option list
+        self.assertEqual(len(done.stderr.splitlines()), 2, done.stderr)
+
+
+class FlagHelpTests(SynchronousTestCase):
+    def test_enable_help_describes_the_flag_not_values(self) -> None:
+        """--enable takes no value: its help says what it does."""
+        text = " ".join(str(Options(environ={})).split())
+        help_ = text.split("--enable", 1)[1].split("--", 1)[0]
+        what = help_.split("[", 1)[0]
+        self.assertIn("turn the WebSocket uplink on", what)
+        for value_word in ("true", "yes", "1"):
+            self.assertNotIn(value_word, what)

@@ -1,0 +1,42 @@
+"""The status page's start line says where it is (issue 9 item 21)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from hostlink_tw.status import make_status_service
+
+
+class _Source:
+    def snapshot(self) -> dict[str, Any]:
+        return {"active": False}
+
+    def add_observer(self, observer: Callable[[Any], None]) -> Callable[[], None]:
+        return lambda: None
+
+
+class StartLineTests(TestCase):
+    @inlineCallbacks
+    def test_status_page_on_its_url(self) -> Any:
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        service, metrics = make_status_service("tcp:0:interface=127.0.0.1", _Source(), reactor)
+        self.addCleanup(metrics.close)
+        service.startService()  # a TCP listen happens at once
+        stopped = service.stopService()
+        yield stopped
+        lines = [formatEvent(e) for e in events]
+        urls = [e["url"] for e in events if e.get("log_namespace") == "hostlink_tw.status"]
+        self.assertEqual(len(urls), 1, lines)
+        self.assertRegex(urls[0], r"^http://127\.0\.0\.1:[1-9][0-9]*/$")
+        self.assertIn(f"status page on {urls[0]}", lines)
+        self.assertIn(f"(TCP Port {urls[0].rsplit(':', 1)[1].strip('/')} Closed)", lines)
+        for line in lines:
+            self.assertNotIn("Site", line)  # neither "Site starting on" nor "Starting factory"
