@@ -134,15 +134,15 @@ def _inaccessible(path: str) -> None:
         _mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=000")
 
 
-def _home_showing(home: str, paths: list[str]) -> None:
+def _home_showing(home: str, paths: list[str], mode: str = "755") -> None:
     """
     An empty ``home`` that shows ``paths`` (read-only): only for a test
-    interpreter installed under a home directory (pyenv in /root), as a unit
-    would do with ``ProtectHome=tmpfs`` and ``BindReadOnlyPaths=``.
+    interpreter or checkout under a home directory (pyenv in /root) or /tmp,
+    as a unit would do with ``ProtectHome=tmpfs`` and ``BindReadOnlyPaths=``.
     """
     fds = [os.open(p, os.O_PATH | os.O_DIRECTORY) for p in paths]  # before the tmpfs hides them
     try:
-        _mount("tmpfs", home, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755")
+        _mount("tmpfs", home, "tmpfs", MS_NOSUID | MS_NODEV, f"mode={mode}")
         for path, fd in zip(paths, fds, strict=True):
             os.makedirs(path, mode=0o755, exist_ok=True)
             _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
@@ -150,7 +150,8 @@ def _home_showing(home: str, paths: list[str]) -> None:
     finally:
         for fd in fds:
             os.close(fd)
-    _set_readonly(home, recursive=False)
+    if mode == "755":
+        _set_readonly(home, recursive=False)
 
 
 def _private_devices() -> None:
@@ -255,10 +256,20 @@ def apply(spec: dict[str, str]) -> list[str]:
                 _inaccessible(home)
         applied.append("ProtectHome")
     if spec.get("PrivateTmp") == "yes":
+        exposed = spec.get("expose", "").split()
         for path in ("/tmp", "/var/tmp"):  # noqa: S108 - the directories being replaced
-            if os.path.isdir(path):
+            inside = [p for p in exposed if p.startswith(path + "/")]
+            if inside and os.path.isdir(path):
+                _home_showing(path, inside, mode="1777")
+            elif os.path.isdir(path):
                 _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
         applied.append("PrivateTmp")
+    state = spec.get("state_directory")
+    if state and spec.get("expose") and mount_settings & set(spec):
+        # An exposed (read-only) checkout may hold the state directory: it
+        # stays writable, as StateDirectory= makes it.
+        _mount(state, state, None, MS_BIND)
+        _set_readonly(state, recursive=False, readonly=False)
     if spec.get("PrivateDevices") == "yes":
         _private_devices()
         _expect_error(lambda: os.stat("/dev/kmsg"), (errno.ENOENT,), "PrivateDevices")

@@ -180,10 +180,15 @@ class HardenedUnitTests(TestCase):
             spec["Group"] = grp.getgrgid(self.user.pw_gid).gr_name
         spec["state_directory"] = self.state
         # Production installs into /opt; here the interpreter may be a
-        # pyenv build under /root, which ProtectHome would hide.
-        prefix = os.path.realpath(sys.base_prefix)
-        if prefix.startswith(("/home/", "/root/", "/run/user/")):
-            spec["expose"] = prefix
+        # pyenv build under /root, and the checkout (with the venv, the CA
+        # file and the state directory) under /root or /tmp, which
+        # ProtectHome and PrivateTmp would hide: they stay visible, read-only.
+        hidden = ("/home/", "/root/", "/run/user/", "/tmp/", "/var/tmp/")  # noqa: S108
+        checkout = os.path.realpath(os.path.dirname(HERE))
+        exposed = [p for p in (os.path.realpath(sys.base_prefix), checkout)
+                   if p.startswith(hidden)]
+        if exposed:
+            spec["expose"] = " ".join(exposed)
         return spec
 
     def exec_start(self) -> list[str]:
