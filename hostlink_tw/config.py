@@ -56,7 +56,8 @@ __all__ = [
 _log = Logger()
 
 # PROTOCOL §3: the gateway's path below the control plane's base URL.
-_WS_PATH = "/api/v1/agents/ws"
+from hostlink_tw.wire.vocabulary import GATEWAY_PATH as _WS_PATH  # noqa: E402
+
 # PROTOCOL §1 fixes the state file's name inside the state directory.
 _AGENT_STATE_FILENAME = "agent.json"
 

@@ -189,20 +189,17 @@ __all__ = [
 
 log = Logger()
 
-#: Where agents open their WebSocket (PROTOCOL §3).
-GATEWAY_PATH = "/api/v1/agents/ws"
-
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-#: A frame that is not UTF-8 or not JSON.
-CLOSE_INVALID_PAYLOAD = 1007
-#: An envelope that breaks the protocol's rules, or a binary frame.
-CLOSE_POLICY = 1008
-#: A message larger than the configured maximum.
-CLOSE_TOO_BIG = 1009
-#: The agent opened a newer session; this one is closed (private-use range).
-CLOSE_REPLACED = 4001
-CLOSE_ABNORMAL = 1006
+# Close codes and the gateway path are the wire vocabulary's (re-exported here).
+from hostlink_tw.wire.vocabulary import (  # noqa: E402
+    CLOSE_ABNORMAL,
+    CLOSE_GOING_AWAY,
+    CLOSE_INVALID_PAYLOAD,
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    CLOSE_REPLACED,
+    CLOSE_TOO_BIG,
+    GATEWAY_PATH,
+)
 
 DEFAULT_MAX_SKEW = 300.0
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20

@@ -103,85 +103,25 @@ __all__ = [
     "typed_payload",
 ]
 
-#: The only protocol version phase 1 speaks.
-PROTOCOL_VERSION = 1
-
-# --- agent ids (PROTOCOL §1, §2) ---------------------------------------------
-
-#: The longest agent id: the reference control plane has always refused
-#: longer ``X-Agent-ID`` headers.
-AGENT_ID_MAX_LENGTH = 256
-
-#: What an agent id may be.  It travels as the ``X-Agent-ID`` header, is
-#: signed as UTF-8 by the agent while Autobahn (like many HTTP stacks)
-#: decodes request headers as ISO-8859-1, and the Go agent puts it in URL
-#: paths (``/api/v1/agents/{agent_id}/heartbeat``): only ASCII letters,
-#: digits and ``. _ : @ -`` survive all three unchanged.  Every id the Go
-#: agent and the control plane issue (``agt_01HX5Z``, UUIDs, ``agent-<hex>``)
-#: fits.
-AGENT_ID_PATTERN = re.compile(rf"[A-Za-z0-9._:@-]{{1,{AGENT_ID_MAX_LENGTH}}}", re.ASCII)
-
-#: The rule in words, for error messages.
-AGENT_ID_RULE = (
-    f"an agent id is 1 to {AGENT_ID_MAX_LENGTH} characters of "
-    "A-Z, a-z, 0-9 and . _ : @ -"
+from hostlink_tw.wire.vocabulary import (
+    ACK,
+    AGENT_HELLO,
+    AGENT_HELLO_ACK,
+    AGENT_ID_MAX_LENGTH,
+    AGENT_ID_PATTERN,
+    AGENT_ID_RULE,
+    ERROR,
+    MESSAGE_TYPES,
+    PROTOCOL_VERSION,
+    TASK_DELIVER,
+    TASK_FINAL,
+    TASK_LEASE_HEARTBEAT,
+    TASK_OUTPUT,
+    TASK_RECEIVED,
+    TASK_STARTED,
+    TASK_TYPES,
+    agent_id_problem,
 )
-
-
-def agent_id_problem(value: object) -> str | None:
-    """What makes *value* not an agent id under :data:`AGENT_ID_RULE`, or ``None``.
-
-    The description names the problem (the type, the length, the code point
-    of the first character outside the alphabet) but never repeats the
-    value, so it is safe to log or send in an HTTP reason whatever a peer
-    sent, and ends with the rule.
-    """
-    if not isinstance(value, str):
-        detail = f"is {json_kind(value)}, not a string"
-    elif value == "":
-        detail = "is empty"
-    elif len(value) > AGENT_ID_MAX_LENGTH:
-        detail = f"has {len(value)} characters"
-    elif AGENT_ID_PATTERN.fullmatch(value) is None:
-        bad = next(ch for ch in value if AGENT_ID_PATTERN.fullmatch(ch) is None)
-        kind = "a control character" if ord(bad) < 0x20 or ord(bad) == 0x7F else "a character"
-        detail = f"contains {kind} outside the alphabet (U+{ord(bad):04X})"
-    else:
-        return None
-    return f"agent_id {detail}; {AGENT_ID_RULE}"
-
-
-# --- message types (PROTOCOL §5) ---------------------------------------------
-
-AGENT_HELLO = "agent.hello"
-AGENT_HELLO_ACK = "agent.hello_ack"
-TASK_DELIVER = "task.deliver"
-TASK_RECEIVED = "task.received"
-TASK_STARTED = "task.started"
-TASK_LEASE_HEARTBEAT = "task.lease_heartbeat"
-TASK_OUTPUT = "task.output"
-TASK_FINAL = "task.final"
-ACK = "ack"
-ERROR = "error"
-
-#: Every message type of the protocol.
-MESSAGE_TYPES: frozenset[str] = frozenset(
-    {
-        AGENT_HELLO,
-        AGENT_HELLO_ACK,
-        TASK_DELIVER,
-        TASK_RECEIVED,
-        TASK_STARTED,
-        TASK_LEASE_HEARTBEAT,
-        TASK_OUTPUT,
-        TASK_FINAL,
-        ACK,
-        ERROR,
-    }
-)
-
-#: The ``task.*`` types: each requires ``task_id`` and ``execution_attempt_id``.
-TASK_TYPES: frozenset[str] = frozenset(t for t in MESSAGE_TYPES if t.startswith("task."))
 
 # --- payload vocabularies ----------------------------------------------------
 

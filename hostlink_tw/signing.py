@@ -48,13 +48,14 @@ __all__ = [
     "verify_signature",
 ]
 
-HEADER_AGENT_ID = "X-Agent-ID"
-HEADER_TIMESTAMP = "X-Timestamp"
-HEADER_NONCE = "X-Nonce"
-HEADER_SIGNATURE = "X-Signature"
-
-#: The four headers L{RequestSigner.sign_headers} returns, in order.
-SIGNED_HEADERS = (HEADER_AGENT_ID, HEADER_TIMESTAMP, HEADER_NONCE, HEADER_SIGNATURE)
+# The header names are the wire vocabulary's (re-exported here).
+from hostlink_tw.wire.vocabulary import (  # noqa: E402
+    HEADER_AGENT_ID,
+    HEADER_NONCE,
+    HEADER_SIGNATURE,
+    HEADER_TIMESTAMP,
+    SIGNED_HEADERS,
+)
 
 #: Random bytes in each nonce (PROTOCOL §2).
 NONCE_BYTES = 16

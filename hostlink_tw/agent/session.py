@@ -30,6 +30,13 @@ from hostlink_tw.protocol import (
     ProtocolError,
 )
 from hostlink_tw.safetext import escape_control
+from hostlink_tw.wire.vocabulary import (
+    CLOSE_INVALID_PAYLOAD,
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    CLOSE_TOO_BIG,
+    CLOSE_UNSUPPORTED_DATA,
+)
 
 __all__ = [
     "CLOSE_INVALID_PAYLOAD",
@@ -48,12 +55,6 @@ __all__ = [
 #: At most this many characters of peer text go into a log line.
 FRAME_PREVIEW_CHARS = 200
 
-# WebSocket close codes (RFC 6455 §7.4.1).
-CLOSE_NORMAL = 1000
-CLOSE_UNSUPPORTED_DATA = 1003
-CLOSE_INVALID_PAYLOAD = 1007
-CLOSE_POLICY = 1008
-CLOSE_TOO_BIG = 1009
 
 
 class SessionEndedError(Exception):
