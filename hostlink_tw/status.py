@@ -365,10 +365,11 @@ class _StatusPageEndpoint:
     """
 
     def __init__(self, endpoint: IStreamServerEndpoint) -> None:
-        self._endpoint = endpoint
+        #: The configured endpoint.
+        self.wrapped = endpoint
 
     def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
-        d: Deferred[Any] = self._endpoint.listen(factory)
+        d: Deferred[Any] = self.wrapped.listen(factory)
         return d.addCallbacks(_announce, _not_listening)
 
 
@@ -404,6 +405,7 @@ def exposed_interface(endpoint: object) -> str | None:
     ``interface``; anything else (``unix:``, a custom plugin) is not a
     network address here and gives ``None``.
     """
+    endpoint = getattr(endpoint, "wrapped", endpoint)  # the status page's own wrapper
     interface = getattr(endpoint, "_interface", None)
     if not isinstance(interface, str):
         return None
