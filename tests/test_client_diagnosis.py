@@ -9,10 +9,11 @@ from __future__ import annotations
 from twisted.internet.error import ConnectionRefusedError, DNSLookupError
 from twisted.trial.unittest import SynchronousTestCase
 
-from hostlink_tw.agent.client import REPLACED_SESSIONS, REPLACED_WINDOW
 from hostlink_tw.agent.diagnosis import (
     ESCALATE_AFTER_ATTEMPTS,
     ESCALATE_AFTER_SECONDS,
+    REPLACED_SESSIONS,
+    REPLACED_WINDOW,
     dechunk,
     shorten_body,
 )

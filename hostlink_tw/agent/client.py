@@ -27,7 +27,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import random
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, cast
@@ -38,7 +37,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hostlink_tw.agent.attempt import Attempt
-from hostlink_tw.agent.diagnosis import Escalation, classify, refusal_hint
 from hostlink_tw.agent.events import (
     AttemptEnded,
     AttemptStarted,
@@ -53,6 +51,7 @@ from hostlink_tw.agent.events import (
 )
 from hostlink_tw.agent.factory import HostlinkClientFactory
 from hostlink_tw.agent.machine import ClientState, StateMachine
+from hostlink_tw.agent.reporting import EndReporter
 from hostlink_tw.agent.session import (
     Session,
     SessionListener,
@@ -66,18 +65,12 @@ from hostlink_tw.proxy import Proxy, UnsupportedProxyError, proxy_for
 from hostlink_tw.safetext import redact_url
 from hostlink_tw.signing import RequestSigner
 from hostlink_tw.tls import TLSConfigError, client_tls_options
-from hostlink_tw.wire.vocabulary import CLOSE_REPLACED
 
 __all__ = ["CLOSE_TIMEOUT", "HostlinkClient", "redact_url"]
 
 #: How long a close handshake may take (ours, the peer's, or stop()'s)
 #: before the TCP connection is aborted.
 CLOSE_TIMEOUT = 2.0
-
-#: Sessions ended by ``4001 replaced`` within :data:`REPLACED_WINDOW` seconds
-#: that mean another process or host uses this agent's identity.
-REPLACED_SESSIONS = 3
-REPLACED_WINDOW = 60.0
 
 S = ClientState
 
@@ -198,10 +191,7 @@ class HostlinkClient:
         self._active_waiters: list[Deferred[None]] = []
         self._stop_waiters: list[Deferred[None]] = []
         self._warned_plaintext = False
-        self._escalation = Escalation()
-        # When this agent's active sessions were replaced (close 4001).
-        self._replaced: deque[float] = deque(maxlen=REPLACED_SESSIONS * 4)
-        self._warned_replaced = False
+        self._reporter = EndReporter(self.log, self.log_fields)
 
     # -- public API ----------------------------------------------------------------
 
@@ -528,8 +518,8 @@ class HostlinkClient:
 
     def session_activated(self, attempt: Attempt, session: Session) -> None:
         """The attempt's hello was acked: the session is active."""
-        self._escalation.session_active()
-        if self._replaced_streak():
+        self._reporter.session_active()
+        if self._reporter.keep_backoff(self._clock.seconds()):
             # Another agent with this identity keeps replacing our sessions:
             # the backoff keeps growing so that the pair settles.
             attempt.backoff_kept = True
@@ -552,55 +542,6 @@ class HostlinkClient:
 
     # -- ending ----------------------------------------------------------------------
 
-    def _replaced_streak(self) -> bool:
-        now = self._clock.seconds()
-        while self._replaced and now - self._replaced[0] > REPLACED_WINDOW:
-            self._replaced.popleft()
-        return len(self._replaced) >= REPLACED_SESSIONS
-
-    def _diagnose(self, attempt: Attempt, end: EndReason) -> None:
-        """
-        Say what a run of failures has in common, at warning level: another
-        agent replacing ours, or a connect that keeps failing for one cause.
-        """
-        now = self._clock.seconds()
-        if attempt.activated:
-            if end.close_code == CLOSE_REPLACED and end.kind == "closed_by_peer":
-                self._replaced.append(now)
-                if self._replaced_streak() and not self._warned_replaced:
-                    self._warned_replaced = True
-                    self.log.warn(
-                        "another process or host is using agent id {agent_id}: the control "
-                        "plane replaced this agent's session {count} times in {window:g}s "
-                        "(a cloned VM or a second agent with the same identity?); backing off "
-                        "url={url}",
-                        count=len(self._replaced),
-                        window=REPLACED_WINDOW,
-                        **self.log_fields(),
-                    )
-            elif attempt.backoff_kept and attempt.activated_at is not None and (
-                now - attempt.activated_at >= REPLACED_WINDOW
-            ):
-                # A session that was not replaced for a long while: the other
-                # agent is gone, the delays start from RECONNECT_MIN again.
-                self._factory.resetDelay()
-            if not self._replaced_streak():
-                self._warned_replaced = False
-            return
-        cause = classify(attempt.failure, end.kind, end.text, self._factory.host,
-                         self._factory.port)
-        if self._escalation.failed(cause, self.attempts, now):
-            self.log.warn(
-                "no session for {elapsed:.0f}s after {attempt} attempts: {reason}; {hint} "
-                "agent_id={agent_id} url={url}",
-                elapsed=self._escalation.failing_for(now),
-                attempt=self.attempts,
-                reason=end.text,
-                hint=cause.hint,
-                cause=cause.kind,
-                **self.log_fields(),
-            )
-
     def _end_attempt(self, attempt: Attempt, reason: Failure) -> None:
         stopping = self._in_state(S.STOPPING)
         end, clean, tls = attempt.finish(reason, stopping=stopping)
@@ -609,42 +550,17 @@ class HostlinkClient:
         if attempt.session is not None:
             for listener in list(self._listeners):
                 listener.session_ended(attempt.session, failure)
+        self._reporter.ended(attempt, end, tls, stopping=stopping, attempts=self.attempts)
         if attempt.refused_status is not None:
-            status = attempt.refused_status
-            # The reason names the status ("upgrade refused: HTTP 401 ...",
-            # or "upgrade not accepted (expected 101): HTTP 200 OK").
-            self.log.warn(
-                "{reason}; {hint} agent_id={agent_id} url={url} attempt={attempt}",
-                status=status,
-                reason=failure,
-                hint=refusal_hint(status),
-                attempt=self.attempts,
-                **self.log_fields(),
-            )
-            self.emit(Refused(status=status, reason=failure))
-        elif tls and not stopping:
-            self.log.error(
-                "{reason} (connecting to {url}) agent_id={agent_id} attempt={attempt}",
-                reason=failure,
-                attempt=self.attempts,
-                **self.log_fields(),
-            )
-        else:
-            # Losing an active session is news; another failed attempt during
-            # an outage is not (the retry line follows anyway).
-            emit = self.log.warn if attempt.activated and not stopping else self.log.info
-            emit(
-                "connection ended: {reason} close_code={close_code} "
-                "agent_id={agent_id} url={url} attempt={attempt}",
-                reason=failure,
-                close_code=end.close_code,
-                attempt=self.attempts,
-                **self.log_fields(),
-            )
+            self.emit(Refused(status=attempt.refused_status, reason=failure))
         if not stopping:
             self.last_failure = failure
             self.last_end = end
-            self._diagnose(attempt, end)
+            if self._reporter.run_of_ends(
+                attempt, end, attempts=self.attempts, now=self._clock.seconds(),
+                host=self._factory.host, port=self._factory.port,
+            ):
+                self._factory.resetDelay()
             self._machine.set(S.CLOSING, failure)
         self.emit(AttemptEnded(end=end, clean=clean))
         if stopping:

@@ -12,8 +12,10 @@ deserves a warning, once per cause.
 from __future__ import annotations
 
 import re
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet.error import (
     ConnectError,
@@ -26,6 +28,10 @@ from twisted.internet.error import (
 )
 from twisted.python.failure import Failure
 
+from hostlink_tw.agent.events import EndReason
+from hostlink_tw.agent.session import FRAME_PREVIEW_CHARS
+from hostlink_tw.safetext import escape_control
+from hostlink_tw.tls import describe_tls_failure, is_tls_failure
 from hostlink_tw.wire.vocabulary import GATEWAY_PATH
 
 __all__ = [
@@ -33,7 +39,11 @@ __all__ = [
     "ESCALATE_AFTER_SECONDS",
     "Cause",
     "Escalation",
+    "REPLACED_SESSIONS",
+    "REPLACED_WINDOW",
+    "Replacements",
     "classify",
+    "end_reason",
     "dechunk",
     "describe_reason",
     "refusal_hint",
@@ -61,6 +71,11 @@ ESCALATE_AFTER_ATTEMPTS = 3
 ESCALATE_AFTER_SECONDS = 60.0
 
 _BODY_CHARS = 200
+
+#: Sessions ended by ``4001 replaced`` within :data:`REPLACED_WINDOW` seconds
+#: that mean another process or host uses this agent's identity.
+REPLACED_SESSIONS = 3
+REPLACED_WINDOW = 60.0
 
 
 def refusal_hint(status: int) -> str:
@@ -114,6 +129,78 @@ def describe_reason(reason: Failure) -> str:
         # e.g. "Connection was refused by other side: 111: Connection refused."
         return str(value).strip() or type(value).__name__
     return f"{type(value).__name__}: {value}".strip()
+
+
+def end_reason(
+    proto: Any, noted: EndReason | None, reason: Failure, tls_host: str,
+    refused_status: int | None, *, stopping: bool,
+) -> tuple[EndReason, bool, bool]:
+    """
+    Why an attempt ended: the reason noted while it ran, else what the
+    transport's end says (TLS, the peer's close frame, lost, never connected).
+
+    :param proto: the attempt's protocol when its WebSocket opened, else None.
+    :returns: the :class:`EndReason` (with the close code and HTTP status),
+        whether the close handshake finished, and whether TLS failed.
+    """
+    code: int | None = None
+    clean = False
+    remote = getattr(proto, "remoteCloseCode", None)
+    if proto is not None:
+        clean = bool(getattr(proto, "wasClean", False))
+        code = remote if remote is not None else getattr(proto, "localCloseCode", None)
+    tls = is_tls_failure(reason)
+    end = noted
+    if end is None:
+        if tls:
+            end = EndReason("tls", f"TLS failed: {describe_tls_failure(reason, tls_host)}")
+        elif remote is not None and not proto.closedByMe:
+            text = escape_control(proto.remoteCloseReason or "", FRAME_PREVIEW_CHARS)
+            end = EndReason(
+                "closed_by_peer", f"closed by control plane: code={remote} reason={text}".strip()
+            )
+        elif proto is not None:
+            end = EndReason("lost", f"connection lost: {describe_reason(reason)}")
+        else:
+            end = EndReason("connect_failed", f"connection failed: {describe_reason(reason)}")
+    return EndReason(end.kind, end.text, code, refused_status, not stopping), clean, tls
+
+
+class Replacements:
+    """
+    Sessions the control plane replaced (close 4001) because the same agent
+    id connected again: :data:`REPLACED_SESSIONS` of them within
+    :data:`REPLACED_WINDOW` seconds mean another process or host uses this
+    identity.
+    """
+
+    def __init__(self) -> None:
+        self._at: deque[float] = deque(maxlen=REPLACED_SESSIONS * 4)
+        self._warned = False
+
+    def streak(self, now: float) -> bool:
+        """Whether sessions are being replaced again and again now."""
+        while self._at and now - self._at[0] > REPLACED_WINDOW:
+            self._at.popleft()
+        return len(self._at) >= REPLACED_SESSIONS
+
+    def replaced(self, now: float) -> bool:
+        """One more replaced session: whether to warn (once per streak)."""
+        self._at.append(now)
+        if self.streak(now) and not self._warned:
+            self._warned = True
+            return True
+        return False
+
+    def other_end(self, now: float) -> None:
+        """A session ended otherwise: a later streak is news again."""
+        if not self.streak(now):
+            self._warned = False
+
+    @property
+    def count(self) -> int:
+        """Replaced sessions within the window, as of the last look."""
+        return len(self._at)
 
 
 @dataclass(frozen=True)
