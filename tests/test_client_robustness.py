@@ -330,9 +330,29 @@ class RCFArithmeticTests(SynchronousTestCase):
                 self.delay = random.normalvariate(self.delay, self.delay * self.jitter)
             self._callID = self.clock.callLater(self.delay, connector.connect)
 
+    class _NewRCF(ReconnectingClientFactory):
+        """Twisted >= 26.4's retry(): jitter, schedule, then scale for next time."""
+
+        def retry(self, connector: Any = None) -> None:
+            if not self.continueTrying:
+                return
+            connector = connector if connector is not None else self.connector
+            self.retries += 1
+            if self.jitter:
+                self.delay = random.normalvariate(self.delay, self.delay * self.jitter)
+            self._callID = self.clock.callLater(self.delay, connector.connect)
+            self.delay = min(self.delay * self.factor, self.maxDelay)
+
     def test_probe_tells_the_two_apart(self) -> None:
-        self.assertFalse(rcf_scales_before_waiting(ReconnectingClientFactory))
+        self.assertFalse(rcf_scales_before_waiting(self._NewRCF))
         self.assertTrue(rcf_scales_before_waiting(self._OldRCF))
+        # The installed Twisted: the change came with 26.4.
+        from twisted import version
+
+        self.assertEqual(
+            rcf_scales_before_waiting(ReconnectingClientFactory),
+            (version.major, version.minor) < (26, 4),
+        )
 
     def test_handed_delay_gives_the_exact_wait_on_old_twisted(self) -> None:
         from twisted.internet.task import Clock
