@@ -12,6 +12,12 @@ control plane, and nothing about either side's state.
   ``task.output``, ``task.final``).
 * :mod:`hostlink_tw.wire.envelope` — the envelope: building, serialising,
   parsing, validating; message ids and ``sent_at``.
+* :mod:`hostlink_tw.wire.keys` — RSA public keys as the control plane stores
+  them, and :class:`~hostlink_tw.wire.keys.IdentityError`, the one error for
+  an identity (state file, key) that cannot be used.
+* :mod:`hostlink_tw.wire.signing` — the signed headers of every
+  authenticated request: signing (agent) and verifying (control plane).
 
-:mod:`hostlink_tw.protocol` re-exports all of these under its old name.
+:mod:`hostlink_tw.protocol` and :mod:`hostlink_tw.signing` re-export these
+under their old names.
 """
