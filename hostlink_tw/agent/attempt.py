@@ -22,12 +22,13 @@ from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
-from twisted.internet.error import ConnectError, ConnectionDone
+from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hostlink_tw.agent.connection import MAX_FRAMES_PER_MESSAGE, MAX_UNSENT_BYTES
+from hostlink_tw.agent.diagnosis import describe_reason, shorten_body
 from hostlink_tw.agent.events import (
     ClientEvent,
     Connected,
@@ -77,16 +78,6 @@ def preview(payload: bytes) -> str:
     """The first :data:`FRAME_PREVIEW_CHARS` characters of a frame, quoted."""
     text = payload[: FRAME_PREVIEW_CHARS * 4].decode("utf-8", "replace")
     return repr(text[:FRAME_PREVIEW_CHARS])
-
-
-def _describe_reason(reason: Failure) -> str:
-    value = reason.value
-    if isinstance(value, ConnectionDone):
-        return "connection closed"
-    if isinstance(value, ConnectError):
-        # e.g. "Connection was refused by other side: 111: Connection refused."
-        return str(value).strip() or type(value).__name__
-    return f"{type(value).__name__}: {value}".strip()
 
 
 class AttemptHost(Protocol):
@@ -144,6 +135,11 @@ class Attempt:
         self.hello_id: str | None = None
         self.session: Session | None = None
         self.over = False
+        self.failure: Failure | None = None
+        #: When the session became active (reactor time).
+        self.activated_at: float | None = None
+        #: Whether activation left the backoff as it was (sessions replaced).
+        self.backoff_kept = False
         self._rejecting = False
         self._close_timer = False
         self._lost: Failure | None = None
@@ -325,8 +321,8 @@ class Attempt:
             self.note("refused", f"proxy refused the CONNECT tunnel: {reason}")
 
     def upgrade_failed(
-        self, proto: HostlinkClientProtocol, status: int | None, phrase: str, body: bytes,
-        reason: str,
+        self, proto: HostlinkClientProtocol, status: int | None, phrase: str,
+        headers: Mapping[str, str], body: bytes, reason: str,
     ) -> None:
         """The upgrade failed: a refusal with its HTTP status, or a broken answer."""
         if not self._mine(proto):
@@ -334,8 +330,9 @@ class Attempt:
         if status is not None and status != 101:
             self.refused_status = status
             detail = f"HTTP {status} {escape_control(phrase, FRAME_PREVIEW_CHARS)}".strip()
-            if body.strip():
-                detail += f" {preview(body.strip())}"
+            shown = shorten_body(headers, body)
+            if shown:
+                detail += f" {shown!r}"
             # A 4xx/5xx is a refusal; anything else (200, a redirect) is a
             # server that is not a Hostlink gateway at this URL.
             verb = "refused" if status >= 400 else "not accepted (expected 101)"
@@ -443,6 +440,7 @@ class Attempt:
             )
             return
         self.activated = True
+        self.activated_at = self.client.clock.seconds()
         self.session = Session(self.hello_id, self.send, self.client.ack_received)
         self.client.session_activated(self, self.session)
 
@@ -630,10 +628,12 @@ class Attempt:
                     .strip(),
                 )
             elif self.upgraded:
-                end = EndReason("lost", f"connection lost: {_describe_reason(reason)}")
+                end = EndReason("lost", f"connection lost: {describe_reason(reason)}")
             else:
-                end = EndReason("connect_failed", f"connection failed: {_describe_reason(reason)}")
+                end = EndReason("connect_failed", f"connection failed: {describe_reason(reason)}")
         end = EndReason(end.kind, end.text, code, self.refused_status, not stopping)
+        #: What ended it at the transport level (for the client's diagnosis).
+        self.failure = reason
         if self.session is not None:
             self.session.end(end.text)
         # Nothing of the dead connection stays reachable from the attempt.

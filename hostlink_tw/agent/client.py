@@ -27,6 +27,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import random
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, cast
@@ -37,6 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hostlink_tw.agent.attempt import Attempt
+from hostlink_tw.agent.diagnosis import Escalation, classify, refusal_hint
 from hostlink_tw.agent.events import (
     AttemptEnded,
     AttemptStarted,
@@ -64,6 +66,7 @@ from hostlink_tw.proxy import Proxy, UnsupportedProxyError, proxy_for
 from hostlink_tw.safetext import redact_url
 from hostlink_tw.signing import RequestSigner
 from hostlink_tw.tls import TLSConfigError, client_tls_options
+from hostlink_tw.wire.vocabulary import CLOSE_REPLACED
 
 __all__ = ["CLOSE_TIMEOUT", "HostlinkClient", "redact_url"]
 
@@ -71,15 +74,10 @@ __all__ = ["CLOSE_TIMEOUT", "HostlinkClient", "redact_url"]
 #: before the TCP connection is aborted.
 CLOSE_TIMEOUT = 2.0
 
-_HINTS = {
-    401: (
-        "the control plane did not accept the signed upgrade: check that this host's "
-        "clock is right (timestamps more than 300 s off are refused) and that the agent's "
-        "public key is registered for this agent id"
-    ),
-    403: "the control plane refuses this agent: is it registered and allowed?",
-}
-_HINT_5XX = "the control plane has a problem; retrying with backoff"
+#: Sessions ended by ``4001 replaced`` within :data:`REPLACED_WINDOW` seconds
+#: that mean another process or host uses this agent's identity.
+REPLACED_SESSIONS = 3
+REPLACED_WINDOW = 60.0
 
 S = ClientState
 
@@ -200,6 +198,10 @@ class HostlinkClient:
         self._active_waiters: list[Deferred[None]] = []
         self._stop_waiters: list[Deferred[None]] = []
         self._warned_plaintext = False
+        self._escalation = Escalation()
+        # When this agent's active sessions were replaced (close 4001).
+        self._replaced: deque[float] = deque(maxlen=REPLACED_SESSIONS * 4)
+        self._warned_replaced = False
 
     # -- public API ----------------------------------------------------------------
 
@@ -526,7 +528,13 @@ class HostlinkClient:
 
     def session_activated(self, attempt: Attempt, session: Session) -> None:
         """The attempt's hello was acked: the session is active."""
-        self._factory.resetDelay()
+        self._escalation.session_active()
+        if self._replaced_streak():
+            # Another agent with this identity keeps replacing our sessions:
+            # the backoff keeps growing so that the pair settles.
+            attempt.backoff_kept = True
+        else:
+            self._factory.resetDelay()
         self.attempts = 0
         self.last_failure = None
         self.last_end = None
@@ -544,6 +552,55 @@ class HostlinkClient:
 
     # -- ending ----------------------------------------------------------------------
 
+    def _replaced_streak(self) -> bool:
+        now = self._clock.seconds()
+        while self._replaced and now - self._replaced[0] > REPLACED_WINDOW:
+            self._replaced.popleft()
+        return len(self._replaced) >= REPLACED_SESSIONS
+
+    def _diagnose(self, attempt: Attempt, end: EndReason) -> None:
+        """
+        Say what a run of failures has in common, at warning level: another
+        agent replacing ours, or a connect that keeps failing for one cause.
+        """
+        now = self._clock.seconds()
+        if attempt.activated:
+            if end.close_code == CLOSE_REPLACED and end.kind == "closed_by_peer":
+                self._replaced.append(now)
+                if self._replaced_streak() and not self._warned_replaced:
+                    self._warned_replaced = True
+                    self.log.warn(
+                        "another process or host is using agent id {agent_id}: the control "
+                        "plane replaced this agent's session {count} times in {window:g}s "
+                        "(a cloned VM or a second agent with the same identity?); backing off "
+                        "url={url}",
+                        count=len(self._replaced),
+                        window=REPLACED_WINDOW,
+                        **self.log_fields(),
+                    )
+            elif attempt.backoff_kept and attempt.activated_at is not None and (
+                now - attempt.activated_at >= REPLACED_WINDOW
+            ):
+                # A session that was not replaced for a long while: the other
+                # agent is gone, the delays start from RECONNECT_MIN again.
+                self._factory.resetDelay()
+            if not self._replaced_streak():
+                self._warned_replaced = False
+            return
+        cause = classify(attempt.failure, end.kind, end.text, self._factory.host,
+                         self._factory.port)
+        if self._escalation.failed(cause, self.attempts, now):
+            self.log.warn(
+                "no session for {elapsed:.0f}s after {attempt} attempts: {reason}; {hint} "
+                "agent_id={agent_id} url={url}",
+                elapsed=self._escalation.failing_for(now),
+                attempt=self.attempts,
+                reason=end.text,
+                hint=cause.hint,
+                cause=cause.kind,
+                **self.log_fields(),
+            )
+
     def _end_attempt(self, attempt: Attempt, reason: Failure) -> None:
         stopping = self._in_state(S.STOPPING)
         end, clean, tls = attempt.finish(reason, stopping=stopping)
@@ -554,14 +611,13 @@ class HostlinkClient:
                 listener.session_ended(attempt.session, failure)
         if attempt.refused_status is not None:
             status = attempt.refused_status
-            hint = _HINTS.get(status) or (_HINT_5XX if 500 <= status <= 599 else "")
             # The reason names the status ("upgrade refused: HTTP 401 ...",
             # or "upgrade not accepted (expected 101): HTTP 200 OK").
             self.log.warn(
                 "{reason}; {hint} agent_id={agent_id} url={url} attempt={attempt}",
                 status=status,
                 reason=failure,
-                hint=hint or "retrying with backoff",
+                hint=refusal_hint(status),
                 attempt=self.attempts,
                 **self.log_fields(),
             )
@@ -588,6 +644,7 @@ class HostlinkClient:
         if not stopping:
             self.last_failure = failure
             self.last_end = end
+            self._diagnose(attempt, end)
             self._machine.set(S.CLOSING, failure)
         self.emit(AttemptEnded(end=end, clean=clean))
         if stopping:

@@ -65,8 +65,8 @@ class ConnectionOwner(Protocol):
     def bad_head(self, proto: HostlinkClientProtocol, reason: str, data: bytes) -> None: ...
     def proxy_refused(self, proto: HostlinkClientProtocol, reason: str) -> None: ...
     def upgrade_failed(
-        self, proto: HostlinkClientProtocol, status: int | None, phrase: str, body: bytes,
-        reason: str,
+        self, proto: HostlinkClientProtocol, status: int | None, phrase: str,
+        headers: Mapping[str, str], body: bytes, reason: str,
     ) -> None: ...
     def opened(self, proto: HostlinkClientProtocol) -> None: ...
     def message(self, proto: HostlinkClientProtocol, payload: bytes, is_binary: bool) -> None: ...
@@ -335,7 +335,8 @@ class HostlinkClientProtocol(WebSocketClientProtocol):
             if end >= 0:
                 body = self.data[end + 4 :]
             phrase = parts[2].strip() if len(parts) > 2 else ""
-            self.owner.upgrade_failed(self, status, phrase, body, reason)
+            headers = getattr(self, "http_headers", None) or {}
+            self.owner.upgrade_failed(self, status, phrase, headers, body, reason)
         finally:
             super().failHandshake(reason)  # type: ignore[no-untyped-call]
 
