@@ -19,4 +19,6 @@ The agent: its connection to the control plane and what runs over it.
   — why an attempt ended and what the operator reads about it.
 * :mod:`~hostlink_tw.agent.interfaces` — the interfaces between these.
 * :mod:`~hostlink_tw.agent.settings` — the settings the client reads.
+* :mod:`~hostlink_tw.agent.identity` — loading the identity the agent runs
+  on (``agent.json``, the private key), with the permission warnings.
 """
