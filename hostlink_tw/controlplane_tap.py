@@ -42,7 +42,7 @@ from hostlink_tw.controlplane import (
     ReplayStoreError,
     load_agents_file,
 )
-from hostlink_tw.controlplane_replay import NonceStore, database_beside
+from hostlink_tw.controlplane.replay import NonceStore, database_beside
 from hostlink_tw.duration import DurationError, format_duration, parse_go_duration
 
 __all__ = ["ControlPlaneService", "Options", "makeService"]

@@ -31,7 +31,7 @@ from hostlink_tw.controlplane import (
     NonceCache,
     load_agents_file,
 )
-from hostlink_tw.controlplane_replay import (
+from hostlink_tw.controlplane.replay import (
     DATABASE_NAME,
     NonceStore,
     ReplayStoreError,

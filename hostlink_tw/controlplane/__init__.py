@@ -131,7 +131,7 @@ from twisted.web.server import Request, Site
 from zope.interface import directlyProvides, noLongerProvides, providedBy
 
 from hostlink_tw._files import read_regular_file
-from hostlink_tw.controlplane_replay import (
+from hostlink_tw.controlplane.replay import (
     NonceCache,
     NonceStore,
     ReplayStoreError,
