@@ -92,7 +92,7 @@ yet upgraded), C{max_send_buffer_bytes} (4 MiB), C{nonce_cache_size}
 agents file; memory only without one), C{record_messages} (0 bytes),
 C{reload_interval} (1 s agents-file poll).  As a daemon it runs under
 twistd: ``twistd -n hostlink-controlplane --agents agents.json``
-(L{hostlink_tw.controlplane_tap}).
+(L{hostlink_tw.controlplane.tap}).
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 twistd support for the reference control plane:
 ``twistd -n hostlink-controlplane --agents agents.json``.
 
-The plugin in C{twisted/plugins/hostlink_controlplane_plugin.py} points
-here; L{Options} parses the command line and L{makeService} builds a
-L{ControlPlaneService}, which listens, polls the agents file, and re-reads it
+The plugin in ``twisted/plugins/hostlink_controlplane_plugin.py`` points
+here; :class:`Options` parses the command line and :func:`makeService` builds a
+:class:`ControlPlaneService`, which listens, polls the agents file, and re-reads it
 on SIGHUP.
 """
 
@@ -50,9 +50,9 @@ __all__ = ["ControlPlaneService", "Options", "makeService"]
 log = Logger()
 
 DEFAULT_DAEMON_LISTEN = "tcp:8080:interface=127.0.0.1"
-#: The operator listener (C{GET /status}); issue 13's operator API joins it.
+#: The operator listener (``GET /status``); issue 13's operator API joins it.
 DEFAULT_OPERATOR_LISTEN = "tcp:8081:interface=127.0.0.1"
-#: The value of C{--operator-listen} / C{--database} that turns them off.
+#: The value of ``--operator-listen`` / ``--database`` that turns them off.
 OFF = "none"
 
 # (option, attribute, default seconds, help)
@@ -90,7 +90,7 @@ _COUNT = re.compile(r"[0-9]+", re.ASCII)
 
 
 class Options(usage.Options):
-    """Command line of C{twistd hostlink-controlplane}."""
+    """Command line of ``twistd hostlink-controlplane``."""
 
     synopsis = "[options] --agents FILE"
     longdesc = (
@@ -183,7 +183,7 @@ class Options(usage.Options):
 
 class ControlPlaneService(Service):
     """
-    Runs a L{ControlPlane} under twistd: listens on start (before privileges
+    Runs a :class:`ControlPlane` under twistd: listens on start (before privileges
     are dropped), re-reads the agents file on SIGHUP, stops cleanly.
     """
 
@@ -307,7 +307,7 @@ def _cannot_listen(error: CannotListenError, option: str) -> str:
 
 
 def makeService(options: Options, reactor: Any = None) -> ControlPlaneService:
-    """Build the service twistd runs from parsed L{Options}."""
+    """Build the service twistd runs from parsed :class:`Options`."""
     try:
         control_plane = ControlPlane(reactor=reactor, **options.settings)
     except (AgentsFileError, ReplayStoreError) as e:
