@@ -25,7 +25,10 @@ from twisted.python.failure import Failure
 
 from hostlink_tw._files import FileTooLargeError, NotRegularFileError, read_regular_file
 from hostlink_tw.config import ConfigError, check_server_endpoint
-from hostlink_tw.controlplane import (
+from hostlink_tw.controlplane.agents import AgentsFileError, load_agents_file
+from hostlink_tw.controlplane.plane import ControlPlane
+from hostlink_tw.controlplane.replay import NonceStore, ReplayStoreError, database_beside
+from hostlink_tw.controlplane.settings import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -37,12 +40,7 @@ from hostlink_tw.controlplane import (
     DEFAULT_PING_INTERVAL,
     DEFAULT_PING_TIMEOUT,
     DEFAULT_RELOAD_INTERVAL,
-    AgentsFileError,
-    ControlPlane,
-    ReplayStoreError,
-    load_agents_file,
 )
-from hostlink_tw.controlplane.replay import NonceStore, database_beside
 from hostlink_tw.duration import DurationError, format_duration, parse_go_duration
 
 __all__ = ["ControlPlaneService", "Options", "makeService"]
