@@ -50,7 +50,6 @@ from hostlink_tw.controlplane.upgrade import (
 from hostlink_tw.controlplane.web import gateway_site, reason_phrase
 from hostlink_tw.protocol import (
     DUPLICATE_KEY,
-    ERROR,
     INVALID_JSON,
     INVALID_UTF8,
     NESTING_TOO_DEEP,
@@ -65,6 +64,7 @@ from hostlink_tw.wire.vocabulary import (
     CLOSE_GOING_AWAY,
     CLOSE_INVALID_PAYLOAD,
     CLOSE_POLICY,
+    ERROR,
     GATEWAY_PATH,
     HEADER_AGENT_ID,
 )

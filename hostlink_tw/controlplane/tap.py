@@ -49,7 +49,7 @@ log = Logger()
 
 DEFAULT_DAEMON_LISTEN = "tcp:8080:interface=127.0.0.1"
 #: The operator listener (``GET /status``); issue 13's operator API joins it.
-DEFAULT_OPERATOR_LISTEN = "tcp:8081:interface=127.0.0.1"
+DEFAULT_DAEMON_OPERATOR_LISTEN = "tcp:8081:interface=127.0.0.1"
 #: The value of ``--operator-listen`` / ``--database`` that turns them off.
 OFF = "none"
 
@@ -107,7 +107,7 @@ class Options(usage.Options):
          "Twisted server endpoint, e.g. tcp:8080:interface=127.0.0.1 or "
          "ssl:8443:privateKey=key.pem:certKey=cert.pem (listen backlog: "
          "Twisted's 50 unless the endpoint says backlog=N)."],
-        ["operator-listen", None, DEFAULT_OPERATOR_LISTEN,
+        ["operator-listen", None, DEFAULT_DAEMON_OPERATOR_LISTEN,
          "Endpoint of the operator listener (GET /status), or 'none'. Keep it on "
          "loopback: it lists every agent id and address."],
         ["agents", None, None, "JSON file: agent id -> public key (required)."],
