@@ -96,7 +96,7 @@ twistd: ``twistd -n hostlink-controlplane --agents agents.json``
 
 Modules
 =======
-One concern each; everything above is importable from this package.
+One concern each; every name used above is importable from this package.
 
 * :mod:`~hostlink_tw.controlplane.plane` — :class:`ControlPlane` and
   :func:`start_control_plane`, which assemble the pieces below.
@@ -111,7 +111,9 @@ One concern each; everything above is importable from this package.
 * :mod:`~hostlink_tw.controlplane.web` — the HTTP around the gateway
   (``/healthz``, 404, 413) and the operator's ``/status``.
 * :mod:`~hostlink_tw.controlplane.gateway` — the Autobahn server protocol
-  and factory, and the hooks a layer on top may set.
+  and factory.
+* :mod:`~hostlink_tw.controlplane.hooks` — where a layer on top may change
+  what the gateway does (its defaults are the real gateway).
 * :mod:`~hostlink_tw.controlplane.inbound` — what a session does with each
   message type.
 * :mod:`~hostlink_tw.controlplane.sessions` — :class:`Session` and the
