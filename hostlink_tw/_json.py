@@ -26,16 +26,3 @@ def json_kind(value: object) -> str:
     if isinstance(value, Mapping):
         return "an object"
     return type(value).__name__
-
-
-def is_int(value: object) -> bool:
-    """Return whether *value* is a JSON integer (``bool`` is an ``int`` in Python)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def short_repr(value: object, limit: int = 64) -> str:
-    """Return a short repr of *value* for messages: peer data can be huge."""
-    text = repr(value)
-    if len(text) > limit:
-        return text[: limit - 3] + "..."
-    return text

@@ -253,7 +253,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
         env="HOSTLINK_PRIVATE_KEY_PATH",
         attribute="private_key_path",
         meaning="agent RSA private key (PEM)",
-        # Resolved by identity.default_private_key_path (Go-layout fallback).
+        # Resolved by agent.identity.default_private_key_path (Go-layout fallback).
         default="HOSTLINK_STATE_PATH/agent.key",
         option="private-key-path",
         kind="path",
@@ -469,7 +469,7 @@ def load_settings(
     state_path = reader.text("HOSTLINK_STATE_PATH")
     key_path = reader.text("HOSTLINK_PRIVATE_KEY_PATH")
     if key_path == _spec("HOSTLINK_PRIVATE_KEY_PATH").default:  # unset: follow the state path
-        from hostlink_tw.identity import default_private_key_path
+        from hostlink_tw.agent.identity import default_private_key_path
 
         key_path = default_private_key_path(state_path, reader.log)
     return Settings(

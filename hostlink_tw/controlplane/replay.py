@@ -26,7 +26,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from hostlink_tw.signing import NONCE_BYTES
+from hostlink_tw.wire.signing import NONCE_BYTES
 
 __all__ = [
     "DATABASE_NAME",
@@ -152,7 +152,7 @@ def _check_regular_file(path: str) -> None:
     """
     Refuse a path that exists and is not a regular file (a FIFO would block
     SQLite's first read, and with it the reactor), opening it the way
-    :mod:`hostlink_tw.identity` opens its files: non-blocking, then ``fstat``.
+    :mod:`hostlink_tw._files` opens files: non-blocking, then ``fstat``.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)

@@ -7,7 +7,7 @@ sequences per (execution attempt, stream) as accepted, duplicate or gap
 
 Pure code, no reactor, every structure bounded.  Phase 2 (task intake) uses
 them; the agent never does, which is why they live here and not in
-:mod:`hostlink_tw.protocol`.
+:mod:`hostlink_tw.wire`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from hostlink_tw._json import is_int as _is_int
-from hostlink_tw._json import short_repr as _show
-from hostlink_tw.protocol import INVALID_ARGUMENT, STREAMS, ProtocolError
+from hostlink_tw.wire.errors import INVALID_ARGUMENT, ProtocolError
+from hostlink_tw.wire.errors import short_repr as _show
+from hostlink_tw.wire.jsontext import is_json_int as _is_int
+from hostlink_tw.wire.payloads import STREAMS
 
 __all__ = [
     "SEQUENCE_ACCEPTED",
