@@ -20,8 +20,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from hostlink_tw._files import read_regular_file
-from hostlink_tw.protocol import agent_id_problem
 from hostlink_tw.wire.keys import IdentityError, load_public_key
+from hostlink_tw.wire.vocabulary import agent_id_problem
 
 __all__ = ["AgentsFileError", "AuthorizedAgents", "load_agents_file", "parse_agents"]
 

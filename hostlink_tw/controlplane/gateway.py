@@ -48,17 +48,16 @@ from hostlink_tw.controlplane.upgrade import (
     UpgradeRefusedError,
 )
 from hostlink_tw.controlplane.web import gateway_site, reason_phrase
-from hostlink_tw.protocol import (
+from hostlink_tw.wire.envelope import Envelope, make_envelope
+from hostlink_tw.wire.errors import (
     DUPLICATE_KEY,
     INVALID_JSON,
     INVALID_UTF8,
     NESTING_TOO_DEEP,
     NUMBER_OUT_OF_RANGE,
-    Envelope,
     ProtocolError,
-    error_payload,
-    make_envelope,
 )
+from hostlink_tw.wire.payloads import error_payload
 from hostlink_tw.wire.vocabulary import (
     CLOSE_ABNORMAL,
     CLOSE_GOING_AWAY,

@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred
 
 from hostlink_tw.controlplane.sessions import Session
 from hostlink_tw.controlplane.upgrade import ConnectionAttempt
-from hostlink_tw.protocol import Envelope
+from hostlink_tw.wire.envelope import Envelope
 
 if TYPE_CHECKING:
     from hostlink_tw.controlplane.gateway import GatewayProtocol

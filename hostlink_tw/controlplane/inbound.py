@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Protocol
 from twisted.logger import Logger
 
 from hostlink_tw.controlplane.sessions import Session, SessionRegistry
-from hostlink_tw.protocol import Envelope, ack_payload, make_envelope
+from hostlink_tw.wire.envelope import Envelope, make_envelope
+from hostlink_tw.wire.payloads import ack_payload
 from hostlink_tw.wire.vocabulary import (
     ACK,
     AGENT_HELLO,

@@ -48,7 +48,7 @@ from hostlink_tw.controlplane.settings import (
 from hostlink_tw.controlplane.testlayer import TestControls
 from hostlink_tw.controlplane.upgrade import ConnectionAttempt, UpgradeAuthenticator
 from hostlink_tw.controlplane.web import is_loopback, operator_factory
-from hostlink_tw.protocol import Envelope
+from hostlink_tw.wire.envelope import Envelope
 from hostlink_tw.wire.vocabulary import CLOSE_NORMAL, GATEWAY_PATH
 
 __all__ = ["ControlPlane", "start_control_plane"]

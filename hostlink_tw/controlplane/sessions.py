@@ -19,7 +19,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from hostlink_tw.protocol import Envelope, format_sent_at
+from hostlink_tw.wire.envelope import Envelope, format_sent_at
 from hostlink_tw.wire.vocabulary import CLOSE_NORMAL, CLOSE_REPLACED
 
 __all__ = ["NoSessionError", "Session", "SessionConnection", "SessionRegistry"]

@@ -33,7 +33,7 @@ from hostlink_tw.controlplane.hooks import GatewayHooks
 from hostlink_tw.controlplane.sessions import Session
 from hostlink_tw.controlplane.upgrade import ConnectionAttempt
 from hostlink_tw.controlplane.web import reason_phrase
-from hostlink_tw.protocol import Envelope
+from hostlink_tw.wire.envelope import Envelope
 
 __all__ = ["ATTEMPTS_KEPT", "TestControls"]
 

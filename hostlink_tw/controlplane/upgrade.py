@@ -24,13 +24,13 @@ from twisted.internet.defer import Deferred
 
 from hostlink_tw.controlplane.agents import AuthorizedAgents
 from hostlink_tw.controlplane.replay import NonceCache, NonceStore, valid_nonce
-from hostlink_tw.protocol import agent_id_problem
 from hostlink_tw.wire.signing import verify_signature
 from hostlink_tw.wire.vocabulary import (
     HEADER_AGENT_ID,
     HEADER_NONCE,
     HEADER_SIGNATURE,
     HEADER_TIMESTAMP,
+    agent_id_problem,
 )
 
 __all__ = [
