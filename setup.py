@@ -35,7 +35,13 @@ setup(
     python_requires=">=3.10",
     # "twisted.plugins" ships our plugin files (no __init__.py there: the
     # directory belongs to Twisted's namespace of plugin modules).
-    packages=["hostlink_tw", "hostlink_tw.agent", "hostlink_tw.wire", "twisted.plugins"],
+    packages=[
+        "hostlink_tw",
+        "hostlink_tw.agent",
+        "hostlink_tw.controlplane",
+        "hostlink_tw.wire",
+        "twisted.plugins",
+    ],
     # Declaring the root as the package directory makes an editable install
     # ("pip install -e .") a plain .pth entry for the checkout, which twistd
     # needs: it finds plugins only in twisted/plugins/ directories of

@@ -428,7 +428,7 @@ class UpgradeAuthenticationTests(ControlPlaneTestMixin, TestCase):
     def test_attempt_records_are_bounded(self) -> None:
         cp = controlplane.ControlPlane({})
         for i in range(2 * controlplane.ATTEMPTS_KEPT + 1):
-            cp._record_attempt(
+            cp.controls.judged(
                 controlplane.ConnectionAttempt(
                     at=float(i),
                     remote="-",

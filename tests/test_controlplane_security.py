@@ -31,12 +31,13 @@ from hostlink_tw.controlplane import (
     NonceCache,
     load_agents_file,
 )
-from hostlink_tw.controlplane_replay import (
+from hostlink_tw.controlplane.replay import (
     DATABASE_NAME,
     NonceStore,
     ReplayStoreError,
     valid_nonce,
 )
+from hostlink_tw.controlplane.web import is_loopback
 from hostlink_tw.identity import public_key_base64
 from hostlink_tw.signing import (
     HEADER_AGENT_ID,
@@ -123,7 +124,7 @@ class DeadlineClockTests(SynchronousTestCase):
     """The handshake deadline on a Clock: absolute, whatever the peer sends."""
 
     def connect(self, cp: ControlPlane) -> tuple[Any, StringTransport]:
-        protocol = cp._tracker.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        protocol = cp.connections.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
         protocol.makeConnection(transport)
         return protocol, transport
@@ -151,9 +152,9 @@ class DeadlineClockTests(SynchronousTestCase):
         clock = MemoryReactorClock()
         cp = ControlPlane({}, reactor=clock, handshake_timeout=10.0, database=False)
         protocol, _ = self.connect(cp)
-        self.assertEqual(list(cp._tracker.pending), [protocol])
+        self.assertEqual(list(cp.connections.pending), [protocol])
         protocol.upgrade_accepted()
-        self.assertEqual((list(cp._tracker.pending), cp._tracker.upgraded_count), ([], 1))
+        self.assertEqual((list(cp.connections.pending), cp.connections.upgraded_count), ([], 1))
         deadlines = [c for c in clock.getDelayedCalls() if "_timed_out" in repr(c)]
         self.assertEqual((deadlines, protocol._timer), ([], None))
 
@@ -172,16 +173,16 @@ class PendingCapClockTests(SynchronousTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, observe)
         transports = []
         for i in range(5):
-            protocol = cp._tracker.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000 + i))
+            protocol = cp.connections.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000 + i))
             transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000 + i))
             protocol.makeConnection(transport)
             transports.append(transport)
         self.assertEqual([t.disconnected for t in transports], [True] * 3 + [False] * 2)
-        self.assertEqual(cp._tracker.evicted, 3)
+        self.assertEqual(cp.connections.evicted, 3)
         self.assertEqual(len(lines), 1)
         self.assertIn("closed 1 oldest", lines[0])
         clock.advance(61)
-        cp._tracker.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40010))
+        cp.connections.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40010))
         self.assertEqual(len(lines), 2)
         self.assertIn("closed 3 oldest", lines[1])
 
@@ -215,7 +216,7 @@ class UnauthenticatedConnectionTests(SecurityTestMixin, TestCase):
         self.assertLess(latest, 3.0)
         for holder in holders:
             self.assertIn(b"\r\nConnection: close\r\n", holder.data)
-        self.assertEqual(len(cp._tracker.protocols), 0)
+        self.assertEqual(len(cp.connections.protocols), 0)
 
     @inlineCallbacks
     def test_partial_requests_closed_by_the_deadline(self) -> Any:
@@ -250,16 +251,16 @@ class UnauthenticatedConnectionTests(SecurityTestMixin, TestCase):
             holder = yield _open_holder(cp.port, b"GET /api/v1/agents/ws HTTP/1.1\r\n")
             holders.append(holder)
         for _ in range(100):
-            if len(cp._tracker.pending) == 5:
+            if len(cp.connections.pending) == 5:
                 break
             yield deferLater(reactor, 0.01, lambda: None)
-        self.assertEqual(len(cp._tracker.pending), 5)
+        self.assertEqual(len(cp.connections.pending), 5)
         yield self.connect(cp)
         session = yield cp.wait_active(AGENT_A, timeout=WAIT)
         self.assertTrue(session.active)
         yield _timeout(holders[0].closed)
-        self.assertEqual(cp._tracker.evicted, 1)
-        self.assertEqual((len(cp._tracker.pending), cp._tracker.upgraded_count), (4, 1))
+        self.assertEqual(cp.connections.evicted, 1)
+        self.assertEqual((len(cp.connections.pending), cp.connections.upgraded_count), (4, 1))
         # Sessions have their own cap: the second agent fits, a third would not.
         yield self.connect(cp, _signer(KEY_B, AGENT_B))
         response = yield raw_request(cp.port, headers=_signer().sign_headers())
@@ -425,9 +426,9 @@ class OperatorListenerTests(SecurityTestMixin, TestCase):
 
     def test_loopback_detection(self) -> None:
         for host in ("127.0.0.1", "127.9.9.9", "::1"):
-            self.assertTrue(controlplane._is_loopback(host), host)
+            self.assertTrue(is_loopback(host), host)
         for host in ("0.0.0.0", "::", "10.0.0.1", "", "localhost"):  # noqa: S104
-            self.assertFalse(controlplane._is_loopback(host), host)
+            self.assertFalse(is_loopback(host), host)
 
 
 # -- item 16 (part): the listen backlog is the endpoint's ------------------------------

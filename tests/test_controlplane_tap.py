@@ -1,4 +1,4 @@
-"""Tests for L{hostlink_tw.controlplane_tap}: twistd options and the service."""
+"""Tests for L{hostlink_tw.controlplane.tap}: twistd options and the service."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from twisted.internet.task import deferLater
 from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
-from hostlink_tw.controlplane_tap import ControlPlaneService, Options, makeService
+from hostlink_tw.controlplane.tap import ControlPlaneService, Options, makeService
 from hostlink_tw.identity import public_key_base64
 from hostlink_tw.testing import make_test_certificates
 

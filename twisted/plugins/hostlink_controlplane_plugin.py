@@ -8,7 +8,7 @@ from twisted.application.service import ServiceMaker
 
 hostlinkControlPlane = ServiceMaker(  # noqa: N816 - Twisted's plugin naming
     "hostlink-controlplane",
-    "hostlink_tw.controlplane_tap",
+    "hostlink_tw.controlplane.tap",
     "Reference Hostlink control plane: the agent WebSocket gateway for tests, demos "
     "and local development.",
     "hostlink-controlplane",

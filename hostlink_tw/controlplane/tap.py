@@ -2,9 +2,9 @@
 twistd support for the reference control plane:
 ``twistd -n hostlink-controlplane --agents agents.json``.
 
-The plugin in C{twisted/plugins/hostlink_controlplane_plugin.py} points
-here; L{Options} parses the command line and L{makeService} builds a
-L{ControlPlaneService}, which listens, polls the agents file, and re-reads it
+The plugin in ``twisted/plugins/hostlink_controlplane_plugin.py`` points
+here; :class:`Options` parses the command line and :func:`makeService` builds a
+:class:`ControlPlaneService`, which listens, polls the agents file, and re-reads it
 on SIGHUP.
 """
 
@@ -25,7 +25,10 @@ from twisted.python.failure import Failure
 
 from hostlink_tw._files import FileTooLargeError, NotRegularFileError, read_regular_file
 from hostlink_tw.config import ConfigError, check_server_endpoint
-from hostlink_tw.controlplane import (
+from hostlink_tw.controlplane.agents import AgentsFileError, load_agents_file
+from hostlink_tw.controlplane.plane import ControlPlane
+from hostlink_tw.controlplane.replay import NonceStore, ReplayStoreError, database_beside
+from hostlink_tw.controlplane.settings import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -37,12 +40,7 @@ from hostlink_tw.controlplane import (
     DEFAULT_PING_INTERVAL,
     DEFAULT_PING_TIMEOUT,
     DEFAULT_RELOAD_INTERVAL,
-    AgentsFileError,
-    ControlPlane,
-    ReplayStoreError,
-    load_agents_file,
 )
-from hostlink_tw.controlplane_replay import NonceStore, database_beside
 from hostlink_tw.duration import DurationError, format_duration, parse_go_duration
 
 __all__ = ["ControlPlaneService", "Options", "makeService"]
@@ -50,9 +48,9 @@ __all__ = ["ControlPlaneService", "Options", "makeService"]
 log = Logger()
 
 DEFAULT_DAEMON_LISTEN = "tcp:8080:interface=127.0.0.1"
-#: The operator listener (C{GET /status}); issue 13's operator API joins it.
-DEFAULT_OPERATOR_LISTEN = "tcp:8081:interface=127.0.0.1"
-#: The value of C{--operator-listen} / C{--database} that turns them off.
+#: The operator listener (``GET /status``); issue 13's operator API joins it.
+DEFAULT_DAEMON_OPERATOR_LISTEN = "tcp:8081:interface=127.0.0.1"
+#: The value of ``--operator-listen`` / ``--database`` that turns them off.
 OFF = "none"
 
 # (option, attribute, default seconds, help)
@@ -90,7 +88,7 @@ _COUNT = re.compile(r"[0-9]+", re.ASCII)
 
 
 class Options(usage.Options):
-    """Command line of C{twistd hostlink-controlplane}."""
+    """Command line of ``twistd hostlink-controlplane``."""
 
     synopsis = "[options] --agents FILE"
     longdesc = (
@@ -109,7 +107,7 @@ class Options(usage.Options):
          "Twisted server endpoint, e.g. tcp:8080:interface=127.0.0.1 or "
          "ssl:8443:privateKey=key.pem:certKey=cert.pem (listen backlog: "
          "Twisted's 50 unless the endpoint says backlog=N)."],
-        ["operator-listen", None, DEFAULT_OPERATOR_LISTEN,
+        ["operator-listen", None, DEFAULT_DAEMON_OPERATOR_LISTEN,
          "Endpoint of the operator listener (GET /status), or 'none'. Keep it on "
          "loopback: it lists every agent id and address."],
         ["agents", None, None, "JSON file: agent id -> public key (required)."],
@@ -183,7 +181,7 @@ class Options(usage.Options):
 
 class ControlPlaneService(Service):
     """
-    Runs a L{ControlPlane} under twistd: listens on start (before privileges
+    Runs a :class:`ControlPlane` under twistd: listens on start (before privileges
     are dropped), re-reads the agents file on SIGHUP, stops cleanly.
     """
 
@@ -307,7 +305,7 @@ def _cannot_listen(error: CannotListenError, option: str) -> str:
 
 
 def makeService(options: Options, reactor: Any = None) -> ControlPlaneService:
-    """Build the service twistd runs from parsed L{Options}."""
+    """Build the service twistd runs from parsed :class:`Options`."""
     try:
         control_plane = ControlPlane(reactor=reactor, **options.settings)
     except (AgentsFileError, ReplayStoreError) as e:

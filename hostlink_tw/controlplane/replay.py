@@ -1,11 +1,11 @@
 """
 The reference control plane's replay memory: which nonces each agent used
-inside the signed-timestamp window, in memory (L{NonceCache}) and, for a
-daemon, in its SQLite file (L{NonceStore}) so that a restart does not reopen
-the window for captured upgrade headers.
+inside the signed-timestamp window, in memory (:class:`NonceCache`) and, for a
+daemon, in its SQLite file (:class:`NonceStore`) so that a restart does not
+reopen the window for captured upgrade headers.
 
 PROTOCOL §2: the nonce is standard base64, with padding, of 16 random bytes
-(24 characters); L{valid_nonce} refuses anything else before it can reach
+(24 characters); :func:`valid_nonce` refuses anything else before it can reach
 the memory.
 """
 
@@ -26,7 +26,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from hostlink_tw.signing import NONCE_BYTES
+from hostlink_tw.wire.signing import NONCE_BYTES
 
 __all__ = [
     "DATABASE_NAME",
@@ -49,7 +49,7 @@ _PURGE_EVERY = 60.0
 
 
 def valid_nonce(nonce: str) -> bool:
-    """True if C{nonce} is the canonical base64 (with padding) of 16 bytes."""
+    """True if ``nonce`` is the canonical base64 (with padding) of 16 bytes."""
     if not _NONCE.fullmatch(nonce):
         return False
     try:
@@ -66,21 +66,21 @@ class NonceCache:
     Nonces accepted inside the time window, per agent.
 
     An entry is kept until its signed timestamp leaves the window
-    (C{timestamp + window}): before that moment the same headers would still
+    (``timestamp + window``): before that moment the same headers would still
     pass the timestamp check, so forgetting earlier would accept a replay.
-    The timestamp itself is at most C{window} ahead of the clock when the
-    upgrade is accepted, so no entry outlives C{now + 2 * window}.
+    The timestamp itself is at most ``window`` ahead of the clock when the
+    upgrade is accepted, so no entry outlives ``now + 2 * window``.
 
-    Memory is bounded twice: C{per_agent} entries per agent (L{over_quota}:
+    Memory is bounded twice: ``per_agent`` entries per agent (:meth:`over_quota`:
     an agent that signs upgrades faster than that is refused on its own,
-    everyone else is unaffected) and C{max_entries} in all (L{full}).
+    everyone else is unaffected) and ``max_entries`` in all (:meth:`full`).
     """
 
     def __init__(self, window: float, max_entries: int, per_agent: int | None = None) -> None:
         """
-        @param window: Seconds a timestamp stays acceptable (the max skew).
-        @param max_entries: Hard cap on remembered nonces.
-        @param per_agent: Cap per agent id (default: C{max_entries}).
+        :param window: Seconds a timestamp stays acceptable (the max skew).
+        :param max_entries: Hard cap on remembered nonces.
+        :param per_agent: Cap per agent id (default: ``max_entries``).
         """
         self.window = window
         self.max_entries = max_entries
@@ -97,7 +97,7 @@ class NonceCache:
         return self._counts.get(agent_id, 0)
 
     def evict(self, now: float) -> None:
-        """Forget every nonce whose timestamp left the window before C{now}."""
+        """Forget every nonce whose timestamp left the window before ``now``."""
         while self._heap and self._heap[0][0] < now:
             expires, key = heapq.heappop(self._heap)
             if self._expiry.get(key) == expires:
@@ -119,18 +119,18 @@ class NonceCache:
         return len(self._expiry) >= self.max_entries
 
     def over_quota(self, agent_id: str, now: float) -> bool:
-        """True if this agent already has C{per_agent} nonces inside the window."""
+        """True if this agent already has ``per_agent`` nonces inside the window."""
         self.evict(now)
         return self._counts.get(agent_id, 0) >= self.per_agent
 
     def add(self, agent_id: str, nonce: str, timestamp: float) -> float:
-        """Remember a nonce until C{timestamp + window}; return that moment."""
+        """Remember a nonce until ``timestamp + window``; return that moment."""
         expires = timestamp + self.window
         self.remember(agent_id, nonce, expires)
         return expires
 
     def remember(self, agent_id: str, nonce: str, expires: float) -> None:
-        """Remember a nonce until C{expires} (what L{NonceStore.load} returns)."""
+        """Remember a nonce until ``expires`` (what :meth:`NonceStore.load` returns)."""
         key = (agent_id, nonce)
         if key not in self._expiry:
             self._counts[agent_id] = self._counts.get(agent_id, 0) + 1
@@ -152,7 +152,7 @@ def _check_regular_file(path: str) -> None:
     """
     Refuse a path that exists and is not a regular file (a FIFO would block
     SQLite's first read, and with it the reactor), opening it the way
-    L{hostlink_tw.identity} opens its files: non-blocking, then C{fstat}.
+    :mod:`hostlink_tw._files` opens files: non-blocking, then ``fstat``.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -172,8 +172,8 @@ def _check_regular_file(path: str) -> None:
 
 class NonceStore:
     """
-    The replay window on disk: one SQLite table (C{nonces}: C{agent_id},
-    C{nonce}, C{expires_at}) in the control plane's own database file
+    The replay window on disk: one SQLite table (``nonces``: ``agent_id``,
+    ``nonce``, ``expires_at``) in the control plane's own database file
     (WAL journal), read once at start and appended to for every accepted
     upgrade.
 
@@ -182,20 +182,20 @@ class NonceStore:
     forget a nonce an agent or an eavesdropper already saw accepted), and
     upgrades that arrive while a commit is in progress are committed
     together in the next transaction (group commit), so a storm costs one
-    commit per batch, not one per upgrade.  C{synchronous=NORMAL}: in WAL
+    commit per batch, not one per upgrade.  ``synchronous=NORMAL``: in WAL
     mode a commit reaches the operating system before it returns, which is
     what survives a control-plane restart or crash; only a power cut can
     lose the last transactions, and a power cut also ends every session.
     Expired rows are deleted in the same transactions, at most once a
     minute.
 
-    The start-up read (L{load}) runs on the calling thread: it happens once,
+    The start-up read (:meth:`load`) runs on the calling thread: it happens once,
     before the control plane listens.
     """
 
     def __init__(self, path: str, reactor: Any) -> None:
         """
-        @raise ReplayStoreError: The file is not a regular file, or SQLite
+        :raises ReplayStoreError: The file is not a regular file, or SQLite
             cannot open or initialise it (the message names the file).
         """
         self.path = path
@@ -228,7 +228,7 @@ class NonceStore:
         self._closed = False
 
     def load(self, now: float) -> list[tuple[str, str, float]]:
-        """The remembered nonces still inside the window at C{now}."""
+        """The remembered nonces still inside the window at ``now``."""
         assert self._db is not None
         try:
             rows = self._db.execute(

@@ -1,0 +1,197 @@
+"""
+The reference Hostlink control plane: a real agent gateway for tests, demos
+and local development.
+
+It serves the server side of the Hostlink agent protocol (docs/protocol.rst) over
+Autobahn and Twisted Web, on any Twisted server endpoint (``tcp:…`` plain,
+``ssl:…`` TLS).  The gateway listener serves only:
+
+* ``GET /api/v1/agents/ws`` — the agent gateway (WebSocket upgrade).  Every
+  upgrade is authenticated from the four signed headers (PROTOCOL §2):
+  agent known, timestamp within ±``max_skew`` of our clock, RSA-PSS signature
+  valid (salt length auto-detected, as Go's ``VerifyPSS(…, nil)``), nonce not
+  seen inside the window.  Refusals are HTTP 401 with a short text body and
+  one log line; a full nonce memory answers 503.
+* ``GET /healthz`` — ``200 ok``.
+* anything else — 404.
+
+Every answer but an accepted upgrade closes its connection, a request with a
+body is refused (413) unread, and a connection that is not an accepted
+WebSocket ``handshake_timeout`` after TCP connect is aborted, whatever it has
+sent.  Unauthenticated connections are capped apart from sessions
+(``max_pending_connections``; a new one closes the oldest), so they cannot
+take the sessions' place (``max_connections``).  A peer that stops reading is
+aborted once ``max_send_buffer_bytes`` wait to be sent to it.  The listen
+backlog is Twisted's default of 50 pending TCP handshakes; a storm of more
+agents needs a larger one in the endpoint (``tcp:8080:backlog=1024``; the
+kernel caps it at ``net.core.somaxconn``).
+
+A separate *operator* listener (:meth:`ControlPlane.listen_operator`; loopback
+by default) serves ``GET /status``: JSON, the open sessions with each agent's
+id and remote address, which is why it is not on the gateway.
+
+Sessions
+========
+The agent's first message must be ``agent.hello``; it is answered with
+``agent.hello_ack`` acking its ``message_id``, and from then on the session is
+*active*.  Each inbound frame is validated against the authenticated agent
+id; an invalid one gets an ``error`` envelope (``retryable: false``) and a
+close.  ``task.*`` messages are acknowledged with ``ack``.
+
+Close codes this control plane sends:
+
+==========  ===========================================================
+1000        closed on request (:meth:`Session.close` default)
+1001        the control plane is stopping (:meth:`ControlPlane.stop`)
+1007        a frame is not valid UTF-8 or not valid JSON (:data:`CLOSE_INVALID_PAYLOAD`)
+1008        a policy violation: invalid envelope, binary frame, wrong first
+            message, a type an agent may not send (:data:`CLOSE_POLICY`)
+1009        a message larger than ``max_message_bytes`` (:data:`CLOSE_TOO_BIG`)
+4001        replaced: the same agent opened a newer session (:data:`CLOSE_REPLACED`)
+==========  ===========================================================
+
+In-process use (tests, demos)
+=============================
+::
+
+    from hostlink_tw.controlplane import start_control_plane
+
+    cp = yield start_control_plane({"agent-1": public_key})   # RSAPublicKey or base64/PEM text
+    cp.ws_url                       # "ws://127.0.0.1:<port>/api/v1/agents/ws"
+    session = yield cp.wait_active("agent-1", timeout=10)   # hello_ack sent
+    session = yield cp.wait_active("agent-1", new=True, timeout=10)   # the next one
+    yield session.when_closed()           # fires with the close code
+    envelope = yield cp.wait_message("agent-1", "task.received", timeout=10)
+    cp.send_envelope("agent-1", make_envelope(ACK, "agent-1", {...}))
+    cp.close("agent-1", 1008, "policy")   # any code, 1001/1008/… included
+    cp.abort("agent-1")                   # drop TCP, no close frame
+    cp.answer_pings = False               # stop answering the agent's pings
+    cp.refuse_upgrades(503, duration=5)   # refuse every upgrade for 5 s
+    cp.stall_upgrades()                   # hold upgrades unanswered (clear_stall() releases)
+    cp.withhold_hello_ack = True          # hellos stay unanswered
+    cp.attempts                           # upgrade attempts and verdicts (the last 10,000+)
+    cp.record_messages = 1 << 20          # keep 1 MiB of inbound envelopes per session
+    cp.session("agent-1").received        # ... here
+    yield cp.listen_operator()            # GET cp.operator_url + "/status"
+    yield cp.stop()                       # closes everything, stops listening
+
+:meth:`ControlPlane.wait_active` fires when the control plane has *sent* the
+hello_ack; the agent learns it a moment later.  Autobahn's own timers run
+on the global reactor; everything else (keepalive, handshake deadline,
+chaos durations) on the ``reactor`` given.
+
+Options (keyword arguments of :class:`ControlPlane` and :func:`start_control_plane`):
+``agents_file``, ``clock`` (wall-clock Unix time for the timestamp window),
+``max_skew`` (300 s), ``max_message_bytes`` (1 MiB), ``handshake_timeout``
+(10 s from TCP connect to an accepted WebSocket), ``ping_interval`` (30 s)
+and ``ping_timeout`` (20 s) for our keepalive, ``max_connections`` (1000
+sessions; above it 503), ``max_pending_connections`` (256 connections not
+yet upgraded), ``max_send_buffer_bytes`` (4 MiB), ``nonce_cache_size``
+(100,000), ``nonce_quota`` (1000 per agent; above it 429), ``database``
+(the replay window's SQLite file, by default ``controlplane.db`` beside the
+agents file; memory only without one), ``record_messages`` (0 bytes),
+``reload_interval`` (1 s agents-file poll).  As a daemon it runs under
+twistd: ``twistd -n hostlink-controlplane --agents agents.json``
+(:mod:`hostlink_tw.controlplane.tap`).
+
+Modules
+=======
+One concern each; every name used above is importable from this package.
+
+* :mod:`~hostlink_tw.controlplane.plane` — :class:`ControlPlane` and
+  :func:`start_control_plane`, which assemble the pieces below.
+* :mod:`~hostlink_tw.controlplane.settings` — limits, timings, defaults.
+* :mod:`~hostlink_tw.controlplane.agents` — the authorized agents: the file,
+  reloads, polling.
+* :mod:`~hostlink_tw.controlplane.upgrade` — the signed-upgrade rules.
+* :mod:`~hostlink_tw.controlplane.replay` — the nonce memory and its SQLite
+  store.
+* :mod:`~hostlink_tw.controlplane.connections` — every TCP connection: the
+  handshake deadline, the pending cap, send buffers.
+* :mod:`~hostlink_tw.controlplane.web` — the HTTP around the gateway
+  (``/healthz``, 404, 413) and the operator's ``/status``.
+* :mod:`~hostlink_tw.controlplane.gateway` — the Autobahn server protocol
+  and factory.
+* :mod:`~hostlink_tw.controlplane.hooks` — where a layer on top may change
+  what the gateway does (its defaults are the real gateway).
+* :mod:`~hostlink_tw.controlplane.inbound` — what a session does with each
+  message type.
+* :mod:`~hostlink_tw.controlplane.sessions` — :class:`Session` and the
+  registry of open sessions with their waiters.
+* :mod:`~hostlink_tw.controlplane.testlayer` — the test and chaos knobs, as
+  gateway hooks on top of the real gateway.
+* :mod:`~hostlink_tw.controlplane.trackers` — receive-side de-duplication
+  and output sequences (phase 2's task intake).
+* :mod:`~hostlink_tw.controlplane.tap` — ``twistd hostlink-controlplane``.
+"""
+
+from __future__ import annotations
+
+from hostlink_tw.controlplane.agents import AgentsFileError, load_agents_file, parse_agents
+from hostlink_tw.controlplane.plane import ControlPlane, start_control_plane
+from hostlink_tw.controlplane.replay import NonceCache, ReplayStoreError
+from hostlink_tw.controlplane.sessions import NoSessionError, Session
+from hostlink_tw.controlplane.settings import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_LISTEN,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_PENDING_CONNECTIONS,
+    DEFAULT_MAX_SEND_BUFFER_BYTES,
+    DEFAULT_MAX_SKEW,
+    DEFAULT_NONCE_CACHE_SIZE,
+    DEFAULT_NONCE_QUOTA,
+    DEFAULT_OPERATOR_LISTEN,
+    DEFAULT_PING_INTERVAL,
+    DEFAULT_PING_TIMEOUT,
+    DEFAULT_RELOAD_INTERVAL,
+)
+from hostlink_tw.controlplane.testlayer import ATTEMPTS_KEPT
+from hostlink_tw.controlplane.upgrade import ConnectionAttempt
+
+# Close codes and the gateway path are the wire vocabulary's (re-exported here).
+from hostlink_tw.wire.vocabulary import (
+    CLOSE_ABNORMAL,
+    CLOSE_GOING_AWAY,
+    CLOSE_INVALID_PAYLOAD,
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    CLOSE_REPLACED,
+    CLOSE_TOO_BIG,
+    GATEWAY_PATH,
+)
+
+__all__ = [
+    "ATTEMPTS_KEPT",
+    "CLOSE_ABNORMAL",
+    "CLOSE_GOING_AWAY",
+    "CLOSE_INVALID_PAYLOAD",
+    "CLOSE_NORMAL",
+    "CLOSE_POLICY",
+    "CLOSE_REPLACED",
+    "CLOSE_TOO_BIG",
+    "DEFAULT_HANDSHAKE_TIMEOUT",
+    "DEFAULT_LISTEN",
+    "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_MAX_PENDING_CONNECTIONS",
+    "DEFAULT_MAX_SEND_BUFFER_BYTES",
+    "DEFAULT_MAX_SKEW",
+    "DEFAULT_NONCE_CACHE_SIZE",
+    "DEFAULT_NONCE_QUOTA",
+    "DEFAULT_OPERATOR_LISTEN",
+    "DEFAULT_PING_INTERVAL",
+    "DEFAULT_PING_TIMEOUT",
+    "DEFAULT_RELOAD_INTERVAL",
+    "GATEWAY_PATH",
+    "AgentsFileError",
+    "ConnectionAttempt",
+    "ControlPlane",
+    "NoSessionError",
+    "NonceCache",
+    "ReplayStoreError",
+    "Session",
+    "load_agents_file",
+    "parse_agents",
+    "start_control_plane",
+]

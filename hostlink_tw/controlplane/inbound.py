@@ -1,0 +1,158 @@
+"""
+What an agent's session does with each valid envelope it receives: a table
+from message type to handler (phase 1).
+
+``agent.hello`` is answered with ``agent.hello_ack`` acking its
+``message_id``, which makes the session active; it must come first, or the
+session is refused (``hello_required``).  ``ack`` is taken as is; an
+``error`` from the agent is logged; the ``task.*`` messages an agent sends
+are acknowledged with ``ack``; any other type is refused
+(``unexpected_type``).  Phase 2's task intake adds its handlers to the
+table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+from twisted.logger import Logger
+
+from hostlink_tw.controlplane.sessions import Session, SessionRegistry
+from hostlink_tw.wire.envelope import Envelope, make_envelope
+from hostlink_tw.wire.payloads import ack_payload
+from hostlink_tw.wire.vocabulary import (
+    ACK,
+    AGENT_HELLO,
+    AGENT_HELLO_ACK,
+    CLOSE_POLICY,
+    ERROR,
+    TASK_DELIVER,
+    TASK_OUTPUT,
+    TASK_TYPES,
+)
+
+if TYPE_CHECKING:
+    from hostlink_tw.controlplane.hooks import GatewayHooks
+
+__all__ = ["InboundConnection", "InboundHandlers", "printable"]
+
+log = Logger()
+
+
+def printable(text: str | None, limit: int = 128) -> str:
+    """A header value or peer text made safe for one log line (hostile input)."""
+    if text is None:
+        return "-"
+    cleaned = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return cleaned + ("…" if len(text) > limit else "")
+
+
+class InboundConnection(Protocol):
+    """What a handler may do with the connection an envelope came on."""
+
+    def send_envelope(self, envelope: Envelope) -> None:
+        """Send one envelope as a text frame."""
+
+    def refuse(self, close_code: int, code: str, message: str, related: str) -> None:
+        """Answer with an ``error`` envelope, then close with ``close_code``."""
+
+
+Handler = Callable[[InboundConnection, Session, Envelope], None]
+
+
+class InboundHandlers:
+    """The handlers of an active session's messages, by message type."""
+
+    def __init__(
+        self, clock: Callable[[], float], hooks: GatewayHooks, sessions: SessionRegistry
+    ) -> None:
+        """
+        :param clock: Wall-clock Unix time (``sent_at`` of our answers).
+        :param hooks: Asked whether a hello is answered.
+        :param sessions: Told when a session becomes active.
+        """
+        self._clock = clock
+        self._hooks = hooks
+        self._sessions = sessions
+        self._table: dict[str, Handler] = {ACK: self._ignore, ERROR: self._agent_error}
+        for message_type in TASK_TYPES - {TASK_DELIVER}:
+            self._table[message_type] = self._ack
+
+    def handle(self, connection: InboundConnection, session: Session, envelope: Envelope) -> None:
+        """Handle one valid envelope (already checked against the session's agent id)."""
+        if envelope.type == AGENT_HELLO:
+            self._hello(connection, session, envelope)
+            return
+        if session.hello_message_id is None:
+            connection.refuse(
+                CLOSE_POLICY,
+                "hello_required",
+                f"the first message must be {AGENT_HELLO}, not {envelope.type}",
+                envelope.message_id,
+            )
+            return
+        self._table.get(envelope.type, self._unexpected)(connection, session, envelope)
+
+    def _hello(self, connection: InboundConnection, session: Session, envelope: Envelope) -> None:
+        session.hello_message_id = envelope.message_id
+        if not self._hooks.ack_hello(session):
+            return
+        connection.send_envelope(
+            make_envelope(
+                AGENT_HELLO_ACK,
+                session.agent_id,
+                ack_payload(envelope.message_id, envelope.type),
+                now=self._clock(),
+            )
+        )
+        if not session.active:
+            session.active = True
+            session.active_since = self._clock()
+            log.info(
+                "session active agent_id={agent_id} remote={remote}",
+                agent_id=session.agent_id,
+                remote=session.remote,
+            )
+            self._sessions.activated(session)
+
+    def _ignore(self, connection: InboundConnection, session: Session, envelope: Envelope) -> None:
+        pass
+
+    def _agent_error(
+        self, connection: InboundConnection, session: Session, envelope: Envelope
+    ) -> None:
+        log.warn(
+            "agent reported an error agent_id={agent_id} code={code} message={message}",
+            agent_id=session.agent_id,
+            code=printable(str(envelope.payload.get("code", ""))),
+            message=printable(str(envelope.payload.get("message", "")), 200),
+        )
+
+    def _ack(self, connection: InboundConnection, session: Session, envelope: Envelope) -> None:
+        connection.send_envelope(
+            make_envelope(
+                ACK,
+                session.agent_id,
+                ack_payload(
+                    envelope.message_id,
+                    envelope.type,
+                    envelope.task_id,
+                    envelope.execution_attempt_id,
+                    envelope.sequence if envelope.type == TASK_OUTPUT else None,
+                ),
+                now=self._clock(),
+                task_id=envelope.task_id,
+                execution_attempt_id=envelope.execution_attempt_id,
+            )
+        )
+
+    def _unexpected(
+        self, connection: InboundConnection, session: Session, envelope: Envelope
+    ) -> None:
+        connection.refuse(
+            CLOSE_POLICY,
+            "unexpected_type",
+            f"an agent may not send {envelope.type}",
+            envelope.message_id,
+        )
