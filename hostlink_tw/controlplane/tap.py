@@ -10,7 +10,6 @@ on SIGHUP.
 
 from __future__ import annotations
 
-import errno
 import re
 import signal
 from types import FrameType
@@ -24,6 +23,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from hostlink_tw._files import FileTooLargeError, NotRegularFileError, read_regular_file
+from hostlink_tw._listen import cannot_listen
 from hostlink_tw.config import ConfigError, check_server_endpoint
 from hostlink_tw.controlplane.agents import AgentsFileError, load_agents_file
 from hostlink_tw.controlplane.plane import ControlPlane
@@ -219,7 +219,7 @@ class ControlPlaneService(Service):
             # (status 1); an exception would print its whole traceback.
             raise SystemExit(
                 f"hostlink-controlplane: --{option} {description}: "
-                f"{_cannot_listen(error, option)}"
+                f"{cannot_listen(error, f'--{option}')}"
             )
         failures[0].raiseException()
 
@@ -278,30 +278,6 @@ def _check_endpoint_files(option: str, description: str) -> None:
 
 
 _MAX_ENDPOINT_FILE_BYTES = 1 << 20
-
-
-def _cannot_listen(error: CannotListenError, option: str) -> str:
-    """Why a port cannot be bound, and what to do, in a few words."""
-    cause = error.socketError
-    code = getattr(cause, "errno", None)
-    port = error.port
-    if code == errno.EADDRINUSE:
-        return (
-            f"port {port} is already in use by another process: stop that process, "
-            f"or choose another port with --{option}"
-        )
-    if code == errno.EACCES:
-        return (
-            f"permission denied for port {port} (ports below 1024 need root or "
-            f"CAP_NET_BIND_SERVICE): choose another port with --{option}"
-        )
-    if code == errno.EADDRNOTAVAIL:
-        return (
-            f"address {error.interface or '?'} is not on this host: "
-            f"use one of its addresses in --{option}"
-        )
-    reason = getattr(cause, "strerror", None) or str(cause)
-    return f"cannot listen on port {port}: {reason}"
 
 
 def makeService(options: Options, reactor: Any = None) -> ControlPlaneService:
