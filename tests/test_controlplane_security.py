@@ -39,6 +39,7 @@ from hostlink_tw.controlplane.replay import (
 )
 from hostlink_tw.controlplane.web import is_loopback
 from hostlink_tw.identity import public_key_base64
+from hostlink_tw.protocol import ACK, AGENT_HELLO, ack_payload, make_envelope
 from hostlink_tw.signing import (
     HEADER_AGENT_ID,
     HEADER_NONCE,
@@ -653,3 +654,53 @@ class AgentsFileFIFOTests(SynchronousTestCase):
         error = self.assertRaises(AgentsFileError, load_agents_file, path)
         self.assertIn("larger than", str(error))
 
+
+
+def _frame(opcode: int, payload: bytes, fin: bool) -> bytes:
+    """One masked client-to-server frame; FIN as given."""
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([(0x80 if fin else 0) | opcode, 0x80 | len(payload)]) + mask + masked
+
+
+class FragmentTests(SecurityTestMixin, TestCase):
+    """
+    The control plane's counterpart of the agent's fragment bound: endless
+    empty continuation frames end the session with 1009 instead of growing
+    the control plane's memory (docs/upstream.rst, Autobahn report c).
+    """
+
+    @inlineCallbacks
+    def test_endless_empty_fragments_close_1009(self) -> Any:
+        from hostlink_tw.wire.vocabulary import MAX_FRAMES_PER_MESSAGE
+
+        cp = yield self.start(ping_interval=0, database=False)
+        client = yield self.connect(cp)
+        session = cp.session(AGENT_A)
+        frames = _frame(0x1, b"{", fin=False) + _frame(0x0, b"", fin=False) * (
+            MAX_FRAMES_PER_MESSAGE + 100
+        )
+        client.proto.transport.write(frames)
+        code = yield _timeout(session.when_closed())
+        self.assertEqual(code, controlplane.CLOSE_TOO_BIG)
+        kept = session._protocol.message_data or []
+        self.assertLessEqual(len(kept), MAX_FRAMES_PER_MESSAGE)
+
+    @inlineCallbacks
+    def test_fragments_within_the_bound_deliver(self) -> Any:
+        cp = yield self.start(ping_interval=0, database=False)
+        client = yield self.connect(cp)
+        session = cp.session(AGENT_A)
+        text = make_envelope(ACK, AGENT_A, ack_payload("m", AGENT_HELLO)).to_json().encode()
+        pieces = [text[i : i + 100] for i in range(0, len(text), 100)]
+        frames = _frame(0x1, pieces[0], fin=len(pieces) == 1)
+        for i, piece in enumerate(pieces[1:], 2):
+            frames += _frame(0x0, b"", fin=False) * 50 + _frame(0x0, piece, fin=i == len(pieces))
+        before = session.messages_in
+        client.proto.transport.write(frames)
+        for _ in range(200):
+            if session.messages_in > before:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(session.messages_in, before + 1)
+        self.assertFalse(session.closed)

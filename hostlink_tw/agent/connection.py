@@ -27,11 +27,13 @@ from autobahn.websocket.types import ConnectingRequest
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
+from hostlink_tw.wire.vocabulary import MAX_FRAMES_PER_MESSAGE
+
 if TYPE_CHECKING:
     from hostlink_tw.agent.factory import HostlinkClientFactory
     from hostlink_tw.agent.interfaces import ConnectionOwner
 
-__all__ = ["HostlinkClientProtocol", "MAX_RESPONSE_HEAD_BYTES"]
+__all__ = ["MAX_FRAMES_PER_MESSAGE", "HostlinkClientProtocol", "MAX_RESPONSE_HEAD_BYTES"]
 
 #: Most bytes of HTTP response head (status line and headers) accepted from
 #: the control plane or a proxy; Autobahn would buffer without limit until
@@ -43,9 +45,6 @@ MAX_RESPONSE_HEAD_BYTES = 64 * 1024
 #: answering a ping flood, or anything else, never queue without bound.
 MAX_UNSENT_BYTES = 4 * 1024 * 1024
 
-#: Most frames one message may arrive in.  Autobahn keeps a list entry per
-#: frame, and empty continuation frames never approach the size limit.
-MAX_FRAMES_PER_MESSAGE = 1024
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 

@@ -63,9 +63,11 @@ from hostlink_tw.wire.vocabulary import (
     CLOSE_GOING_AWAY,
     CLOSE_INVALID_PAYLOAD,
     CLOSE_POLICY,
+    CLOSE_TOO_BIG,
     ERROR,
     GATEWAY_PATH,
     HEADER_AGENT_ID,
+    MAX_FRAMES_PER_MESSAGE,
 )
 
 __all__ = ["GatewayFactory", "GatewayProtocol"]
@@ -115,6 +117,33 @@ class GatewayProtocol(WebSocketServerProtocol):
             call.cancel()
             self.closeHandshakeTimeoutCall = None
         super().connectionLost(reason)
+        # Autobahn resolves is_closed with the protocol itself, a cycle that
+        # keeps a dead session's buffers until the cycle collector runs
+        # (docs/upstream.rst); a fired future without the reference replaces it.
+        self.is_closed = txaio.create_future_success(None)  # type: ignore[attr-defined]
+
+    # -- message assembly bound -----------------------------------------------
+
+    _frames = 0
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        self._frames = 0
+        super().onMessageBegin(isBinary)
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        self._frames += 1
+        if self._frames > MAX_FRAMES_PER_MESSAGE and not self.failedByMe:
+            # Endless empty fragments: stop keeping them and close (1009).
+            self.failedByMe = True
+            log.warn(
+                "closing session: more than {limit} frames in one message agent_id={agent_id} "
+                "remote={remote}",
+                limit=MAX_FRAMES_PER_MESSAGE,
+                agent_id=self._agent_id,
+                remote=self.remote,
+            )
+            self.close_with(CLOSE_TOO_BIG, "message too fragmented")
+        super().onMessageFrameBegin(length)
 
     # -- the upgrade ----------------------------------------------------------
 

@@ -36,6 +36,7 @@ __all__ = [
     "HEADER_NONCE",
     "HEADER_SIGNATURE",
     "HEADER_TIMESTAMP",
+    "MAX_FRAMES_PER_MESSAGE",
     "MESSAGE_TYPES",
     "PROTOCOL_VERSION",
     "SIGNED_HEADERS",
@@ -80,6 +81,11 @@ CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 #: The agent opened a newer session; this one is closed (private-use range).
 CLOSE_REPLACED = 4001
+
+#: Most frames one message may arrive in, on either side.  Autobahn keeps a
+#: list entry per frame, and empty continuation frames never approach the
+#: size limit; beyond it the receiver closes with :data:`CLOSE_TOO_BIG`.
+MAX_FRAMES_PER_MESSAGE = 1024
 
 #: The only protocol version phase 1 speaks.
 PROTOCOL_VERSION = 1
