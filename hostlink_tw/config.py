@@ -1,31 +1,31 @@
 """The agent's settings: environment variables and command-line options.
 
-One immutable L{Settings} is built by L{load_settings} from two sources:
+One immutable ``Settings`` is built by ``load_settings`` from two sources:
 
-* the environment, read I{leniently} as the reference agent reads it
+* the environment, read *leniently* as the reference agent reads it
   (PROTOCOL §4): an empty value means the default, an unparsable value logs a
   warning and uses the default, a value out of range logs a warning and is
   clamped to the nearest bound.  An operator's existing environment therefore
   behaves the same here as with the Go agent;
-* overrides from command-line options, read I{strictly}: a value someone just
-  typed that cannot be used raises L{ConfigError} naming the option and what
+* overrides from command-line options, read *strictly*: a value someone just
+  typed that cannot be used raises ``ConfigError`` naming the option and what
   it accepts, instead of being quietly replaced.
 
-L{SETTINGS} describes every variable once (name, meaning, default, range,
+``SETTINGS`` describes every variable once (name, meaning, default, range,
 option name); the README table, the twistd options and the parsing here are
 all driven by it.
 
 Two kinds of environment value are refused rather than replaced, because
 guessing would hide the mistake and leave an agent that never connects: a
-C{HOSTLINK_WS_CA_FILE} that holds no readable certificate, and a gateway URL
-(given or derived) that the client cannot dial.  L{load_settings} does not
-raise for them: they are kept in L{Settings.errors}, each one line, so that
-an embedding application gets a L{Settings} it can hand to
-C{HostlinkService} (which logs them and stays C{misconfigured}), and
-C{twistd hostlink} turns them into a usage error with L{Settings.check}.
+``HOSTLINK_WS_CA_FILE`` that holds no readable certificate, and a gateway URL
+(given or derived) that the client cannot dial.  ``load_settings`` does not
+raise for them: they are kept in ``Settings.errors``, each one line, so that
+an embedding application gets a ``Settings`` it can hand to
+``HostlinkService`` (which logs them and stays ``misconfigured``), and
+``twistd hostlink`` turns them into a usage error with ``Settings.check``.
 
 Everything here is a plain function of its arguments: no reactor, and the only
-I/O is reading the CA file named by C{HOSTLINK_WS_CA_FILE}.
+I/O is reading the CA file named by ``HOSTLINK_WS_CA_FILE``.
 """
 
 from __future__ import annotations
@@ -75,9 +75,9 @@ _Number = TypeVar("_Number", int, float)
 class ConfigError(ValueError):
     """A setting that cannot be used.
 
-    Raised by L{load_settings} for any unusable command-line override, and
-    by L{Settings.check} for the environment values L{load_settings} refused
-    (see L{Settings.errors}).  The message is one line naming the option or
+    Raised by ``load_settings`` for any unusable command-line override, and
+    by ``Settings.check`` for the environment values ``load_settings`` refused
+    (see ``Settings.errors``).  The message is one line naming the option or
     variable, the value and what would be accepted.
     """
 
@@ -86,18 +86,18 @@ class ConfigError(ValueError):
 class SettingSpec:
     """One configuration variable, described once for code and documentation.
 
-    @ivar env: the environment variable, e.g. C{HOSTLINK_WS_RECONNECT_MIN}.
-    @ivar attribute: the L{Settings} attribute it sets.
-    @ivar meaning: a short description for the README table and C{--help}.
-    @ivar default: the default as documentation text (C{"1s"},
-        C{"disabled"}); for durations, integers, paths, URLs and choices it
+    :ivar env: the environment variable, e.g. ``HOSTLINK_WS_RECONNECT_MIN``.
+    :ivar attribute: the ``Settings`` attribute it sets.
+    :ivar meaning: a short description for the README table and ``--help``.
+    :ivar default: the default as documentation text (``"1s"``,
+        ``"disabled"``); for durations, integers, paths, URLs and choices it
         is also the value used.
-    @ivar option: the long command-line option, without dashes.
-    @ivar kind: how the value is parsed.
-    @ivar minimum: the lower bound as text (a Go duration or an integer), or
-        C{""} when unbounded.
-    @ivar maximum: the upper bound, likewise.
-    @ivar choices: the accepted values of a C{"choice"} setting.
+    :ivar option: the long command-line option, without dashes.
+    :ivar kind: how the value is parsed.
+    :ivar minimum: the lower bound as text (a Go duration or an integer), or
+        ``""`` when unbounded.
+    :ivar maximum: the upper bound, likewise.
+    :ivar choices: the accepted values of a ``"choice"`` setting.
     """
 
     env: str
@@ -112,7 +112,7 @@ class SettingSpec:
 
     @property
     def range(self) -> str:
-        """The accepted values as documentation text, or C{""} when any is."""
+        """The accepted values as documentation text, or ``""`` when any is."""
         if self.minimum or self.maximum:
             return f"{self.minimum} \u2013 {self.maximum}"
         if self.choices:
@@ -292,10 +292,10 @@ def check_server_endpoint(description: str) -> None:
 class Settings:
     """Everything the agent is configured with; durations are in seconds.
 
-    Build it with L{load_settings}.  Every field has the documented default,
-    so C{Settings()} equals C{load_settings({})} and tests can name only the
-    fields they care about (note that C{ws_url} is not re-derived when only
-    C{control_plane_url} is given).
+    Build it with ``load_settings``.  Every field has the documented default,
+    so ``Settings()`` equals ``load_settings({})`` and tests can name only the
+    fields they care about (note that ``ws_url`` is not re-derived when only
+    ``control_plane_url`` is given).
     """
 
     enabled: bool = False
@@ -316,17 +316,17 @@ class Settings:
     state_path: str = _spec("HOSTLINK_STATE_PATH").default
     private_key_path: str = os.path.join(_spec("HOSTLINK_STATE_PATH").default, "agent.key")
     errors: tuple[str, ...] = ()
-    """Environment values refused by L{load_settings}, one line each: the
+    """Environment values refused by ``load_settings``, one line each: the
     uplink cannot run with them (see the module docstring)."""
 
     def check(self) -> None:
-        """Raise L{ConfigError} (one line) if L{errors} is not empty."""
+        """Raise ``ConfigError`` (one line) if ``errors`` is not empty."""
         if self.errors:
             raise ConfigError("; ".join(self.errors))
 
     @property
     def agent_state_file(self) -> str:
-        """The agent state file, C{agent.json} inside L{state_path}."""
+        """The agent state file, ``agent.json`` inside ``state_path``."""
         return os.path.join(self.state_path, _AGENT_STATE_FILENAME)
 
 
@@ -335,37 +335,37 @@ def load_settings(
     overrides: Mapping[str, str] | None = None,
     log: Logger | None = None,
 ) -> Settings:
-    """Build L{Settings} from the environment and command-line overrides.
+    """Build ``Settings`` from the environment and command-line overrides.
 
-    @param environ: the environment (default L{os.environ}), read leniently:
+    :param environ: the environment (default ``os.environ``), read leniently:
         empty means the default, unparsable warns and uses the default, out
-        of range warns and clamps.  C{HOSTLINK_WS_RECONNECT_MAX} below
-        C{HOSTLINK_WS_RECONNECT_MIN} warns and is raised to it.
-    @param overrides: raw option values keyed by environment variable name
-        (see L{SettingSpec.env}); they win over C{environ} and are read
+        of range warns and clamps.  ``HOSTLINK_WS_RECONNECT_MAX`` below
+        ``HOSTLINK_WS_RECONNECT_MIN`` warns and is raised to it.
+    :param overrides: raw option values keyed by environment variable name
+        (see ``SettingSpec.env``); they win over ``environ`` and are read
         strictly.  An empty override means "unset" for the optional settings
-        (C{HOSTLINK_WS_URL}, C{HOSTLINK_WS_CA_FILE},
-        C{HOSTLINK_WS_STATUS_LISTEN}) and is an error for the others.
-    @param log: where warnings go; each is a warning-level event with the
-        fields C{variable}, C{value} (the text given), C{used} (the value used,
-        as text) and C{reason}.
+        (``HOSTLINK_WS_URL``, ``HOSTLINK_WS_CA_FILE``,
+        ``HOSTLINK_WS_STATUS_LISTEN``) and is an error for the others.
+    :param log: where warnings go; each is a warning-level event with the
+        fields ``variable``, ``value`` (the text given), ``used`` (the value used,
+        as text) and ``reason``.
 
-    C{HOSTLINK_WS_CA_FILE}, when set from either source, must be a readable
+    ``HOSTLINK_WS_CA_FILE``, when set from either source, must be a readable
     file holding at least one PEM certificate, and the gateway URL
-    (C{HOSTLINK_WS_URL}, or the one derived from C{SH_CONTROL_PLANE_URL})
-    must pass L{gateway_url_problem}.  From an override, an unusable one
-    raises L{ConfigError}; from the environment it is not replaced by a
+    (``HOSTLINK_WS_URL``, or the one derived from ``SH_CONTROL_PLANE_URL``)
+    must pass ``gateway_url_problem``.  From an override, an unusable one
+    raises ``ConfigError``; from the environment it is not replaced by a
     default either (ignoring a CA file would silently trust fewer CAs; a URL
     the client cannot dial leaves an agent that never connects): it is
-    recorded in L{Settings.errors} without raising and without logging, so
-    that whoever uses the settings reports it once.  Call L{Settings.check}
+    recorded in ``Settings.errors`` without raising and without logging, so
+    that whoever uses the settings reports it once.  Call ``Settings.check``
     to raise them.
 
-    C{HOSTLINK_WS_STATUS_LISTEN} is kept as text: checking an endpoint
+    ``HOSTLINK_WS_STATUS_LISTEN`` is kept as text: checking an endpoint
     description needs the reactor's endpoint parsers, which run where the
     status page is started.
 
-    @raise ConfigError: for an unusable override or an unknown override name.
+    :raises ConfigError: for an unusable override or an unknown override name.
     """
     reader = _Reader(
         os.environ if environ is None else environ,
@@ -414,7 +414,7 @@ def load_settings(
 class _Reader:
     """Reads one setting at a time, from an override (strict) or the environment.
 
-    Each method takes the variable's name, looks its L{SettingSpec} up for the
+    Each method takes the variable's name, looks its ``SettingSpec`` up for the
     default and bounds, and returns the typed value, warning or raising as the
     source demands.
     """
@@ -473,7 +473,7 @@ class _Reader:
         )
 
     def flag(self, env: str) -> bool:
-        """A feature flag: C{true}, C{1} or C{yes}, in any case, enable it."""
+        """A feature flag: ``true``, ``1`` or ``yes``, in any case, enable it."""
         spec, raw, strict = self._get(env, "flag")
         word = raw.strip().lower()
         if word in _TRUE:
@@ -599,7 +599,7 @@ class _Reader:
 
 
 def _show_duration(seconds: float) -> str:
-    """Go's form without its trailing zero units: C{5m}, not C{5m0s}, as in L{SETTINGS}."""
+    """Go's form without its trailing zero units: ``5m``, not ``5m0s``, as in ``SETTINGS``."""
     text = re.sub(r"([hm])0s$", r"\1", format_duration(seconds))
     return re.sub(r"h0m$", "h", text)
 
@@ -612,7 +612,7 @@ def _strict_error(spec: SettingSpec, raw: str, problem: str, accepted: str = "")
 
 
 def _ca_file_problem(path: str) -> str | None:
-    """Why *path* cannot be used as a CA file, or C{None}."""
+    """Why *path* cannot be used as a CA file, or ``None``."""
     # The client's own reader, so start-up refuses exactly what it would.
     from hostlink_tw.tls import TLSConfigError, read_ca_file
 

@@ -68,7 +68,7 @@ def parse_go_duration(text: str) -> float:
     The result is the exact nanosecond count divided by 10**9, correctly
     rounded to a float.
 
-    @raise DurationError: for anything Go rejects.
+    :raises DurationError: for anything Go rejects.
     """
     return _parse_nanoseconds(text) / _SECOND
 
@@ -79,9 +79,9 @@ def format_duration(seconds: float) -> str:
     The value is rounded to whole nanoseconds first.  Examples: ``1.0`` →
     ``"1s"``, ``300.0`` → ``"5m0s"``, ``5400.0`` → ``"1h30m0s"``, ``0.3`` →
     ``"300ms"``, ``2e-6`` → ``"2µs"``, ``0.0`` → ``"0s"``.  Every result is
-    accepted by L{parse_go_duration}, which gives the same value back.
+    accepted by ``parse_go_duration``, which gives the same value back.
 
-    @raise ValueError: for NaN or an infinity.
+    :raises ValueError: for NaN or an infinity.
     """
     if not math.isfinite(seconds):
         raise ValueError(f"cannot format {seconds!r} as a duration")
