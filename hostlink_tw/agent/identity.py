@@ -301,14 +301,18 @@ def load_agent_state(state_path: str) -> AgentState:
     return AgentState(agent_id=agent_id, last_sync_time=last_sync_time, metadata=metadata)
 
 
-def _warn_if_writable_by_others(path: str, st: os.stat_result) -> None:
+def _warn_if_writable_by_others(
+    path: str, st: os.stat_result, what: str = "agent state file"
+) -> None:
     # Not refused (the Go agent reads such files too), but whoever can write
-    # agent.json can make this agent claim another agent's id.
+    # agent.json can make this agent claim another agent's id, and whoever
+    # can write the directory can rename another file over it (or the key).
     mode = stat.S_IMODE(st.st_mode)
     if mode & 0o022:
         log.warn(
-            "agent state file {path} is writable by group or others (mode {mode}); "
+            "{what} {path} is writable by group or others (mode {mode}); "
             "fix: chmod go-w {quoted}",
+            what=what,
             path=path,
             mode=f"{mode:04o}",
             quoted=shlex.quote(path),
@@ -316,21 +320,11 @@ def _warn_if_writable_by_others(path: str, st: os.stat_result) -> None:
 
 
 def _warn_if_directory_writable_by_others(directory: str) -> None:
-    # Whoever can write the directory can replace agent.json (and the key,
-    # when it lives there) by renaming another file over it.
     try:
         st = os.stat(directory)
     except OSError:
         return
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o022:
-        log.warn(
-            "state directory {path} is writable by group or others (mode {mode}); "
-            "fix: chmod go-w {quoted}",
-            path=directory,
-            mode=f"{mode:04o}",
-            quoted=shlex.quote(directory),
-        )
+    _warn_if_writable_by_others(directory, st, "state directory")
 
 
 def _last_sync_time_problem(value: object) -> str | None:
