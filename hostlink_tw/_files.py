@@ -16,7 +16,7 @@ import os
 import stat
 from collections.abc import Callable
 
-__all__ = ["FileTooLargeError", "NotRegularFileError", "read_regular_file"]
+__all__ = ["FileTooLargeError", "NotRegularFileError", "describe_os_error", "read_regular_file"]
 
 
 class NotRegularFileError(OSError):
@@ -70,3 +70,13 @@ def read_regular_file(
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def describe_os_error(error: OSError) -> str:
+    """How *error* reads in a message about a file: ``permission denied``,
+    ``it is a directory``, or the system's text."""
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    if isinstance(error, IsADirectoryError):
+        return "it is a directory"
+    return error.strerror or str(error)

@@ -39,21 +39,18 @@ from typing import Any, TextIO
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
 from hostlink_tw import __version__
-from hostlink_tw.config import SETTINGS
-from hostlink_tw.identity import (
+from hostlink_tw.agent.identity import (
     AgentState,
-    IdentityError,
     agent_state_file,
-    check_agent_id,
     default_private_key_path,
-    generate_private_key,
     load_agent_state,
     load_private_key,
-    new_private_key,
-    public_key_base64,
-    write_identity,
 )
+from hostlink_tw.config import SETTINGS
+from hostlink_tw.provisioning import generate_private_key, new_private_key, write_identity
 from hostlink_tw.safetext import escape_control
+from hostlink_tw.wire.keys import IdentityError, public_key_base64
+from hostlink_tw.wire.vocabulary import check_agent_id
 
 __all__ = ["main"]
 

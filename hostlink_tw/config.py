@@ -35,7 +35,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
-from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from twisted.logger import Logger
 
@@ -55,8 +54,8 @@ __all__ = [
 
 _log = Logger()
 
-# PROTOCOL §3: the gateway's path below the control plane's base URL.
-from hostlink_tw.wire.vocabulary import GATEWAY_PATH as _WS_PATH  # noqa: E402
+# Protocol §3, where the agent connects: the URL rules live in hostlink_tw.wire.urls.
+from hostlink_tw.wire.urls import derive_ws_url, gateway_url_problem, split_url  # noqa: E402
 
 # PROTOCOL §1 fixes the state file's name inside the state directory.
 _AGENT_STATE_FILENAME = "agent.json"
@@ -253,7 +252,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
         env="HOSTLINK_PRIVATE_KEY_PATH",
         attribute="private_key_path",
         meaning="agent RSA private key (PEM)",
-        # Resolved by identity.default_private_key_path (Go-layout fallback).
+        # Resolved by agent.identity.default_private_key_path (Go-layout fallback).
         default="HOSTLINK_STATE_PATH/agent.key",
         option="private-key-path",
         kind="path",
@@ -287,86 +286,6 @@ def check_server_endpoint(description: str) -> None:
         serverFromString(reactor, description)  # type: ignore[no-untyped-call]
     except Exception as e:  # noqa: BLE001 - every parse problem is a configuration error
         raise ConfigError(f"{description!r} is not a server endpoint: {e}") from None
-
-
-def derive_ws_url(control_plane_url: str, log: Logger | None = None) -> str:
-    """The gateway URL for a control plane base URL (PROTOCOL §3).
-
-    The scheme C{https} becomes C{wss} and C{http} becomes C{ws} (any other
-    scheme is kept), and C{/api/v1/agents/ws} is joined onto the existing
-    path, whatever trailing slashes it has::
-
-        https://api.selfhost.dev      -> wss://api.selfhost.dev/api/v1/agents/ws
-        https://cp.example/base/      -> wss://cp.example/base/api/v1/agents/ws
-        http://cp.example:8080?x=1#y  -> ws://cp.example:8080/api/v1/agents/ws?x=1
-
-    A query is kept, after the new path: a deployment behind a gateway that
-    routes on it needs it on the upgrade too.  A fragment is dropped: RFC 6455
-    forbids fragments in WebSocket URLs.
-
-    A URL that cannot be parsed (bad brackets, a port that is not a number
-    from 0 to 65535, a bad C{%} escape, whitespace or control characters) is
-    logged as a warning and the path is appended to it as text (PROTOCOL §3),
-    after dropping its trailing slashes.
-    """
-    parts = _split_url(control_plane_url)
-    if parts is None:
-        used = control_plane_url.rstrip("/") + _WS_PATH
-        # Redacted: an operator's URL may carry a password or a token, and
-        # escaped: it may carry the control characters that made it unparsable.
-        (log or _log).warn(
-            "SH_CONTROL_PLANE_URL='{value}' cannot be parsed as a URL; "
-            "using '{used}' as the WebSocket URL",
-            variable="SH_CONTROL_PLANE_URL",
-            value=redact_url(control_plane_url),
-            used=redact_url(used),
-            reason="unparsable URL",
-        )
-        return used
-    scheme = {"https": "wss", "http": "ws"}.get(parts.scheme, parts.scheme)
-    path = parts.path.rstrip("/") + _WS_PATH
-    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
-
-
-_BAD_URL_CHARACTERS = re.compile(r"[\x00-\x20\x7f]")
-_BAD_PERCENT_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
-
-
-def _split_url(text: str) -> SplitResult | None:
-    """Split *text* as a URL, or return C{None} where Go's parser would fail."""
-    if _BAD_URL_CHARACTERS.search(text) or _BAD_PERCENT_ESCAPE.search(text):
-        return None
-    try:
-        parts = urlsplit(text)
-        parts.port  # noqa: B018 - urlsplit checks the port only when asked
-    except ValueError:
-        return None
-    return parts
-
-
-def gateway_url_problem(url: str) -> str | None:
-    """Why the client could not dial the gateway URL *url*, or C{None} if it can.
-
-    Mirrors what Autobahn's C{parse_url} and our client need: a parsable
-    URL, scheme C{ws} or C{wss}, a host, a port from 1 to 65535 and no
-    fragment.  A host named C{unix} (in any case) is refused too: Autobahn
-    takes C{ws://unix:/path} for a UNIX socket, not a host.
-    """
-    parts = _split_url(url)
-    if parts is None:
-        return "cannot be parsed as a URL"
-    if parts.scheme not in ("ws", "wss"):
-        return "is not a ws:// or wss:// URL"
-    if not parts.hostname:
-        return "has no host"
-    if parts.hostname == "unix":
-        return "names the host 'unix', which Autobahn takes for a UNIX socket path, not a host"
-    if parts.port == 0:
-        return "has port 0"
-    if parts.fragment:
-        # "(not shown)": messages show URLs redacted, without their fragment.
-        return "has a #fragment (not shown), which WebSocket URLs cannot have"
-    return None
 
 
 @dataclass(frozen=True)
@@ -469,7 +388,7 @@ def load_settings(
     state_path = reader.text("HOSTLINK_STATE_PATH")
     key_path = reader.text("HOSTLINK_PRIVATE_KEY_PATH")
     if key_path == _spec("HOSTLINK_PRIVATE_KEY_PATH").default:  # unset: follow the state path
-        from hostlink_tw.identity import default_private_key_path
+        from hostlink_tw.agent.identity import default_private_key_path
 
         key_path = default_private_key_path(state_path, reader.log)
     return Settings(
@@ -646,7 +565,7 @@ class _Reader:
         if not raw:
             raise _strict_error(spec, raw, "is empty")
         if spec.kind == "url":
-            parts = _split_url(raw)
+            parts = split_url(raw)
             if parts is None or not parts.scheme or not parts.netloc:
                 raise _strict_error(spec, raw, "is not an absolute URL", "e.g. https://cp.example")
         return raw

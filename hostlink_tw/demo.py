@@ -29,10 +29,11 @@ from twisted.logger import (
 )
 from twisted.python.failure import Failure
 
+from hostlink_tw.agent.identity import AgentState
 from hostlink_tw.client import ClientEvent
 from hostlink_tw.config import Settings
 from hostlink_tw.controlplane import ControlPlane, start_control_plane
-from hostlink_tw.identity import AgentState, generate_private_key, write_agent_state
+from hostlink_tw.provisioning import generate_private_key, write_agent_state
 from hostlink_tw.service import HostlinkService
 
 __all__ = ["run_demo"]

@@ -39,11 +39,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
+from zope.interface import implementer
 
+from hostlink_tw._listen import cannot_listen
 from hostlink_tw.protocol import (
     ACK,
     AGENT_HELLO_ACK,
@@ -343,19 +349,40 @@ def make_status_service(
     site.log = lambda request: None  # type: ignore[method-assign]
     site.noisy = False
     site.logPrefix = lambda: "status page"  # type: ignore[method-assign]
-    service = _StatusPageService(  # type: ignore[no-untyped-call]
-        serverFromString(reactor, endpoint), site  # type: ignore[no-untyped-call]
+    service = StreamServerEndpointService(  # type: ignore[no-untyped-call]
+        _StatusPageEndpoint(serverFromString(reactor, endpoint)), site  # type: ignore[no-untyped-call]
     )
     return service, metrics
 
 
-class _StatusPageService(StreamServerEndpointService):
-    """Says where the page is once it listens: ``status page on http://…/``."""
+@implementer(IStreamServerEndpoint)
+class _StatusPageEndpoint:
+    """
+    The configured endpoint, saying where the page is once it listens
+    (``status page on http://…/``) or, when it cannot (a busy port), why in
+    one error line: the agent goes on without its status page rather than
+    log a traceback.
+    """
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()  # type: ignore[no-untyped-call]
-        if self._waitingForPort is not None:
-            self._waitingForPort.addCallback(_announce)
+    def __init__(self, endpoint: IStreamServerEndpoint) -> None:
+        #: The configured endpoint.
+        self.wrapped = endpoint
+
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+        d: Deferred[Any] = self.wrapped.listen(factory)
+        return d.addCallbacks(_announce, _not_listening)
+
+
+def _not_listening(failure: Failure) -> None:
+    error = failure.value
+    if isinstance(error, CancelledError):
+        return None
+    if isinstance(error, CannotListenError):
+        reason = cannot_listen(error, "HOSTLINK_WS_STATUS_LISTEN (--status-listen)")
+    else:
+        reason = f"{type(error).__name__}: {error}"
+    _log.error("status page not started: {reason}", reason=reason)
+    return None
 
 
 def _announce(port: Any) -> Any:
@@ -378,6 +405,7 @@ def exposed_interface(endpoint: object) -> str | None:
     ``interface``; anything else (``unix:``, a custom plugin) is not a
     network address here and gives ``None``.
     """
+    endpoint = getattr(endpoint, "wrapped", endpoint)  # the status page's own wrapper
     interface = getattr(endpoint, "_interface", None)
     if not isinstance(interface, str):
         return None

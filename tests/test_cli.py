@@ -16,20 +16,15 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
-from hostlink_tw import identity
+from hostlink_tw import provisioning
+from hostlink_tw.agent import identity
+from hostlink_tw.agent.identity import AgentState, load_agent_state, load_private_key
 from hostlink_tw.cli import human_time, main, status_url_from_listen
 from hostlink_tw.config import load_settings
-from hostlink_tw.identity import (
-    AgentState,
-    generate_private_key,
-    load_agent_state,
-    load_private_key,
-    load_public_key,
-    public_key_base64,
-    write_agent_state,
-)
 from hostlink_tw.protocol import AGENT_ID_RULE
+from hostlink_tw.provisioning import generate_private_key, write_agent_state
 from hostlink_tw.signing import RequestSigner
+from hostlink_tw.wire.keys import load_public_key, public_key_base64
 
 
 def run(*argv: str) -> tuple[int, str, str]:
@@ -116,7 +111,7 @@ class InitTests(SynchronousTestCase):
                 raise PermissionError(13, "Permission denied", destination)
             os.replace(source, destination)
 
-        self.patch(identity, "_rename", failing_rename)
+        self.patch(provisioning, "_rename", failing_rename)
         status, _, err = run("init", "--state-path", self.state, "--agent-id", "a2", "--force")
         self.assertEqual(status, 1)
         self.assertIn("permission denied", err)
@@ -129,7 +124,7 @@ class InitTests(SynchronousTestCase):
                 raise PermissionError(13, "Permission denied", destination)
             os.replace(source, destination)
 
-        self.patch(identity, "_rename", failing_rename)
+        self.patch(provisioning, "_rename", failing_rename)
         self.assertEqual(run("init", "--state-path", self.state, "--agent-id", "a1")[0], 1)
         self.assertEqual(self.files(), {})  # a rerun needs no --force
 

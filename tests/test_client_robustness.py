@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import gc
 import json
+import random
 import weakref
 from typing import Any
 
+from twisted.internet.protocol import ReconnectingClientFactory
 from twisted.trial.unittest import SynchronousTestCase
 
 from hostlink_tw.agent import connection as connection_module
 from hostlink_tw.agent.attempt import MAX_MESSAGE_SECONDS
 from hostlink_tw.agent.connection import MAX_FRAMES_PER_MESSAGE, MAX_UNSENT_BYTES
+from hostlink_tw.agent.factory import rcf_scales_before_waiting
 from hostlink_tw.agent.keepalive import PING_PAYLOAD_BYTES
 from hostlink_tw.client import ClientState
 from hostlink_tw.protocol import ERROR, error_payload, make_envelope
@@ -305,3 +308,77 @@ class FragmentBoundTests(SynchronousTestCase):
         h.reactor.advance(MAX_MESSAGE_SECONDS * 3)
         self.assertTrue(h.client.is_active)
         self.assertFalse(c.transport.aborted)
+
+
+class RCFArithmeticTests(SynchronousTestCase):
+    """
+    RCF's first-delay arithmetic changed in Twisted 26.4 (it used to scale
+    ``delay`` by ``factor`` before scheduling).  The factory hands RCF a
+    value that makes the scheduled wait exactly the backoff's on both sides.
+    """
+
+    class _OldRCF(ReconnectingClientFactory):
+        """Twisted < 26.4's retry(): scale, jitter, then schedule."""
+
+        def retry(self, connector: Any = None) -> None:
+            if not self.continueTrying:
+                return
+            connector = connector if connector is not None else self.connector
+            self.retries += 1
+            self.delay = min(self.delay * self.factor, self.maxDelay)
+            if self.jitter:
+                self.delay = random.normalvariate(self.delay, self.delay * self.jitter)
+            self._callID = self.clock.callLater(self.delay, connector.connect)
+
+    class _NewRCF(ReconnectingClientFactory):
+        """Twisted >= 26.4's retry(): jitter, schedule, then scale for next time."""
+
+        def retry(self, connector: Any = None) -> None:
+            if not self.continueTrying:
+                return
+            connector = connector if connector is not None else self.connector
+            self.retries += 1
+            if self.jitter:
+                self.delay = random.normalvariate(self.delay, self.delay * self.jitter)
+            self._callID = self.clock.callLater(self.delay, connector.connect)
+            self.delay = min(self.delay * self.factor, self.maxDelay)
+
+    def test_probe_tells_the_two_apart(self) -> None:
+        self.assertFalse(rcf_scales_before_waiting(self._NewRCF))
+        self.assertTrue(rcf_scales_before_waiting(self._OldRCF))
+        # The installed Twisted: the change came with 26.4.
+        from twisted import version
+
+        self.assertEqual(
+            rcf_scales_before_waiting(ReconnectingClientFactory),
+            (version.major, version.minor) < (26, 4),
+        )
+
+    def test_handed_delay_gives_the_exact_wait_on_old_twisted(self) -> None:
+        from twisted.internet.task import Clock
+
+        for wait in (0.1, 1.0, 3.7, 30.0, 37.5, 3600.0):
+            rcf = self._OldRCF()
+            rcf.clock = Clock()
+            rcf.factor, rcf.jitter, rcf.maxDelay = 2.0, 0, 3600 * 1.25
+            rcf.delay = wait / rcf.factor  # what HostlinkClientFactory.retry hands it
+            rcf.retry(_Connector())
+            (call,) = rcf.clock.getDelayedCalls()
+            self.assertEqual(call.getTime(), wait)
+
+    def test_current_twisted_schedules_the_backoff_wait(self) -> None:
+        h = harness(self, reconnect_min=0.5, reconnect_max=8.0)
+        h.client.start()
+        waits = []
+        for _ in range(7):
+            h.fail_connect()
+            (call,) = [c for c in h.pending_calls() if c.func.__name__ == "reconnector"]
+            waits.append(call.getTime() - h.reactor.seconds())
+            h.reactor.advance(h.client.current_delay or 0)
+        self.assertEqual(waits, [0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0])
+        self.assertEqual(waits, h.delays())
+
+
+class _Connector:
+    def connect(self) -> None:
+        """Never run: the tests look at the scheduled call only."""

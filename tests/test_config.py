@@ -784,8 +784,10 @@ class DeriveWebSocketURLTests(WarningAssertions):
 
     def test_module_logger(self) -> None:
         """Without a C{log}, the warning goes to the module's logger."""
+        from hostlink_tw.wire import urls
+
         events: list[Event] = []
-        self.patch(config, "_log", Logger(observer=events.append))
+        self.patch(urls, "_log", Logger(observer=events.append))
         derive_ws_url("http://[::1")
         self.assertEqual(len(events), 1)
 

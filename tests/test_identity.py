@@ -1,4 +1,5 @@
-"""Tests for hostlink_tw.identity: agent.json, the private key, public key export."""
+"""Tests for the identity modules: loading agent.json and the private key
+(hostlink_tw.agent.identity), provisioning, public key export (hostlink_tw.wire.keys)."""
 
 from __future__ import annotations
 
@@ -17,43 +18,26 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from hostlink_tw import _files, identity
-from hostlink_tw.identity import (
+from hostlink_tw import _files, provisioning
+from hostlink_tw.agent import identity
+from hostlink_tw.agent.identity import (
     AGENT_STATE_FILENAME,
-    AgentIdError,
     AgentState,
-    AgentStateError,
-    AgentStateFieldError,
-    AgentStateJSONError,
-    AgentStateMissingError,
-    AgentStateNotObjectError,
-    AgentStateUnreadableError,
-    IdentityError,
-    IdentityWriteError,
-    PrivateKeyEmptyError,
-    PrivateKeyEncryptedError,
-    PrivateKeyError,
-    PrivateKeyExistsError,
-    PrivateKeyFormatError,
-    PrivateKeyMissingError,
-    PrivateKeyNotRSAError,
-    PrivateKeyPermissionsError,
-    PrivateKeyTooSmallError,
-    PrivateKeyUnreadableError,
-    PublicKeyError,
     agent_state_file,
-    check_agent_id,
     default_private_key_path,
-    generate_private_key,
     load_agent_state,
     load_private_key,
+)
+from hostlink_tw.protocol import AGENT_ID_RULE
+from hostlink_tw.provisioning import generate_private_key, write_agent_state, write_identity
+from hostlink_tw.wire.keys import (
+    IdentityError,
+    IdentityErrorKind,
     load_public_key,
     public_key_base64,
     public_key_pem,
-    write_agent_state,
-    write_identity,
 )
-from hostlink_tw.protocol import AGENT_ID_RULE
+from hostlink_tw.wire.vocabulary import check_agent_id
 
 # Key generation is slow: every key a test needs is made once per run.
 
@@ -155,6 +139,19 @@ def file_mode(path: str) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
+def assert_raises_kind(
+    case: SynchronousTestCase,
+    kind: IdentityErrorKind,
+    f: Callable[..., object],
+    *args: Any,
+    **kwargs: Any,
+) -> IdentityError:
+    """C{f(*args, **kwargs)} raises the one identity error type, of exactly C{kind}."""
+    error = case.assertRaises(IdentityError, f, *args, **kwargs)
+    case.assertIs(error.kind, kind, str(error))
+    return error
+
+
 # --------------------------------------------------------------------------
 
 
@@ -162,13 +159,14 @@ class AgentStateLoadTests(_TempDirMixin, SynchronousTestCase):
     """load_agent_state: what loads, and a distinct, helpful error for the rest."""
 
     def assertStateError(
-        self, content: bytes | str | None, exc_type: type[AgentStateError], *needles: str
-    ) -> AgentStateError:
-        """Loading C{content} raises exactly C{exc_type}, naming the path and a fix."""
+        self, content: bytes | str | None, kind: IdentityErrorKind, *needles: str
+    ) -> IdentityError:
+        """Loading C{content} raises exactly C{kind}, naming the path and a fix."""
         directory = self.state_dir(content)
         path = os.path.join(directory, AGENT_STATE_FILENAME)
-        error = self.assertRaises(AgentStateError, load_agent_state, directory)
-        self.assertIs(type(error), exc_type, f"{content!r}: {error}")
+        error = self.assertRaises(IdentityError, load_agent_state, directory)
+        self.assertIs(error.kind, kind, f"{content!r}: {error}")
+        self.assertEqual(error.kind.subject, "agent_state")
         self.assertIn(path, str(error))
         self.assertEqual(error.path, path)
         self.assertIn("Fix: ", str(error))
@@ -219,16 +217,17 @@ class AgentStateLoadTests(_TempDirMixin, SynchronousTestCase):
     def test_missing_file(self) -> None:
         """No agent.json: no identity yet, and the fix names the command that makes one."""
         error = self.assertStateError(
-            None, AgentStateMissingError, "does not exist", "no identity yet"
+            None, IdentityErrorKind.AGENT_STATE_MISSING, "does not exist", "no identity yet"
         )
-        self.assertIn(f"'hostlink-tw init --state-path {os.path.dirname(error.path)}'",
-                      str(error))
+        self.assertIn(f"'hostlink-tw init --state-path {os.path.dirname(error.path)}'", str(error))
         self.assertNotIn("regist", str(error))
 
     def test_missing_directory(self) -> None:
         """A state directory that does not exist is the same missing file."""
         directory = self.mktemp()
-        error = self.assertRaises(AgentStateMissingError, load_agent_state, directory)
+        error = assert_raises_kind(
+            self, IdentityErrorKind.AGENT_STATE_MISSING, load_agent_state, directory
+        )
         self.assertIn(os.path.join(directory, AGENT_STATE_FILENAME), str(error))
         self.assertIn("HOSTLINK_STATE_PATH", str(error))
 
@@ -236,7 +235,9 @@ class AgentStateLoadTests(_TempDirMixin, SynchronousTestCase):
         """HOSTLINK_STATE_PATH pointing at agent.json itself gets a specific fix."""
         directory = self.state_dir('{"agent_id": "a"}')
         wrong = os.path.join(directory, AGENT_STATE_FILENAME)
-        error = self.assertRaises(AgentStateUnreadableError, load_agent_state, wrong)
+        error = assert_raises_kind(
+            self, IdentityErrorKind.AGENT_STATE_UNREADABLE, load_agent_state, wrong
+        )
         self.assertIn("is not a directory", str(error))
         self.assertIn("HOSTLINK_STATE_PATH to the directory", str(error))
 
@@ -244,14 +245,16 @@ class AgentStateLoadTests(_TempDirMixin, SynchronousTestCase):
         """agent.json being a directory is unreadable, and said so."""
         directory = self.make_dir()
         os.mkdir(os.path.join(directory, AGENT_STATE_FILENAME))
-        error = self.assertRaises(AgentStateUnreadableError, load_agent_state, directory)
+        error = assert_raises_kind(
+            self, IdentityErrorKind.AGENT_STATE_UNREADABLE, load_agent_state, directory
+        )
         self.assertIn("is a directory", str(error))
         self.assertIn(os.path.join(directory, AGENT_STATE_FILENAME), str(error))
 
     def test_permission_denied(self) -> None:
         """EACCES is unreadable, and the fix is about the running user."""
         self.patch(_files, "_open_readonly", simulate_eacces)
-        error = self.assertStateError('{"agent_id": "a"}', AgentStateUnreadableError)
+        error = self.assertStateError('{"agent_id": "a"}', IdentityErrorKind.AGENT_STATE_UNREADABLE)
         self.assertIn("permission denied", str(error))
         self.assertIn("run the agent as the user", str(error))
 
@@ -261,24 +264,28 @@ class AgentStateLoadTests(_TempDirMixin, SynchronousTestCase):
             raise SkipTest("root reads mode-000 files; test_permission_denied covers it")
         directory = self.state_dir('{"agent_id": "a"}')
         os.chmod(os.path.join(directory, AGENT_STATE_FILENAME), 0)
-        error = self.assertRaises(AgentStateUnreadableError, load_agent_state, directory)
+        error = assert_raises_kind(
+            self, IdentityErrorKind.AGENT_STATE_UNREADABLE, load_agent_state, directory
+        )
         self.assertIn("permission denied", str(error))
 
     def test_fifo_is_not_read(self) -> None:
         """A FIFO at the path is refused at once instead of blocking the agent."""
         directory = self.make_dir()
         os.mkfifo(os.path.join(directory, AGENT_STATE_FILENAME))
-        error = self.assertRaises(AgentStateUnreadableError, load_agent_state, directory)
+        error = assert_raises_kind(
+            self, IdentityErrorKind.AGENT_STATE_UNREADABLE, load_agent_state, directory
+        )
         self.assertIn("not a regular file", str(error))
 
     def test_too_large(self) -> None:
         """A file far larger than any agent state is refused unread."""
         content = b'{"agent_id": "a", "pad": "' + b"x" * (2 << 20) + b'"}'
-        error = self.assertStateError(content, AgentStateUnreadableError)
+        error = self.assertStateError(content, IdentityErrorKind.AGENT_STATE_UNREADABLE)
         self.assertIn("larger than", str(error))
 
     def test_invalid_json(self) -> None:
-        """Everything that is not strict UTF-8 JSON is AgentStateJSONError."""
+        """Everything that is not strict UTF-8 JSON is AGENT_STATE_NOT_JSON."""
         cases: list[tuple[bytes | str, str]] = [
             ("", "is empty"),
             ("  \n", "is empty"),
@@ -294,7 +301,9 @@ class AgentStateLoadTests(_TempDirMixin, SynchronousTestCase):
             ("[" * 200_000, "nested too deeply"),
         ]
         for content, needle in cases:
-            self.assertStateError(content, AgentStateJSONError, needle, "restore")
+            self.assertStateError(
+                content, IdentityErrorKind.AGENT_STATE_NOT_JSON, needle, "restore"
+            )
 
     def test_not_an_object(self) -> None:
         """Valid JSON that is not an object says what it is instead."""
@@ -307,14 +316,19 @@ class AgentStateLoadTests(_TempDirMixin, SynchronousTestCase):
             ("true", "a boolean"),
         ]
         for content, needle in cases:
-            self.assertStateError(content, AgentStateNotObjectError, needle, "not a JSON object")
+            self.assertStateError(
+                content, IdentityErrorKind.AGENT_STATE_NOT_OBJECT, needle, "not a JSON object"
+            )
 
     def test_agent_id_missing(self) -> None:
         """No agent_id: no identity yet; the fix names hostlink-tw init."""
         self.assertStateError(
-            '{"last_sync_time": 1}', AgentIdError, "no agent_id", "hostlink-tw init --state-path"
+            '{"last_sync_time": 1}',
+            IdentityErrorKind.AGENT_ID,
+            "no agent_id",
+            "hostlink-tw init --state-path",
         )
-        self.assertStateError("{}", AgentIdError, "no identity yet")
+        self.assertStateError("{}", IdentityErrorKind.AGENT_ID, "no identity yet")
 
     def test_agent_id_unusable(self) -> None:
         """Empty, non-string or header-breaking agent ids are refused."""
@@ -339,7 +353,7 @@ class AgentStateLoadTests(_TempDirMixin, SynchronousTestCase):
         ]
         for value, needle in cases:
             self.assertStateError(
-                '{"agent_id": ' + value + "}", AgentIdError, needle, AGENT_ID_RULE
+                '{"agent_id": ' + value + "}", IdentityErrorKind.AGENT_ID, needle, AGENT_ID_RULE
             )
 
     def test_agent_id_at_the_limits(self) -> None:
@@ -364,7 +378,7 @@ class AgentStateLoadTests(_TempDirMixin, SynchronousTestCase):
         for value, needle in cases:
             self.assertStateError(
                 '{"agent_id": "a", "last_sync_time": ' + value + "}",
-                AgentStateFieldError,
+                IdentityErrorKind.AGENT_STATE_FIELD,
                 "last_sync_time",
                 needle,
             )
@@ -381,22 +395,23 @@ class AgentStateLoadTests(_TempDirMixin, SynchronousTestCase):
         ]
         for value, needle in cases:
             self.assertStateError(
-                '{"agent_id": "a", "metadata": ' + value + "}", AgentStateFieldError, needle
+                '{"agent_id": "a", "metadata": ' + value + "}",
+                IdentityErrorKind.AGENT_STATE_FIELD,
+                needle,
             )
 
-    def test_error_hierarchy(self) -> None:
-        """Every agent state error is an AgentStateError and an IdentityError."""
-        for cls in (
-            AgentStateMissingError,
-            AgentStateUnreadableError,
-            AgentStateJSONError,
-            AgentStateNotObjectError,
-            AgentStateFieldError,
-            AgentIdError,
+    def test_error_kinds(self) -> None:
+        """Every agent state problem is about the agent state, not the key."""
+        for kind in (
+            IdentityErrorKind.AGENT_STATE_MISSING,
+            IdentityErrorKind.AGENT_STATE_UNREADABLE,
+            IdentityErrorKind.AGENT_STATE_NOT_JSON,
+            IdentityErrorKind.AGENT_STATE_NOT_OBJECT,
+            IdentityErrorKind.AGENT_STATE_FIELD,
+            IdentityErrorKind.AGENT_ID,
         ):
-            self.assertTrue(issubclass(cls, AgentStateError), cls)
-            self.assertTrue(issubclass(cls, IdentityError), cls)
-            self.assertFalse(issubclass(cls, PrivateKeyError), cls)
+            self.assertEqual(kind.subject, "agent_state", kind)
+            self.assertNotEqual(kind.subject, "private_key", kind)
 
 
 class AgentStateValueTests(SynchronousTestCase):
@@ -544,8 +559,8 @@ class AgentStateWriteTests(_TempDirMixin, SynchronousTestCase):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
         self.patch(os, "fsync", failing_fsync)
-        error = self.assertRaises(
-            IdentityWriteError, write_agent_state, directory, AgentState("new")
+        error = assert_raises_kind(
+            self, IdentityErrorKind.WRITE_FAILED, write_agent_state, directory, AgentState("new")
         )
         self.assertIn(os.path.join(directory, AGENT_STATE_FILENAME), str(error))
         self.assertIn("No space left", str(error))
@@ -553,10 +568,12 @@ class AgentStateWriteTests(_TempDirMixin, SynchronousTestCase):
         self.assertEqual(load_agent_state(directory).agent_id, "old")
 
     def test_unwritable_location(self) -> None:
-        """A state path under a regular file cannot be written: IdentityWriteError."""
+        """A state path under a regular file cannot be written: WRITE_FAILED."""
         blocker = self.write_file(self.mktemp(), b"not a directory")
         directory = os.path.join(blocker, "state")
-        error = self.assertRaises(IdentityWriteError, write_agent_state, directory, AgentState("a"))
+        error = assert_raises_kind(
+            self, IdentityErrorKind.WRITE_FAILED, write_agent_state, directory, AgentState("a")
+        )
         self.assertIsInstance(error, IdentityError)
         self.assertIn(os.path.join(directory, AGENT_STATE_FILENAME), str(error))
         self.assertIn("writable directory", str(error))
@@ -568,12 +585,11 @@ class AgentStateWriteTests(_TempDirMixin, SynchronousTestCase):
 class PrivateKeyLoadTests(_TempDirMixin, SynchronousTestCase):
     """load_private_key: RSA PKCS#1/PKCS#8 >= 2048 bits at 0600, nothing else."""
 
-    def assertKeyError(
-        self, path: str, exc_type: type[PrivateKeyError], *needles: str
-    ) -> PrivateKeyError:
-        """Loading C{path} raises exactly C{exc_type}, naming the path and a fix."""
-        error = self.assertRaises(PrivateKeyError, load_private_key, path)
-        self.assertIs(type(error), exc_type, str(error))
+    def assertKeyError(self, path: str, kind: IdentityErrorKind, *needles: str) -> IdentityError:
+        """Loading C{path} raises exactly C{kind}, naming the path and a fix."""
+        error = self.assertRaises(IdentityError, load_private_key, path)
+        self.assertIs(error.kind, kind, str(error))
+        self.assertEqual(error.kind.subject, "private_key")
         self.assertIn(path, str(error))
         self.assertEqual(error.path, path)
         self.assertIn("Fix: ", str(error))
@@ -621,45 +637,54 @@ class PrivateKeyLoadTests(_TempDirMixin, SynchronousTestCase):
         for mode in (0o644, 0o660, 0o604, 0o640, 0o620, 0o602, 0o606, 0o666, 0o610):
             path = self.key_file(pem(rsa_key(), PKCS1), mode)
             error = self.assertKeyError(
-                path, PrivateKeyPermissionsError, f"chmod 600 {path}", f"mode {mode:04o}"
+                path,
+                IdentityErrorKind.PRIVATE_KEY_PERMISSIONS,
+                f"chmod 600 {path}",
+                f"mode {mode:04o}",
             )
             self.assertEqual(error.fix, f"chmod 600 {path}")
 
     def test_unsafe_permissions_checked_first(self) -> None:
         """Permissions are refused before the contents are even parsed."""
         path = self.key_file(b"garbage", 0o644)
-        self.assertKeyError(path, PrivateKeyPermissionsError)
+        self.assertKeyError(path, IdentityErrorKind.PRIVATE_KEY_PERMISSIONS)
 
     def test_missing(self) -> None:
         """A missing key file says so, with a fix."""
         path = os.path.join(self.make_dir(), "agent.key")
         error = self.assertKeyError(
-            path, PrivateKeyMissingError, "does not exist", "'hostlink-tw init --force'"
+            path,
+            IdentityErrorKind.PRIVATE_KEY_MISSING,
+            "does not exist",
+            "'hostlink-tw init --force'",
         )
         self.assertNotIn("regist", str(error))
 
     def test_directory(self) -> None:
         """A directory at the key path is unreadable."""
         path = self.make_dir()
-        self.assertKeyError(path, PrivateKeyUnreadableError, "is a directory")
+        self.assertKeyError(path, IdentityErrorKind.PRIVATE_KEY_UNREADABLE, "is a directory")
 
     def test_permission_denied(self) -> None:
         """EACCES is unreadable, with a fix about the running user."""
         path = self.key_file(pem(rsa_key(), PKCS1))
         self.patch(_files, "_open_readonly", simulate_eacces)
-        self.assertKeyError(path, PrivateKeyUnreadableError, "permission denied", "user")
+        self.assertKeyError(
+            path, IdentityErrorKind.PRIVATE_KEY_UNREADABLE, "permission denied", "user"
+        )
 
     def test_fifo(self) -> None:
         """A FIFO is refused without blocking."""
         path = os.path.join(self.make_dir(), "agent.key")
         os.mkfifo(path, 0o600)
-        self.assertKeyError(path, PrivateKeyUnreadableError, "not a regular file")
+        self.assertKeyError(path, IdentityErrorKind.PRIVATE_KEY_UNREADABLE, "not a regular file")
 
     def test_empty(self) -> None:
-        """Empty and whitespace-only files are PrivateKeyEmptyError (a format error)."""
+        """Empty and whitespace-only files are PRIVATE_KEY_EMPTY (a key file problem)."""
         for data in (b"", b"\n \n"):
-            error = self.assertKeyError(self.key_file(data), PrivateKeyEmptyError, "is empty")
-            self.assertIsInstance(error, PrivateKeyFormatError)
+            self.assertKeyError(
+                self.key_file(data), IdentityErrorKind.PRIVATE_KEY_EMPTY, "is empty"
+            )
 
     def test_garbage(self) -> None:
         """Random bytes, DER and text are not PEM."""
@@ -667,35 +692,41 @@ class PrivateKeyLoadTests(_TempDirMixin, SynchronousTestCase):
             serialization.Encoding.DER, PKCS1, serialization.NoEncryption()
         )
         for data in (b"hello", os.urandom(300), der):
-            self.assertKeyError(self.key_file(data), PrivateKeyFormatError, "not a PEM file")
+            self.assertKeyError(
+                self.key_file(data), IdentityErrorKind.PRIVATE_KEY_FORMAT, "not a PEM file"
+            )
 
     def test_truncated(self) -> None:
         """A BEGIN line without its END line."""
         data = pem(rsa_key(), PKCS1)
         path = self.key_file(data[: len(data) // 2])
-        error = self.assertKeyError(path, PrivateKeyFormatError, "no matching END")
+        error = self.assertKeyError(path, IdentityErrorKind.PRIVATE_KEY_FORMAT, "no matching END")
         self.assertNoKeyMaterial(error, data)
 
     def test_corrupt_block(self) -> None:
         """A well-framed block whose contents are not a key."""
         data = b"-----BEGIN RSA PRIVATE KEY-----\nAAAA\n-----END RSA PRIVATE KEY-----\n"
-        self.assertKeyError(self.key_file(data), PrivateKeyFormatError, "cannot be decoded")
+        self.assertKeyError(
+            self.key_file(data), IdentityErrorKind.PRIVATE_KEY_FORMAT, "cannot be decoded"
+        )
 
     def test_public_key_or_certificate(self) -> None:
         """A public key where the private key belongs says what it is."""
         path = self.key_file(public_key_pem(rsa_key()).encode())
-        self.assertKeyError(path, PrivateKeyFormatError, "holds a PUBLIC KEY")
+        self.assertKeyError(path, IdentityErrorKind.PRIVATE_KEY_FORMAT, "holds a PUBLIC KEY")
 
     def test_first_block_is_used(self) -> None:
         """As with Go's pem.Decode, only the first PEM block counts."""
         data = public_key_pem(rsa_key()).encode() + pem(rsa_key(), PKCS1)
-        self.assertKeyError(self.key_file(data), PrivateKeyFormatError, "PUBLIC KEY")
+        self.assertKeyError(self.key_file(data), IdentityErrorKind.PRIVATE_KEY_FORMAT, "PUBLIC KEY")
 
     def test_openssh_format(self) -> None:
         """An OpenSSH-format key gets the ssh-keygen conversion as its fix."""
         data = pem(rsa_key(), serialization.PrivateFormat.OpenSSH)
         path = self.key_file(data)
-        error = self.assertKeyError(path, PrivateKeyFormatError, "OpenSSH", "ssh-keygen")
+        error = self.assertKeyError(
+            path, IdentityErrorKind.PRIVATE_KEY_FORMAT, "OpenSSH", "ssh-keygen"
+        )
         self.assertNoKeyMaterial(error, data)
 
     def test_encrypted_pkcs8(self) -> None:
@@ -703,7 +734,7 @@ class PrivateKeyLoadTests(_TempDirMixin, SynchronousTestCase):
         data = pem(rsa_key(), PKCS8, password=b"secret")
         self.assertTrue(data.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----"))
         error = self.assertKeyError(
-            self.key_file(data), PrivateKeyEncryptedError, "encrypted", "openssl rsa"
+            self.key_file(data), IdentityErrorKind.PRIVATE_KEY_ENCRYPTED, "encrypted", "openssl rsa"
         )
         self.assertNoKeyMaterial(error, data)
 
@@ -711,52 +742,57 @@ class PrivateKeyLoadTests(_TempDirMixin, SynchronousTestCase):
         """A legacy encrypted PKCS#1 key (Proc-Type: 4,ENCRYPTED) is refused too."""
         data = pem(rsa_key(), PKCS1, password=b"secret")
         self.assertIn(b"Proc-Type: 4,ENCRYPTED", data)
-        self.assertKeyError(self.key_file(data), PrivateKeyEncryptedError, "encrypted")
+        self.assertKeyError(
+            self.key_file(data), IdentityErrorKind.PRIVATE_KEY_ENCRYPTED, "encrypted"
+        )
 
     def test_ec(self) -> None:
         """EC keys, SEC1 or PKCS#8, are not RSA."""
         for fmt in (PKCS1, PKCS8):
             data = pem(ec_key(), fmt)
             error = self.assertKeyError(
-                self.key_file(data), PrivateKeyNotRSAError, "EC", "not an RSA"
+                self.key_file(data), IdentityErrorKind.PRIVATE_KEY_NOT_RSA, "EC", "not an RSA"
             )
             self.assertNoKeyMaterial(error, data)
 
     def test_ed25519(self) -> None:
         """Ed25519 keys are not RSA."""
         data = pem(ed25519_key(), PKCS8)
-        self.assertKeyError(self.key_file(data), PrivateKeyNotRSAError, "Ed25519", "not an RSA")
+        self.assertKeyError(
+            self.key_file(data), IdentityErrorKind.PRIVATE_KEY_NOT_RSA, "Ed25519", "not an RSA"
+        )
 
     def test_dsa(self) -> None:
         """DSA keys are not RSA."""
         for fmt in (PKCS1, PKCS8):
-            self.assertKeyError(self.key_file(pem(dsa_key(), fmt)), PrivateKeyNotRSAError, "DSA")
+            self.assertKeyError(
+                self.key_file(pem(dsa_key(), fmt)), IdentityErrorKind.PRIVATE_KEY_NOT_RSA, "DSA"
+            )
 
     def test_too_small(self) -> None:
         """A 1024-bit RSA key is refused, in either format, naming its size."""
         for fmt in (PKCS1, PKCS8):
             data = pem(rsa_key(1024), fmt)
             error = self.assertKeyError(
-                self.key_file(data), PrivateKeyTooSmallError, "1024-bit", "2048"
+                self.key_file(data), IdentityErrorKind.PRIVATE_KEY_TOO_SMALL, "1024-bit", "2048"
             )
             self.assertNoKeyMaterial(error, data)
 
-    def test_error_hierarchy(self) -> None:
-        """Every key error is a PrivateKeyError and an IdentityError."""
-        for cls in (
-            PrivateKeyMissingError,
-            PrivateKeyUnreadableError,
-            PrivateKeyPermissionsError,
-            PrivateKeyFormatError,
-            PrivateKeyEmptyError,
-            PrivateKeyEncryptedError,
-            PrivateKeyNotRSAError,
-            PrivateKeyTooSmallError,
-            PrivateKeyExistsError,
+    def test_error_kinds(self) -> None:
+        """Every key problem is about the private key, not the agent state."""
+        for kind in (
+            IdentityErrorKind.PRIVATE_KEY_MISSING,
+            IdentityErrorKind.PRIVATE_KEY_UNREADABLE,
+            IdentityErrorKind.PRIVATE_KEY_PERMISSIONS,
+            IdentityErrorKind.PRIVATE_KEY_FORMAT,
+            IdentityErrorKind.PRIVATE_KEY_EMPTY,
+            IdentityErrorKind.PRIVATE_KEY_ENCRYPTED,
+            IdentityErrorKind.PRIVATE_KEY_NOT_RSA,
+            IdentityErrorKind.PRIVATE_KEY_TOO_SMALL,
+            IdentityErrorKind.PRIVATE_KEY_EXISTS,
         ):
-            self.assertTrue(issubclass(cls, PrivateKeyError), cls)
-            self.assertTrue(issubclass(cls, IdentityError), cls)
-            self.assertFalse(issubclass(cls, AgentStateError), cls)
+            self.assertEqual(kind.subject, "private_key", kind)
+            self.assertNotEqual(kind.subject, "agent_state", kind)
 
 
 class GenerateKeyTests(_TempDirMixin, SynchronousTestCase):
@@ -829,7 +865,9 @@ class GenerateKeyTests(_TempDirMixin, SynchronousTestCase):
         """Below 2048 bits is refused and nothing is written."""
         directory = self.make_dir()
         path = os.path.join(directory, "agent.key")
-        error = self.assertRaises(PrivateKeyTooSmallError, generate_private_key, path, 1024)
+        error = assert_raises_kind(
+            self, IdentityErrorKind.PRIVATE_KEY_TOO_SMALL, generate_private_key, path, 1024
+        )
         self.assertIn(path, str(error))
         self.assertIn("2048", str(error))
         self.assertEqual(os.listdir(directory), [])
@@ -851,8 +889,8 @@ class GenerateKeyTests(_TempDirMixin, SynchronousTestCase):
         """overwrite=False keeps an existing key and says so."""
         original = pem(rsa_key(), PKCS1)
         path = self.key_file(original)
-        error = self.assertRaises(
-            PrivateKeyExistsError, generate_private_key, path, overwrite=False
+        error = assert_raises_kind(
+            self, IdentityErrorKind.PRIVATE_KEY_EXISTS, generate_private_key, path, overwrite=False
         )
         self.assertIn(path, str(error))
         with open(path, "rb") as f:
@@ -867,10 +905,10 @@ class GenerateKeyTests(_TempDirMixin, SynchronousTestCase):
         self.assertEqual(file_mode(path), 0o600)
 
     def test_unwritable(self) -> None:
-        """A key path under a regular file raises IdentityWriteError naming it."""
+        """A key path under a regular file raises WRITE_FAILED naming it."""
         blocker = self.write_file(self.mktemp(), b"x")
         path = os.path.join(blocker, "agent.key")
-        error = self.assertRaises(IdentityWriteError, generate_private_key, path)
+        error = assert_raises_kind(self, IdentityErrorKind.WRITE_FAILED, generate_private_key, path)
         self.assertIn(path, str(error))
 
 
@@ -922,7 +960,7 @@ class PublicKeyTests(SynchronousTestCase):
             self.assertEqual(load_public_key(text).public_numbers(), expected)
 
     def test_load_refuses(self) -> None:
-        """Anything that is not an RSA public key raises PublicKeyError."""
+        """Anything that is not an RSA public key raises PUBLIC_KEY."""
         ec_b64 = base64.b64encode(
             ec_key()
             .public_key()
@@ -945,12 +983,12 @@ class PublicKeyTests(SynchronousTestCase):
             (None, "must be text"),
         ]
         for text, needle in cases:
-            error = self.assertRaises(PublicKeyError, load_public_key, text)
+            error = assert_raises_kind(self, IdentityErrorKind.PUBLIC_KEY, load_public_key, text)
             self.assertIsInstance(error, IdentityError)
             self.assertIn(needle, str(error), repr(text))
             self.assertIn("Fix: ", str(error))
         # The private key handed in by mistake is not echoed back.
-        error = self.assertRaises(PublicKeyError, load_public_key, private_pem)
+        error = assert_raises_kind(self, IdentityErrorKind.PUBLIC_KEY, load_public_key, private_pem)
         for line in body_lines(private_pem.encode()):
             self.assertNotIn(line[:16], str(error))
 
@@ -961,6 +999,7 @@ class PermissionWarningTests(_TempDirMixin, SynchronousTestCase):
     def setUp(self) -> None:
         self.events: list[dict[str, Any]] = []
         self.patch(identity, "log", Logger(observer=self.events.append))
+        self.patch(provisioning, "log", Logger(observer=self.events.append))
 
     def warnings(self) -> list[str]:
         return [formatEvent(e) for e in self.events if e["log_level"] == LogLevel.warn]
@@ -1065,8 +1104,14 @@ class WriteIdentityTests(_TempDirMixin, SynchronousTestCase):
         key_path = os.path.join(state, "sub", "agent.key")
         os.makedirs(key_path)  # the key's place is a directory: its rename fails
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        self.assertRaises(
-            IdentityWriteError, write_identity, state, key_path, AgentState("new"), key
+        assert_raises_kind(
+            self,
+            IdentityErrorKind.WRITE_FAILED,
+            write_identity,
+            state,
+            key_path,
+            AgentState("new"),
+            key,
         )
         self.assertEqual(load_agent_state(state).agent_id, "old")
         self.assertEqual(sorted(os.listdir(state)), ["agent.json", "sub"])

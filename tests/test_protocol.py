@@ -56,6 +56,7 @@ from hostlink_tw.protocol import (
     parse_sent_at,
     typed_payload,
 )
+from hostlink_tw.wire import jsontext
 
 AGENT = "agent-1"
 SENT_AT = "2026-04-27T11:03:00Z"
@@ -622,7 +623,7 @@ class EnvelopeTests(SynchronousTestCase):
 
     def test_recursion_error_is_caught(self) -> None:
         """With the depth pre-check disabled, json's RecursionError still does not escape."""
-        self.patch(p, "MAX_NESTING_DEPTH", 10**9)
+        self.patch(jsontext, "MAX_NESTING_DEPTH", 10**9)
         error = self.assertRaises(ProtocolError, Envelope.from_json,
                                   "[" * 100_000 + "]" * 100_000)
         self.assertEqual(error.code, p.NESTING_TOO_DEEP)
@@ -650,8 +651,8 @@ class EnvelopeTests(SynchronousTestCase):
         inside: quadratic time for a frame of many ``\\"``.
         """
         text = '"' + '\\"' * 10 + "[["
-        self.assertEqual(p._DEPTH_TOKEN.match(text).group(), text)  # type: ignore[union-attr]
-        self.assertEqual(p._DEPTH_TOKEN.match(text + "\\").group(), text + "\\")  # type: ignore[union-attr]
+        self.assertEqual(jsontext._DEPTH_TOKEN.match(text).group(), text)  # type: ignore[union-attr]
+        self.assertEqual(jsontext._DEPTH_TOKEN.match(text + "\\").group(), text + "\\")  # type: ignore[union-attr]
         # Many brackets (so the scan runs) but shallow, then the hostile string.
         frame = "[" + "[]," * 70 + '"' + '\\"' * 200_000
         started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Tests for hostlink_tw.signing: the PROTOCOL §2 headers and their verification."""
+"""Tests for hostlink_tw.wire.signing: the PROTOCOL §2 headers and their verification."""
 
 from __future__ import annotations
 
@@ -19,15 +19,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from hostlink_tw.identity import (
-    PrivateKeyError,
-    PrivateKeyMissingError,
-    PrivateKeyPermissionsError,
-    PrivateKeyTooSmallError,
-    public_key_pem,
-)
-from hostlink_tw.protocol import AGENT_ID_RULE
-from hostlink_tw.signing import (
+from hostlink_tw.wire.keys import IdentityError, IdentityErrorKind, public_key_pem
+from hostlink_tw.wire.signing import (
     HEADER_AGENT_ID,
     HEADER_NONCE,
     HEADER_SIGNATURE,
@@ -38,6 +31,9 @@ from hostlink_tw.signing import (
     signed_message,
     verify_signature,
 )
+from hostlink_tw.wire.vocabulary import AGENT_ID_RULE
+
+from .test_identity import assert_raises_kind
 
 AGENT_ID = "agt_01HX5Z"
 
@@ -427,20 +423,31 @@ class SignerConstructionTests(SynchronousTestCase):
         """A bad id is reported even when the key file is also missing."""
         missing = os.path.join(self.mktemp(), "agent.key")
         self.assertRaises(SigningError, RequestSigner, missing, "")
-        self.assertRaises(PrivateKeyMissingError, RequestSigner, missing, AGENT_ID)
+        assert_raises_kind(
+            self, IdentityErrorKind.PRIVATE_KEY_MISSING, RequestSigner, missing, AGENT_ID
+        )
 
     def test_unusable_key_file(self) -> None:
-        """Key file problems propagate as identity's PrivateKeyError subclasses."""
-        error = self.assertRaises(
-            PrivateKeyPermissionsError, RequestSigner, self.key_path(mode=0o644), AGENT_ID
+        """Key file problems propagate as the identity error, of the key's kinds."""
+        error = assert_raises_kind(
+            self,
+            IdentityErrorKind.PRIVATE_KEY_PERMISSIONS,
+            RequestSigner,
+            self.key_path(mode=0o644),
+            AGENT_ID,
         )
         self.assertIn("chmod 600", str(error))
-        self.assertRaises(
-            PrivateKeyTooSmallError, RequestSigner, self.key_path(key(bits=1024)), AGENT_ID
+        assert_raises_kind(
+            self,
+            IdentityErrorKind.PRIVATE_KEY_TOO_SMALL,
+            RequestSigner,
+            self.key_path(key(bits=1024)),
+            AGENT_ID,
         )
         directory = self.mktemp()
         os.mkdir(directory)
-        self.assertRaises(PrivateKeyError, RequestSigner, directory, AGENT_ID)
+        error = self.assertRaises(IdentityError, RequestSigner, directory, AGENT_ID)
+        self.assertEqual(error.kind.subject, "private_key")
 
     def test_from_key_refuses_unusable_keys(self) -> None:
         """from_key wants an RSA private key of at least 2048 bits."""

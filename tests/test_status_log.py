@@ -40,3 +40,38 @@ class StartLineTests(TestCase):
         self.assertIn(f"(TCP Port {urls[0].rsplit(':', 1)[1].strip('/')} Closed)", lines)
         for line in lines:
             self.assertNotIn("Site", line)  # neither "Site starting on" nor "Starting factory"
+
+
+class BusyPortTests(TestCase):
+    """Issue 9 item 6: a busy status port is one error line, not an Unhandled Error."""
+
+    @inlineCallbacks
+    def test_busy_port_is_one_line_and_the_agent_goes_on(self) -> Any:
+        import socket
+
+        holder = socket.socket()
+        self.addCleanup(holder.close)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        service, metrics = make_status_service(
+            f"tcp:{port}:interface=127.0.0.1", _Source(), reactor
+        )
+        self.addCleanup(metrics.close)
+        service.privilegedStartService()  # what twistd calls: it must not raise
+        service.startService()
+        yield service.stopService()
+        errors = [formatEvent(e) for e in events if e["log_level"].name in ("error", "critical")]
+        self.assertEqual(
+            errors,
+            [
+                f"status page not started: port {port} is already in use by another process: "
+                "stop that process, or choose another port with "
+                "HOSTLINK_WS_STATUS_LISTEN (--status-listen)"
+            ],
+        )
+        self.assertEqual([e for e in events if e.get("log_failure") is not None], [])
+        self.assertEqual(self.flushLoggedErrors(), [])

@@ -19,17 +19,16 @@ moves the state machine through the host and emits through it.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from twisted.internet.error import ConnectError, ConnectionDone
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.error import ConnectError
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hostlink_tw.agent.connection import MAX_FRAMES_PER_MESSAGE, MAX_UNSENT_BYTES
+from hostlink_tw.agent.diagnosis import end_reason, shorten_body
 from hostlink_tw.agent.events import (
-    ClientEvent,
     Connected,
     EndReason,
     MessageIn,
@@ -37,8 +36,9 @@ from hostlink_tw.agent.events import (
     PingSent,
     PongReceived,
 )
+from hostlink_tw.agent.interfaces import AttemptHost
 from hostlink_tw.agent.keepalive import Keepalive
-from hostlink_tw.agent.machine import ClientState, StateMachine, cancel_call
+from hostlink_tw.agent.machine import ClientState, cancel_call
 from hostlink_tw.agent.session import (
     CLOSE_INVALID_PAYLOAD,
     CLOSE_NORMAL,
@@ -49,7 +49,6 @@ from hostlink_tw.agent.session import (
     ViolationError,
     violation_for,
 )
-from hostlink_tw.agent.settings import ClientSettings
 from hostlink_tw.protocol import (
     ACK,
     AGENT_HELLO,
@@ -60,12 +59,11 @@ from hostlink_tw.protocol import (
     parse_envelope,
 )
 from hostlink_tw.safetext import escape_control
-from hostlink_tw.tls import describe_tls_failure, is_tls_failure
 
 if TYPE_CHECKING:
     from hostlink_tw.agent.connection import HostlinkClientProtocol
 
-__all__ = ["Attempt", "AttemptHost", "preview"]
+__all__ = ["Attempt", "preview"]
 
 S = ClientState
 
@@ -77,44 +75,6 @@ def preview(payload: bytes) -> str:
     """The first :data:`FRAME_PREVIEW_CHARS` characters of a frame, quoted."""
     text = payload[: FRAME_PREVIEW_CHARS * 4].decode("utf-8", "replace")
     return repr(text[:FRAME_PREVIEW_CHARS])
-
-
-def _describe_reason(reason: Failure) -> str:
-    value = reason.value
-    if isinstance(value, ConnectionDone):
-        return "connection closed"
-    if isinstance(value, ConnectError):
-        # e.g. "Connection was refused by other side: 111: Connection refused."
-        return str(value).strip() or type(value).__name__
-    return f"{type(value).__name__}: {value}".strip()
-
-
-class AttemptHost(Protocol):
-    """What an :class:`Attempt` needs of the client that owns it."""
-
-    settings: ClientSettings
-    agent_id: str
-    log: Logger
-    close_timeout: float
-
-    @property
-    def clock(self) -> IReactorTime: ...
-    @property
-    def machine(self) -> StateMachine: ...
-    @property
-    def display_url(self) -> str: ...
-    @property
-    def tls_host(self) -> str: ...
-
-    def log_fields(self) -> dict[str, Any]: ...
-    def handling(self) -> AbstractContextManager[None]: ...
-    def emit(self, event: ClientEvent) -> None: ...
-    def sign_upgrade(self) -> Mapping[str, str]: ...
-    def proxy_authorization(self) -> str | None: ...
-    def ack_received(self, envelope: Envelope) -> None: ...
-    def session_activated(self, attempt: Attempt, session: Session) -> None: ...
-    def connection_opened(self, at: float) -> None: ...
-    def report_connect_failed(self, connector: Any, reason: Failure) -> None: ...
 
 
 class Attempt:
@@ -144,6 +104,11 @@ class Attempt:
         self.hello_id: str | None = None
         self.session: Session | None = None
         self.over = False
+        self.failure: Failure | None = None
+        #: When the session became active (reactor time).
+        self.activated_at: float | None = None
+        #: Whether activation left the backoff as it was (sessions replaced).
+        self.backoff_kept = False
         self._rejecting = False
         self._close_timer = False
         self._lost: Failure | None = None
@@ -325,8 +290,8 @@ class Attempt:
             self.note("refused", f"proxy refused the CONNECT tunnel: {reason}")
 
     def upgrade_failed(
-        self, proto: HostlinkClientProtocol, status: int | None, phrase: str, body: bytes,
-        reason: str,
+        self, proto: HostlinkClientProtocol, status: int | None, phrase: str,
+        headers: Mapping[str, str], body: bytes, reason: str,
     ) -> None:
         """The upgrade failed: a refusal with its HTTP status, or a broken answer."""
         if not self._mine(proto):
@@ -334,8 +299,9 @@ class Attempt:
         if status is not None and status != 101:
             self.refused_status = status
             detail = f"HTTP {status} {escape_control(phrase, FRAME_PREVIEW_CHARS)}".strip()
-            if body.strip():
-                detail += f" {preview(body.strip())}"
+            shown = shorten_body(headers, body)
+            if shown:
+                detail += f" {shown!r}"
             # A 4xx/5xx is a refusal; anything else (200, a redirect) is a
             # server that is not a Hostlink gateway at this URL.
             verb = "refused" if status >= 400 else "not accepted (expected 101)"
@@ -443,6 +409,7 @@ class Attempt:
             )
             return
         self.activated = True
+        self.activated_at = self.client.clock.seconds()
         self.session = Session(self.hello_id, self.send, self.client.ack_received)
         self.client.session_activated(self, self.session)
 
@@ -603,37 +570,14 @@ class Attempt:
             whether TLS failed.
         """
         self.over = True
-        proto = self.proto
         if self._lost is not None:
             reason = self._lost  # the protocol saw the TLS failure; the connector did not
-        code: int | None = None
-        clean = False
-        if proto is not None and self.upgraded:
-            clean = bool(getattr(proto, "wasClean", False))
-            if getattr(proto, "remoteCloseCode", None) is not None:
-                code = proto.remoteCloseCode
-            elif getattr(proto, "localCloseCode", None) is not None:
-                code = proto.localCloseCode
-        tls = is_tls_failure(reason)
-        end = self.end
-        if end is None:
-            if tls:
-                end = EndReason(
-                    "tls", f"TLS failed: {describe_tls_failure(reason, self.client.tls_host)}"
-                )
-            elif (proto is not None and getattr(proto, "remoteCloseCode", None) is not None
-                  and not proto.closedByMe):
-                end = EndReason(
-                    "closed_by_peer",
-                    f"closed by control plane: code={proto.remoteCloseCode} "
-                    f"reason={escape_control(proto.remoteCloseReason or '', FRAME_PREVIEW_CHARS)}"
-                    .strip(),
-                )
-            elif self.upgraded:
-                end = EndReason("lost", f"connection lost: {_describe_reason(reason)}")
-            else:
-                end = EndReason("connect_failed", f"connection failed: {_describe_reason(reason)}")
-        end = EndReason(end.kind, end.text, code, self.refused_status, not stopping)
+        end, clean, tls = end_reason(
+            self.proto if self.upgraded else None, self.end, reason, self.client.tls_host,
+            self.refused_status, stopping=stopping,
+        )
+        #: What ended it at the transport level (for the client's diagnosis).
+        self.failure = reason
         if self.session is not None:
             self.session.end(end.text)
         # Nothing of the dead connection stays reachable from the attempt.

@@ -51,6 +51,7 @@ from hostlink_tw.agent.events import (
 )
 from hostlink_tw.agent.factory import HostlinkClientFactory
 from hostlink_tw.agent.machine import ClientState, StateMachine
+from hostlink_tw.agent.reporting import EndReporter
 from hostlink_tw.agent.session import (
     Session,
     SessionListener,
@@ -70,16 +71,6 @@ __all__ = ["CLOSE_TIMEOUT", "HostlinkClient", "redact_url"]
 #: How long a close handshake may take (ours, the peer's, or stop()'s)
 #: before the TCP connection is aborted.
 CLOSE_TIMEOUT = 2.0
-
-_HINTS = {
-    401: (
-        "the control plane did not accept the signed upgrade: check that this host's "
-        "clock is right (timestamps more than 300 s off are refused) and that the agent's "
-        "public key is registered for this agent id"
-    ),
-    403: "the control plane refuses this agent: is it registered and allowed?",
-}
-_HINT_5XX = "the control plane has a problem; retrying with backoff"
 
 S = ClientState
 
@@ -200,6 +191,7 @@ class HostlinkClient:
         self._active_waiters: list[Deferred[None]] = []
         self._stop_waiters: list[Deferred[None]] = []
         self._warned_plaintext = False
+        self._reporter = EndReporter(self.log, self.log_fields)
 
     # -- public API ----------------------------------------------------------------
 
@@ -526,7 +518,13 @@ class HostlinkClient:
 
     def session_activated(self, attempt: Attempt, session: Session) -> None:
         """The attempt's hello was acked: the session is active."""
-        self._factory.resetDelay()
+        self._reporter.session_active()
+        if self._reporter.keep_backoff(self._clock.seconds()):
+            # Another agent with this identity keeps replacing our sessions:
+            # the backoff keeps growing so that the pair settles.
+            attempt.backoff_kept = True
+        else:
+            self._factory.resetDelay()
         self.attempts = 0
         self.last_failure = None
         self.last_end = None
@@ -552,42 +550,17 @@ class HostlinkClient:
         if attempt.session is not None:
             for listener in list(self._listeners):
                 listener.session_ended(attempt.session, failure)
+        self._reporter.ended(attempt, end, tls, stopping=stopping, attempts=self.attempts)
         if attempt.refused_status is not None:
-            status = attempt.refused_status
-            hint = _HINTS.get(status) or (_HINT_5XX if 500 <= status <= 599 else "")
-            # The reason names the status ("upgrade refused: HTTP 401 ...",
-            # or "upgrade not accepted (expected 101): HTTP 200 OK").
-            self.log.warn(
-                "{reason}; {hint} agent_id={agent_id} url={url} attempt={attempt}",
-                status=status,
-                reason=failure,
-                hint=hint or "retrying with backoff",
-                attempt=self.attempts,
-                **self.log_fields(),
-            )
-            self.emit(Refused(status=status, reason=failure))
-        elif tls and not stopping:
-            self.log.error(
-                "{reason} (connecting to {url}) agent_id={agent_id} attempt={attempt}",
-                reason=failure,
-                attempt=self.attempts,
-                **self.log_fields(),
-            )
-        else:
-            # Losing an active session is news; another failed attempt during
-            # an outage is not (the retry line follows anyway).
-            emit = self.log.warn if attempt.activated and not stopping else self.log.info
-            emit(
-                "connection ended: {reason} close_code={close_code} "
-                "agent_id={agent_id} url={url} attempt={attempt}",
-                reason=failure,
-                close_code=end.close_code,
-                attempt=self.attempts,
-                **self.log_fields(),
-            )
+            self.emit(Refused(status=attempt.refused_status, reason=failure))
         if not stopping:
             self.last_failure = failure
             self.last_end = end
+            if self._reporter.run_of_ends(
+                attempt, end, attempts=self.attempts, now=self._clock.seconds(),
+                host=self._factory.host, port=self._factory.port,
+            ):
+                self._factory.resetDelay()
             self._machine.set(S.CLOSING, failure)
         self.emit(AttemptEnded(end=end, clean=clean))
         if stopping:

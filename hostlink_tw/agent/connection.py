@@ -17,8 +17,8 @@ attempt that never ends).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import txaio
 from autobahn.twisted.websocket import WebSocketClientProtocol
@@ -29,8 +29,9 @@ from twisted.python.failure import Failure
 
 if TYPE_CHECKING:
     from hostlink_tw.agent.factory import HostlinkClientFactory
+    from hostlink_tw.agent.interfaces import ConnectionOwner
 
-__all__ = ["ConnectionOwner", "HostlinkClientProtocol", "MAX_RESPONSE_HEAD_BYTES"]
+__all__ = ["HostlinkClientProtocol", "MAX_RESPONSE_HEAD_BYTES"]
 
 #: Most bytes of HTTP response head (status line and headers) accepted from
 #: the control plane or a proxy; Autobahn would buffer without limit until
@@ -47,38 +48,6 @@ MAX_UNSENT_BYTES = 4 * 1024 * 1024
 MAX_FRAMES_PER_MESSAGE = 1024
 
 _F = TypeVar("_F", bound=Callable[..., Any])
-
-
-class ConnectionOwner(Protocol):
-    """What a :class:`HostlinkClientProtocol` reports to (the client)."""
-
-    def sign_upgrade(self) -> Mapping[str, str]: ...
-    def proxy_authorization(self) -> str | None: ...
-    def connection_made(self, proto: HostlinkClientProtocol) -> None: ...
-    def hook_failed(
-        self, proto: HostlinkClientProtocol, step: str, error: BaseException
-    ) -> None: ...
-    def write_blocked(self, proto: HostlinkClientProtocol, unsent: int) -> None: ...
-    def message_begun(self, proto: HostlinkClientProtocol) -> None: ...
-    def message_done(self, proto: HostlinkClientProtocol) -> None: ...
-    def too_many_frames(self, proto: HostlinkClientProtocol, frames: int) -> None: ...
-    def bad_head(self, proto: HostlinkClientProtocol, reason: str, data: bytes) -> None: ...
-    def proxy_refused(self, proto: HostlinkClientProtocol, reason: str) -> None: ...
-    def upgrade_failed(
-        self, proto: HostlinkClientProtocol, status: int | None, phrase: str, body: bytes,
-        reason: str,
-    ) -> None: ...
-    def opened(self, proto: HostlinkClientProtocol) -> None: ...
-    def message(self, proto: HostlinkClientProtocol, payload: bytes, is_binary: bool) -> None: ...
-    def pong(self, proto: HostlinkClientProtocol, payload: bytes) -> None: ...
-    def closing(
-        self, proto: HostlinkClientProtocol, code: int | None, reason: str, *, by_agent: bool,
-        by_library: bool,
-    ) -> None: ...
-    def peer_closing(
-        self, proto: HostlinkClientProtocol, code: int | None, reason: str
-    ) -> None: ...
-    def connection_lost(self, proto: HostlinkClientProtocol, reason: Failure) -> None: ...
 
 
 def _host_for_header(host: str) -> str:
@@ -335,7 +304,8 @@ class HostlinkClientProtocol(WebSocketClientProtocol):
             if end >= 0:
                 body = self.data[end + 4 :]
             phrase = parts[2].strip() if len(parts) > 2 else ""
-            self.owner.upgrade_failed(self, status, phrase, body, reason)
+            headers = getattr(self, "http_headers", None) or {}
+            self.owner.upgrade_failed(self, status, phrase, headers, body, reason)
         finally:
             super().failHandshake(reason)  # type: ignore[no-untyped-call]
 

@@ -5,7 +5,7 @@ defined once (docs/protocol.rst).
 Message types, the protocol version, the gateway path, the signed header
 names, the WebSocket close codes either side sends, and the agent-id rule.
 The agent (:mod:`hostlink_tw.agent`), the envelope code
-(:mod:`hostlink_tw.protocol`), signing and the reference control plane all
+(:mod:`hostlink_tw.wire.envelope`), signing and the reference control plane all
 import them from here.
 """
 
@@ -47,6 +47,7 @@ __all__ = [
     "TASK_STARTED",
     "TASK_TYPES",
     "agent_id_problem",
+    "check_agent_id",
 ]
 
 #: Where agents open their WebSocket, joined onto the control plane URL (§3).
@@ -126,6 +127,28 @@ def agent_id_problem(value: object) -> str | None:
     else:
         return None
     return f"agent_id {detail}; {AGENT_ID_RULE}"
+
+
+def check_agent_id(value: object) -> str:
+    """
+    Check that *value* is an agent id and return it (the raising form of
+    :func:`agent_id_problem`).
+
+    The rule is :data:`AGENT_ID_RULE` (1 to 256 characters of
+    ``A-Z a-z 0-9 . _ : @ -``), defined once for the agent, ``init`` and
+    the control plane: anything else could never authenticate (HTTP header
+    decoding, length limits) or would silence logging (lone surrogates).
+
+    :raises ValueError: With a description of the problem that ends with the
+        rule.
+    """
+    problem = agent_id_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    assert isinstance(value, str)
+    return value
+
+
 
 
 # --- message types (PROTOCOL §5) ---------------------------------------------

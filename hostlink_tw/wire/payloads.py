@@ -1,0 +1,322 @@
+"""
+The typed payloads of PROTOCOL §5: ``ack`` (and ``agent.hello_ack``),
+``error``, ``task.output`` and ``task.final``.
+
+Each payload class validates its own fields (:meth:`AckPayload.from_dict`
+and its siblings) and writes its wire form (``to_dict``);
+:func:`ack_payload` and :func:`error_payload` build wire dicts for the
+messages either side sends.  :data:`PAYLOAD_PARSERS` is the table
+:class:`~hostlink_tw.wire.envelope.Envelope` validation uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Union
+
+from hostlink_tw.wire.errors import INVALID_PAYLOAD, NUMBER_OUT_OF_RANGE, ProtocolError, short_repr
+from hostlink_tw.wire.jsontext import is_int64, is_json_int
+from hostlink_tw.wire.vocabulary import ACK, AGENT_HELLO_ACK, ERROR, TASK_FINAL, TASK_OUTPUT
+
+__all__ = [
+    "FINAL_STATUSES",
+    "PAYLOAD_PARSERS",
+    "STATUS_COMPLETED",
+    "STATUS_FAILED",
+    "STATUS_INTERRUPTED",
+    "STREAMS",
+    "STREAM_STDERR",
+    "STREAM_STDOUT",
+    "AckPayload",
+    "ErrorPayload",
+    "TaskFinalPayload",
+    "TaskOutputPayload",
+    "TypedPayload",
+    "ack_payload",
+    "error_payload",
+]
+
+# --- payload vocabularies ----------------------------------------------------
+
+STREAM_STDOUT = "stdout"
+STREAM_STDERR = "stderr"
+#: Valid ``task.output`` streams.
+STREAMS: frozenset[str] = frozenset({STREAM_STDOUT, STREAM_STDERR})
+
+STATUS_COMPLETED = "completed"
+STATUS_FAILED = "failed"
+STATUS_INTERRUPTED = "interrupted"
+#: Valid ``task.final`` statuses.
+FINAL_STATUSES: frozenset[str] = frozenset({STATUS_COMPLETED, STATUS_FAILED, STATUS_INTERRUPTED})
+
+
+def _payload_error(field: str, message: str) -> ProtocolError:
+    return ProtocolError(INVALID_PAYLOAD, f"payload.{field} {message}", field=f"payload.{field}")
+
+
+def _require_mapping(data: object) -> Mapping[str, Any]:
+    if not isinstance(data, Mapping):
+        raise ProtocolError(
+            INVALID_PAYLOAD, f"payload must be an object, not {type(data).__name__}", "payload"
+        )
+    return data
+
+
+def _get_str(data: Mapping[str, Any], key: str, *, required: bool) -> str:
+    if key not in data:
+        if required:
+            raise _payload_error(key, "is required")
+        return ""
+    value = data[key]
+    if not isinstance(value, str):
+        raise _payload_error(key, f"must be a string, not {short_repr(value)}")
+    return value
+
+
+def _get_bool(data: Mapping[str, Any], key: str, *, required: bool) -> bool:
+    if key not in data:
+        if required:
+            raise _payload_error(key, "is required")
+        return False
+    value = data[key]
+    if not isinstance(value, bool):
+        raise _payload_error(key, f"must be a boolean, not {short_repr(value)}")
+    return value
+
+
+def _get_int(data: Mapping[str, Any], key: str) -> int | None:
+    """Return an optional 64-bit integer field, ``None`` when absent."""
+    if key not in data:
+        return None
+    return _get_required_int(data, key)
+
+
+def _get_required_int(data: Mapping[str, Any], key: str) -> int:
+    """Return a required 64-bit integer field (``true`` and ``1.0`` are not integers)."""
+    if key not in data:
+        raise _payload_error(key, "is required")
+    value = data[key]
+    if not is_json_int(value):
+        raise _payload_error(key, f"must be an integer, not {short_repr(value)}")
+    if not is_int64(value):
+        raise ProtocolError(
+            NUMBER_OUT_OF_RANGE, f"payload.{key} is outside the 64-bit range", f"payload.{key}"
+        )
+    return int(value)
+
+
+@dataclass(frozen=True)
+class AckPayload:
+    """Payload of ``ack`` and ``agent.hello_ack``.
+
+    ``highest_output_sequence`` is ``None`` when absent; the optional strings
+    are ``""`` when absent and are omitted again by :meth:`to_dict`.
+    """
+
+    acked_message_id: str
+    acked_type: str
+    task_id: str = ""
+    execution_attempt_id: str = ""
+    highest_output_sequence: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AckPayload:
+        """Validate *data* and build the payload; unknown keys are ignored.
+
+        :raises ProtocolError: (:data:`INVALID_PAYLOAD`, or
+            :data:`NUMBER_OUT_OF_RANGE` for a sequence beyond 64 bits).
+        """
+        data = _require_mapping(data)
+        return cls(
+            acked_message_id=_get_str(data, "acked_message_id", required=True),
+            acked_type=_get_str(data, "acked_type", required=True),
+            task_id=_get_str(data, "task_id", required=False),
+            execution_attempt_id=_get_str(data, "execution_attempt_id", required=False),
+            highest_output_sequence=_get_int(data, "highest_output_sequence"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the wire form, without the absent optional fields."""
+        result: dict[str, Any] = {
+            "acked_message_id": self.acked_message_id,
+            "acked_type": self.acked_type,
+        }
+        if self.task_id:
+            result["task_id"] = self.task_id
+        if self.execution_attempt_id:
+            result["execution_attempt_id"] = self.execution_attempt_id
+        if self.highest_output_sequence is not None:
+            result["highest_output_sequence"] = self.highest_output_sequence
+        return result
+
+
+@dataclass(frozen=True)
+class ErrorPayload:
+    """Payload of ``error``: a peer-reported failure."""
+
+    code: str
+    message: str
+    retryable: bool
+    related_message_id: str = ""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ErrorPayload:
+        """Validate *data* and build the payload; unknown keys are ignored.
+
+        :raises ProtocolError: (:data:`INVALID_PAYLOAD`).
+        """
+        data = _require_mapping(data)
+        return cls(
+            code=_get_str(data, "code", required=True),
+            message=_get_str(data, "message", required=True),
+            retryable=_get_bool(data, "retryable", required=True),
+            related_message_id=_get_str(data, "related_message_id", required=False),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the wire form; ``related_message_id`` only when set."""
+        result: dict[str, Any] = {
+            "code": self.code,
+            "message": self.message,
+            "retryable": self.retryable,
+        }
+        if self.related_message_id:
+            result["related_message_id"] = self.related_message_id
+        return result
+
+
+@dataclass(frozen=True)
+class TaskOutputPayload:
+    """Payload of ``task.output``: one chunk of a task's stdout or stderr."""
+
+    stream: str
+    data: str
+    byte_count: int
+    truncated_locally: bool = False
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TaskOutputPayload:
+        """Validate *data* and build the payload; unknown keys are ignored.
+
+        :raises ProtocolError: (:data:`INVALID_PAYLOAD`, or
+            :data:`NUMBER_OUT_OF_RANGE`).
+        """
+        data = _require_mapping(data)
+        stream = _get_str(data, "stream", required=True)
+        if stream not in STREAMS:
+            raise _payload_error(
+                "stream", f"must be 'stdout' or 'stderr', not {short_repr(stream)}"
+            )
+        byte_count = _get_required_int(data, "byte_count")
+        if byte_count < 0:
+            raise _payload_error("byte_count", f"must be >= 0, not {byte_count}")
+        return cls(
+            stream=stream,
+            data=_get_str(data, "data", required=True),
+            byte_count=byte_count,
+            truncated_locally=_get_bool(data, "truncated_locally", required=False),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the wire form; ``truncated_locally`` only when true."""
+        result: dict[str, Any] = {
+            "stream": self.stream,
+            "data": self.data,
+            "byte_count": self.byte_count,
+        }
+        if self.truncated_locally:
+            result["truncated_locally"] = True
+        return result
+
+
+@dataclass(frozen=True)
+class TaskFinalPayload:
+    """Payload of ``task.final``: how a task execution ended."""
+
+    status: str
+    exit_code: int
+    output: str = ""
+    error: str = ""
+    output_truncated: bool = False
+    error_truncated: bool = False
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TaskFinalPayload:
+        """Validate *data* and build the payload; unknown keys are ignored.
+
+        :raises ProtocolError: (:data:`INVALID_PAYLOAD`, or
+            :data:`NUMBER_OUT_OF_RANGE`).
+        """
+        data = _require_mapping(data)
+        status = _get_str(data, "status", required=True)
+        if status not in FINAL_STATUSES:
+            raise _payload_error(
+                "status", f"must be completed, failed or interrupted, not {short_repr(status)}"
+            )
+        exit_code = _get_required_int(data, "exit_code")
+        return cls(
+            status=status,
+            exit_code=exit_code,
+            output=_get_str(data, "output", required=False),
+            error=_get_str(data, "error", required=False),
+            output_truncated=_get_bool(data, "output_truncated", required=False),
+            error_truncated=_get_bool(data, "error_truncated", required=False),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the wire form, without empty optional fields."""
+        result: dict[str, Any] = {"status": self.status, "exit_code": self.exit_code}
+        if self.output:
+            result["output"] = self.output
+        if self.error:
+            result["error"] = self.error
+        if self.output_truncated:
+            result["output_truncated"] = True
+        if self.error_truncated:
+            result["error_truncated"] = True
+        return result
+
+
+#: Any of the typed payloads.
+TypedPayload = Union[AckPayload, ErrorPayload, TaskOutputPayload, TaskFinalPayload]
+
+#: The payload parser of each message type whose payload is typed.
+PAYLOAD_PARSERS: Mapping[str, Callable[[Mapping[str, Any]], TypedPayload]] = {
+    ACK: AckPayload.from_dict,
+    AGENT_HELLO_ACK: AckPayload.from_dict,
+    ERROR: ErrorPayload.from_dict,
+    TASK_OUTPUT: TaskOutputPayload.from_dict,
+    TASK_FINAL: TaskFinalPayload.from_dict,
+}
+
+
+def ack_payload(
+    acked_message_id: str,
+    acked_type: str,
+    task_id: str = "",
+    execution_attempt_id: str = "",
+    highest_output_sequence: int | None = None,
+) -> dict[str, Any]:
+    """Build the payload of an ``ack`` / ``agent.hello_ack`` for a received message.
+
+    :raises ProtocolError: (:data:`INVALID_PAYLOAD`) if a value has the wrong type.
+    """
+    payload = AckPayload(
+        acked_message_id, acked_type, task_id, execution_attempt_id, highest_output_sequence
+    ).to_dict()
+    AckPayload.from_dict(payload)  # refuse what a receiver would refuse
+    return payload
+
+
+def error_payload(
+    code: str, message: str, retryable: bool, related_message_id: str = ""
+) -> dict[str, Any]:
+    """Build the payload of an ``error`` message.
+
+    :raises ProtocolError: (:data:`INVALID_PAYLOAD`) if a value has the wrong type.
+    """
+    payload = ErrorPayload(code, message, retryable, related_message_id).to_dict()
+    ErrorPayload.from_dict(payload)
+    return payload
+
