@@ -763,7 +763,9 @@ async def upgrade_garbage(run: FaultRun) -> None:
     run.fault_starts()
     proxy.set_mode("garbage")
     proxy.reset_all()
-    await run.detected(r"connection ended: connection failed: .*agent_id=")
+    # The agent names the broken head itself (one warning line), and its
+    # "connection ended" line carries that reason, not "connection failed".
+    await run.detected(r"upgrade failed: response unparsable \(UnicodeDecodeError\).*agent_id=")
     await run.hold()
     await run.ends(lambda: proxy.set_mode("pass"))
     await _expect_one_session(run, _in_process_status(cp))
