@@ -147,3 +147,17 @@ class EscalationTests(SynchronousTestCase):
         h.reactor.advance(h.client.current_delay or 0)
         self._fail(h, ConnectionRefusedError(), ESCALATE_AFTER_ATTEMPTS + 1)
         self.assertEqual(len(self._escalations(h)), 2)
+
+
+class EndLineTests(SynchronousTestCase):
+    def test_end_of_a_session_names_its_own_attempt(self) -> None:
+        """The count of attempts restarts on activation; the end line keeps the attempt's number."""
+        h = harness(self)
+        h.client.start()
+        h.fail_connect()
+        h.reactor.advance(h.client.current_delay or 0)
+        c = h.active_conn()  # attempt 2
+        c.send_close(1001, b"restarting")
+        c.lose()
+        (line,) = [m for m in h.messages("warn") if m.startswith("connection ended")]
+        self.assertIn("attempt=2", line)

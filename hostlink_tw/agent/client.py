@@ -550,7 +550,8 @@ class HostlinkClient:
         if attempt.session is not None:
             for listener in list(self._listeners):
                 listener.session_ended(attempt.session, failure)
-        self._reporter.ended(attempt, end, tls, stopping=stopping, attempts=self.attempts)
+        # The attempt's own number: a session's end comes after the count was reset.
+        self._reporter.ended(attempt, end, tls, stopping=stopping, attempts=attempt.number)
         if attempt.refused_status is not None:
             self.emit(Refused(status=attempt.refused_status, reason=failure))
         if not stopping:
