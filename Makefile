@@ -20,7 +20,7 @@ $(STAMP): setup.py pyproject.toml
 venv: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check hostlink_tw tests twisted benchmarks
+	$(BIN)/ruff check hostlink_tw tests twisted benchmarks evidence
 	$(BIN)/mypy hostlink_tw
 
 # The whole suite under trial; its dirty-reactor check stays on.
@@ -40,7 +40,7 @@ demo: $(STAMP)
 # Chaos: a real twistd agent and control plane under each fault (the quick
 # subset runs in make test); prints the fault/detection/recovery table.
 chaos: $(STAMP)
-	$(BIN)/python -m benchmarks.chaos
+	$(BIN)/python -m evidence.chaos
 
 # Hypothesis against the client protocol: at least 100,000 examples.
 FUZZ_EXAMPLES ?= 100000
@@ -50,7 +50,7 @@ fuzz: $(STAMP)
 # Control plane restarting every few seconds; fds, RSS and DelayedCalls sampled each minute.
 MINUTES ?= 30
 soak: $(STAMP)
-	$(BIN)/python -m benchmarks.soak --minutes $(MINUTES)
+	$(BIN)/python -m evidence.soak --minutes $(MINUTES)
 
 BENCH_STAMP := $(VENV)/.installed-bench
 $(BENCH_STAMP): $(STAMP)

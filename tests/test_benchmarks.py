@@ -337,7 +337,7 @@ class OutputPlaceTests(SynchronousTestCase):
         self.assertEqual(ignored.returncode, 0, "benchmarks/results/ must be git-ignored")
 
     def test_chaos_note_counts_name_servers_without_addresses(self) -> None:
-        from benchmarks.chaos import _resolver_note
+        from evidence.chaos import _resolver_note
 
         path = self.mktemp()
         with open(path, "w", encoding="utf-8") as f:

@@ -1,8 +1,8 @@
 """
 The quick chaos faults (``make chaos`` runs them all): a real ``twistd -n
 hostlink`` process against the reference control plane on 127.0.0.1, with
-the harness of :mod:`benchmarks.faults` and the scenarios of
-:mod:`benchmarks.chaos`.  Plus the harness's own checks, so a broken
+the harness of :mod:`evidence.faults` and the scenarios of
+:mod:`evidence.chaos`.  Plus the harness's own checks, so a broken
 connection counter or proxy cannot make the faults pass vacuously.
 """
 
@@ -21,8 +21,8 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol, connecti
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from benchmarks.chaos import QUICK_FAULTS, ChaosConfig, FaultResult, run_fault
-from benchmarks.faults import (
+from evidence.chaos import QUICK_FAULTS, ChaosConfig, FaultResult, run_fault
+from evidence.faults import (
     FaultProxy,
     FaultTimeoutError,
     ManagedProcess,
@@ -89,7 +89,7 @@ class FreePortTests(SynchronousTestCase):
     """Ports the harnesses restart servers on stay out of the kernel's ephemeral range."""
 
     def test_outside_the_ephemeral_range_and_free(self) -> None:
-        from benchmarks.faults import _ephemeral_ports, free_port
+        from evidence.faults import _ephemeral_ports, free_port
 
         ephemeral = _ephemeral_ports()
         for _ in range(20):
@@ -140,7 +140,7 @@ class ResolverTripwireTests(TestCase):
             "socket.getaddrinfo = socket.gethostbyname = socket.gethostbyname_ex = sentinel\n"
             "from twisted.internet import reactor\n"
             "reactor.nameResolver._getaddrinfo = sentinel\n"
-            "from benchmarks.faults import install_resolver_tripwire\n"
+            "from evidence.faults import install_resolver_tripwire\n"
             "install_resolver_tripwire(reactor)\n"
             "try:\n"
             "    socket.getaddrinfo('hostlink.invalid', 80)\n"

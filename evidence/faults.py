@@ -22,7 +22,7 @@ Fault injection for the chaos runs: reusable pieces, all on 127.0.0.1.
     the configured name server (it has no special case for ``.invalid``),
     and the name server of the machine this was written on is off-host.  So the
     agent process runs with this resolver installed on its reactor
-    (``python -m benchmarks.faults resolver-twistd HOSTS.json -- twistd
+    (``python -m evidence.faults resolver-twistd HOSTS.json -- twistd
     args``): ``.invalid`` names fail locally unless the harness maps them in
     ``HOSTS.json``, and the system resolver functions are trip-wired to
     refuse (and report ``CHAOS-RESOLVER-LEAK``) any ``.invalid`` lookup, so a
@@ -673,14 +673,14 @@ def spawn_agent(
     """
     ``twistd -n hostlink …`` as a real process (see :func:`agent_args`).
     With ``hosts_file``, the same twistd runs under :class:`ChaosResolver`
-    (``python -m benchmarks.faults resolver-twistd``).
+    (``python -m evidence.faults resolver-twistd``).
     """
     twistd_args = ["-n", "--pidfile=", "--logfile=-", *hostlink_args]
     if hosts_file is None:
         args = [_twistd(), *twistd_args]
     else:
         args = [
-            sys.executable, "-m", "benchmarks.faults", "resolver-twistd", hosts_file, "--",
+            sys.executable, "-m", "evidence.faults", "resolver-twistd", hosts_file, "--",
             *twistd_args,
         ]
     process = ManagedProcess(name)
@@ -906,7 +906,7 @@ def install_resolver_tripwire(reactor: Any = None) -> None:
 def _resolver_twistd(argv: list[str]) -> None:
     """``resolver-twistd HOSTS.json -- twistd-args…``: twistd under :class:`ChaosResolver`."""
     if len(argv) < 2 or argv[1] != "--":
-        raise SystemExit("usage: python -m benchmarks.faults resolver-twistd HOSTS.json -- ARGS")
+        raise SystemExit("usage: python -m evidence.faults resolver-twistd HOSTS.json -- ARGS")
     hosts_file, twistd_args = argv[0], argv[2:]
     from twisted.internet import reactor
 
@@ -921,12 +921,12 @@ def _resolver_twistd(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``python -m benchmarks.faults`` (the agent-side launcher)."""
+    """Entry point of ``python -m evidence.faults`` (the agent-side launcher)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["resolver-twistd"]:
         _resolver_twistd(args[1:])
     else:
-        raise SystemExit("usage: python -m benchmarks.faults resolver-twistd HOSTS.json -- ARGS")
+        raise SystemExit("usage: python -m evidence.faults resolver-twistd HOSTS.json -- ARGS")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ For each fault the agent must
 
 * never exit;
 * never hold two connections to the control plane (or the proxy in front
-  of it), sampled from ``/proc`` every 20 ms (:class:`~benchmarks.faults.ConnectionWatch`);
+  of it), sampled from ``/proc`` every 20 ms (:class:`~evidence.faults.ConnectionWatch`);
 * log the cause in one line (a line matching the fault's pattern that also
   carries ``agent_id=``), and never log a traceback;
 * never be active while the fault lasts;
@@ -30,7 +30,7 @@ bound
     Dead-peer faults start right after the session became active, so their
     detection time is the worst case, not a lucky ping phase.
 
-Usage: ``python -m benchmarks.chaos [--hold SECONDS] [--only NAME ...] [--extra] [--keep]``.
+Usage: ``python -m evidence.chaos [--hold SECONDS] [--only NAME ...] [--extra] [--keep]``.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 
-from benchmarks.faults import (
+from evidence.faults import (
     ConnectionWatch,
     FaultProxy,
     FaultTimeoutError,
@@ -643,7 +643,7 @@ async def hello_ack_withheld(run: FaultRun) -> None:
 async def name_unresolvable(run: FaultRun, stall: bool = False) -> None:
     """
     The control plane's host name stops resolving: ``hostlink.invalid``
-    (reserved TLD) served by :class:`~benchmarks.faults.ChaosResolver` in the
+    (reserved TLD) served by :class:`~evidence.faults.ChaosResolver` in the
     agent process, so no lookup of it ever leaves the machine.  With
     ``stall``, lookups hang instead of failing.
     """
@@ -887,7 +887,7 @@ def _resolver_note(resolv_conf: str = "/etc/resolv.conf") -> str:
 
 
 async def _main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.chaos", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m evidence.chaos", description=__doc__)
     parser.add_argument("--hold", type=float, default=ChaosConfig.hold,
                         help="seconds each fault lasts after the agent noticed it")
     parser.add_argument("--only", action="append", default=[],
@@ -958,7 +958,7 @@ async def _main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m benchmarks.chaos``: run the faults, print the table, exit 1 on any miss."""
+    """``python -m evidence.chaos``: run the faults, print the table, exit 1 on any miss."""
     from twisted.internet import reactor, task
 
     reactor_any: Any = reactor

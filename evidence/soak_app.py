@@ -1,7 +1,7 @@
 """
 The soak's agent: ``twistd hostlink`` plus a probe of the reactor's timers.
 
-Run by :mod:`benchmarks.soak` as ``twistd -n --python benchmarks/soak_app.py``.
+Run by :mod:`evidence.soak` as ``twistd -n --python evidence/soak_app.py``.
 The agent service is exactly what ``twistd hostlink`` builds
 (:func:`hostlink_tw.tap.makeService` from :class:`hostlink_tw.tap.Options`,
 parsed from the JSON list in ``HOSTLINK_SOAK_AGENT_ARGS``).  Next to it, on

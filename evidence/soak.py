@@ -1,7 +1,7 @@
 """
 Soak: a real agent against a control plane that restarts every few seconds.
 
-``make soak MINUTES=30`` runs ``python -m benchmarks.soak --minutes 30``:
+``make soak MINUTES=30`` runs ``python -m evidence.soak --minutes 30``:
 
 * the reference control plane runs as its own process
   (``twistd -n hostlink-controlplane``) on a fixed 127.0.0.1 port and is
@@ -10,7 +10,7 @@ Soak: a real agent against a control plane that restarts every few seconds.
   sees the TCP connection die), down ``--down-for`` seconds each time (the
   agent meets refused connections and backs off);
 * the agent is ``twistd hostlink`` (the same options and service) started
-  through :mod:`benchmarks.soak_app`, which adds a probe of the reactor's
+  through :mod:`evidence.soak_app`, which adds a probe of the reactor's
   pending DelayedCalls; its ``--status-listen`` page tells whether it is
   active before each restart;
 * every ``--sample-every`` seconds (default 60; for runs shorter than ten
@@ -67,7 +67,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from benchmarks.faults import free_port
+from evidence.faults import free_port
 from hostlink_tw.identity import (
     AgentState,
     generate_private_key,
@@ -488,7 +488,7 @@ class Soak:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.soak",
+        prog="python -m evidence.soak",
         description="Soak the agent against a control plane that restarts every few seconds.",
     )
     parser.add_argument("--minutes", type=float, default=30.0,

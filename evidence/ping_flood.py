@@ -2,7 +2,7 @@
 Issue 10 item 3, measured: a hostile control plane floods pings and never
 reads the pongs; how much memory does a real agent process spend?
 
-    .venv/bin/python -m benchmarks.ping_flood [SECONDS]
+    .venv/bin/python -m evidence.ping_flood [SECONDS]
 
 Runs a hostile server (accepts any upgrade, acks the hello, then stops
 reading and sends pings without pause) and a real ``twistd hostlink`` agent
@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks.faults import free_port
+from evidence.faults import free_port
 
 _BIN = os.path.dirname(sys.executable)
 
@@ -85,7 +85,7 @@ def main(seconds: float) -> None:
          "flood-agent"], check=True, capture_output=True,
     )
     server = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.ping_flood", "--serve", str(port)],
+        [sys.executable, "-m", "evidence.ping_flood", "--serve", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     time.sleep(1.5)
