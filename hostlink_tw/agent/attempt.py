@@ -104,7 +104,7 @@ class Attempt:
         self.hello_id: str | None = None
         self.session: Session | None = None
         self.over = False
-        self.failure: Failure | None = None
+        self.failure: BaseException | None = None
         #: When the session became active (reactor time).
         self.activated_at: float | None = None
         #: Whether activation left the backoff as it was (sessions replaced).
@@ -114,6 +114,7 @@ class Attempt:
         self._lost: Failure | None = None
         self._keepalive: Keepalive | None = None
         self._assembly: IDelayedCall | None = None
+        self._message_started: float | None = None
 
     def note(self, kind: str, text: str, **more: Any) -> None:
         """Remember why the attempt ends, unless a reason is known already."""
@@ -223,18 +224,24 @@ class Attempt:
             self._closing(reason)
 
     def message_begun(self, proto: HostlinkClientProtocol) -> None:
-        """A message starts arriving: it must be complete within the bound."""
+        """
+        A message starts arriving: it must be complete within the bound.
+        Cheap per message: the start time is noted, and one check runs at
+        most every :data:`MAX_MESSAGE_SECONDS` while messages arrive
+        (opened() tied its cancellation to the open states, once).
+        """
         if not self._mine(proto):
             return
-        self._cancel_assembly()
-        call = self.client.clock.callLater(MAX_MESSAGE_SECONDS, self._assembly_timed_out)
-        self._assembly = call
-        self.client.machine.own(cancel_call(call), {S.AWAITING_ACK, S.ACTIVE})
+        self._message_started = self.client.clock.seconds()
+        if self._assembly is None and self.client.machine.state in (S.AWAITING_ACK, S.ACTIVE):
+            self._assembly = self.client.clock.callLater(
+                MAX_MESSAGE_SECONDS, self._assembly_check
+            )
 
     def message_done(self, proto: HostlinkClientProtocol) -> None:
         """The message is complete."""
         if self._mine(proto):
-            self._cancel_assembly()
+            self._message_started = None
 
     def too_many_frames(self, proto: HostlinkClientProtocol, frames: int) -> None:
         """A message came in more frames than the bound."""
@@ -257,9 +264,14 @@ class Attempt:
             self._assembly.cancel()
         self._assembly = None
 
-    def _assembly_timed_out(self) -> None:
+    def _assembly_check(self) -> None:
         self._assembly = None
-        if self.over or self.proto is None:
+        started = self._message_started
+        if self.over or self.proto is None or started is None:
+            return
+        remaining = started + MAX_MESSAGE_SECONDS - self.client.clock.seconds()
+        if remaining > 0:
+            self._assembly = self.client.clock.callLater(remaining, self._assembly_check)
             return
         with self.client.handling():
             reason = f"a message was not complete within {MAX_MESSAGE_SECONDS:g}s"
@@ -331,6 +343,7 @@ class Attempt:
             )
             self._keepalive = keepalive
             client.machine.own(keepalive.stop, {S.AWAITING_ACK, S.ACTIVE})
+            client.machine.own(self._cancel_assembly, {S.AWAITING_ACK, S.ACTIVE})
             call = client.clock.callLater(settings.hello_timeout, self._hello_timed_out)
             client.machine.own(cancel_call(call), {S.AWAITING_ACK})
             self._log.info(
@@ -572,16 +585,20 @@ class Attempt:
         self.over = True
         if self._lost is not None:
             reason = self._lost  # the protocol saw the TLS failure; the connector did not
+        self._lost = None
         end, clean, tls = end_reason(
             self.proto if self.upgraded else None, self.end, reason, self.client.tls_host,
             self.refused_status, stopping=stopping,
         )
-        #: What ended it at the transport level (for the client's diagnosis).
-        self.failure = reason
+        #: What ended it at the transport level (for the client's diagnosis):
+        #: the exception only, without the Failure's frames, which reach the
+        #: dead connection.
+        self.failure = reason.value.with_traceback(None) if reason.value is not None else None
         if self.session is not None:
             self.session.end(end.text)
         # Nothing of the dead connection stays reachable from the attempt.
         self._keepalive = None
+        self._cancel_assembly()
         self.proto = None
         return end, clean, tls
 

@@ -2,12 +2,12 @@
 :class:`HostlinkClient`: the agent's connection to the control plane, kept
 up until :meth:`~HostlinkClient.stop`.
 
-The client owns everything about a connection: the state machine
-(:mod:`~hostlink_tw.agent.machine`) and the timers each state owns, the
-attempt record (why it ended, the HTTP status of a refusal), the keepalive,
-and the :class:`~hostlink_tw.agent.session.Session` once the hello is acked.
-The Autobahn protocol reports its inputs here; the factory is Twisted's
-reconnect loop, connected once by :meth:`~HostlinkClient.start`.
+The client owns the state machine (:mod:`~hostlink_tw.agent.machine`),
+delivers events, and connects the factory, Twisted's reconnect loop, once
+in :meth:`~HostlinkClient.start`.  Each connection attempt is an
+:class:`~hostlink_tw.agent.attempt.Attempt`: its protocol reports to it, and
+it owns the attempt's deadlines, the keepalive and, once the hello is acked,
+the :class:`~hostlink_tw.agent.session.Session`.
 
 Timing rules (keepalive, hello, handshake and close timeouts, retry delays)
 run on ``callLater`` of the injected reactor.  Autobahn's own timers run on
@@ -15,7 +15,7 @@ txaio's batched loop, which rounds deadlines to buckets, and are all off.
 
 How a message travels: TCP bytes → Autobahn's framing (bounded by
 ``MAX_MESSAGE_BYTES``) → ``HostlinkClientProtocol.onMessage`` →
-:meth:`HostlinkClient.message` (validated by
+:meth:`Attempt.message` (validated by
 :func:`~hostlink_tw.protocol.parse_envelope` against the agent's id) → the
 hello_ack check before the session, or the session's dispatch table after
 it; answers go back through :meth:`Session.send`, which writes one JSON
@@ -315,9 +315,19 @@ class HostlinkClient:
         """
         return self._observers.add(observer)
 
-    def add_session_listener(self, listener: SessionListener) -> None:
-        """Tell ``listener`` of every session's start and end from now on."""
+    def add_session_listener(self, listener: SessionListener) -> Callable[[], None]:
+        """
+        Tell ``listener`` of every session's start and end from now on, once
+        the input that caused it is handled; returns its unsubscriber.  A
+        listener that raises is logged and otherwise ignored.
+        """
         self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return unsubscribe
 
     def snapshot(self) -> dict[str, Any]:
         """The client's state as JSON-able values (for the status endpoint)."""
@@ -376,6 +386,8 @@ class HostlinkClient:
             self._depth += 1
             try:
                 tell()
+            except Exception:  # noqa: BLE001 - a listener must not break the client
+                self.log.failure("a session listener failed")
             finally:
                 self._depth -= 1
 
@@ -390,10 +402,14 @@ class HostlinkClient:
 
     def _fire(self, waiters: list[Deferred[None]]) -> None:
         for d in waiters:
-            self.later(lambda d=d: d.callback(None))  # type: ignore[misc]
+            self.later(lambda d=d: None if d.called else d.callback(None))  # type: ignore[misc]
 
     def _state_changed(self, old: ClientState, new: ClientState, reason: str) -> None:
         if old is S.ACTIVE:
+            # Closing or stopping: the session sends no more and its waiters fail now.
+            attempt = self._attempt
+            if attempt is not None and attempt.session is not None:
+                attempt.session.end(reason)
             self.emit(SessionInactive(reason=reason))
 
     def _warn_plaintext_once(self) -> None:
@@ -547,9 +563,12 @@ class HostlinkClient:
         end, clean, tls = attempt.finish(reason, stopping=stopping)
         self.connected_since = None
         failure = end.text
-        if attempt.session is not None:
+        session = attempt.session
+        if session is not None:
             for listener in list(self._listeners):
-                listener.session_ended(attempt.session, failure)
+                self.later(
+                    lambda listener=listener: listener.session_ended(session, failure)  # type: ignore[misc]
+                )
         # The attempt's own number: a session's end comes after the count was reset.
         self._reporter.ended(attempt, end, tls, stopping=stopping, attempts=attempt.number)
         if attempt.refused_status is not None:

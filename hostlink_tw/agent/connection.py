@@ -4,7 +4,7 @@ One WebSocket connection to the control plane: the Autobahn protocol.
 A thin adapter.  It does what only the protocol can do — start TLS on the
 TCP transport, ask a proxy for a tunnel, sign the upgrade in
 ``onConnecting``, keep Autobahn's response parsing within bounds — and
-reports every input to its owner (:class:`~hostlink_tw.agent.client.HostlinkClient`)
+reports every input to its owner, its :class:`~hostlink_tw.agent.attempt.Attempt`
 as a call of the :class:`ConnectionOwner` interface: opened, a frame, a
 pong, the upgrade refused, closing, lost.  It keeps no session state.
 

@@ -216,13 +216,13 @@ _PLAIN_PORT = ("wrong version number", "http request", "packet length too long",
                "unknown protocol", "record layer failure")
 
 
-def classify(reason: Failure | None, end_kind: str, end_text: str, host: str,
+def classify(value: BaseException | None, end_kind: str, end_text: str, host: str,
              port: int) -> Cause:
     """
     The cause of an attempt that ended without a session, for the escalated
-    warning: the exception when there is one, else the end reason's kind.
+    warning: the exception that ended it when there is one, else the end
+    reason's kind.
     """
-    value = reason.value if reason is not None else None
     where = f"{host}:{port}"
     if isinstance(value, DNSLookupError):
         return Cause("dns", f"the host name {host} does not resolve: check the URL "

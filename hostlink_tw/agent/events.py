@@ -45,8 +45,9 @@ class EndReason:
         ``refused`` (the upgrade got an HTTP error), ``tls``, ``timeout``,
         ``protocol`` (the peer broke the protocol), ``closed_by_peer``,
         ``closed_by_agent``, ``lost`` (TCP ended without a close),
-        ``setup_error`` (our own code failed while setting the attempt up),
-        ``stopped``.
+        ``setup_error`` (our own code failed while setting the attempt up).
+        An attempt that ``stop()`` ended has one of these and
+        ``retryable`` false.
     :ivar text: one line for people (log lines, ``/status``).
     :ivar close_code: the WebSocket close code received (or, failing that,
         sent); None without one.

@@ -4,7 +4,8 @@ Twisted's ``ReconnectingClientFactory``, configured with our delays.
 RCF's own loop reconnects: ``clientConnectionFailed``/``clientConnectionLost``
 call ``retry()``, which schedules ``connector.connect()`` on ``clock`` and
 keeps the handle in ``_callID``; ``stopTrying()`` cancels it.  The factory
-is connected once by its owner (:func:`connect`); it never dials by itself.
+is connected once by its owner (:meth:`HostlinkClient.start`); it never dials
+by itself.
 """
 
 from __future__ import annotations
@@ -151,17 +152,21 @@ class HostlinkClientFactory(WebSocketClientFactory, ReconnectingClientFactory):
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         """TCP connect failed (refused, unreachable, timed out, stopped)."""
-        self.owner.attempt_ended(connector, reason)
-        ReconnectingClientFactory.clientConnectionFailed(  # type: ignore[no-untyped-call]
-            self, connector, reason
-        )
+        try:
+            self.owner.attempt_ended(connector, reason)
+        finally:  # whatever the owner did, RCF's loop goes on
+            ReconnectingClientFactory.clientConnectionFailed(  # type: ignore[no-untyped-call]
+                self, connector, reason
+            )
 
     def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
         """An established TCP connection ended (whatever happened above TCP)."""
-        self.owner.attempt_ended(connector, reason)
-        ReconnectingClientFactory.clientConnectionLost(  # type: ignore[no-untyped-call]
-            self, connector, reason
-        )
+        try:
+            self.owner.attempt_ended(connector, reason)
+        finally:  # whatever the owner did, RCF's loop goes on
+            ReconnectingClientFactory.clientConnectionLost(  # type: ignore[no-untyped-call]
+                self, connector, reason
+            )
 
     # -- the delays ----------------------------------------------------------------
 

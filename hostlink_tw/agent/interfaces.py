@@ -32,7 +32,7 @@ __all__ = ["AttemptHost", "ConnectionOwner"]
 
 
 class ConnectionOwner(Protocol):
-    """What a :class:`HostlinkClientProtocol` reports to (the client)."""
+    """What a :class:`HostlinkClientProtocol` reports to: its attempt."""
 
     def sign_upgrade(self) -> Mapping[str, str]: ...
     def proxy_authorization(self) -> str | None: ...

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
@@ -109,10 +109,14 @@ class Keepalive:
         self._sequence += 1
         payload = os.urandom(PING_PAYLOAD_BYTES)
         self._outstanding[payload] = (self._sequence, self._clock.seconds())
-        self._send_ping(payload)
-        self._on_ping(self._sequence)
+        # The deadline is armed before calling out: sending (a peer that does
+        # not read) or an observer may stop the keepalive, and stop() must
+        # find every timer it has to cancel.
         if self._deadline is None:
             self._deadline = self._clock.callLater(self._timeout, self._overdue)
+        self._send_ping(payload)
+        if self._loop.running:
+            self._on_ping(self._sequence)
 
     def _overdue(self) -> None:
         self._deadline = None
@@ -132,8 +136,3 @@ def _ignore(_: Any) -> None:
 
 def _nothing() -> None:
     """A callback that does nothing (a stopped keepalive's)."""
-
-
-def as_clock(reactor: Any) -> IReactorTime:
-    """The reactor, typed as the clock it is used as."""
-    return cast(IReactorTime, reactor)

@@ -6,9 +6,8 @@ them, and the timers each state owns.
 
     idle/stopped --start--> connecting --upgrade--> awaiting_hello_ack
         --hello_ack--> active
-    connecting/awaiting_hello_ack/active --failure or close--> closing
-    closing/connecting/awaiting_hello_ack/active --TCP gone--> waiting
-    waiting --delay--> connecting
+    connecting/awaiting_hello_ack/active --failure, close or TCP gone--> closing
+    closing --retry scheduled--> waiting --delay--> connecting
     any running state --stop--> stopping --everything closed--> stopped
 
 A timer is registered with :meth:`StateMachine.own` together with the
@@ -45,17 +44,14 @@ S = ClientState
 #: Every legal transition, by the state it leaves.
 TRANSITIONS: dict[ClientState, frozenset[ClientState]] = {
     S.IDLE: frozenset({S.CONNECTING}),
-    S.CONNECTING: frozenset({S.CONNECTING, S.AWAITING_ACK, S.CLOSING, S.WAITING, S.STOPPING}),
-    S.AWAITING_ACK: frozenset({S.ACTIVE, S.CLOSING, S.WAITING, S.STOPPING}),
-    S.ACTIVE: frozenset({S.CLOSING, S.WAITING, S.STOPPING}),
+    S.CONNECTING: frozenset({S.CONNECTING, S.AWAITING_ACK, S.CLOSING, S.STOPPING}),
+    S.AWAITING_ACK: frozenset({S.ACTIVE, S.CLOSING, S.STOPPING}),
+    S.ACTIVE: frozenset({S.CLOSING, S.STOPPING}),
     S.CLOSING: frozenset({S.CLOSING, S.WAITING, S.STOPPING}),
     S.WAITING: frozenset({S.CONNECTING, S.STOPPING}),
     S.STOPPING: frozenset({S.STOPPED}),
     S.STOPPED: frozenset({S.CONNECTING}),
 }
-
-#: The states with a connection attempt in progress (TCP connecting or connected).
-CONNECTION_STATES = frozenset({S.CONNECTING, S.AWAITING_ACK, S.ACTIVE, S.CLOSING})
 
 
 class IllegalTransitionError(RuntimeError):

@@ -153,15 +153,21 @@ class Session:
         """
         Send ``envelope``; the Deferred fires with the ``ack`` that acks its
         ``message_id``, or fails with :class:`SessionEndedError`.
+
+        :raises SessionEndedError: the session has ended (or is closing).
+        :raises ValueError: an ack for this message id is awaited already.
         """
         if self.ended is not None:
             raise SessionEndedError(self.ended)
+        if envelope.message_id in self._waiters:
+            raise ValueError(f"already waiting for the ack of {envelope.message_id!r}")
+
         def forget(_: Deferred[Envelope]) -> None:
             self._waiters.pop(envelope.message_id, None)
 
+        self._send(envelope)  # first: a send that raises leaves no waiter behind
         d: Deferred[Envelope] = Deferred(forget)
         self._waiters[envelope.message_id] = d
-        self._send(envelope)
         return d
 
     @property
