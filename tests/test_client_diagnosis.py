@@ -161,3 +161,43 @@ class EndLineTests(SynchronousTestCase):
         c.lose()
         (line,) = [m for m in h.messages("warn") if m.startswith("connection ended")]
         self.assertIn("attempt=2", line)
+
+
+class RefusalHintTests(SynchronousTestCase):
+    """New-user trial: an 'unknown agent' 401 was first told to check the clock."""
+
+    def test_401_hint_follows_the_body(self) -> None:
+        from hostlink_tw.agent.diagnosis import refusal_hint
+
+        self.assertIn("identity show", refusal_hint(401, "upgrade refused: HTTP 401 'unknown agent'"))
+        self.assertNotIn("clock", refusal_hint(401, "HTTP 401 'unknown agent'"))
+        self.assertIn("another public key", refusal_hint(401, "HTTP 401 'invalid signature'"))
+        general = refusal_hint(401, "HTTP 401 'stale timestamp'")
+        self.assertIn("clock", general)
+        self.assertIn("registered", general)
+
+
+class PortMismatchTests(SynchronousTestCase):
+    """New-user trial: wss:// to a plain port (and the reverse) said nothing useful."""
+
+    def test_wss_to_a_plain_port(self) -> None:
+        from twisted.internet.error import ConnectionLost
+
+        h = harness(self, ws_url="wss://cp.example.test:8080/api/v1/agents/ws", reconnect_max=2.0)
+        h.client.start()
+        for _ in range(3):
+            c = h.conn()
+            c.lose(ConnectionLost())  # the plain server gave up on the ClientHello
+            h.reactor.advance(h.client.current_delay or 0)
+        (line,) = [m for m in h.messages("warn") if "no session for" in m]
+        self.assertIn("if it is a plain port, use ws://", line)
+
+    def test_ws_to_a_tls_port(self) -> None:
+        h = harness(self, reconnect_max=2.0)
+        h.client.start()
+        for _ in range(3):
+            c = h.conn()
+            c.lose()  # closed before any upgrade answer
+            h.reactor.advance(h.client.current_delay or 0)
+        (line,) = [m for m in h.messages("warn") if "no session for" in m]
+        self.assertIn("if it expects TLS, use wss://", line)

@@ -104,6 +104,8 @@ class Attempt:
         self.hello_id: str | None = None
         self.session: Session | None = None
         self.over = False
+        #: Whether TCP connected (the attempt then ended in TLS or the upgrade).
+        self.tcp_connected = False
         self.failure: BaseException | None = None
         #: When the session became active (reactor time).
         self.activated_at: float | None = None
@@ -199,6 +201,7 @@ class Attempt:
         """TCP is up."""
         if not self.over:
             self.proto = proto
+            self.tcp_connected = True
 
     def hook_failed(self, proto: HostlinkClientProtocol, step: str, error: BaseException) -> None:
         """Our own code raised in one of the connection's hooks."""

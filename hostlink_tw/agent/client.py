@@ -579,6 +579,7 @@ class HostlinkClient:
             if self._reporter.run_of_ends(
                 attempt, end, attempts=self.attempts, now=self._clock.seconds(),
                 host=self._factory.host, port=self._factory.port,
+                secure=bool(self._factory.isSecure),
             ):
                 self._factory.resetDelay()
             self._machine.set(S.CLOSING, failure)

@@ -78,8 +78,21 @@ REPLACED_SESSIONS = 3
 REPLACED_WINDOW = 60.0
 
 
-def refusal_hint(status: int) -> str:
-    """What an operator should check for an upgrade refused with ``status``."""
+# A 401's body, when the control plane says which check failed: the hint for that one.
+_401_HINTS = (
+    ("unknown agent", "the control plane does not know this agent id: add the agent's public "
+                      "key to it ('hostlink-tw identity show' prints its agents-file line)"),
+    ("invalid signature", "the control plane has another public key for this agent id: "
+                          "register this agent's key ('hostlink-tw identity show')"),
+)
+
+
+def refusal_hint(status: int, body: str = "") -> str:
+    """What an operator should check for an upgrade refused with ``status`` (and ``body``)."""
+    if status == 401:
+        for needle, hint in _401_HINTS:
+            if needle in body.lower():
+                return hint
     if status in _HINTS:
         return _HINTS[status]
     if 500 <= status <= 599:
@@ -217,11 +230,15 @@ _PLAIN_PORT = ("wrong version number", "http request", "packet length too long",
 
 
 def classify(value: BaseException | None, end_kind: str, end_text: str, host: str,
-             port: int) -> Cause:
+             port: int, *, secure: bool = False, tcp_connected: bool = False) -> Cause:
     """
     The cause of an attempt that ended without a session, for the escalated
     warning: the exception that ended it when there is one, else the end
     reason's kind.
+
+    :param secure: the URL is ``wss://``.
+    :param tcp_connected: TCP was up before the attempt ended (so it ended in
+        TLS or the upgrade).
     """
     where = f"{host}:{port}"
     if isinstance(value, DNSLookupError):
@@ -239,7 +256,14 @@ def classify(value: BaseException | None, end_kind: str, end_text: str, host: st
         return Cause("plain_port", f"{where} does not speak TLS: use ws:// for a plain "
                                    "port, or the control plane's TLS port for wss://")
     if end_kind == "tls":
-        return Cause("tls", "TLS failed: check the certificate and HOSTLINK_WS_CA_FILE")
+        # Logged with its reason at error level on every attempt already.
+        return Cause("tls", "")
+    if end_kind == "connect_failed" and tcp_connected:
+        if secure:
+            return Cause("plain_port", f"{where} accepted TCP but no TLS handshake finished: "
+                                       "if it is a plain port, use ws://")
+        return Cause("tls_port", f"{where} closed the connection before answering the "
+                                 "upgrade: if it expects TLS, use wss://")
     if end_kind == "refused":
         return Cause("refused_upgrade", "the control plane refuses the upgrade (see above)")
     return Cause(end_kind, "retrying with backoff")

@@ -62,7 +62,7 @@ class EndReporter:
                 "{reason}; {hint} agent_id={agent_id} url={url} attempt={attempt}",
                 status=attempt.refused_status,
                 reason=end.text,
-                hint=refusal_hint(attempt.refused_status),
+                hint=refusal_hint(attempt.refused_status, end.text),
                 attempt=attempts,
                 **fields,
             )
@@ -87,7 +87,7 @@ class EndReporter:
             )
 
     def run_of_ends(self, attempt: Attempt, end: EndReason, *, attempts: int, now: float,
-                    host: str, port: int) -> bool:
+                    host: str, port: int, secure: bool) -> bool:
         """
         Say what a run of ends has in common, at warning level.
 
@@ -112,8 +112,9 @@ class EndReporter:
                 reset = now - attempt.activated_at >= REPLACED_WINDOW
             self._replacements.other_end(now)
             return reset
-        cause = classify(attempt.failure, end.kind, end.text, host, port)
-        if self._escalation.failed(cause, attempts, now):
+        cause = classify(attempt.failure, end.kind, end.text, host, port,
+                         secure=secure, tcp_connected=attempt.tcp_connected)
+        if self._escalation.failed(cause, attempts, now) and cause.hint:
             self._log.warn(
                 "no session for {elapsed:.0f}s after {attempt} attempts: {reason}; {hint} "
                 "agent_id={agent_id} url={url}",
