@@ -169,7 +169,8 @@ class RefusalHintTests(SynchronousTestCase):
     def test_401_hint_follows_the_body(self) -> None:
         from hostlink_tw.agent.diagnosis import refusal_hint
 
-        self.assertIn("identity show", refusal_hint(401, "upgrade refused: HTTP 401 'unknown agent'"))
+        hint = refusal_hint(401, "upgrade refused: HTTP 401 'unknown agent'")
+        self.assertIn("identity show", hint)
         self.assertNotIn("clock", refusal_hint(401, "HTTP 401 'unknown agent'"))
         self.assertIn("another public key", refusal_hint(401, "HTTP 401 'invalid signature'"))
         general = refusal_hint(401, "HTTP 401 'stale timestamp'")
