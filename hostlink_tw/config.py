@@ -497,7 +497,7 @@ class _Reader:
             if strict:
                 problem = "is not a Go duration such as 300ms, 1.5s or 2m"
                 raise _strict_error(spec, raw, problem) from error
-            self._warn(spec, raw, spec.default, "is not a Go duration")
+            self._warn(spec, raw, spec.default, "is not a Go duration such as 300ms, 1.5s or 2m")
             return parse_go_duration(spec.default)
         return self._bounded(spec, raw, strict, value, low, high)
 

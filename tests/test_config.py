@@ -569,6 +569,11 @@ class GatewayURLTests(SynchronousTestCase):
         ("wss://UNIX/ws", "names the host 'unix'"),
         ("ws://user@unix:8080/ws", "names the host 'unix'"),
     ]
+    def test_port_out_of_range_says_so(self) -> None:
+        """New-user trial: 'cannot be parsed; use ws://' for a ws:// URL with port 99999 misled."""
+        problem = gateway_url_problem("ws://127.0.0.1:99999/api/v1/agents/ws") or ""
+        self.assertIn("its port is not a number from 1 to 65535", problem)
+
     GOOD = [
         "wss://cp.example/api/v1/agents/ws",
         "ws://127.0.0.1:8080/api/v1/agents/ws?tenant=a",

@@ -84,6 +84,14 @@ def gateway_url_problem(url: str) -> str | None:
     """
     parts = split_url(url)
     if parts is None:
+        try:
+            raw = urlsplit(url)
+        except ValueError:
+            return "cannot be parsed as a URL"
+        try:
+            raw.port  # noqa: B018 - raises for a port out of range
+        except ValueError:
+            return "cannot be parsed as a URL: its port is not a number from 1 to 65535"
         return "cannot be parsed as a URL"
     if parts.scheme not in ("ws", "wss"):
         return "is not a ws:// or wss:// URL"
