@@ -124,7 +124,12 @@ class _Narrator:
                 # "control plane  control plane listening…" says it twice.
                 self.say("control plane", text.removeprefix("control plane "))
             elif level is not None and level >= LogLevel.warn:
-                self.say("log", formatEvent(event))
+                text = formatEvent(event)
+                failure = event.get("log_failure")
+                if failure is not None:
+                    # The failure's own words, not only the message around it.
+                    text += f": {failure.getErrorMessage() or type(failure.value).__name__}"
+                self.say("log", text)
 
         predicate: Any = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
         observer: Any = observe

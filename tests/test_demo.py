@@ -125,3 +125,20 @@ class NarrationTests(SynchronousTestCase):
         self.log("hostlink_tw.client", LogLevel.warn, "upgrade refused: HTTP 401")
         (line,) = self.lines()
         self.assertIn("upgrade refused: HTTP 401", line)
+
+
+class FailureNarrationTests(SynchronousTestCase):
+    """New-user trial: 'log  while calling from thread' said nothing of what failed."""
+
+    def test_a_logged_failure_names_its_error(self) -> None:
+        out = io.StringIO()
+        observer = _Narrator(out).log_observer()
+        events: list[dict[str, object]] = []
+        logger = Logger(namespace="twisted.python.threadpool", observer=events.append)
+        try:
+            raise RuntimeError("the thread's own words")
+        except RuntimeError:
+            logger.failure("while calling from thread")
+        observer(events[0])
+        (line,) = out.getvalue().splitlines()
+        self.assertIn("while calling from thread: the thread's own words", line)
