@@ -688,3 +688,39 @@ class ProxyTests(_Base):
         self.assertIn("proxy refused", client.last_failure or "")
         proxy.refuse = False
         yield cp.wait_active(AGENT, timeout=TIMEOUT)
+
+
+class SharedIdentityTests(_Base):
+    """Issue 9 item 3 end to end: two agents with one identity (a cloned VM)."""
+
+    @inlineCallbacks
+    def test_the_pair_is_named_and_settles(self) -> Generator[Deferred[Any], Any, None]:
+        yield self.start_cp()
+        first = self.make_client(reconnect_min=0.1, reconnect_max=2.0)
+        first_log = self.logged
+        second = self.make_client(reconnect_min=0.1, reconnect_max=2.0)
+        first.start()
+        yield bounded(first.when_active())
+        second.start()
+        deadline = reactor.seconds() + 15  # type: ignore[attr-defined]
+        warned: list[str] = []
+        while not warned and reactor.seconds() < deadline:  # type: ignore[attr-defined]
+            yield sleep(0.1)
+            warned = [
+                formatEvent(e) for e in first_log + self.logged
+                if "another process or host is using agent id" in formatEvent(e)
+            ]
+        self.assertTrue(warned, "no warning about the shared identity")
+        self.assertIn(AGENT, warned[0])
+        # Backing off: the replaced sessions' retry delays grow instead of
+        # resetting to RECONNECT_MIN (0.1 s, at most 0.125 s jittered) after
+        # each activation.
+        def longest() -> float:
+            return max([e.fields["delay"] for e in self.events if e.kind == "retry_scheduled"],
+                       default=0.0)
+
+        while longest() <= 0.125 and reactor.seconds() < deadline:  # type: ignore[attr-defined]
+            yield sleep(0.1)
+        yield bounded(first.stop())
+        yield bounded(second.stop())
+        self.assertGreater(longest(), 0.125)
