@@ -27,8 +27,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import random
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred, succeed
@@ -188,6 +187,7 @@ class HostlinkClient:
         self._listeners: list[SessionListener] = []
         self._queued: list[Callable[[], None]] = []
         self._depth = 0
+        self._handling = _Handling(self)
         self._active_waiters: list[Deferred[None]] = []
         self._stop_waiters: list[Deferred[None]] = []
         self._warned_plaintext = False
@@ -364,21 +364,25 @@ class HostlinkClient:
         # since the caller last looked (mypy's narrowing cannot see that).
         return self.state is state
 
-    @contextmanager
-    def handling(self) -> Iterator[None]:
+    def handling(self) -> _Handling:
         """
         Handle one input (a call from outside, the protocol or a timer):
         events it causes reach observers once it is done, so an observer
         that calls back into the client (``stop()``, say) sees a completed
-        transition, never one half made.
+        transition, never one half made.  (A context manager; one object,
+        reused: every inbound message passes here.)
         """
+        return self._handling
+
+    def enter_input(self) -> None:
+        """An input starts (see :meth:`handling`)."""
         self._depth += 1
-        try:
-            yield
-        finally:
-            self._depth -= 1
-            if self._depth == 0:
-                self._deliver()
+
+    def leave_input(self) -> None:
+        """An input ends: at the outermost, what it caused is delivered."""
+        self._depth -= 1
+        if self._depth == 0:
+            self._deliver()
 
     def _deliver(self) -> None:
         while self._queued:
@@ -398,7 +402,9 @@ class HostlinkClient:
             self._deliver()
 
     def emit(self, event: ClientEvent) -> None:
-        self.later(lambda: self._observers.notify(event))
+        """Tell the observers of ``event`` once the current input is handled."""
+        if self._observers:
+            self.later(lambda: self._observers.notify(event))
 
     def _fire(self, waiters: list[Deferred[None]]) -> None:
         for d in waiters:
@@ -597,3 +603,17 @@ class HostlinkClient:
         waiters, self._stop_waiters = self._stop_waiters, []
         self._fire(waiters)
 
+
+class _Handling:
+    """The context manager of :meth:`HostlinkClient.handling`."""
+
+    __slots__ = ("_client",)
+
+    def __init__(self, client: HostlinkClient) -> None:
+        self._client = client
+
+    def __enter__(self) -> None:
+        self._client.enter_input()
+
+    def __exit__(self, *exc: object) -> None:
+        self._client.leave_input()

@@ -270,6 +270,10 @@ class Observers:
 
         return unsubscribe
 
+    def __bool__(self) -> bool:
+        """Whether anyone observes."""
+        return bool(self._observers)
+
     def notify(self, event: ClientEvent) -> None:
         """Give ``event`` to every observer subscribed now."""
         for observer in list(self._observers):
