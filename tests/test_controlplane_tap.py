@@ -183,8 +183,8 @@ class ServiceTests(TestCase):
         self.assertIs(signal.getsignal(signal.SIGHUP), previous)
 
 
-class BusyPortTests(TestCase):
-    """Issue 9 item 6: a busy port is one line naming it, not a traceback."""
+class TwistdRun(TestCase):
+    """Runs ``twistd hostlink-controlplane`` in a subprocess (no tests of its own)."""
 
     def run_twistd(self, *args: str) -> subprocess.CompletedProcess[str]:
         directory = os.path.abspath(self.mktemp())
@@ -217,6 +217,11 @@ class BusyPortTests(TestCase):
         self.assertEqual(len(errors), 1, output)
         self.assertIn(expected, errors[0])
 
+
+
+class BusyPortTests(TwistdRun):
+    """Issue 9 item 6: a busy port is one line naming it, not a traceback."""
+
     def test_busy_gateway_port(self) -> None:
         port = self.busy_port()
         result = self.run_twistd(
@@ -235,3 +240,38 @@ class BusyPortTests(TestCase):
             "--operator-listen", f"tcp:{port}:interface=127.0.0.1",
         )
         self.assertOneLine(result, "choose another port with --operator-listen")
+
+
+class ListenFailureTests(TwistdRun):
+    """
+    Every failure to listen is one line naming the option and the endpoint,
+    not only CannotListenError (a new user's trial: tracebacks before).
+    """
+
+    def test_gateway_port_out_of_range(self) -> None:
+        result = self.run_twistd("--listen", "tcp:99999", "--operator-listen", "none")
+        self.assertOneLine(
+            result,
+            "hostlink-controlplane: --listen tcp:99999: port out of range "
+            "(ports are 1-65535): choose another port with --listen",
+        )
+
+    def test_operator_port_out_of_range(self) -> None:
+        result = self.run_twistd(
+            "--listen", "tcp:0:interface=127.0.0.1", "--operator-listen", "tcp:99999"
+        )
+        self.assertOneLine(
+            result,
+            "--operator-listen tcp:99999: port out of range (ports are 1-65535): "
+            "choose another port with --operator-listen",
+        )
+
+    def test_unix_socket_in_missing_directory(self) -> None:
+        missing = os.path.abspath(self.mktemp())  # never created
+        socket_path = os.path.join(missing, "sock")
+        result = self.run_twistd("--listen", f"unix:{socket_path}", "--operator-listen", "none")
+        self.assertOneLine(
+            result,
+            f"--listen unix:{socket_path}: directory {missing} does not exist: "
+            "create it, or choose another path with --listen",
+        )
