@@ -275,3 +275,79 @@ class ListenFailureTests(TwistdRun):
             f"--listen unix:{socket_path}: directory {missing} does not exist: "
             "create it, or choose another path with --listen",
         )
+
+
+class UnderTwistdTests(TwistdRun):
+    """
+    A usage error under twistd is the error and a pointer to ``--help``, not
+    twistd's whole option list with the error at its end (a new user's trial).
+    """
+
+    def twistd(self, *args: str) -> subprocess.CompletedProcess[str]:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        return subprocess.run(
+            [twistd, "-n", "--pidfile=", "hostlink-controlplane", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=directory,
+        )
+
+    def assertTwoLines(self, result: subprocess.CompletedProcess[str], expected: str) -> None:
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertEqual(result.stdout, "")
+        self.assertEqual(
+            result.stderr.splitlines(),
+            [
+                f"twistd hostlink-controlplane: {expected}",
+                "(twistd hostlink-controlplane --help lists every option)",
+            ],
+        )
+
+    def test_usage_errors(self) -> None:
+        good = os.path.abspath(self.mktemp())
+        with open(good, "w") as f:
+            json.dump({"agent-1": public_key_base64(KEY)}, f)
+        bad_json = os.path.abspath(self.mktemp())
+        with open(bad_json, "w") as f:
+            f.write("{bad")
+        placeholder = os.path.abspath(self.mktemp())
+        with open(placeholder, "w") as f:
+            json.dump({"AGENT_ID": "BASE64_PUBLIC_KEY"}, f)
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        for args, expected in (
+            ((), "--agents FILE is required (JSON: agent id -> public key)"),
+            (("--agents", "/nonexistent.json"), "--agents: /nonexistent.json: cannot read"),
+            (("--agents", bad_json), f"--agents: {bad_json}: not valid JSON"),
+            (("--agents", placeholder), f"--agents: {placeholder}: agent 'AGENT_ID'"),
+            (("--agents", good, "--max-skew", "5 min"), "--max-skew: "),
+            (("--agents", good, "--database", "/nonexistent/x.db"), "--database: "),
+            (("--agents", directory), f"--agents: {directory}: cannot read"),
+            (("--agents", good, "--bogus"), "option --bogus not recognized"),
+        ):
+            with self.subTest(args=args):
+                result = self.twistd(*args)
+                lines = result.stderr.splitlines()
+                self.assertTrue(lines and lines[0].startswith("twistd "), result.stderr)
+                self.assertIn(expected, lines[0])
+                self.assertTwoLines(result, lines[0].split(": ", 1)[1])
+
+    def test_version_names_hostlink_tw(self) -> None:
+        from twisted.copyright import version as twisted_version
+
+        from hostlink_tw import __version__
+
+        result = self.twistd("--version")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout, f"hostlink_tw {__version__} (Twisted {twisted_version})\n")
+
+
+class AloneTests(TestCase):
+    """Used on its own (not under twistd), Options raises its usage errors."""
+
+    def test_unknown_option_raises(self) -> None:
+        error = self.assertRaises(usage.UsageError, Options().parseOptions, ["--bogus"])
+        self.assertIn("--bogus", str(error))

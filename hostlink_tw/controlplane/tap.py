@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 
 from hostlink_tw._files import FileTooLargeError, NotRegularFileError, read_regular_file
 from hostlink_tw._listen import listen_failure
+from hostlink_tw._twistd import PluginOptions
 from hostlink_tw.config import ConfigError, check_server_endpoint
 from hostlink_tw.controlplane.agents import AgentsFileError, load_agents_file
 from hostlink_tw.controlplane.plane import ControlPlane
@@ -86,8 +87,14 @@ _COUNTS: tuple[tuple[str, str, int, str], ...] = (
 _COUNT = re.compile(r"[0-9]+", re.ASCII)
 
 
-class Options(usage.Options):
-    """Command line of ``twistd hostlink-controlplane``."""
+class Options(PluginOptions):
+    """
+    Command line of ``twistd hostlink-controlplane``.  Under twistd, every
+    usage error (a bad value, a missing ``--agents``, an unknown option) is
+    one line and a pointer to ``--help``; used alone, it is raised.
+    """
+
+    command = "hostlink-controlplane"
 
     synopsis = "[options] --agents FILE"
     longdesc = (
