@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
@@ -181,6 +182,45 @@ class ServiceTests(TestCase):
         stopped = True
         yield service.stopService()
         self.assertIs(signal.getsignal(signal.SIGHUP), previous)
+
+
+class StartLinesTests(TestCase):
+    """
+    The start says where each listener is, in words: no "Starting factory
+    <…_OperatorSite object at 0x…>", no private class names (a new user's trial).
+    """
+
+    @inlineCallbacks
+    def test_start_and_stop_lines(self) -> Any:
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        agents = self.mktemp()
+        with open(agents, "w") as f:
+            json.dump({"agent-1": public_key_base64(KEY)}, f)
+        options = Options()
+        options.parseOptions(
+            ["--agents", agents, "--listen", "tcp:0:interface=127.0.0.1", "--reload-interval", "0s",
+             "--operator-listen", "tcp:0:interface=127.0.0.1", "--database", "none"]
+        )
+        service = makeService(options)
+        service.privilegedStartService()
+        service.startService()
+        operator = service.control_plane.operator_url
+        yield service.stopService()
+        lines = [formatEvent(e) for e in events]
+        for line in lines:
+            self.assertNotIn("0x", line)
+            self.assertNotIn("factory", line.lower())
+            self.assertNotIn("Site", line)
+        port = operator.rsplit(":", 1)[1]
+        self.assertEqual(
+            [line for line in lines if "operator" in line],
+            [f"operator page starting on {port}", f"operator status page on {operator}/status"],
+        )
+        self.assertEqual(
+            len([line for line in lines if line.startswith("agent gateway ")]), 1, lines
+        )
 
 
 class TwistdRun(TestCase):
