@@ -41,7 +41,6 @@ from prometheus_client.metrics_core import Metric
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -49,7 +48,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
-from hostlink_tw._listen import cannot_listen
+from hostlink_tw._listen import listen_failure
 from hostlink_tw.protocol import (
     ACK,
     AGENT_HELLO_ACK,
@@ -377,10 +376,7 @@ def _not_listening(failure: Failure) -> None:
     error = failure.value
     if isinstance(error, CancelledError):
         return None
-    if isinstance(error, CannotListenError):
-        reason = cannot_listen(error, "HOSTLINK_WS_STATUS_LISTEN (--status-listen)")
-    else:
-        reason = f"{type(error).__name__}: {error}"
+    reason = listen_failure(error, "HOSTLINK_WS_STATUS_LISTEN (--status-listen)")
     _log.error("status page not started: {reason}", reason=reason)
     return None
 

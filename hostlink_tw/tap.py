@@ -15,15 +15,14 @@ counts as a clean stop.
 from __future__ import annotations
 
 import os
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.application.service import IService
-from twisted.copyright import version as twisted_version
 from twisted.python import usage
 
 from hostlink_tw import __version__
+from hostlink_tw._twistd import PluginOptions
 from hostlink_tw.config import (
     SETTINGS,
     ConfigError,
@@ -58,8 +57,13 @@ def _flag_help(spec: SettingSpec) -> str:
     return f"{what} [env {spec.env}=true (also 1 or yes, any case); default {spec.default}]"
 
 
-class Options(usage.Options):
+class Options(PluginOptions):
     """Options of ``twistd hostlink``, generated from the settings table."""
+
+    command = "hostlink"
+    listed = "setting"
+    # Only bad values are shortened; an unknown option keeps twistd's report.
+    short_errors = (SettingError,)
 
     synopsis = "[options]"
     longdesc = (
@@ -78,26 +82,6 @@ class Options(usage.Options):
         super().__init__()  # type: ignore[no-untyped-call]
         self.environ = os.environ if environ is None else environ
         self.settings: Settings | None = None
-
-    def opt_version(self) -> None:
-        """Print the versions of hostlink_tw and Twisted, and exit."""
-        sys.stdout.write(f"hostlink_tw {__version__} (Twisted {twisted_version})\n")
-        raise SystemExit(0)
-
-    def parseOptions(self, options: Sequence[str] | None = None) -> None:
-        """
-        Parse ``options``; under twistd, a bad setting ends the process with
-        one line and a pointer to ``--help``, where twistd would print the
-        whole option list first.  Used alone, it raises :class:`SettingError`.
-        """
-        try:
-            super().parseOptions(options)  # type: ignore[no-untyped-call]
-        except SettingError as e:
-            if getattr(self, "parent", None) is None:  # not a twistd subcommand
-                raise
-            raise SystemExit(
-                f"twistd hostlink: {e}\n(twistd hostlink --help lists every setting)"
-            ) from None
 
     def overrides(self) -> dict[str, str]:
         """The options given, keyed by the environment variable they override."""

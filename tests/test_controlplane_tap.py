@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
@@ -183,8 +184,47 @@ class ServiceTests(TestCase):
         self.assertIs(signal.getsignal(signal.SIGHUP), previous)
 
 
-class BusyPortTests(TestCase):
-    """Issue 9 item 6: a busy port is one line naming it, not a traceback."""
+class StartLinesTests(TestCase):
+    """
+    The start says where each listener is, in words: no "Starting factory
+    <…_OperatorSite object at 0x…>", no private class names (a new user's trial).
+    """
+
+    @inlineCallbacks
+    def test_start_and_stop_lines(self) -> Any:
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        agents = self.mktemp()
+        with open(agents, "w") as f:
+            json.dump({"agent-1": public_key_base64(KEY)}, f)
+        options = Options()
+        options.parseOptions(
+            ["--agents", agents, "--listen", "tcp:0:interface=127.0.0.1", "--reload-interval", "0s",
+             "--operator-listen", "tcp:0:interface=127.0.0.1", "--database", "none"]
+        )
+        service = makeService(options)
+        service.privilegedStartService()
+        service.startService()
+        operator = service.control_plane.operator_url
+        yield service.stopService()
+        lines = [formatEvent(e) for e in events]
+        for line in lines:
+            self.assertNotIn("0x", line)
+            self.assertNotIn("factory", line.lower())
+            self.assertNotIn("Site", line)
+        port = operator.rsplit(":", 1)[1]
+        self.assertEqual(
+            [line for line in lines if "operator" in line],
+            [f"operator page starting on {port}", f"operator status page on {operator}/status"],
+        )
+        self.assertEqual(
+            len([line for line in lines if line.startswith("agent gateway ")]), 1, lines
+        )
+
+
+class TwistdRun(TestCase):
+    """Runs ``twistd hostlink-controlplane`` in a subprocess (no tests of its own)."""
 
     def run_twistd(self, *args: str) -> subprocess.CompletedProcess[str]:
         directory = os.path.abspath(self.mktemp())
@@ -217,6 +257,11 @@ class BusyPortTests(TestCase):
         self.assertEqual(len(errors), 1, output)
         self.assertIn(expected, errors[0])
 
+
+
+class BusyPortTests(TwistdRun):
+    """Issue 9 item 6: a busy port is one line naming it, not a traceback."""
+
     def test_busy_gateway_port(self) -> None:
         port = self.busy_port()
         result = self.run_twistd(
@@ -235,3 +280,114 @@ class BusyPortTests(TestCase):
             "--operator-listen", f"tcp:{port}:interface=127.0.0.1",
         )
         self.assertOneLine(result, "choose another port with --operator-listen")
+
+
+class ListenFailureTests(TwistdRun):
+    """
+    Every failure to listen is one line naming the option and the endpoint,
+    not only CannotListenError (a new user's trial: tracebacks before).
+    """
+
+    def test_gateway_port_out_of_range(self) -> None:
+        result = self.run_twistd("--listen", "tcp:99999", "--operator-listen", "none")
+        self.assertOneLine(
+            result,
+            "hostlink-controlplane: --listen tcp:99999: port out of range "
+            "(ports are 1-65535): choose another port with --listen",
+        )
+
+    def test_operator_port_out_of_range(self) -> None:
+        result = self.run_twistd(
+            "--listen", "tcp:0:interface=127.0.0.1", "--operator-listen", "tcp:99999"
+        )
+        self.assertOneLine(
+            result,
+            "--operator-listen tcp:99999: port out of range (ports are 1-65535): "
+            "choose another port with --operator-listen",
+        )
+
+    def test_unix_socket_in_missing_directory(self) -> None:
+        missing = os.path.abspath(self.mktemp())  # never created
+        socket_path = os.path.join(missing, "sock")
+        result = self.run_twistd("--listen", f"unix:{socket_path}", "--operator-listen", "none")
+        self.assertOneLine(
+            result,
+            f"--listen unix:{socket_path}: directory {missing} does not exist: "
+            "create it, or choose another path with --listen",
+        )
+
+
+class UnderTwistdTests(TwistdRun):
+    """
+    A usage error under twistd is the error and a pointer to ``--help``, not
+    twistd's whole option list with the error at its end (a new user's trial).
+    """
+
+    def twistd(self, *args: str) -> subprocess.CompletedProcess[str]:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        return subprocess.run(
+            [twistd, "-n", "--pidfile=", "hostlink-controlplane", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=directory,
+        )
+
+    def assertTwoLines(self, result: subprocess.CompletedProcess[str], expected: str) -> None:
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertEqual(result.stdout, "")
+        self.assertEqual(
+            result.stderr.splitlines(),
+            [
+                f"twistd hostlink-controlplane: {expected}",
+                "(twistd hostlink-controlplane --help lists every option)",
+            ],
+        )
+
+    def test_usage_errors(self) -> None:
+        good = os.path.abspath(self.mktemp())
+        with open(good, "w") as f:
+            json.dump({"agent-1": public_key_base64(KEY)}, f)
+        bad_json = os.path.abspath(self.mktemp())
+        with open(bad_json, "w") as f:
+            f.write("{bad")
+        placeholder = os.path.abspath(self.mktemp())
+        with open(placeholder, "w") as f:
+            json.dump({"AGENT_ID": "BASE64_PUBLIC_KEY"}, f)
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        for args, expected in (
+            ((), "--agents FILE is required (JSON: agent id -> public key)"),
+            (("--agents", "/nonexistent.json"), "--agents: /nonexistent.json: cannot read"),
+            (("--agents", bad_json), f"--agents: {bad_json}: not valid JSON"),
+            (("--agents", placeholder), f"--agents: {placeholder}: agent 'AGENT_ID'"),
+            (("--agents", good, "--max-skew", "5 min"), "--max-skew: "),
+            (("--agents", good, "--database", "/nonexistent/x.db"), "--database: "),
+            (("--agents", directory), f"--agents: {directory}: cannot read"),
+            (("--agents", good, "--bogus"), "option --bogus not recognized"),
+        ):
+            with self.subTest(args=args):
+                result = self.twistd(*args)
+                lines = result.stderr.splitlines()
+                self.assertTrue(lines and lines[0].startswith("twistd "), result.stderr)
+                self.assertIn(expected, lines[0])
+                self.assertTwoLines(result, lines[0].split(": ", 1)[1])
+
+    def test_version_names_hostlink_tw(self) -> None:
+        from twisted.copyright import version as twisted_version
+
+        from hostlink_tw import __version__
+
+        result = self.twistd("--version")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout, f"hostlink_tw {__version__} (Twisted {twisted_version})\n")
+
+
+class AloneTests(TestCase):
+    """Used on its own (not under twistd), Options raises its usage errors."""
+
+    def test_unknown_option_raises(self) -> None:
+        error = self.assertRaises(usage.UsageError, Options().parseOptions, ["--bogus"])
+        self.assertIn("--bogus", str(error))

@@ -75,3 +75,27 @@ class BusyPortTests(TestCase):
         )
         self.assertEqual([e for e in events if e.get("log_failure") is not None], [])
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class ListenFailureTests(TestCase):
+    """Any failure to listen is one line with a hint, not only a busy port."""
+
+    @inlineCallbacks
+    def test_port_out_of_range(self) -> Any:
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        service, metrics = make_status_service("tcp:99999", _Source(), reactor)
+        self.addCleanup(metrics.close)
+        service.privilegedStartService()
+        service.startService()
+        yield service.stopService()
+        errors = [formatEvent(e) for e in events if e["log_level"].name in ("error", "critical")]
+        self.assertEqual(
+            errors,
+            [
+                "status page not started: port out of range (ports are 1-65535): choose "
+                "another port with HOSTLINK_WS_STATUS_LISTEN (--status-listen)"
+            ],
+        )
+        self.assertEqual(self.flushLoggedErrors(), [])

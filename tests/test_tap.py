@@ -174,6 +174,15 @@ class UnderTwistdTests(SynchronousTestCase):
         self.assertNotIn("--ping-interval", done.stdout + done.stderr)  # no option list
         self.assertEqual(len(done.stderr.splitlines()), 2, done.stderr)
 
+    def test_version_names_hostlink_tw(self) -> None:
+        from twisted.copyright import version as twisted_version
+
+        from hostlink_tw import __version__
+
+        done = self.twistd(["--version"], {})
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout, f"hostlink_tw {__version__} (Twisted {twisted_version})\n")
+
 
 class FlagHelpTests(SynchronousTestCase):
     def test_enable_help_describes_the_flag_not_values(self) -> None:

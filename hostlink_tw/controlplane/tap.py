@@ -17,13 +17,13 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
 from hostlink_tw._files import FileTooLargeError, NotRegularFileError, read_regular_file
-from hostlink_tw._listen import cannot_listen
+from hostlink_tw._listen import listen_failure
+from hostlink_tw._twistd import PluginOptions
 from hostlink_tw.config import ConfigError, check_server_endpoint
 from hostlink_tw.controlplane.agents import AgentsFileError, load_agents_file
 from hostlink_tw.controlplane.plane import ControlPlane
@@ -87,8 +87,14 @@ _COUNTS: tuple[tuple[str, str, int, str], ...] = (
 _COUNT = re.compile(r"[0-9]+", re.ASCII)
 
 
-class Options(usage.Options):
-    """Command line of ``twistd hostlink-controlplane``."""
+class Options(PluginOptions):
+    """
+    Command line of ``twistd hostlink-controlplane``.  Under twistd, every
+    usage error (a bad value, a missing ``--agents``, an unknown option) is
+    one line and a pointer to ``--help``; used alone, it is raised.
+    """
+
+    command = "hostlink-controlplane"
 
     synopsis = "[options] --agents FILE"
     longdesc = (
@@ -196,9 +202,11 @@ class ControlPlaneService(Service):
 
     def privilegedStartService(self) -> None:
         """
-        Bind the ports.  A port that cannot be bound (busy, privileged, an
-        address not on this host) stops twistd with one line naming the
-        option, the port and what to do, instead of a traceback.
+        Bind the ports.  An endpoint that cannot listen (a busy or
+        privileged port, an address not on this host, a port out of range,
+        a unix socket in a missing directory) stops twistd with one line
+        naming the option, the endpoint and what to do, instead of a
+        traceback.
         """
         super().privilegedStartService()  # type: ignore[no-untyped-call]
         self._listen("listen", self.listen, self.control_plane.listen)
@@ -210,18 +218,20 @@ class ControlPlaneService(Service):
     @staticmethod
     def _listen(option: str, description: str, listen: Any) -> None:
         failures: list[Failure] = []
-        listen(description).addErrback(failures.append)
+        try:
+            listen(description).addErrback(failures.append)
+        except Exception:  # noqa: BLE001 - an endpoint that fails before its Deferred
+            failures.append(Failure())  # type: ignore[no-untyped-call]
         if not failures:
             return
-        error = failures[0].value
-        if isinstance(error, CannotListenError):
-            # SystemExit with a message: twistd ends with that one line
-            # (status 1); an exception would print its whole traceback.
-            raise SystemExit(
-                f"hostlink-controlplane: --{option} {description}: "
-                f"{cannot_listen(error, f'--{option}')}"
-            )
-        failures[0].raiseException()
+        # SystemExit with a message: twistd ends with that one line (status
+        # 1); an exception would print its whole traceback.  Every failure,
+        # not only CannotListenError: a port out of range is an
+        # OverflowError, a unix socket in a missing directory an OSError.
+        raise SystemExit(
+            f"hostlink-controlplane: --{option} {description}: "
+            f"{listen_failure(failures[0].value, f'--{option}')}"
+        )
 
     def startService(self) -> None:
         """Install the SIGHUP handler (chaining any previous one)."""

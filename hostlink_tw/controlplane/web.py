@@ -67,6 +67,10 @@ class _Site(Site):
     # A plain HTTP/1.1 channel: no HTTP/2 negotiation on the gateway.
     protocol = _Channel  # type: ignore[assignment]
 
+    def logPrefix(self) -> str:
+        """Twisted's "<prefix> starting on <port>" line names the listener, not a class."""
+        return "agent gateway"
+
     def getResourceFor(self, request: Request) -> IResource:
         if request.path != GATEWAY_PATH.encode("ascii"):
             request.channel.persistent = False
@@ -118,11 +122,24 @@ class _Status(Resource):
 class _OperatorSite(Site):
     """The operator listener's site: every answer closes its connection."""
 
+    # Not "Starting factory <…_OperatorSite object at 0x…>" at each start.
+    noisy = False
+
     def getResourceFor(self, request: Request) -> IResource:
         request.channel.persistent = False
         request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
         resource: IResource = super().getResourceFor(request)  # type: ignore[no-untyped-call]
         return resource
+
+
+class _OperatorFactory(WrappingFactory):
+    """Keeps the operator listener's connections (``.protocols``) to drop them on stop."""
+
+    noisy = False
+
+    def logPrefix(self) -> str:
+        """Twisted's "<prefix> starting on <port>" line names the listener, not classes."""
+        return "operator page"
 
 
 def gateway_site(websocket: IResource, reactor: Any) -> Site:
@@ -141,11 +158,9 @@ def operator_factory(status: Callable[[], Mapping[str, Any]], reactor: Any) -> W
     as JSON.  Wrapped so that stopping can drop its open connections
     (``.protocols``).
     """
-    factory = WrappingFactory(
+    return _OperatorFactory(
         _OperatorSite(_Root({b"/status": _Status(status)}), reactor=reactor)  # type: ignore[no-untyped-call]
     )
-    factory.noisy = False
-    return factory
 
 
 def is_loopback(host: str) -> bool:
