@@ -62,8 +62,8 @@ class Options(PluginOptions):
 
     command = "hostlink"
     listed = "setting"
-    # Only bad values are shortened; an unknown option keeps twistd's report.
-    short_errors = (SettingError,)
+    # Every usage error is one line and a pointer to --help (unknown options
+    # too, as for the control plane): the option list buried the error.
 
     synopsis = "[options]"
     longdesc = (

@@ -174,6 +174,15 @@ class UnderTwistdTests(SynchronousTestCase):
         self.assertNotIn("--ping-interval", done.stdout + done.stderr)  # no option list
         self.assertEqual(len(done.stderr.splitlines()), 2, done.stderr)
 
+    def test_unknown_option_is_one_line_and_a_pointer(self) -> None:
+        """New-user trial: ``twistd hostlink --bogus`` printed the whole option list first."""
+        done = self.twistd(["--bogus"], {})
+        self.assertEqual(done.returncode, 1)
+        self.assertNotIn("--ping-interval", done.stdout + done.stderr)
+        lines = done.stderr.splitlines()
+        self.assertEqual(len(lines), 2, done.stderr)
+        self.assertIn("bogus", lines[0])
+
     def test_version_names_hostlink_tw(self) -> None:
         from twisted.copyright import version as twisted_version
 
