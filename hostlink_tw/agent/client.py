@@ -237,8 +237,7 @@ class HostlinkClient:
             self._warn_plaintext_once()
             self.attempts = 0
             self._machine.set(S.CONNECTING, "starting")
-            self._factory.continueTrying = 1
-            self._factory.backoff.reset()
+            self._factory.resume()
         # Outside the input above: the attempt's own input (startedConnecting)
         # delivers its events while the connector is still connecting, so an
         # observer's stop() stops it before it dials.

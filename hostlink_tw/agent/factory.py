@@ -187,6 +187,15 @@ class HostlinkClientFactory(WebSocketClientFactory, ReconnectingClientFactory):
         ReconnectingClientFactory.resetDelay(self)  # type: ignore[no-untyped-call]
         self._callID, self.continueTrying = pending, trying
 
+    def resume(self) -> None:
+        """
+        Try again after ``stopTrying`` (a restarted client), with the delays
+        from the start: RCF itself has only ``resetDelay`` for this, which
+        would also forget a pending retry.
+        """
+        self.continueTrying = 1
+        self.backoff.reset()
+
     @property
     def retry_pending(self) -> bool:
         """Whether RCF has a retry scheduled."""
