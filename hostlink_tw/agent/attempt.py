@@ -214,17 +214,13 @@ class Attempt:
         if not self._mine(proto):
             return
         with self.client.handling():
-            reason = (
+            # The protocol aborts the connection itself (it must queue nothing more).
+            self._give_up(
+                "protocol",
                 f"the control plane stopped reading: {unsent} bytes queued "
-                f"(limit {MAX_UNSENT_BYTES})"
-            )
-            self._log.warn(
+                f"(limit {MAX_UNSENT_BYTES})",
                 "aborting connection: {reason} agent_id={agent_id} url={url}",
-                reason=reason,
-                **self._fields,
             )
-            self.note("protocol", reason)
-            self._closing(reason)
 
     def message_begun(self, proto: HostlinkClientProtocol) -> None:
         """
@@ -278,13 +274,9 @@ class Attempt:
             return
         with self.client.handling():
             reason = f"a message was not complete within {MAX_MESSAGE_SECONDS:g}s"
-            self._log.warn(
-                "aborting connection: {reason} agent_id={agent_id} url={url}",
-                reason=reason,
-                **self._fields,
+            self._give_up(
+                "protocol", reason, "aborting connection: {reason} agent_id={agent_id} url={url}"
             )
-            self.note("protocol", reason)
-            self._closing(reason)
             self.proto.abort(reason)
 
     def bad_head(self, proto: HostlinkClientProtocol, reason: str, data: bytes) -> None:
@@ -538,14 +530,11 @@ class Attempt:
         if self.over or self.proto is None:
             return
         with self.client.handling():
-            reason = f"no agent.hello_ack within {self.client.settings.hello_timeout:g}s"
-            self.note("timeout", reason)
-            self._log.warn(
+            self._give_up(
+                "timeout",
+                f"no agent.hello_ack within {self.client.settings.hello_timeout:g}s",
                 "closing connection: {reason} agent_id={agent_id} url={url}",
-                reason=reason,
-                **self._fields,
             )
-            self._closing(reason)
             self.proto.close(CLOSE_NORMAL, "hello timeout")
 
     def _pong_timed_out(self) -> None:
@@ -553,13 +542,10 @@ class Attempt:
             return
         with self.client.handling():
             reason = f"no pong within {self.client.settings.pong_timeout:g}s"
-            self._log.warn(
+            self._give_up(
+                "timeout", reason,
                 "aborting connection: {reason} (dead peer) agent_id={agent_id} url={url}",
-                reason=reason,
-                **self._fields,
             )
-            self.note("timeout", reason)
-            self._closing(reason)
             # A dead peer will not answer a close frame: abort the TCP connection.
             self.proto.abort(reason)
 
@@ -569,6 +555,12 @@ class Attempt:
         reason = f"close handshake not finished within {self.client.close_timeout:g}s"
         self.note("timeout", reason)
         self.proto.abort(reason)
+
+    def _give_up(self, kind: str, reason: str, line: str) -> None:
+        """This attempt ends for ``reason``: one warning ``line``, the end noted, closing."""
+        self._log.warn(line, reason=reason, **self._fields)
+        self.note(kind, reason)
+        self._closing(reason)
 
     def _closing(self, reason: str) -> None:
         machine = self.client.machine
