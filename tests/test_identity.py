@@ -1129,7 +1129,7 @@ class WriteIdentityTests(_TempDirMixin, SynchronousTestCase):
 
 
 class IdentityHintTests(_TempDirMixin, SynchronousTestCase):
-    """The commands named in identity fixes act on this identity, quoted, --force only when needed."""
+    """The commands in identity fixes act on this identity, quoted, --force only if needed."""
 
     def test_init_command(self) -> None:
         self.assertEqual(

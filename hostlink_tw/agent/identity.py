@@ -189,7 +189,7 @@ def init_command(state_path: str, private_key_path: str | None = None, *, force:
 
 
 def identity_show_command(state_path: str, private_key_path: str | None = None) -> str:
-    """The ``hostlink-tw identity show`` command line for this identity (see :func:`init_command`)."""
+    """The ``hostlink-tw identity show`` command line (as :func:`init_command`)."""
     words = ["hostlink-tw", "identity", "show", "--state-path", state_path]
     if private_key_path is not None and not _is_default_key_place(state_path, private_key_path):
         words += ["--private-key-path", private_key_path]
