@@ -1156,6 +1156,24 @@ class IdentityHintTests(_TempDirMixin, SynchronousTestCase):
             str(error),
         )
 
+    def test_missing_key_without_state_path(self) -> None:
+        """
+        Without the state path: agent.key implies its directory; another name
+        gets an explained placeholder rather than a wrong directory.
+        """
+        directory = self.make_dir()
+        error = self.assertRaises(
+            IdentityError, load_private_key, os.path.join(directory, "agent.key")
+        )
+        self.assertIn(f"'hostlink-tw init --state-path {shlex.quote(directory)}'", str(error))
+        other = os.path.join(directory, "k.pem")
+        error = self.assertRaises(IdentityError, load_private_key, other)
+        self.assertIn(
+            f"'hostlink-tw init --state-path STATE_DIR --private-key-path {shlex.quote(other)}' "
+            "(STATE_DIR: the directory that holds agent.json)",
+            str(error),
+        )
+
     def test_unusable_key_needs_force(self) -> None:
         """An existing unusable key: init refuses it without --force, so the fix has it."""
         state = self.make_dir()

@@ -453,20 +453,28 @@ def load_private_key(path: str, *, state_path: str | None = None) -> RSAPrivateK
         ``PRIVATE_KEY_TOO_SMALL``: RSA with fewer than 2048 bits.
 
     :param state_path: The state directory in use, named in the ``init``
-        command of an error's fix; by default the key's own directory (where
-        ``init`` puts it).
+        command of an error's fix.  Without it, a key named ``agent.key``
+        implies its own directory (where ``init`` puts it); any other name
+        gets a ``STATE_DIR`` placeholder, explained.
     """
-    state_dir = state_path if state_path is not None else os.path.dirname(path) or "."
+    where = ""
+    if state_path is not None:
+        state_dir = state_path
+    elif os.path.basename(path) == PRIVATE_KEY_FILENAME:
+        state_dir = os.path.dirname(path) or "."  # where init puts agent.key
+    else:
+        # Unknown, and no guess is safe: init must write agent.json where the agent reads it.
+        state_dir, where = "STATE_DIR", " (STATE_DIR: the directory that holds agent.json)"
     # A missing key: plain init writes it (keeping an existing agent.json).
     # A key that exists but is unusable: init refuses it without --force.
     missing_fix = (
         f"point HOSTLINK_PRIVATE_KEY_PATH at this agent's PEM RSA private key, or create "
-        f"it with '{init_command(state_dir, path, force=False)}'"
+        f"it with '{init_command(state_dir, path, force=False)}'{where}"
     )
     regenerate = (
         f"point HOSTLINK_PRIVATE_KEY_PATH at this agent's PEM RSA private key "
         f"(2048 bits or more), or create a new identity with "
-        f"'{init_command(state_dir, path, force=True)}' to replace {path}"
+        f"'{init_command(state_dir, path, force=True)}'{where} to replace {path}"
     )
     try:
         data = _read_small_file(path, check_mode=_check_key_mode)
