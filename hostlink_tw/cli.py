@@ -23,14 +23,18 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import ipaddress
 import json
 import math
 import os
+import re
 import secrets
+import shlex
 import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -43,8 +47,11 @@ from hostlink_tw.agent.identity import (
     AgentState,
     agent_state_file,
     default_private_key_path,
+    identity_show_command,
+    init_command,
     load_agent_state,
     load_private_key,
+    same_file_problem,
 )
 from hostlink_tw.config import SETTINGS
 from hostlink_tw.provisioning import generate_private_key, new_private_key, write_identity
@@ -60,6 +67,8 @@ DEFAULT_STATUS_URL = "http://127.0.0.1:9920"
 MAX_STATUS_BYTES = 1024 * 1024
 # Longest text shown per field: a peer's close reason or error stays one line.
 _FIELD_CHARS = 300
+#: The largest ``init --bits``: a 16384-bit key already takes minutes to make.
+MAX_RSA_BITS = 16384
 
 
 def _default(env: str) -> str:
@@ -117,6 +126,11 @@ def _init(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         except ValueError as e:
             err.write(f"hostlink-tw init: {e}\n")
             return 2
+    same = same_file_problem(state_path, key_path)
+    if same is not None:
+        # Written as it is, the state file would replace the new key.
+        err.write(f"hostlink-tw init: {same}\n")
+        return 2
     has_state, has_key = os.path.lexists(state_file), os.path.lexists(key_path)
     try:
         if args.force or not (has_state or has_key):
@@ -125,16 +139,18 @@ def _init(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             write_identity(state_path, key_path, AgentState(agent_id=agent_id), key)
         elif has_key and not has_state:
             # Half-made: the key may already be registered; never replace it.
-            key = load_private_key(key_path)
+            key = load_private_key(key_path, state_path=state_path)
             agent_id = requested or _random_agent_id()
             write_identity(state_path, key_path, AgentState(agent_id=agent_id))
             err.write(f"hostlink-tw init: kept the existing key {key_path}\n")
         elif has_state and not has_key:
-            agent_id = load_agent_state(state_path).agent_id
+            agent_id = load_agent_state(state_path, private_key_path=key_path).agent_id
             if requested is not None and requested != agent_id:
                 err.write(
                     f"hostlink-tw init: {state_file} already names agent {agent_id!r}, "
-                    f"not {requested!r}; pass --force to replace the whole identity\n"
+                    f"not {requested!r}; to replace the whole identity run "
+                    f"'{init_command(state_path, key_path, force=True)} --agent-id "
+                    f"{shlex.quote(requested)}'\n"
                 )
                 return 1
             key = generate_private_key(key_path, args.bits, overwrite=False)
@@ -143,17 +159,33 @@ def _init(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 f"control plane for agent {agent_id!r}\n"
             )
         else:
-            err.write(
-                f"hostlink-tw init: refusing to overwrite this agent's identity "
-                f"({state_file}, {key_path}); pass --force to replace it, or run "
-                f"'hostlink-tw identity show' to print its public key\n"
-            )
+            err.write(f"hostlink-tw init: {_refusal(state_path, key_path)}\n")
             return 1
     except IdentityError as e:
         err.write(f"hostlink-tw init: {e}\n")
         return 1
     _write_identity_report(out, _identity_report(agent_id, state_path, key_path, key))
     return 0
+
+
+def _refusal(state_path: str, key_path: str) -> str:
+    """Why init will not replace an existing pair, and the command that helps."""
+    state_file = agent_state_file(state_path)
+    replace = init_command(state_path, key_path, force=True)
+    try:
+        load_agent_state(state_path, private_key_path=key_path)
+        load_private_key(key_path, state_path=state_path)
+    except IdentityError as e:
+        # Unusable: 'identity show' would only fail on it too.
+        return (
+            f"refusing to overwrite this agent's identity ({state_file}, {key_path}), "
+            f"which is unusable: {e.problem}; run '{replace}' to replace it"
+        )
+    return (
+        f"refusing to overwrite this agent's identity ({state_file}, {key_path}); run "
+        f"'{identity_show_command(state_path, key_path)}' to print its public key, "
+        f"or '{replace}' to replace it"
+    )
 
 
 def _random_agent_id() -> str:
@@ -163,9 +195,13 @@ def _random_agent_id() -> str:
 def _identity_show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Print the existing identity (never writes anything)."""
     key_path = _key_path(args)
+    same = same_file_problem(args.state_path, key_path)
+    if same is not None:
+        err.write(f"hostlink-tw identity show: {same}\n")
+        return 2
     try:
-        state = load_agent_state(args.state_path)
-        key = load_private_key(key_path)
+        state = load_agent_state(args.state_path, private_key_path=key_path)
+        key = load_private_key(key_path, state_path=args.state_path)
     except IdentityError as e:
         err.write(f"hostlink-tw identity show: {e}\n")
         return 1
@@ -196,6 +232,13 @@ def status_url_from_listen(description: str) -> str:
     try:
         endpoint = serverFromString(MemoryReactor(), description)  # type: ignore[no-untyped-call]
     except Exception as e:  # noqa: BLE001 - any parse problem: say so in one line
+        ipv6 = _unescaped_ipv6_interface(description)
+        if ipv6 is not None:
+            # Twisted splits the description at every ':'; the agent refuses it too.
+            raise StatusError(
+                f"it is not a server endpoint: the colons of the IPv6 interface {ipv6} "
+                f"must be escaped, e.g. interface={ipv6.replace(':', chr(92) + ':')}"
+            ) from None
         raise StatusError(f"it is not a server endpoint ({escape_control(str(e), 100)})") from None
     port = getattr(endpoint, "_port", None)
     interface = getattr(endpoint, "_interface", None)
@@ -210,6 +253,25 @@ def status_url_from_listen(description: str) -> str:
     host = f"[{interface}]" if ":" in interface else interface
     scheme = "https" if "SSL" in type(endpoint).__name__ else "http"
     return f"{scheme}://{host}:{port}"
+
+
+def _unescaped_ipv6_interface(description: str) -> str | None:
+    """The IPv6 address after ``interface=`` written with bare colons, if any."""
+    match = re.search(r"(?:^|:)interface=((?:[0-9A-Fa-f]*:){2,}[0-9A-Fa-f.]*)(?::|$)", description)
+    if match is None or "\\" in description:
+        return None
+    address = match.group(1)
+    try:
+        ipaddress.IPv6Address(address)
+    except ValueError:
+        # Greedy: the port may follow (interface=::1:9920 is not how it is written,
+        # but try without the last field before giving up).
+        address = address.rsplit(":", 1)[0]
+        try:
+            ipaddress.IPv6Address(address)
+        except ValueError:
+            return None
+    return escape_control(address, 60)
 
 
 def _default_status_url(environ: Mapping[str, str]) -> str:
@@ -359,6 +421,47 @@ def _demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     )
 
 
+def _key_bits(text: str) -> int:
+    """``--bits``: an integer up to :data:`MAX_RSA_BITS` (the minimum is checked with the key)."""
+    try:
+        bits = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if bits > MAX_RSA_BITS:
+        # Generating a much larger key takes hours of CPU: refuse, do not hang.
+        raise argparse.ArgumentTypeError(f"{bits} bits is too large; at most {MAX_RSA_BITS}")
+    return bits
+
+
+def _positive_seconds(text: str) -> float:
+    """``--timeout``: a finite number of seconds above 0."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds above 0")
+    return seconds
+
+
+def _status_url(text: str) -> str:
+    """``--url``: an http:// or https:// URL with a host (checked before any lookup)."""
+    shown = escape_control(text, 100)
+    if "://" not in text:
+        raise argparse.ArgumentTypeError(f"{shown!r} has no scheme: add http://, e.g. http://{shown}")
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError as e:  # an unclosed [ of an IPv6 literal
+        raise argparse.ArgumentTypeError(f"{shown!r} is not a URL ({e})") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise argparse.ArgumentTypeError(
+            f"{shown!r} is not an http:// or https:// URL (the status page is served over HTTP)"
+        )
+    if not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{shown!r} has no host")
+    return text
+
+
 def _identity_paths(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--state-path",
@@ -378,35 +481,49 @@ def _parser() -> argparse.ArgumentParser:
         prog="hostlink-tw", description="Hostlink agent uplink: identity, status and demo."
     )
     parser.add_argument("--version", action="version", version=f"hostlink-tw {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    # metavar: a missing command names the choices, not the internal dest.
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="{init,identity,status,demo}"
+    )
 
     init = commands.add_parser(
         "init", help="create this agent's key and agent.json (or complete a half-made pair)"
     )
     _identity_paths(init)
     init.add_argument("--agent-id", help="the agent id (default: a random agent-<hex>)")
-    init.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
+    init.add_argument(
+        "--bits",
+        type=_key_bits,
+        default=2048,
+        help=f"RSA key size (default 2048, at most {MAX_RSA_BITS})",
+    )
     init.add_argument("--force", action="store_true", help="replace an existing identity")
-    init.set_defaults(run=_init)
+    init.set_defaults(run=_init, parser=init)
 
     identity = commands.add_parser("identity", help="inspect this agent's identity")
-    identity_commands = identity.add_subparsers(dest="identity_command", required=True)
+    identity.set_defaults(parser=identity)
+    identity_commands = identity.add_subparsers(
+        dest="identity_command", required=True, metavar="{show}"
+    )
     show = identity_commands.add_parser(
         "show", help="print the agent id, public key and agents-file line (changes nothing)"
     )
     _identity_paths(show)
     show.add_argument("--json", action="store_true", help="print one JSON object")
-    show.set_defaults(run=_identity_show)
+    show.set_defaults(run=_identity_show, parser=show)
 
     status = commands.add_parser("status", help="summary from a running agent's status endpoint")
     status.add_argument(
         "--url",
+        type=_status_url,
         default=None,
         help="status endpoint base URL (default: from HOSTLINK_WS_STATUS_LISTEN, "
         f"else {DEFAULT_STATUS_URL})",
     )
-    status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait")
-    status.set_defaults(run=_status)
+    status.add_argument(
+        "--timeout", type=_positive_seconds, default=5.0, help="seconds to wait (default 5)"
+    )
+    status.set_defaults(run=_status, parser=status)
 
     demo = commands.add_parser("demo", help="run a control plane and an agent on 127.0.0.1")
     demo.add_argument("--dir", default=".demo", help="where the throwaway identity goes")
@@ -422,7 +539,7 @@ def _parser() -> argparse.ArgumentParser:
         default=6.0,
         help="restart the control plane once after this many seconds active",
     )
-    demo.set_defaults(run=_demo)
+    demo.set_defaults(run=_demo, parser=demo)
     return parser
 
 
@@ -430,7 +547,12 @@ def main(
     argv: Sequence[str] | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr
 ) -> int:
     """Run the command; returns its exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # An unknown option belongs to the subcommand: show its usage, not the top level's.
+        sub: argparse.ArgumentParser = getattr(args, "parser", parser)
+        sub.error(f"unrecognized arguments: {' '.join(unknown)}")
     status: int = args.run(args, out, err)
     return status
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import shlex
+import socket
 import stat
 import subprocess
 import sys
@@ -16,7 +18,7 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
-from hostlink_tw import provisioning
+from hostlink_tw import cli, provisioning
 from hostlink_tw.agent import identity
 from hostlink_tw.agent.identity import AgentState, load_agent_state, load_private_key
 from hostlink_tw.cli import human_time, main, status_url_from_listen
@@ -31,6 +33,16 @@ def run(*argv: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     status = main(list(argv), out=out, err=err)
     return status, out.getvalue(), err.getvalue()
+
+
+def usage_error(case: SynchronousTestCase, *argv: str) -> str:
+    """Run a command line argparse refuses: exit status 2; returns what it wrote to stderr."""
+    err = io.StringIO()
+    case.patch(sys, "stderr", err)
+    with case.assertRaises(SystemExit) as raised:
+        main(list(argv), out=io.StringIO(), err=io.StringIO())
+    case.assertEqual(raised.exception.code, 2)
+    return err.getvalue()
 
 
 class InitTests(SynchronousTestCase):
@@ -66,6 +78,81 @@ class InitTests(SynchronousTestCase):
         self.assertEqual(status, 0)
         self.assertEqual(load_agent_state(self.state).agent_id, "a2")
         self.assertNotEqual(open(os.path.join(self.state, "agent.key"), "rb").read(), key_before)
+
+    def test_refusal_names_paths_and_identity_show(self) -> None:
+        """A usable pair: the refusal offers identity show and --force, both on these paths."""
+        self.assertEqual(run("init", "--state-path", self.state)[0], 0)
+        status, _, err = run("init", "--state-path", self.state)
+        self.assertEqual(status, 1)
+        quoted = shlex.quote(self.state)
+        self.assertIn(f"'hostlink-tw identity show --state-path {quoted}'", err)
+        self.assertIn(f"'hostlink-tw init --force --state-path {quoted}'", err)
+        self.assertEqual(len(err.splitlines()), 1)
+
+    def test_refusal_of_an_unusable_pair_suggests_force_not_identity_show(self) -> None:
+        """agent.json {"agent_id": 5} next to a key: identity show would fail too."""
+        self.assertEqual(run("init", "--state-path", self.state)[0], 0)
+        with open(os.path.join(self.state, "agent.json"), "w") as f:
+            f.write('{"agent_id": 5}')
+        status, _, err = run("init", "--state-path", self.state)
+        self.assertEqual(status, 1)
+        self.assertIn("unusable", err)
+        self.assertIn(f"'hostlink-tw init --force --state-path {shlex.quote(self.state)}'", err)
+        self.assertNotIn("identity show", err)
+        self.assertEqual(len(err.splitlines()), 1)
+
+    def test_refuses_key_path_that_is_the_state_file(self) -> None:
+        """--private-key-path STATE/agent.json would be overwritten by agent.json itself."""
+        same = os.path.join(self.state, "agent.json")
+        for command in (("init", "--force"), ("init",), ("identity", "show")):
+            with self.subTest(command=command):
+                status, out, err = run(
+                    *command, "--state-path", self.state, "--private-key-path", same
+                )
+                self.assertEqual((status, out), (2, ""))
+                self.assertIn(f"private key path {same} is the agent state file {same}", err)
+                self.assertEqual(len(err.splitlines()), 1)
+        self.assertFalse(os.path.exists(same))
+
+    def test_refuses_key_path_that_is_the_state_file_by_inode(self) -> None:
+        """A hard link to agent.json is the same file, whatever its name."""
+        self.assertEqual(run("init", "--state-path", self.state)[0], 0)
+        link = os.path.abspath(self.mktemp())
+        os.link(os.path.join(self.state, "agent.json"), link)
+        status, _, err = run(
+            "init", "--force", "--state-path", self.state, "--private-key-path", link
+        )
+        self.assertEqual(status, 2)
+        self.assertIn(link, err)
+        self.assertEqual(load_agent_state(self.state).agent_id[:6], "agent-")
+
+    def test_missing_key_hint_completes_the_pair_here(self) -> None:
+        """Only agent.json: the hint is plain init on this state path, which then works."""
+        write_agent_state(self.state, AgentState("agt_7"))
+        status, _, err = run("identity", "show", "--state-path", self.state)
+        self.assertEqual(status, 1)
+        hint = f"'hostlink-tw init --state-path {shlex.quote(self.state)}'"
+        self.assertIn(hint, err)
+        self.assertNotIn("--force", err)
+        status, _, err = run(*shlex.split(hint.strip("'"))[1:])
+        self.assertEqual(status, 0, err)
+
+    def test_bits_is_bounded(self) -> None:
+        """A huge --bits would burn CPU for hours: a usage error instead."""
+
+        def no_key(bits: int) -> None:
+            raise AssertionError(f"a {bits}-bit key was being generated")
+
+        self.patch(cli, "new_private_key", no_key)
+        err = usage_error(self, "init", "--state-path", self.state, "--bits", "100000000")
+        self.assertIn("at most 16384", err)
+        self.assertIn("usage: hostlink-tw init", err)
+        self.assertFalse(os.path.exists(self.state))
+
+    def test_unknown_option_shows_the_subcommand_usage(self) -> None:
+        err = usage_error(self, "init", "--bogus")
+        self.assertIn("usage: hostlink-tw init", err)
+        self.assertIn("unrecognized arguments: --bogus", err)
 
     def test_refuses_bad_agent_id(self) -> None:
         for bad in ("bad\nid", "agënt", "a" * 257, "agt\ud800"):
@@ -198,6 +285,18 @@ class InitTests(SynchronousTestCase):
             environ={"HOSTLINK_STATE_PATH": self.state, "HOSTLINK_PRIVATE_KEY_PATH": other}
         )
         self.assertEqual(settings.private_key_path, other)
+
+
+class IdentityCommandTests(SynchronousTestCase):
+    def test_missing_subcommand_names_the_choices(self) -> None:
+        err = usage_error(self, "identity")
+        self.assertIn("usage: hostlink-tw identity", err)
+        self.assertIn("required: {show}", err)
+        self.assertNotIn("identity_command", err)
+
+    def test_unknown_option_shows_identity_show_usage(self) -> None:
+        err = usage_error(self, "identity", "show", "-x")
+        self.assertIn("usage: hostlink-tw identity show", err)
 
 
 class IdentityShowTests(SynchronousTestCase):
@@ -416,6 +515,42 @@ class StatusTests(SynchronousTestCase):
                 self.assertIn("HOSTLINK_WS_STATUS_LISTEN", err)
                 self.assertIn(why, err)
                 self.assertIn("pass --url", err)
+
+    def test_unescaped_ipv6_interface(self) -> None:
+        """tcp:PORT:interface=:: is not an endpoint (Twisted splits at ':'): say how to write it."""
+        self.patch(os, "environ", {"HOSTLINK_WS_STATUS_LISTEN": "tcp:21920:interface=::"})
+        status, out, err = run("status")
+        self.assertEqual((status, out), (2, ""))
+        self.assertIn("colons of the IPv6 interface :: must be escaped", err)
+        self.assertIn("interface=\\:\\:", err)
+        self.assertNotIn("_parseTCP", err)
+        for listen in ("tcp:21920:interface=\\:\\:", "tcp6:21920:interface=\\:\\:1"):
+            with self.subTest(listen=listen):
+                self.assertEqual(status_url_from_listen(listen), "http://[::1]:21920")
+        self.assertEqual(
+            status_url_from_listen("tcp6:21920:interface=2001\\:db8\\:\\:5"),
+            "http://[2001:db8::5]:21920",
+        )
+
+    def test_argument_checks(self) -> None:
+        """Bad --timeout and --url are usage errors, caught before any lookup or connection."""
+        cases = [
+            (("--timeout", "0"), "above 0"),
+            (("--timeout", "-1"), "above 0"),
+            (("--timeout", "nan"), "above 0"),
+            (("--url", "127.0.0.1:21920"), "add http://, e.g. http://127.0.0.1:21920"),
+            (("--url", "ftp://x"), "not an http:// or https:// URL"),
+            (("--url", "http://[::1"), "not a URL"),
+            (("--url", "http://"), "no host"),
+        ]
+        looked_up: list[object] = []
+        self.patch(socket, "getaddrinfo", lambda *a, **k: looked_up.append(a))
+        for argv, needle in cases:
+            with self.subTest(argv=argv):
+                err = usage_error(self, "status", *argv)
+                self.assertIn("usage: hostlink-tw status", err)
+                self.assertIn(needle, err)
+        self.assertEqual(looked_up, [])
 
     def test_inactive_exits_1(self) -> None:
         url = self.serve({"active": False, "state": "waiting", "last_failure": "refused"})

@@ -8,6 +8,7 @@ import errno
 import functools
 import json
 import os
+import shlex
 import stat
 from collections.abc import Callable
 from typing import Any
@@ -321,13 +322,17 @@ class AgentStateLoadTests(_TempDirMixin, SynchronousTestCase):
             )
 
     def test_agent_id_missing(self) -> None:
-        """No agent_id: no identity yet; the fix names hostlink-tw init."""
-        self.assertStateError(
+        """
+        No agent_id: no identity yet; the fix names hostlink-tw init with
+        --force (plain init refuses an existing agent.json) and this directory.
+        """
+        error = self.assertStateError(
             '{"last_sync_time": 1}',
             IdentityErrorKind.AGENT_ID,
             "no agent_id",
-            "hostlink-tw init --state-path",
+            "hostlink-tw init --force --state-path",
         )
+        self.assertIn(f"--state-path {shlex.quote(os.path.dirname(error.path or ''))}'", str(error))
         self.assertStateError("{}", IdentityErrorKind.AGENT_ID, "no identity yet")
 
     def test_agent_id_unusable(self) -> None:
@@ -650,14 +655,19 @@ class PrivateKeyLoadTests(_TempDirMixin, SynchronousTestCase):
         self.assertKeyError(path, IdentityErrorKind.PRIVATE_KEY_PERMISSIONS)
 
     def test_missing(self) -> None:
-        """A missing key file says so, with a fix."""
-        path = os.path.join(self.make_dir(), "agent.key")
+        """
+        A missing key file says so, with a fix: plain init (it completes a
+        half-made pair; --force is not needed) on the key's own directory.
+        """
+        directory = self.make_dir()
+        path = os.path.join(directory, "agent.key")
         error = self.assertKeyError(
             path,
             IdentityErrorKind.PRIVATE_KEY_MISSING,
             "does not exist",
-            "'hostlink-tw init --force'",
+            f"'hostlink-tw init --state-path {shlex.quote(directory)}'",
         )
+        self.assertNotIn("--force", str(error))
         self.assertNotIn("regist", str(error))
 
     def test_directory(self) -> None:
@@ -1116,3 +1126,88 @@ class WriteIdentityTests(_TempDirMixin, SynchronousTestCase):
         self.assertEqual(load_agent_state(state).agent_id, "old")
         self.assertEqual(sorted(os.listdir(state)), ["agent.json", "sub"])
         self.assertEqual(os.listdir(os.path.dirname(key_path)), ["agent.key"])
+
+
+class IdentityHintTests(_TempDirMixin, SynchronousTestCase):
+    """The commands in identity fixes act on this identity, quoted, --force only if needed."""
+
+    def test_init_command(self) -> None:
+        self.assertEqual(
+            identity.init_command("./oj2", "./oj2/agent.key", force=False),
+            "hostlink-tw init --state-path ./oj2",
+        )
+        self.assertEqual(
+            identity.init_command("/s p", "/k/x.pem", force=True),
+            "hostlink-tw init --force --state-path '/s p' --private-key-path /k/x.pem",
+        )
+        self.assertEqual(
+            identity.identity_show_command("/s", "/k/x.pem"),
+            "hostlink-tw identity show --state-path /s --private-key-path /k/x.pem",
+        )
+
+    def test_missing_key_elsewhere(self) -> None:
+        """A missing key outside the state directory: the fix names both paths."""
+        state = self.make_dir()
+        key = os.path.join(self.make_dir(), "my key.pem")
+        error = self.assertRaises(IdentityError, load_private_key, key, state_path=state)
+        self.assertIn(
+            f"'hostlink-tw init --state-path {shlex.quote(state)} "
+            f"--private-key-path {shlex.quote(key)}'",
+            str(error),
+        )
+
+    def test_missing_key_without_state_path(self) -> None:
+        """
+        Without the state path: agent.key implies its directory; another name
+        gets an explained placeholder rather than a wrong directory.
+        """
+        directory = self.make_dir()
+        error = self.assertRaises(
+            IdentityError, load_private_key, os.path.join(directory, "agent.key")
+        )
+        self.assertIn(f"'hostlink-tw init --state-path {shlex.quote(directory)}'", str(error))
+        other = os.path.join(directory, "k.pem")
+        error = self.assertRaises(IdentityError, load_private_key, other)
+        self.assertIn(
+            f"'hostlink-tw init --state-path STATE_DIR --private-key-path {shlex.quote(other)}' "
+            "(STATE_DIR: the directory that holds agent.json)",
+            str(error),
+        )
+
+    def test_unusable_key_needs_force(self) -> None:
+        """An existing unusable key: init refuses it without --force, so the fix has it."""
+        state = self.make_dir()
+        key = os.path.join(state, "agent.key")
+        with open(key, "w") as f:
+            f.write("garbage\n")
+        os.chmod(key, 0o600)
+        error = self.assertRaises(IdentityError, load_private_key, key, state_path=state)
+        self.assertIn(f"'hostlink-tw init --force --state-path {shlex.quote(state)}'", str(error))
+
+    def test_missing_state_names_key_path(self) -> None:
+        """A missing agent.json with a key elsewhere: init must be told that key path."""
+        state = self.make_dir()
+        error = self.assertRaises(
+            IdentityError, load_agent_state, state, private_key_path="/etc/k.pem"
+        )
+        self.assertIn(
+            f"'hostlink-tw init --state-path {shlex.quote(state)} --private-key-path /etc/k.pem'",
+            str(error),
+        )
+
+    def test_same_file(self) -> None:
+        """The key path being agent.json (by path or by inode) is named as a problem."""
+        state = self.make_dir()
+        state_file = os.path.join(state, "agent.json")
+        self.assertIsNone(identity.same_file_problem(state, os.path.join(state, "agent.key")))
+        problem = identity.same_file_problem(state, os.path.join(state, ".", "agent.json"))
+        assert problem is not None
+        self.assertIn(state_file, problem)
+        with open(state_file, "w") as f:
+            f.write("{}")
+        other = os.path.join(self.make_dir(), "link.key")
+        os.link(state_file, other)
+        problem = identity.same_file_problem(state, other)
+        assert problem is not None
+        self.assertIn(other, problem)
+        self.assertIn(state_file, problem)

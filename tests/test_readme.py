@@ -67,3 +67,52 @@ class ReadmeTests(SynchronousTestCase):
         collection.startService()
         self.assertIsNone(uplink.client)
         self.successResultOf(collection.stopService())
+
+    # -- a new user's trial of the README (round 2, item 7) --------------------------
+
+    def test_make_test_certificates_example_binds(self) -> None:
+        """Every make_test_certificates(...) shown passes its required arguments."""
+        import inspect
+
+        from hostlink_tw.testing import make_test_certificates
+
+        calls = re.findall(r"make_test_certificates\(([^)]*)\)", README)
+        self.assertTrue(calls)
+        signature = inspect.signature(make_test_certificates)
+        for arguments in calls:
+            with self.subTest(arguments=arguments):
+                positional = [a for a in arguments.split(",") if a.strip() and "=" not in a]
+                signature.bind(*positional)
+
+    def test_status_endpoint_that_cannot_listen(self) -> None:
+        """Both places that say what stops the start also say what does not."""
+        for title in ("Production use", "Configuration"):
+            with self.subTest(section=title):
+                text = " ".join(_section(title).split())
+                self.assertIn("a busy port, a port out of range, a missing UNIX socket", text)
+                self.assertIn("``status page not started: …``", text)
+
+    def test_install_says_where_the_commands_are(self) -> None:
+        text = " ".join(_section("Install").split())
+        self.assertIn("/opt/hostlink-tw/bin/hostlink-tw", text)
+        self.assertIn("PATH", text)
+
+    def test_demo_directory_is_named(self) -> None:
+        """hostlink-tw demo leaves its --dir default (holding a key) behind: the README says so."""
+        from hostlink_tw.cli import _parser
+
+        default = _parser().parse_args(["demo"]).dir
+        self.assertIn(f"leaves a ``{default}/``", " ".join(README.split()))
+
+    def test_version_line_wording(self) -> None:
+        """twistd logs its own lines first: the version is on the agent's start-up line."""
+        self.assertNotIn("first log line", README)
+        self.assertIn("start-up line", " ".join(README.split()))
+
+    def test_attempts_is_defined(self) -> None:
+        text = " ".join(_section("Embedding in a Twisted application").split())
+        self.assertIn(
+            "``attempts`` (connection attempts since the last active session; "
+            "0 while a session is active)",
+            text,
+        )

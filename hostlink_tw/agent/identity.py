@@ -59,8 +59,11 @@ __all__ = [
     "AgentState",
     "agent_state_file",
     "default_private_key_path",
+    "identity_show_command",
+    "init_command",
     "load_agent_state",
     "load_private_key",
+    "same_file_problem",
 ]
 
 log = Logger()
@@ -166,7 +169,61 @@ def default_private_key_path(state_path: str, logger: Logger | None = None) -> s
     return go_default
 
 
-def load_agent_state(state_path: str) -> AgentState:
+def init_command(state_path: str, private_key_path: str | None = None, *, force: bool) -> str:
+    """
+    The ``hostlink-tw init`` command line that acts on exactly this identity.
+
+    It names ``--state-path`` always, ``--private-key-path`` only when the key
+    is not at its default place for that state directory (``agent.key`` in
+    it), and ``--force`` only when asked: where init would otherwise refuse
+    (an existing, unusable file).  Paths are shell-quoted, so the line can be
+    copied as it is.
+    """
+    words = ["hostlink-tw", "init"]
+    if force:
+        words.append("--force")
+    words += ["--state-path", state_path]
+    if private_key_path is not None and not _is_default_key_place(state_path, private_key_path):
+        words += ["--private-key-path", private_key_path]
+    return shlex.join(words)
+
+
+def identity_show_command(state_path: str, private_key_path: str | None = None) -> str:
+    """The ``hostlink-tw identity show`` command line (as :func:`init_command`)."""
+    words = ["hostlink-tw", "identity", "show", "--state-path", state_path]
+    if private_key_path is not None and not _is_default_key_place(state_path, private_key_path):
+        words += ["--private-key-path", private_key_path]
+    return shlex.join(words)
+
+
+def _is_default_key_place(state_path: str, private_key_path: str) -> bool:
+    preferred = os.path.join(state_path, PRIVATE_KEY_FILENAME)
+    return os.path.abspath(preferred) == os.path.abspath(private_key_path)
+
+
+def same_file_problem(state_path: str, private_key_path: str) -> str | None:
+    """
+    Why the private key cannot live at ``private_key_path``: it is the agent
+    state file itself (same real path, or the same inode when both exist),
+    so writing one would destroy the other.  ``None`` when they differ.
+    """
+    state_file = agent_state_file(state_path)
+    same = os.path.realpath(state_file) == os.path.realpath(private_key_path)
+    if not same:
+        try:
+            same = os.path.samefile(state_file, private_key_path)
+        except OSError:
+            same = False  # One of them does not exist (yet): the paths differ.
+    if not same:
+        return None
+    return (
+        f"the private key path {private_key_path} is the agent state file {state_file}; "
+        "they must be two different files (leave --private-key-path unset to use "
+        f"{os.path.join(state_path, PRIVATE_KEY_FILENAME)})"
+    )
+
+
+def load_agent_state(state_path: str, *, private_key_path: str | None = None) -> AgentState:
     """
     Load ``agent.json`` from the state directory ``state_path``.
 
@@ -177,6 +234,8 @@ def load_agent_state(state_path: str) -> AgentState:
     Go ignores them.  Key names are matched exactly.
 
     :param state_path: The state *directory* (``HOSTLINK_STATE_PATH``).
+    :param private_key_path: The key path in use, named in the ``init``
+        command of an error's fix when it is not ``agent.key`` in ``state_path``.
     :raises ~hostlink_tw.wire.keys.IdentityError: of the kind
         (:class:`~hostlink_tw.wire.keys.IdentityErrorKind`)
         ``AGENT_STATE_MISSING``: no such file, the agent is not registered;
@@ -188,9 +247,15 @@ def load_agent_state(state_path: str) -> AgentState:
     """
     path = agent_state_file(state_path)
     register_fix = (
-        f"create this agent's identity with 'hostlink-tw init --state-path {state_path}' "
+        f"create this agent's identity with "
+        f"'{init_command(state_path, private_key_path, force=False)}' "
         "(it writes agent.json and the key), or set HOSTLINK_STATE_PATH to the directory "
         "that holds agent.json"
+    )
+    # The file exists but is unusable: init refuses to replace it without --force.
+    replace_fix = (
+        f"restore {path} from a backup, or create a new identity with "
+        f"'{init_command(state_path, private_key_path, force=True)}'"
     )
     try:
         data = _read_small_file(path, check_mode=_warn_if_writable_by_others)
@@ -217,10 +282,7 @@ def load_agent_state(state_path: str) -> AgentState:
             fix=_unreadable_fix(e, path, "a regular file holding the agent state"),
         ) from None
 
-    fix_json = (
-        f"restore {path} from a backup, or create a new identity with "
-        f"'hostlink-tw init --force --state-path {state_path}'"
-    )
+    fix_json = replace_fix
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -259,7 +321,7 @@ def load_agent_state(state_path: str) -> AgentState:
             IdentityErrorKind.AGENT_ID,
             f"agent state file {path} has no agent_id (this agent has no identity yet)",
             path=path,
-            fix=register_fix,
+            fix=replace_fix,
         )
     try:
         agent_id = check_agent_id(obj["agent_id"])
@@ -273,7 +335,7 @@ def load_agent_state(state_path: str) -> AgentState:
                 f"set agent_id in {path} to the id the control plane knows this agent by "
                 "(within the rule)"
                 if isinstance(obj["agent_id"], str) and obj["agent_id"]
-                else register_fix
+                else replace_fix
             ),
         ) from None
 
@@ -367,7 +429,7 @@ def _json_error_text(error: BaseException) -> str:
 # Private key
 
 
-def load_private_key(path: str) -> RSAPrivateKey:
+def load_private_key(path: str, *, state_path: str | None = None) -> RSAPrivateKey:
     """
     Load the agent's RSA private key from the PEM file ``path``.
 
@@ -389,18 +451,37 @@ def load_private_key(path: str) -> RSAPrivateKey:
         ``PRIVATE_KEY_ENCRYPTED``: the key is protected by a password;
         ``PRIVATE_KEY_NOT_RSA``: EC, Ed25519, DSA or another non-RSA key;
         ``PRIVATE_KEY_TOO_SMALL``: RSA with fewer than 2048 bits.
+
+    :param state_path: The state directory in use, named in the ``init``
+        command of an error's fix.  Without it, a key named ``agent.key``
+        implies its own directory (where ``init`` puts it); any other name
+        gets a ``STATE_DIR`` placeholder, explained.
     """
+    where = ""
+    if state_path is not None:
+        state_dir = state_path
+    elif os.path.basename(path) == PRIVATE_KEY_FILENAME:
+        state_dir = os.path.dirname(path) or "."  # where init puts agent.key
+    else:
+        # Unknown, and no guess is safe: init must write agent.json where the agent reads it.
+        state_dir, where = "STATE_DIR", " (STATE_DIR: the directory that holds agent.json)"
+    # A missing key: plain init writes it (keeping an existing agent.json).
+    # A key that exists but is unusable: init refuses it without --force.
+    missing_fix = (
+        f"point HOSTLINK_PRIVATE_KEY_PATH at this agent's PEM RSA private key, or create "
+        f"it with '{init_command(state_dir, path, force=False)}'{where}"
+    )
     regenerate = (
         f"point HOSTLINK_PRIVATE_KEY_PATH at this agent's PEM RSA private key "
-        f"(2048 bits or more), or create a new identity with 'hostlink-tw init --force' "
-        f"to write {path}"
+        f"(2048 bits or more), or create a new identity with "
+        f"'{init_command(state_dir, path, force=True)}'{where} to replace {path}"
     )
     try:
         data = _read_small_file(path, check_mode=_check_key_mode)
     except FileNotFoundError:
         raise IdentityError(
             IdentityErrorKind.PRIVATE_KEY_MISSING,
-            f"private key file {path} does not exist", path=path, fix=regenerate
+            f"private key file {path} does not exist", path=path, fix=missing_fix
         ) from None
     except OSError as e:
         raise IdentityError(
