@@ -34,10 +34,11 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
 from hostlink_tw import __version__
+from hostlink_tw.agent.identity import load_agent_state, load_private_key
 from hostlink_tw.backoff import Backoff
 from hostlink_tw.client import ClientEvent, HostlinkClient, Observers
 from hostlink_tw.config import Settings
-from hostlink_tw.identity import IdentityError, load_agent_state
+from hostlink_tw.identity import IdentityError
 from hostlink_tw.safetext import escape_control, redact_url
 from hostlink_tw.signing import RequestSigner, SigningError
 
@@ -185,8 +186,13 @@ class HostlinkService(MultiService):
             return
         settings = self.settings
         try:
-            state = load_agent_state(settings.state_path)
-            signer = RequestSigner(settings.private_key_path, state.agent_id)
+            # Both loaders know both paths, so every hint names the identity
+            # this agent uses ('hostlink-tw init --state-path … --private-key-path …').
+            state = load_agent_state(
+                settings.state_path, private_key_path=settings.private_key_path
+            )
+            key = load_private_key(settings.private_key_path, state_path=settings.state_path)
+            signer = RequestSigner.from_key(key, state.agent_id)
         except (IdentityError, SigningError) as e:
             # Escaped: paths and ids come from the environment and from files.
             self._wait_for_identity(escape_control(str(e)))

@@ -190,6 +190,23 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.successResultOf(service.stopService())
 
+    def test_missing_key_hint_names_this_agents_identity(self) -> None:
+        """
+        New-user trial: the hint for a key stored under another name named a
+        placeholder directory; the service now gives the loaders both paths.
+        """
+        key_path = os.path.join(self.dir, "keys", "custom.pem")
+        write_agent_state(self.state_path, AgentState(agent_id="agent-1"))
+        service = self.make(replace(self.settings, private_key_path=key_path))
+        service.startService()
+        self.clock.advance(0)
+        (error,) = self.errors()
+        text = formatEvent(error)
+        self.assertIn(f"--state-path {self.state_path}", text)
+        self.assertIn(f"--private-key-path {key_path}", text)
+        self.assertNotIn("STATE_DIR", text)
+        self.successResultOf(service.stopService())
+
     def test_recheck_delays_grow_and_are_capped(self) -> None:
         service = self.make()
         service.startService()
