@@ -20,20 +20,22 @@ an empty array, because a Go encoder writes a nil slice that way.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
-from hostlink_tw._json import json_kind
 from hostlink_tw.wire.envelope import parse_sent_at
 from hostlink_tw.wire.errors import INVALID_PAYLOAD, ProtocolError, short_repr
 from hostlink_tw.wire.payloads import (
-    STREAMS,
     AckPayload,
     TaskFinalPayload,
     _get_bool,
-    _get_required_int,
+    _get_count,
+    _get_list,
+    _get_object,
     _get_str,
+    _get_stream,
+    _get_text,
     _payload_error,
     _require_mapping,
 )
@@ -54,17 +56,7 @@ __all__ = [
     "hello_payload",
 ]
 
-_T = TypeVar("_T")
-
-# --- field readers beyond payloads.py's (same messages, same paths) ----------------------
-
-
-def _get_text(data: Mapping[str, Any], key: str, at: str) -> str:
-    """Return a required, non-empty string field."""
-    value = _get_str(data, key, required=True, at=at)
-    if not value:
-        raise _payload_error(key, "must not be empty", at)
-    return value
+# --- readers payloads.py cannot hold (envelope.py imports payloads.py) --------------------
 
 
 def _get_time(data: Mapping[str, Any], key: str, at: str) -> str:
@@ -78,51 +70,6 @@ def _get_time(data: Mapping[str, Any], key: str, at: str) -> str:
             f"not {short_repr(value)}", at
         ) from None
     return value
-
-
-def _get_count(data: Mapping[str, Any], key: str, at: str, minimum: int) -> int:
-    """Return a required 64-bit integer field of at least *minimum*."""
-    value = _get_required_int(data, key, at)
-    if value < minimum:
-        raise _payload_error(key, f"must be >= {minimum}, not {value}", at)
-    return value
-
-
-def _get_stream(data: Mapping[str, Any], key: str, at: str) -> str:
-    value = _get_str(data, key, required=True, at=at)
-    if value not in STREAMS:
-        raise _payload_error(key, f"must be 'stdout' or 'stderr', not {short_repr(value)}", at)
-    return value
-
-
-def _get_object(data: Mapping[str, Any], key: str, at: str) -> Mapping[str, Any]:
-    if key not in data:
-        raise _payload_error(key, "is required", at)
-    return _require_mapping(data[key], f"{at}.{key}")
-
-
-def _get_list(
-    data: Mapping[str, Any],
-    key: str,
-    at: str,
-    item: Callable[[object, str], _T],
-    *,
-    required: bool,
-) -> tuple[_T, ...]:
-    """Return an array field, each element read by ``item(value, path)``.
-
-    Absent (when allowed) and ``null`` read as empty.
-    """
-    if key not in data:
-        if required:
-            raise _payload_error(key, "is required", at)
-        return ()
-    values = data[key]
-    if values is None:
-        return ()
-    if not isinstance(values, (list, tuple)):
-        raise _payload_error(key, f"must be an array, not {json_kind(values)}", at)
-    return tuple(item(value, f"{at}.{key}[{index}]") for index, value in enumerate(values))
 
 
 def _ids(data: Mapping[str, Any], at: str) -> tuple[str, str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 from hostlink_tw._json import json_kind
 from hostlink_tw.wire.errors import INVALID_PAYLOAD, NUMBER_OUT_OF_RANGE, ProtocolError, short_repr
@@ -50,6 +50,9 @@ STATUS_FAILED = "failed"
 STATUS_INTERRUPTED = "interrupted"
 #: Valid ``task.final`` statuses.
 FINAL_STATUSES: frozenset[str] = frozenset({STATUS_COMPLETED, STATUS_FAILED, STATUS_INTERRUPTED})
+
+
+_T = TypeVar("_T")
 
 
 def _payload_error(field: str, message: str, at: str = "payload") -> ProtocolError:
@@ -107,6 +110,59 @@ def _get_required_int(data: Mapping[str, Any], key: str, at: str = "payload") ->
             NUMBER_OUT_OF_RANGE, f"{at}.{key} is outside the 64-bit range", f"{at}.{key}"
         )
     return int(value)
+
+
+def _get_text(data: Mapping[str, Any], key: str, at: str) -> str:
+    """Return a required, non-empty string field."""
+    value = _get_str(data, key, required=True, at=at)
+    if not value:
+        raise _payload_error(key, "must not be empty", at)
+    return value
+
+
+def _get_count(data: Mapping[str, Any], key: str, at: str, minimum: int) -> int:
+    """Return a required 64-bit integer field of at least *minimum*."""
+    value = _get_required_int(data, key, at)
+    if value < minimum:
+        raise _payload_error(key, f"must be >= {minimum}, not {value}", at)
+    return value
+
+
+def _get_stream(data: Mapping[str, Any], key: str, at: str) -> str:
+    value = _get_str(data, key, required=True, at=at)
+    if value not in STREAMS:
+        raise _payload_error(key, f"must be 'stdout' or 'stderr', not {short_repr(value)}", at)
+    return value
+
+
+def _get_object(data: Mapping[str, Any], key: str, at: str) -> Mapping[str, Any]:
+    if key not in data:
+        raise _payload_error(key, "is required", at)
+    return _require_mapping(data[key], f"{at}.{key}")
+
+
+def _get_list(
+    data: Mapping[str, Any],
+    key: str,
+    at: str,
+    item: Callable[[object, str], _T],
+    *,
+    required: bool,
+) -> tuple[_T, ...]:
+    """Return an array field, each element read by ``item(value, path)``.
+
+    Absent (when allowed) and ``null`` read as empty.
+    """
+    if key not in data:
+        if required:
+            raise _payload_error(key, "is required", at)
+        return ()
+    values = data[key]
+    if values is None:
+        return ()
+    if not isinstance(values, (list, tuple)):
+        raise _payload_error(key, f"must be an array, not {json_kind(values)}", at)
+    return tuple(item(value, f"{at}.{key}[{index}]") for index, value in enumerate(values))
 
 
 @dataclass(frozen=True)
@@ -215,14 +271,8 @@ class TaskOutputPayload:
             :data:`NUMBER_OUT_OF_RANGE`).
         """
         data = _require_mapping(data)
-        stream = _get_str(data, "stream", required=True)
-        if stream not in STREAMS:
-            raise _payload_error(
-                "stream", f"must be 'stdout' or 'stderr', not {short_repr(stream)}"
-            )
-        byte_count = _get_required_int(data, "byte_count")
-        if byte_count < 0:
-            raise _payload_error("byte_count", f"must be >= 0, not {byte_count}")
+        stream = _get_stream(data, "stream", "payload")
+        byte_count = _get_count(data, "byte_count", "payload", 0)
         return cls(
             stream=stream,
             data=_get_str(data, "data", required=True),
