@@ -10,6 +10,10 @@ control plane, and nothing about either side's state.
   hostile.
 * :mod:`hostlink_tw.wire.payloads` — the typed payloads (``ack``, ``error``,
   ``task.output``, ``task.final``).
+* :mod:`hostlink_tw.wire.tasks` — the payloads of phase 2 (tasks over the
+  session): ``task.deliver``, builders for output and finals, message ids;
+  it re-exports :mod:`hostlink_tw.wire.hello` (the ``agent.hello`` snapshot
+  and the ``agent.hello_ack`` directives).
 * :mod:`hostlink_tw.wire.envelope` — the envelope: building, serialising,
   parsing, validating; message ids and ``sent_at``.
 * :mod:`hostlink_tw.wire.keys` — RSA public keys as the control plane stores

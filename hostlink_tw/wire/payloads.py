@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
+from hostlink_tw._json import json_kind
 from hostlink_tw.wire.errors import INVALID_PAYLOAD, NUMBER_OUT_OF_RANGE, ProtocolError, short_repr
 from hostlink_tw.wire.jsontext import is_int64, is_json_int
 from hostlink_tw.wire.vocabulary import ACK, AGENT_HELLO_ACK, ERROR, TASK_FINAL, TASK_OUTPUT
@@ -51,59 +52,117 @@ STATUS_INTERRUPTED = "interrupted"
 FINAL_STATUSES: frozenset[str] = frozenset({STATUS_COMPLETED, STATUS_FAILED, STATUS_INTERRUPTED})
 
 
-def _payload_error(field: str, message: str) -> ProtocolError:
-    return ProtocolError(INVALID_PAYLOAD, f"payload.{field} {message}", field=f"payload.{field}")
+_T = TypeVar("_T")
 
 
-def _require_mapping(data: object) -> Mapping[str, Any]:
+def _payload_error(field: str, message: str, at: str = "payload") -> ProtocolError:
+    """Return the error for *field* of the object at path *at* (``payload``,
+    ``payload.unacked_output[2]``): the message and ``field`` name the full path."""
+    return ProtocolError(INVALID_PAYLOAD, f"{at}.{field} {message}", field=f"{at}.{field}")
+
+
+def _require_mapping(data: object, at: str = "payload") -> Mapping[str, Any]:
     if not isinstance(data, Mapping):
         raise ProtocolError(
-            INVALID_PAYLOAD, f"payload must be an object, not {type(data).__name__}", "payload"
+            INVALID_PAYLOAD, f"{at} must be an object, not {json_kind(data)}", at
         )
     return data
 
 
-def _get_str(data: Mapping[str, Any], key: str, *, required: bool) -> str:
+def _get_str(data: Mapping[str, Any], key: str, *, required: bool, at: str = "payload") -> str:
     if key not in data:
         if required:
-            raise _payload_error(key, "is required")
+            raise _payload_error(key, "is required", at)
         return ""
     value = data[key]
     if not isinstance(value, str):
-        raise _payload_error(key, f"must be a string, not {short_repr(value)}")
+        raise _payload_error(key, f"must be a string, not {short_repr(value)}", at)
     return value
 
 
-def _get_bool(data: Mapping[str, Any], key: str, *, required: bool) -> bool:
+def _get_bool(data: Mapping[str, Any], key: str, *, required: bool, at: str = "payload") -> bool:
     if key not in data:
         if required:
-            raise _payload_error(key, "is required")
+            raise _payload_error(key, "is required", at)
         return False
     value = data[key]
     if not isinstance(value, bool):
-        raise _payload_error(key, f"must be a boolean, not {short_repr(value)}")
+        raise _payload_error(key, f"must be a boolean, not {short_repr(value)}", at)
     return value
 
 
-def _get_int(data: Mapping[str, Any], key: str) -> int | None:
+def _get_int(data: Mapping[str, Any], key: str, at: str = "payload") -> int | None:
     """Return an optional 64-bit integer field, ``None`` when absent."""
     if key not in data:
         return None
-    return _get_required_int(data, key)
+    return _get_required_int(data, key, at)
 
 
-def _get_required_int(data: Mapping[str, Any], key: str) -> int:
+def _get_required_int(data: Mapping[str, Any], key: str, at: str = "payload") -> int:
     """Return a required 64-bit integer field (``true`` and ``1.0`` are not integers)."""
     if key not in data:
-        raise _payload_error(key, "is required")
+        raise _payload_error(key, "is required", at)
     value = data[key]
     if not is_json_int(value):
-        raise _payload_error(key, f"must be an integer, not {short_repr(value)}")
+        raise _payload_error(key, f"must be an integer, not {short_repr(value)}", at)
     if not is_int64(value):
         raise ProtocolError(
-            NUMBER_OUT_OF_RANGE, f"payload.{key} is outside the 64-bit range", f"payload.{key}"
+            NUMBER_OUT_OF_RANGE, f"{at}.{key} is outside the 64-bit range", f"{at}.{key}"
         )
     return int(value)
+
+
+def _get_text(data: Mapping[str, Any], key: str, at: str) -> str:
+    """Return a required, non-empty string field."""
+    value = _get_str(data, key, required=True, at=at)
+    if not value:
+        raise _payload_error(key, "must not be empty", at)
+    return value
+
+
+def _get_count(data: Mapping[str, Any], key: str, at: str, minimum: int) -> int:
+    """Return a required 64-bit integer field of at least *minimum*."""
+    value = _get_required_int(data, key, at)
+    if value < minimum:
+        raise _payload_error(key, f"must be >= {minimum}, not {value}", at)
+    return value
+
+
+def _get_stream(data: Mapping[str, Any], key: str, at: str) -> str:
+    value = _get_str(data, key, required=True, at=at)
+    if value not in STREAMS:
+        raise _payload_error(key, f"must be 'stdout' or 'stderr', not {short_repr(value)}", at)
+    return value
+
+
+def _get_object(data: Mapping[str, Any], key: str, at: str) -> Mapping[str, Any]:
+    if key not in data:
+        raise _payload_error(key, "is required", at)
+    return _require_mapping(data[key], f"{at}.{key}")
+
+
+def _get_list(
+    data: Mapping[str, Any],
+    key: str,
+    at: str,
+    item: Callable[[object, str], _T],
+    *,
+    required: bool,
+) -> tuple[_T, ...]:
+    """Return an array field, each element read by ``item(value, path)``.
+
+    Absent (when allowed) and ``null`` read as empty.
+    """
+    if key not in data:
+        if required:
+            raise _payload_error(key, "is required", at)
+        return ()
+    values = data[key]
+    if values is None:
+        return ()
+    if not isinstance(values, (list, tuple)):
+        raise _payload_error(key, f"must be an array, not {json_kind(values)}", at)
+    return tuple(item(value, f"{at}.{key}[{index}]") for index, value in enumerate(values))
 
 
 @dataclass(frozen=True)
@@ -153,12 +212,18 @@ class AckPayload:
 
 @dataclass(frozen=True)
 class ErrorPayload:
-    """Payload of ``error``: a peer-reported failure."""
+    """Payload of ``error``: a peer-reported failure.
+
+    ``highest_accepted_sequence`` (PROTOCOL §7.5, with code
+    ``output_sequence_gap``) is ``None`` when absent; ``0`` is a value (the
+    control plane accepted no chunk of that stream yet).
+    """
 
     code: str
     message: str
     retryable: bool
     related_message_id: str = ""
+    highest_accepted_sequence: int | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ErrorPayload:
@@ -172,10 +237,11 @@ class ErrorPayload:
             message=_get_str(data, "message", required=True),
             retryable=_get_bool(data, "retryable", required=True),
             related_message_id=_get_str(data, "related_message_id", required=False),
+            highest_accepted_sequence=_get_int(data, "highest_accepted_sequence"),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the wire form; ``related_message_id`` only when set."""
+        """Return the wire form; the optional fields only when set."""
         result: dict[str, Any] = {
             "code": self.code,
             "message": self.message,
@@ -183,6 +249,8 @@ class ErrorPayload:
         }
         if self.related_message_id:
             result["related_message_id"] = self.related_message_id
+        if self.highest_accepted_sequence is not None:
+            result["highest_accepted_sequence"] = self.highest_accepted_sequence
         return result
 
 
@@ -203,14 +271,8 @@ class TaskOutputPayload:
             :data:`NUMBER_OUT_OF_RANGE`).
         """
         data = _require_mapping(data)
-        stream = _get_str(data, "stream", required=True)
-        if stream not in STREAMS:
-            raise _payload_error(
-                "stream", f"must be 'stdout' or 'stderr', not {short_repr(stream)}"
-            )
-        byte_count = _get_required_int(data, "byte_count")
-        if byte_count < 0:
-            raise _payload_error("byte_count", f"must be >= 0, not {byte_count}")
+        stream = _get_stream(data, "stream", "payload")
+        byte_count = _get_count(data, "byte_count", "payload", 0)
         return cls(
             stream=stream,
             data=_get_str(data, "data", required=True),
@@ -232,7 +294,14 @@ class TaskOutputPayload:
 
 @dataclass(frozen=True)
 class TaskFinalPayload:
-    """Payload of ``task.final``: how a task execution ended."""
+    """Payload of ``task.final``: how a task execution ended.
+
+    Parsing is lenient where the Go agent is: its runner sends no
+    ``output_truncated``/``error_truncated`` (they read as false) and may send
+    empty ``output``/``error``.  What we build always carries both flags
+    (PROTOCOL §7.4 lists them without ``?``) and omits empty texts, as the
+    Go agent's own snapshot and synthetic finals do.
+    """
 
     status: str
     exit_code: int
@@ -242,39 +311,45 @@ class TaskFinalPayload:
     error_truncated: bool = False
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TaskFinalPayload:
+    def from_dict(
+        cls, data: Mapping[str, Any], *, at: str = "payload", flags_required: bool = False
+    ) -> TaskFinalPayload:
         """Validate *data* and build the payload; unknown keys are ignored.
 
+        :param at: the path of *data* in error messages (a final nested in a
+            hello snapshot is ``payload.unacked_finals[3]``).
+        :param flags_required: refuse a final without ``output_truncated`` and
+            ``error_truncated`` (the hello snapshot always carries them).
         :raises ProtocolError: (:data:`INVALID_PAYLOAD`, or
             :data:`NUMBER_OUT_OF_RANGE`).
         """
-        data = _require_mapping(data)
-        status = _get_str(data, "status", required=True)
+        data = _require_mapping(data, at)
+        status = _get_str(data, "status", required=True, at=at)
         if status not in FINAL_STATUSES:
             raise _payload_error(
-                "status", f"must be completed, failed or interrupted, not {short_repr(status)}"
+                "status",
+                f"must be completed, failed or interrupted, not {short_repr(status)}",
+                at,
             )
-        exit_code = _get_required_int(data, "exit_code")
+        exit_code = _get_required_int(data, "exit_code", at)
         return cls(
             status=status,
             exit_code=exit_code,
-            output=_get_str(data, "output", required=False),
-            error=_get_str(data, "error", required=False),
-            output_truncated=_get_bool(data, "output_truncated", required=False),
-            error_truncated=_get_bool(data, "error_truncated", required=False),
+            output=_get_str(data, "output", required=False, at=at),
+            error=_get_str(data, "error", required=False, at=at),
+            output_truncated=_get_bool(data, "output_truncated", required=flags_required, at=at),
+            error_truncated=_get_bool(data, "error_truncated", required=flags_required, at=at),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the wire form, without empty optional fields."""
+        """Return the wire form: both flags always, ``output``/``error`` when not empty."""
         result: dict[str, Any] = {"status": self.status, "exit_code": self.exit_code}
         if self.output:
             result["output"] = self.output
         if self.error:
             result["error"] = self.error
-        if self.output_truncated:
-            result["output_truncated"] = True
-        if self.error_truncated:
-            result["error_truncated"] = True
+        result["output_truncated"] = self.output_truncated
+        result["error_truncated"] = self.error_truncated
         return result
 
 
@@ -310,13 +385,19 @@ def ack_payload(
 
 
 def error_payload(
-    code: str, message: str, retryable: bool, related_message_id: str = ""
+    code: str,
+    message: str,
+    retryable: bool,
+    related_message_id: str = "",
+    highest_accepted_sequence: int | None = None,
 ) -> dict[str, Any]:
     """Build the payload of an ``error`` message.
 
     :raises ProtocolError: (:data:`INVALID_PAYLOAD`) if a value has the wrong type.
     """
-    payload = ErrorPayload(code, message, retryable, related_message_id).to_dict()
+    payload = ErrorPayload(
+        code, message, retryable, related_message_id, highest_accepted_sequence
+    ).to_dict()
     ErrorPayload.from_dict(payload)
     return payload
 
