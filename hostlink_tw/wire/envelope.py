@@ -125,8 +125,20 @@ def parse_sent_at(text: str) -> datetime:
 # --- the envelope ----------------------------------------------------------------
 
 
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
 def _freeze(value: Any) -> Any:
     """Return a read-only deep copy of a JSON-like value (objects become mapping proxies)."""
+    # Exact types first: every inbound envelope passes here, and the ABC
+    # checks below cost more than the copy itself for parsed JSON.
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    if kind is dict:
+        return MappingProxyType({key: _freeze(item) for key, item in value.items()})
+    if kind is list:
+        return tuple(_freeze(item) for item in value)
     if isinstance(value, Mapping):
         return MappingProxyType({key: _freeze(item) for key, item in value.items()})
     if isinstance(value, (list, tuple)):
