@@ -1,0 +1,589 @@
+"""The agent's local task store: executions and the outbox, in one SQLite file.
+
+Issue 12 item 2; the contract is PROTOCOL §7 and PROTOCOL §8 in docs/protocol.rst
+(message ids; receipt, final, the local store, restart).  This
+module is self-contained and **not wired into the client or the service yet**:
+the runner and the session will call it.
+
+* One file, created mode 0600 (an existing file readable by group or others is
+  a clear error, as the identity files are: nothing is repaired silently), WAL
+  journal, ``synchronous=FULL`` so a commit that returned survives a crash.
+* Every call runs on one dedicated thread and returns a Deferred: the reactor
+  thread never waits for an fsync.  We use a ``ThreadPool(1, 1)`` with
+  ``deferToThreadPool`` rather than ``adbapi.ConnectionPool``: the one
+  connection is created, migrated and closed on that thread (so sqlite3's
+  ``check_same_thread`` stays on), transactions are our explicit
+  ``BEGIN IMMEDIATE``/``COMMIT`` (adbapi wraps each interaction in its own
+  commit logic and reconnect policy and starts itself from a reactor startup
+  trigger), and ``start()``/``stop()`` are plain calls the service makes.
+  One thread also means one writer, with calls serialized in order.
+* The schema is versioned with ``PRAGMA user_version`` (:data:`SCHEMA_VERSION`);
+  :func:`migrate` brings an older file up to date, and a file from a newer
+  agent is refused rather than misread.
+* Any sqlite error (corrupt file, unreadable file, disk full) becomes one
+  :class:`StoreError` whose message names the file -- never a traceback.
+
+Output messages are deleted when acked.  A final is only marked acked: it is
+kept with its ended attempt for the retention time, so a re-delivery can be
+answered with the same final and the same message id (§8.2), then
+:meth:`TaskStore.purge` deletes both.  Nothing unacked is ever purged.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import sqlite3
+import stat
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "LocalState",
+    "QueuedAttempt",
+    "Receipt",
+    "StoreError",
+    "StoredMessage",
+    "TaskStore",
+    "interrupted_message_id",
+    "migrate",
+]
+
+SCHEMA_VERSION = 1
+"""The ``PRAGMA user_version`` this code writes and reads."""
+
+FINAL = "task.final"
+OUTPUT = "task.output"
+
+_T = TypeVar("_T")
+
+# Version 0 is a new, empty file; each step takes the schema one version up.
+_MIGRATIONS: dict[int, Sequence[str]] = {
+    0: (
+        """CREATE TABLE executions (
+            task_id TEXT NOT NULL,
+            attempt_id TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('received', 'running', 'ended')),
+            received_at REAL NOT NULL,
+            started_at REAL,
+            ended_at REAL,
+            PRIMARY KEY (task_id, attempt_id))""",
+        """CREATE TABLE outbox (
+            message_id TEXT PRIMARY KEY NOT NULL,
+            task_id TEXT NOT NULL,
+            attempt_id TEXT NOT NULL,
+            type TEXT NOT NULL CHECK (type IN ('task.output', 'task.final')),
+            stream TEXT,
+            sequence INTEGER,
+            payload TEXT NOT NULL,
+            byte_count INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            acked INTEGER NOT NULL DEFAULT 0,
+            UNIQUE (task_id, attempt_id, type, stream, sequence))""",
+        "CREATE INDEX outbox_unacked ON outbox (acked)",
+    ),
+}
+
+
+class StoreError(Exception):
+    """The store cannot be used; the message is one line naming the file."""
+
+
+class LocalState(enum.Enum):
+    """An attempt's local state before a delivery (§8.2's first column)."""
+
+    UNKNOWN = "unknown"
+    RECEIVED = "received"
+    RUNNING = "running"
+    ENDED = "ended"
+    QUEUE_FULL = "queue_full"
+    """Unknown and the queue is full: nothing was recorded."""
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """One outbox message, with the id and payload it keeps until acked."""
+
+    message_id: str
+    task_id: str
+    attempt_id: str
+    type: str
+    stream: str | None
+    sequence: int | None
+    payload: dict[str, Any]
+    byte_count: int
+    created_at: float
+    acked: bool
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What :meth:`TaskStore.record_received` found, so the caller can answer.
+
+    ``state`` is the state *before* this delivery: UNKNOWN means it is now
+    recorded and queued; ENDED comes with the stored ``final`` (acked or not).
+    """
+
+    state: LocalState
+    final: StoredMessage | None = None
+
+
+@dataclass(frozen=True)
+class QueuedAttempt:
+    """A received, not yet started attempt."""
+
+    task_id: str
+    attempt_id: str
+    received_at: float
+
+
+def interrupted_message_id(task_id: str, attempt_id: str) -> str:
+    """The §7.6 id of an attempt's ``interrupted`` final."""
+    raw = f"local-interrupted-{task_id}-{attempt_id}"
+    return raw.replace("/", "-").replace(" ", "-").replace("|", "-")
+
+
+def migrate(conn: sqlite3.Connection, path: str) -> None:
+    """Bring the schema of ``conn`` up to :data:`SCHEMA_VERSION`, atomically."""
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"task store {path} has schema version {version}, newer than this "
+            f"agent's {SCHEMA_VERSION}; upgrade the agent or move the file away"
+        )
+    while version < SCHEMA_VERSION:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for sql in _MIGRATIONS[version]:
+                conn.execute(sql)
+            version += 1
+            # PRAGMA takes no parameters; version is our own int.
+            conn.execute(f"PRAGMA user_version = {version}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def _open_file(path: str) -> None:
+    """Create ``path`` mode 0600, or check that the existing file is private."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise StoreError(f"task store {path} cannot be created: {e.strerror}") from None
+    else:
+        os.close(fd)
+        return
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise StoreError(f"task store {path} cannot be read: {e.strerror}") from None
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreError(f"task store {path} is not a regular file")
+    if mode & 0o077:
+        raise StoreError(
+            f"task store {path} is accessible by group or others (mode {mode:04o}); "
+            f"it must be readable by its owner only (chmod 600)"
+        )
+
+
+class Database:
+    """The synchronous store on one connection; use it from one thread only.
+
+    :class:`TaskStore` runs it on its own thread; tests and the crash test's
+    child process use it directly.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        _open_file(path)
+        try:
+            # Autocommit mode: every transaction is our explicit BEGIN/COMMIT.
+            self._conn = sqlite3.connect(path, isolation_level=None)
+        except sqlite3.Error as e:
+            raise StoreError(f"task store {path} cannot be opened: {e}") from None
+        try:
+            mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"task store {path} cannot use WAL (journal mode {mode})")
+            self._conn.execute("PRAGMA synchronous = FULL")
+            check = self._conn.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise StoreError(f"task store {path} is corrupt: {check}")
+            migrate(self._conn, path)
+        except sqlite3.Error as e:
+            self._conn.close()
+            raise StoreError(f"task store {path} is unreadable or corrupt: {e}") from None
+        except StoreError:
+            self._conn.close()
+            raise
+
+    def close(self) -> None:
+        """Close the connection (a checkpoint folds the WAL back in)."""
+        self._conn.close()
+
+    def _exec(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        # Every statement passes here: the crash test's child overrides it.
+        return self._conn.execute(sql, params)
+
+    def _tx(self, fn: Callable[[], _T]) -> _T:
+        """Run ``fn`` in one write transaction: all of it commits, or none."""
+        try:
+            self._exec("BEGIN IMMEDIATE")
+            try:
+                result = fn()
+                self._exec("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            raise StoreError(f"task store {self.path} failed: {e}") from None
+        return result
+
+    def _state(self, task_id: str, attempt_id: str) -> str | None:
+        row = self._exec(
+            "SELECT state FROM executions WHERE task_id = ? AND attempt_id = ?",
+            (task_id, attempt_id),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def _final(self, task_id: str, attempt_id: str) -> StoredMessage | None:
+        row = self._exec(
+            _SELECT + " WHERE task_id = ? AND attempt_id = ? AND type = ?",
+            (task_id, attempt_id, FINAL),
+        ).fetchone()
+        return None if row is None else _message(row)
+
+    def record_received(
+        self, task_id: str, attempt_id: str, now: float, queue_limit: int | None = None
+    ) -> Receipt:
+        """Commit the receipt of an attempt (idempotent); see :class:`Receipt`."""
+
+        def go() -> Receipt:
+            state = self._state(task_id, attempt_id)
+            if state is None:
+                if queue_limit is not None:
+                    queued = self._exec(
+                        "SELECT count(*) FROM executions WHERE state = 'received'"
+                    ).fetchone()[0]
+                    if queued >= queue_limit:
+                        return Receipt(LocalState.QUEUE_FULL)
+                self._exec(
+                    "INSERT INTO executions (task_id, attempt_id, state, received_at)"
+                    " VALUES (?, ?, 'received', ?)",
+                    (task_id, attempt_id, now),
+                )
+                return Receipt(LocalState.UNKNOWN)
+            if state == "ended":
+                return Receipt(LocalState.ENDED, self._final(task_id, attempt_id))
+            return Receipt(LocalState(state))
+
+        return self._tx(go)
+
+    def mark_running(self, task_id: str, attempt_id: str, now: float) -> bool:
+        """Commit received -> running; False when the attempt is not queued."""
+        return self._tx(
+            lambda: self._exec(
+                "UPDATE executions SET state = 'running', started_at = ?"
+                " WHERE task_id = ? AND attempt_id = ? AND state = 'received'",
+                (now, task_id, attempt_id),
+            ).rowcount
+            == 1
+        )
+
+    def _insert_final(
+        self, task_id: str, attempt_id: str, message_id: str, payload: dict[str, Any], now: float
+    ) -> StoredMessage:
+        text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+        count = len(text.encode("utf-8"))
+        self._exec(
+            "UPDATE executions SET state = 'ended', ended_at = ?"
+            " WHERE task_id = ? AND attempt_id = ?",
+            (now, task_id, attempt_id),
+        )
+        self._exec(
+            _INSERT,
+            (message_id, task_id, attempt_id, FINAL, None, None, text, count, now),
+        )
+        return StoredMessage(
+            message_id, task_id, attempt_id, FINAL, None, None, payload, count, now, False
+        )
+
+    def record_final(
+        self, task_id: str, attempt_id: str, message_id: str, payload: dict[str, Any], now: float
+    ) -> StoredMessage:
+        """Commit the attempt's end and its final in one transaction.
+
+        An attempt that already ended keeps its first final, which is returned;
+        an unknown attempt is a :class:`StoreError`.
+        """
+
+        def go() -> StoredMessage:
+            state = self._state(task_id, attempt_id)
+            if state is None:
+                raise StoreError(
+                    f"task store {self.path}: no attempt {task_id}/{attempt_id} to end"
+                )
+            existing = self._final(task_id, attempt_id)
+            if state == "ended" and existing is not None:
+                return existing
+            return self._insert_final(task_id, attempt_id, message_id, payload, now)
+
+        return self._tx(go)
+
+    def enqueue_output(
+        self,
+        task_id: str,
+        attempt_id: str,
+        message_id: str,
+        stream: str,
+        sequence: int,
+        payload: dict[str, Any],
+        byte_count: int,
+        now: float,
+    ) -> StoredMessage:
+        """Store one output chunk; call in sequence order per stream."""
+        text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+        self._tx(
+            lambda: self._exec(
+                _INSERT,
+                (message_id, task_id, attempt_id, OUTPUT, stream, sequence, text,
+                 byte_count, now),
+            )
+        )
+        return StoredMessage(
+            message_id, task_id, attempt_id, OUTPUT, stream, sequence, payload, byte_count,
+            now, False,
+        )
+
+    def ack(self, message_id: str) -> bool:
+        """Ack one message: output is deleted, a final is kept (marked acked)."""
+
+        def go() -> bool:
+            n = self._exec(
+                "DELETE FROM outbox WHERE message_id = ? AND type = ?", (message_id, OUTPUT)
+            ).rowcount
+            n += self._exec(
+                "UPDATE outbox SET acked = 1 WHERE message_id = ? AND acked = 0",
+                (message_id,),
+            ).rowcount
+            return n > 0
+
+        return self._tx(go)
+
+    def ack_through(self, task_id: str, attempt_id: str, stream: str, sequence: int) -> int:
+        """Ack every output of that attempt and stream up to ``sequence``; the count."""
+        return self._tx(
+            lambda: self._exec(
+                "DELETE FROM outbox WHERE type = ? AND task_id = ? AND attempt_id = ?"
+                " AND stream = ? AND sequence <= ?",
+                (OUTPUT, task_id, attempt_id, stream, sequence),
+            ).rowcount
+        )
+
+    def unacked(self) -> list[StoredMessage]:
+        """Every unacked message, oldest first (so each stream in sequence order)."""
+        rows = self._exec(
+            _SELECT + " WHERE acked = 0 ORDER BY rowid"
+        ).fetchall()
+        return [_message(r) for r in rows]
+
+    def queued_attempts(self) -> list[QueuedAttempt]:
+        """Received, not started attempts, oldest first."""
+        rows = self._exec(
+            "SELECT task_id, attempt_id, received_at FROM executions"
+            " WHERE state = 'received' ORDER BY received_at, rowid"
+        ).fetchall()
+        return [QueuedAttempt(str(t), str(a), float(r)) for t, a, r in rows]
+
+    def recover(self, now: float) -> list[StoredMessage]:
+        """End every ``running`` attempt with its §7.6 ``interrupted`` final."""
+
+        def go() -> list[StoredMessage]:
+            running = self._exec(
+                "SELECT task_id, attempt_id FROM executions WHERE state = 'running'"
+                " ORDER BY started_at, rowid"
+            ).fetchall()
+            return [
+                self._insert_final(
+                    t, a, interrupted_message_id(t, a), _interrupted_payload(), now
+                )
+                for t, a in running
+            ]
+
+        return self._tx(go)
+
+    def purge(self, now: float, retention: float) -> int:
+        """Delete attempts ended at or before ``now - retention`` with nothing unacked."""
+        cutoff = now - retention
+
+        def go() -> int:
+            old = self._exec(
+                "SELECT task_id, attempt_id FROM executions e WHERE state = 'ended'"
+                " AND ended_at <= ? AND NOT EXISTS (SELECT 1 FROM outbox o"
+                " WHERE o.task_id = e.task_id AND o.attempt_id = e.attempt_id"
+                " AND o.acked = 0)",
+                (cutoff,),
+            ).fetchall()
+            for key in old:
+                self._exec("DELETE FROM outbox WHERE task_id = ? AND attempt_id = ?", key)
+                self._exec("DELETE FROM executions WHERE task_id = ? AND attempt_id = ?", key)
+            return len(old)
+
+        return self._tx(go)
+
+    def bytes_used(self) -> int:
+        """The sum of the byte counts of every unacked message (§7.1)."""
+        row = self._exec("SELECT coalesce(sum(byte_count), 0) FROM outbox WHERE acked = 0")
+        return int(row.fetchone()[0])
+
+
+# Literal statements: no SQL is ever built from values.
+_SELECT = (
+    "SELECT message_id, task_id, attempt_id, type, stream, sequence, payload, byte_count,"
+    " created_at, acked FROM outbox"
+)
+_INSERT = (
+    "INSERT INTO outbox (message_id, task_id, attempt_id, type, stream, sequence, payload,"
+    " byte_count, created_at, acked) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0)"
+)
+
+
+def _message(row: Sequence[Any]) -> StoredMessage:
+    m, t, a, ty, s, q, p, b, c, k = row
+    return StoredMessage(m, t, a, ty, s, q, json.loads(p), int(b), float(c), bool(k))
+
+
+def _interrupted_payload() -> dict[str, Any]:
+    # §8.8: no output (the process is gone); the stored output, if any, was
+    # already sent or is still in the outbox.
+    return {
+        "status": "interrupted",
+        "exit_code": -1,
+        "output_truncated": False,
+        "error_truncated": False,
+    }
+
+
+class TaskStore:
+    """:class:`Database` on its own thread: every method returns a Deferred.
+
+    Call :meth:`start` before anything else and :meth:`stop` at shutdown.
+    Errors arrive as a :class:`StoreError` failure.
+    """
+
+    def __init__(self, path: str, reactor: IReactorFromThreads | None = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = cast(IReactorFromThreads, _reactor)
+        self.path = path
+        self._reactor = reactor
+        self._pool = ThreadPool(1, 1, name="hostlink-task-store")
+        self._db: Database | None = None
+        self._running = False
+
+    def _call(self, fn: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        return deferToThreadPool(self._reactor, self._pool, fn, *args)
+
+    def _use(self, name: str, *args: Any) -> Deferred[Any]:
+        def run() -> Any:
+            if self._db is None:
+                raise StoreError(f"task store {self.path} is not open")
+            try:
+                return getattr(self._db, name)(*args)
+            except sqlite3.Error as e:
+                raise StoreError(f"task store {self.path} failed: {e}") from None
+
+        return self._call(run)
+
+    def start(self) -> Deferred[None]:
+        """Start the thread and open (create, migrate) the file on it."""
+        self._pool.start()
+        self._running = True
+
+        def open_() -> None:
+            self._db = Database(self.path)
+
+        return self._call(open_)
+
+    def stop(self) -> Deferred[None]:
+        """Close the file on its thread, then stop the thread; idempotent."""
+        if not self._running:
+            return succeed(None)
+        self._running = False
+
+        def close() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        d = self._call(close)
+
+        def stop_pool(result: object) -> object:
+            self._pool.stop()
+            return result
+
+        return d.addBoth(stop_pool)
+
+    def record_received(
+        self, task_id: str, attempt_id: str, now: float, queue_limit: int | None = None
+    ) -> Deferred[Receipt]:
+        """See :meth:`Database.record_received`."""
+        return self._use("record_received", task_id, attempt_id, now, queue_limit)
+
+    def mark_running(self, task_id: str, attempt_id: str, now: float) -> Deferred[bool]:
+        """See :meth:`Database.mark_running`."""
+        return self._use("mark_running", task_id, attempt_id, now)
+
+    def record_final(
+        self, task_id: str, attempt_id: str, message_id: str, payload: dict[str, Any], now: float
+    ) -> Deferred[StoredMessage]:
+        """See :meth:`Database.record_final`."""
+        return self._use("record_final", task_id, attempt_id, message_id, payload, now)
+
+    def enqueue_output(self, *args: Any) -> Deferred[StoredMessage]:
+        """See :meth:`Database.enqueue_output` (same arguments)."""
+        return self._use("enqueue_output", *args)
+
+    def ack(self, message_id: str) -> Deferred[bool]:
+        """See :meth:`Database.ack`."""
+        return self._use("ack", message_id)
+
+    def ack_through(
+        self, task_id: str, attempt_id: str, stream: str, sequence: int
+    ) -> Deferred[int]:
+        """See :meth:`Database.ack_through`."""
+        return self._use("ack_through", task_id, attempt_id, stream, sequence)
+
+    def unacked(self) -> Deferred[list[StoredMessage]]:
+        """See :meth:`Database.unacked`."""
+        return self._use("unacked")
+
+    def queued_attempts(self) -> Deferred[list[QueuedAttempt]]:
+        """See :meth:`Database.queued_attempts`."""
+        return self._use("queued_attempts")
+
+    def recover(self, now: float) -> Deferred[list[StoredMessage]]:
+        """See :meth:`Database.recover`."""
+        return self._use("recover", now)
+
+    def purge(self, now: float, retention: float) -> Deferred[int]:
+        """See :meth:`Database.purge`."""
+        return self._use("purge", now, retention)
+
+    def bytes_used(self) -> Deferred[int]:
+        """See :meth:`Database.bytes_used`."""
+        return self._use("bytes_used")

@@ -1,0 +1,382 @@
+"""The local task store (hostlink_tw.agent.store), on its real thread.
+
+Each rule of PROTOCOL §7 and PROTOCOL §8 (docs/protocol.rst) that the store owns has a
+test here; the crash test runs a child process that dies mid-transaction.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from hostlink_tw.agent.store import (
+    SCHEMA_VERSION,
+    Database,
+    LocalState,
+    StoreError,
+    TaskStore,
+    interrupted_message_id,
+)
+
+FINAL = {"status": "completed", "exit_code": 0, "output_truncated": False,
+         "error_truncated": False}
+
+
+def _chunk(data: str) -> dict[str, Any]:
+    return {"stream": "stdout", "data": data, "byte_count": len(data.encode())}
+
+
+class StoreTestCase(TestCase):
+    """A fresh store in a private temporary directory, started and stopped."""
+
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(_rmtree, self.dir)
+        self.path = os.path.join(self.dir, "task_store.db")
+
+    def open(self, path: str | None = None) -> TaskStore:
+        store = TaskStore(path or self.path)
+        self.addCleanup(store.stop)
+        return store
+
+
+def _rmtree(path: str) -> None:
+    for name in os.listdir(path):
+        os.unlink(os.path.join(path, name))
+    os.rmdir(path)
+
+
+class OpenTests(StoreTestCase):
+    @inlineCallbacks
+    def test_created_private_wal_full(self) -> Any:
+        """A new file is mode 0600, in WAL mode, at schema version 1."""
+        old = os.umask(0)
+        try:
+            store = self.open()
+            yield store.start()
+        finally:
+            os.umask(old)
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+        conn = sqlite3.connect(self.path)
+        self.addCleanup(conn.close)
+        self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+        self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
+        self.assertEqual(SCHEMA_VERSION, 1)
+
+    @inlineCallbacks
+    def test_synchronous_full(self) -> Any:
+        """The store's own connection commits with synchronous=FULL (2)."""
+        store = self.open()
+        yield store.start()
+        level = yield store._call(
+            lambda: store._db._conn.execute("PRAGMA synchronous").fetchone()[0]  # type: ignore[union-attr]
+        )
+        self.assertEqual(level, 2)
+
+    @inlineCallbacks
+    def test_group_readable_refused(self) -> Any:
+        """An existing file with group/other bits is refused, not repaired."""
+        with open(self.path, "wb"):
+            pass
+        os.chmod(self.path, 0o640)
+        store = self.open()
+        err = yield self.assertFailure(store.start(), StoreError)
+        self.assertIn(self.path, str(err))
+        self.assertIn("group or others", str(err))
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o640)
+
+    @inlineCallbacks
+    def test_future_version_refused(self) -> Any:
+        """A file from a newer agent (user_version 2) is refused clearly."""
+        store = self.open()
+        yield store.start()
+        yield store.stop()
+        conn = sqlite3.connect(self.path)
+        conn.execute("PRAGMA user_version = 2")
+        conn.close()
+        err = yield self.assertFailure(self.open().start(), StoreError)
+        self.assertIn(self.path, str(err))
+        self.assertIn("schema version 2", str(err))
+
+    @inlineCallbacks
+    def test_reopen_keeps_data(self) -> Any:
+        """Reopening a version-1 file migrates nothing and keeps its rows."""
+        store = self.open()
+        yield store.start()
+        yield store.record_received("t", "a", 1.0)
+        yield store.stop()
+        again = self.open()
+        yield again.start()
+        queued = yield again.queued_attempts()
+        self.assertEqual([(q.task_id, q.attempt_id) for q in queued], [("t", "a")])
+
+    @inlineCallbacks
+    def test_corrupt_file(self) -> Any:
+        """Garbage in the file: one StoreError naming it, on one line."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, b"this is not a database\n" * 400)
+        os.close(fd)
+        err = yield self.assertFailure(self.open().start(), StoreError)
+        self.assertIn(self.path, str(err))
+        self.assertNotIn("\n", str(err))
+
+    @inlineCallbacks
+    def test_not_open(self) -> Any:
+        """A call before start() (or after a failed one) is a StoreError."""
+        store = TaskStore(self.path)
+        store._pool.start()
+        self.addCleanup(store._pool.stop)
+        # With no open file every call fails, it never touches the disk.
+        yield self.assertFailure(store.unacked(), StoreError)
+
+
+class ReceiptTests(StoreTestCase):
+    @inlineCallbacks
+    def setUp(self) -> Any:  # type: ignore[override]
+        super().setUp()
+        self.store = self.open()
+        yield self.store.start()
+
+    @inlineCallbacks
+    def test_idempotent_receipt(self) -> Any:
+        """A second receipt of a queued attempt queues it once, not twice."""
+        first = yield self.store.record_received("t", "a", 1.0)
+        second = yield self.store.record_received("t", "a", 2.0)
+        self.assertEqual(first.state, LocalState.UNKNOWN)
+        self.assertEqual(second.state, LocalState.RECEIVED)
+        queued = yield self.store.queued_attempts()
+        self.assertEqual([(q.task_id, q.attempt_id, q.received_at) for q in queued],
+                         [("t", "a", 1.0)])
+
+    @inlineCallbacks
+    def test_states(self) -> Any:
+        """§8.2: unknown, received, running, ended unacked, ended acked."""
+        s = self.store
+        self.assertEqual((yield s.record_received("t", "a", 1.0)).state, LocalState.UNKNOWN)
+        self.assertEqual((yield s.record_received("t", "a", 1.0)).state, LocalState.RECEIVED)
+        self.assertTrue((yield s.mark_running("t", "a", 2.0)))
+        self.assertFalse((yield s.mark_running("t", "a", 2.0)))
+        self.assertEqual((yield s.record_received("t", "a", 3.0)).state, LocalState.RUNNING)
+        yield s.record_final("t", "a", "m-final", FINAL, 4.0)
+        r = yield s.record_received("t", "a", 5.0)
+        self.assertEqual(r.state, LocalState.ENDED)
+        self.assertEqual((r.final.message_id, r.final.payload, r.final.acked),
+                         ("m-final", FINAL, False))
+        self.assertTrue((yield s.ack("m-final")))
+        r = yield s.record_received("t", "a", 6.0)
+        self.assertEqual((r.state, r.final.message_id, r.final.acked),
+                         (LocalState.ENDED, "m-final", True))
+        # A new attempt of the same task is a new, unknown attempt.
+        self.assertEqual((yield s.record_received("t", "b", 7.0)).state, LocalState.UNKNOWN)
+
+    @inlineCallbacks
+    def test_queue_full(self) -> Any:
+        """At the limit a new attempt is refused and not recorded; re-deliveries pass."""
+        s = self.store
+        yield s.record_received("t", "1", 1.0, queue_limit=2)
+        yield s.record_received("t", "2", 2.0, queue_limit=2)
+        full = yield s.record_received("t", "3", 3.0, queue_limit=2)
+        self.assertEqual(full.state, LocalState.QUEUE_FULL)
+        again = yield s.record_received("t", "1", 4.0, queue_limit=2)
+        self.assertEqual(again.state, LocalState.RECEIVED)
+        yield s.mark_running("t", "1", 5.0)  # running ones do not count
+        self.assertEqual((yield s.record_received("t", "3", 6.0, queue_limit=2)).state,
+                         LocalState.UNKNOWN)
+        queued = yield s.queued_attempts()
+        self.assertEqual([q.attempt_id for q in queued], ["2", "3"])
+
+    @inlineCallbacks
+    def test_final_and_state_one_transaction(self) -> Any:
+        """A final that cannot be stored leaves the attempt running (rolled back)."""
+        s = self.store
+        yield s.record_received("t", "a", 1.0)
+        yield s.mark_running("t", "a", 2.0)
+        # An output already holds that id: the final's insert fails.
+        yield s.enqueue_output("t", "a", "dup", "stdout", 1, _chunk("x"), 1, 3.0)
+        yield self.assertFailure(s.record_final("t", "a", "dup", FINAL, 4.0), StoreError)
+        self.assertEqual((yield s.record_received("t", "a", 5.0)).state, LocalState.RUNNING)
+        yield s.record_final("t", "a", "f", FINAL, 6.0)
+        # The first final stays: a second record returns it, id unchanged.
+        other = yield s.record_final("t", "a", "g", {"status": "failed"}, 7.0)
+        self.assertEqual(other.message_id, "f")
+        self.assertEqual([m.message_id for m in (yield s.unacked())], ["dup", "f"])
+
+    @inlineCallbacks
+    def test_final_unknown_attempt(self) -> Any:
+        yield self.assertFailure(self.store.record_final("t", "x", "f", FINAL, 1.0), StoreError)
+
+
+class OutboxTests(StoreTestCase):
+    @inlineCallbacks
+    def setUp(self) -> Any:  # type: ignore[override]
+        super().setUp()
+        self.store = self.open()
+        yield self.store.start()
+        yield self.store.record_received("t", "a", 1.0)
+        yield self.store.mark_running("t", "a", 1.0)
+
+    @inlineCallbacks
+    def test_ack_by_id_and_bytes(self) -> Any:
+        """Acked output is gone; bytes_used sums unacked byte counts."""
+        s = self.store
+        yield s.enqueue_output("t", "a", "o1", "stdout", 1, _chunk("héllo"), 6, 2.0)
+        yield s.enqueue_output("t", "a", "o2", "stdout", 2, _chunk("ab"), 2, 2.0)
+        self.assertEqual((yield s.bytes_used()), 8)
+        self.assertTrue((yield s.ack("o1")))
+        self.assertFalse((yield s.ack("o1")))
+        self.assertEqual((yield s.bytes_used()), 2)
+        final = yield s.record_final("t", "a", "f", FINAL, 3.0)
+        self.assertEqual((yield s.bytes_used()), 2 + final.byte_count)
+        self.assertGreater(final.byte_count, 0)
+        unacked = yield s.unacked()
+        self.assertEqual(unacked[0].payload, _chunk("ab"))
+
+    @inlineCallbacks
+    def test_cumulative_ack(self) -> Any:
+        """ack_through acks that attempt's stream up to the sequence, nothing else."""
+        s = self.store
+        for n in range(1, 5):
+            yield s.enqueue_output("t", "a", f"o{n}", "stdout", n, _chunk("x"), 1, 2.0)
+            yield s.enqueue_output("t", "a", f"e{n}", "stderr", n, _chunk("x"), 1, 2.0)
+        yield s.record_received("t", "b", 1.0)
+        yield s.enqueue_output("t", "b", "b1", "stdout", 1, _chunk("x"), 1, 2.0)
+        self.assertEqual((yield s.ack_through("t", "a", "stdout", 3)), 3)
+        ids = [m.message_id for m in (yield s.unacked())]
+        self.assertEqual(ids, ["e1", "e2", "e3", "o4", "e4", "b1"])
+
+    @inlineCallbacks
+    def test_unacked_order(self) -> Any:
+        """Unacked messages come oldest first, each stream in sequence order."""
+        s = self.store
+        yield s.enqueue_output("t", "a", "o1", "stdout", 1, _chunk("1"), 1, 9.0)
+        yield s.enqueue_output("t", "a", "e1", "stderr", 1, _chunk("1"), 1, 1.0)
+        yield s.enqueue_output("t", "a", "o2", "stdout", 2, _chunk("2"), 1, 5.0)
+        yield s.record_final("t", "a", "f", FINAL, 2.0)
+        unacked = yield s.unacked()
+        self.assertEqual([m.message_id for m in unacked], ["o1", "e1", "o2", "f"])
+        self.assertEqual([m.sequence for m in unacked], [1, 1, 2, None])
+
+    @inlineCallbacks
+    def test_duplicate_sequence_refused(self) -> Any:
+        """A stream's sequence is stored once: a second chunk 1 is an error."""
+        s = self.store
+        yield s.enqueue_output("t", "a", "o1", "stdout", 1, _chunk("1"), 1, 1.0)
+        yield self.assertFailure(
+            s.enqueue_output("t", "a", "o1b", "stdout", 1, _chunk("1"), 1, 1.0), StoreError
+        )
+
+    @inlineCallbacks
+    def test_recover_exactly_once(self) -> Any:
+        """Running -> ended with the §7.6 interrupted final, once; queued stays queued."""
+        s = self.store
+        yield s.record_received("x/y z", "p|q", 2.0)
+        yield s.mark_running("x/y z", "p|q", 3.0)
+        yield s.record_received("t", "queued", 4.0)
+        first = yield s.recover(10.0)
+        self.assertEqual([m.message_id for m in first],
+                         ["local-interrupted-t-a", "local-interrupted-x-y-z-p-q"])
+        self.assertEqual(interrupted_message_id("x/y z", "p|q"), "local-interrupted-x-y-z-p-q")
+        self.assertEqual(first[0].payload, {"status": "interrupted", "exit_code": -1,
+                                            "output_truncated": False,
+                                            "error_truncated": False})
+        self.assertEqual((yield s.recover(11.0)), [])
+        finals = [m for m in (yield s.unacked()) if m.type == "task.final"]
+        self.assertEqual(len(finals), 2)
+        self.assertEqual([q.attempt_id for q in (yield s.queued_attempts())], ["queued"])
+        self.assertEqual((yield s.record_received("t", "a", 12.0)).state, LocalState.ENDED)
+
+    @inlineCallbacks
+    def test_purge(self) -> Any:
+        """Ended and acked past retention goes; unacked or recent stays."""
+        s = self.store
+        yield s.record_final("t", "a", "fa", FINAL, 100.0)
+        yield s.ack("fa")
+        yield s.record_received("t", "b", 1.0)
+        yield s.record_final("t", "b", "fb", FINAL, 100.0)  # never acked
+        yield s.record_received("t", "c", 1.0)
+        yield s.record_final("t", "c", "fc", FINAL, 150.0)
+        yield s.ack("fc")
+        yield s.record_received("t", "q", 1.0)  # queued: never purged
+        self.assertEqual((yield s.purge(now=160.0, retention=61.0)), 0)
+        self.assertEqual((yield s.purge(now=160.0, retention=50.0)), 1)
+        self.assertEqual((yield s.record_received("t", "a", 170.0)).state, LocalState.UNKNOWN)
+        self.assertEqual((yield s.record_received("t", "b", 170.0)).state, LocalState.ENDED)
+        self.assertEqual((yield s.record_received("t", "c", 170.0)).state, LocalState.ENDED)
+        self.assertEqual([m.message_id for m in (yield s.unacked())], ["fb"])
+
+
+# The child writes attempts in a loop; before each statement it may die
+# (os._exit, no cleanup) with probability 1/40.  After each commit returns it
+# prints what is now durable.
+_CHILD = textwrap.dedent("""
+    import os, random, sys
+    from hostlink_tw.agent.store import Database
+
+    class Dying(Database):
+        def _exec(self, sql, params=()):
+            if random.random() < 1 / 15:
+                os._exit(0)
+            return super()._exec(sql, params)
+
+    random.seed(int(sys.argv[2]))
+    db = Dying(sys.argv[1])
+    for n in range(10_000):
+        t, a = f"task-{sys.argv[2]}-{n}", "a"
+        db.record_received(t, a, n)
+        db.mark_running(t, a, n)
+        for seq in (1, 2, 3):
+            db.enqueue_output(t, a, f"{t}-o{seq}", "stdout", seq,
+                              {"data": "x" * 100}, 100, n)
+            print("out", f"{t}-o{seq}", flush=True)
+        db.record_final(t, a, f"{t}-f", {"status": "completed"}, n)
+        print("final", t, flush=True)
+""")
+
+
+class CrashTests(StoreTestCase):
+    def test_crash_mid_transaction(self) -> None:
+        """os._exit mid-transaction, 20 times: an intact file, every committed row, no half row."""
+        committed_out: set[str] = set()
+        committed_final: set[str] = set()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        for run in range(20):
+            seed = random.randrange(1_000_000) * 10 + run
+            child = subprocess.run(
+                [sys.executable, "-c", _CHILD, self.path, str(seed)],
+                capture_output=True, text=True, timeout=30, env=env, check=False,
+            )
+            self.assertEqual(child.returncode, 0, child.stderr)
+            self.assertEqual(child.stderr, "")
+            for line in child.stdout.splitlines():
+                kind, name = line.split()
+                (committed_out if kind == "out" else committed_final).add(name)
+        db = Database(self.path)
+        self.addCleanup(db.close)
+        conn = db._conn
+        self.assertEqual(conn.execute("PRAGMA integrity_check").fetchall(), [("ok",)])
+        outbox = {m for (m,) in conn.execute("SELECT message_id FROM outbox")}
+        self.assertLessEqual(committed_out, outbox)
+        self.assertLessEqual({f"{t}-f" for t in committed_final}, outbox)
+        # No half rows: ended <=> has its final, every output has its attempt,
+        # every stored payload is whole.
+        ended = set(conn.execute("SELECT task_id FROM executions WHERE state = 'ended'"))
+        finals = set(conn.execute("SELECT task_id FROM outbox WHERE type = 'task.final'"))
+        self.assertEqual(ended, finals)
+        orphans = conn.execute(
+            "SELECT count(*) FROM outbox o WHERE NOT EXISTS (SELECT 1 FROM executions e"
+            " WHERE e.task_id = o.task_id AND e.attempt_id = o.attempt_id)"
+        ).fetchone()[0]
+        self.assertEqual(orphans, 0)
+        for (payload,) in conn.execute("SELECT payload FROM outbox WHERE type = 'task.output'"):
+            self.assertEqual(payload, '{"data":"' + "x" * 100 + '"}')
+        self.assertGreater(len(committed_out), 0)
