@@ -66,7 +66,9 @@ class OpenTests(StoreTestCase):
             yield store.start()
         finally:
             os.umask(old)
-        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+        yield store.record_received("t", "a", 1.0)
+        for name in (self.path, self.path + "-wal", self.path + "-shm"):
+            self.assertEqual(stat.S_IMODE(os.stat(name).st_mode), 0o600, name)
         conn = sqlite3.connect(self.path)
         self.addCleanup(conn.close)
         self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
@@ -129,6 +131,20 @@ class OpenTests(StoreTestCase):
         err = yield self.assertFailure(self.open().start(), StoreError)
         self.assertIn(self.path, str(err))
         self.assertNotIn("\n", str(err))
+
+    @inlineCallbacks
+    def test_damaged_payload(self) -> Any:
+        """A stored payload that is not JSON is a StoreError, not a ValueError."""
+        store = self.open()
+        yield store.start()
+        yield store.record_received("t", "a", 1.0)
+        yield store.record_final("t", "a", "f", {"status": "completed"}, 2.0)
+        conn = sqlite3.connect(self.path)
+        conn.execute("UPDATE outbox SET payload = '{not json'")
+        conn.commit()
+        conn.close()
+        err = yield self.assertFailure(store.unacked(), StoreError)
+        self.assertIn(self.path, str(err))
 
     @inlineCallbacks
     def test_not_open(self) -> Any:

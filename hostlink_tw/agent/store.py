@@ -504,7 +504,8 @@ class TaskStore:
                 raise StoreError(f"task store {self.path} is not open")
             try:
                 return getattr(self._db, name)(*args)
-            except sqlite3.Error as e:
+            except (sqlite3.Error, ValueError) as e:
+                # ValueError: a stored payload that is no longer JSON (a damaged file).
                 raise StoreError(f"task store {self.path} failed: {e}") from None
 
         return self._call(run)
