@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 
 from twisted.internet.error import CannotListenError
@@ -95,3 +96,12 @@ def _path_problem(path: str, error: OSError, setting: str) -> str:
 
 def _text(path: str | bytes) -> str:
     return os.fsdecode(path)
+
+
+def is_loopback(host: str) -> bool:
+    """True if ``host`` is a loopback address (a zone suffix allowed): where a
+    listener is reachable from this host only."""
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False

@@ -28,7 +28,6 @@ grows on a healthy session and cannot be aggregated).
 from __future__ import annotations
 
 import copy
-import ipaddress
 import json
 import math
 import time
@@ -48,7 +47,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
-from hostlink_tw._listen import listen_failure
+from hostlink_tw._listen import is_loopback, listen_failure
 from hostlink_tw.protocol import (
     ACK,
     AGENT_HELLO_ACK,
@@ -407,11 +406,6 @@ def exposed_interface(endpoint: object) -> str | None:
         return None
     if interface in ("", "0.0.0.0", "::"):  # noqa: S104 - naming it, not binding it
         return "all interfaces"
-    if interface.lower() == "localhost":
+    if interface.lower() == "localhost" or is_loopback(interface):
         return None
-    try:
-        if ipaddress.ip_address(interface.split("%", 1)[0]).is_loopback:
-            return None
-    except ValueError:
-        pass
     return interface

@@ -21,13 +21,13 @@ from typing import Any
 from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.protocol import ProcessProtocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from hostlink_tw.controlplane import start_control_plane
 from hostlink_tw.identity import AgentState, generate_private_key, write_agent_state
 from hostlink_tw.testing import make_test_certificates
 from tests import sandbox
+from tests.test_integration import _Collect
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 UNIT = os.path.join(os.path.dirname(HERE), "contrib", "hostlink-tw.service")
@@ -125,20 +125,6 @@ class WriteExecuteTests(SynchronousTestCase):
         self.assertIn("applied MemoryDenyWriteExecute", result.stdout, result.stderr)
         self.assertEqual(result.returncode, 3, result.stdout + result.stderr)
         self.assertIn("write+execute memory", result.stdout)
-
-
-class _Collect(ProcessProtocol):
-    def __init__(self) -> None:
-        self.output = b""
-        self.ended: Deferred[Any] = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Any) -> None:
-        self.ended.callback(reason.value)
 
 
 class HardenedUnitTests(TestCase):

@@ -11,7 +11,6 @@ its connection.  The operator listener (:func:`operator_factory`) serves
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
@@ -23,6 +22,7 @@ from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
+from hostlink_tw._listen import is_loopback
 from hostlink_tw.wire.vocabulary import GATEWAY_PATH
 
 __all__ = ["gateway_site", "is_loopback", "operator_factory", "reason_phrase"]
@@ -161,14 +161,6 @@ def operator_factory(status: Callable[[], Mapping[str, Any]], reactor: Any) -> W
     return _OperatorFactory(
         _OperatorSite(_Root({b"/status": _Status(status)}), reactor=reactor)  # type: ignore[no-untyped-call]
     )
-
-
-def is_loopback(host: str) -> bool:
-    """True if ``host`` is a loopback address (a zone suffix allowed)."""
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
 
 
 def reason_phrase(status: int) -> str:
