@@ -59,7 +59,7 @@ def _rmtree(path: str) -> None:
 class OpenTests(StoreTestCase):
     @inlineCallbacks
     def test_created_private_wal_full(self) -> Any:
-        """A new file is mode 0600, in WAL mode, at schema version 1."""
+        """A new file is mode 0600, in WAL mode, at the current schema version."""
         old = os.umask(0)
         try:
             store = self.open()
@@ -73,7 +73,7 @@ class OpenTests(StoreTestCase):
         self.addCleanup(conn.close)
         self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
         self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
-        self.assertEqual(SCHEMA_VERSION, 1)
+        self.assertEqual(SCHEMA_VERSION, 2)
 
     @inlineCallbacks
     def test_synchronous_full(self) -> Any:
@@ -99,20 +99,47 @@ class OpenTests(StoreTestCase):
 
     @inlineCallbacks
     def test_future_version_refused(self) -> Any:
-        """A file from a newer agent (user_version 2) is refused clearly."""
+        """A file from a newer agent (user_version 3) is refused clearly."""
         store = self.open()
         yield store.start()
         yield store.stop()
         conn = sqlite3.connect(self.path)
-        conn.execute("PRAGMA user_version = 2")
+        conn.execute("PRAGMA user_version = 3")
         conn.close()
         err = yield self.assertFailure(self.open().start(), StoreError)
         self.assertIn(self.path, str(err))
-        self.assertIn("schema version 2", str(err))
+        self.assertIn("schema version 3", str(err))
+
+    @inlineCallbacks
+    def test_migrates_version_1(self) -> Any:
+        """A version-1 file (no process columns) is brought to version 2, rows kept."""
+        from hostlink_tw.agent.store import _MIGRATIONS
+
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        for sql in _MIGRATIONS[0]:
+            conn.execute(sql)
+        conn.execute("PRAGMA user_version = 1")
+        conn.execute(
+            "INSERT INTO executions (task_id, attempt_id, state, received_at, started_at)"
+            " VALUES ('t', 'a', 'running', 1.0, 2.0)"
+        )
+        conn.close()
+        os.chmod(self.path, 0o600)
+        store = self.open()
+        yield store.start()
+        running = yield store.running_attempts()
+        self.assertEqual([(r.task_id, r.pgid, r.boot_id) for r in running], [("t", None, None)])
+        yield store.set_process("t", "a", 4242, "boot-1")
+        running = yield store.running_attempts()
+        self.assertEqual([(r.pgid, r.boot_id) for r in running], [(4242, "boot-1")])
+        yield store.stop()
+        conn = sqlite3.connect(self.path)
+        self.addCleanup(conn.close)
+        self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], 2)
 
     @inlineCallbacks
     def test_reopen_keeps_data(self) -> Any:
-        """Reopening a version-1 file migrates nothing and keeps its rows."""
+        """Reopening a current file migrates nothing and keeps its rows."""
         store = self.open()
         yield store.start()
         yield store.record_received("t", "a", 1.0)
@@ -330,6 +357,84 @@ class OutboxTests(StoreTestCase):
         self.assertEqual((yield s.record_received("t", "c", 170.0)).state, LocalState.ENDED)
         self.assertEqual([m.message_id for m in (yield s.unacked())], ["fb"])
 
+
+
+class ReadTests(StoreTestCase):
+    """The session's queries: snapshot, pages, one stream, discard."""
+
+    @inlineCallbacks
+    def filled(self) -> Any:
+        s = self.open()
+        yield s.start()
+        yield s.record_received("q", "a", 5.0)  # queued, never started
+        yield s.record_received("t", "a", 1.0)
+        yield s.mark_running("t", "a", 2.0)
+        for seq in (1, 2, 3, 4):
+            payload = dict(_chunk("x" * seq), truncated_locally=True) if seq == 4 else _chunk(
+                "x" * seq)
+            yield s.enqueue_output("t", "a", f"o{seq}", "stdout", seq, payload, seq, 3.0)
+        yield s.enqueue_output("t", "a", "e1", "stderr", 1, _chunk("e"), 1, 3.0)
+        return s
+
+    @inlineCallbacks
+    def test_snapshot_merges_contiguous_ranges(self) -> Any:
+        """Unacked output is one range per contiguous run; a hole splits it."""
+        s = yield self.filled()
+        yield s.ack("o2")
+        snap = yield s.snapshot()
+        ranges = [(r.stream, r.first_sequence, r.last_sequence, r.truncated_locally)
+                  for r in snap.unacked_output]
+        self.assertEqual(ranges, [("stderr", 1, 1, False), ("stdout", 1, 1, False),
+                                  ("stdout", 3, 4, True)])
+        self.assertEqual([(q.task_id, q.received_at) for q in snap.queued], [("q", 5.0)])
+        self.assertEqual([(r.task_id, r.started_at) for r in snap.running], [("t", 2.0)])
+        self.assertEqual(snap.bytes_used, 1 + 3 + 4 + 1)
+        self.assertEqual(snap.unacked_finals, [])
+
+    @inlineCallbacks
+    def test_snapshot_lists_unacked_finals_only(self) -> Any:
+        """An acked final is kept but no longer in the snapshot."""
+        s = yield self.filled()
+        yield s.record_final("t", "a", "f", FINAL, 4.0)
+        snap = yield s.snapshot()
+        self.assertEqual([m.message_id for m in snap.unacked_finals], ["f"])
+        self.assertEqual((yield s.ack_finals(["f", "nope", "o1"])), 1)
+        snap = yield s.snapshot()
+        self.assertEqual(snap.unacked_finals, [])
+        self.assertIn("o1", [m.message_id for m in (yield s.unacked())])
+
+    @inlineCallbacks
+    def test_pages_in_insertion_order(self) -> Any:
+        """Pages follow rowid; a message stored later appears in a later page."""
+        s = yield self.filled()
+        first = yield s.unacked_page(0, 2)
+        self.assertEqual([m.message_id for _, m in first], ["o1", "o2"])
+        rest = yield s.unacked_page(first[-1][0], 100)
+        self.assertEqual([m.message_id for _, m in rest], ["o3", "o4", "e1"])
+        yield s.enqueue_output("t", "a", "o5", "stdout", 5, _chunk("z"), 1, 3.0)
+        later = yield s.unacked_page(rest[-1][0], 100)
+        self.assertEqual([m.message_id for _, m in later], ["o5"])
+
+    @inlineCallbacks
+    def test_unacked_stream_above_and_through(self) -> Any:
+        """One stream above a sequence, bounded by rowid and limit, in sequence order."""
+        s = yield self.filled()
+        page = yield s.unacked_page(0, 100)
+        through = page[2][0]  # o3
+        got = yield s.unacked_stream("t", "a", "stdout", 1, through, 100)
+        self.assertEqual([m.message_id for _, m in got], ["o2", "o3"])
+        got = yield s.unacked_stream("t", "a", "stdout", 0, 10**9, 2)
+        self.assertEqual([m.sequence for _, m in got], [1, 2])
+
+    @inlineCallbacks
+    def test_discard_forgets_everything(self) -> Any:
+        """A discarded attempt leaves no row; delivered again it is unknown."""
+        s = yield self.filled()
+        self.assertEqual((yield s.discard("t", "a")), "running")
+        self.assertEqual((yield s.discard("t", "a")), None)
+        self.assertEqual([m.task_id for m in (yield s.unacked())], [])
+        receipt = yield s.record_received("t", "a", 9.0)
+        self.assertEqual(receipt.state, LocalState.UNKNOWN)
 
 # The child writes attempts in a loop; before each statement it may die
 # (os._exit, no cleanup) with probability 1/40.  After each commit returns it

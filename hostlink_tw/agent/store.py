@@ -45,19 +45,34 @@ from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from hostlink_tw.agent.storereads import (
+    SELECT_MESSAGE,
+    OutputRange,
+    QueuedAttempt,
+    Reads,
+    RunningAttempt,
+    StoredMessage,
+    StoreSnapshot,
+    message_from_row,
+)
+from hostlink_tw.wire.tasks import interrupted_final_message_id
+
 __all__ = [
     "SCHEMA_VERSION",
     "LocalState",
+    "OutputRange",
     "QueuedAttempt",
     "Receipt",
+    "RunningAttempt",
     "StoreError",
+    "StoreSnapshot",
     "StoredMessage",
     "TaskStore",
     "interrupted_message_id",
     "migrate",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """The ``PRAGMA user_version`` this code writes and reads."""
 
 FINAL = "task.final"
@@ -90,6 +105,12 @@ _MIGRATIONS: dict[int, Sequence[str]] = {
             UNIQUE (task_id, attempt_id, type, stream, sequence))""",
         "CREATE INDEX outbox_unacked ON outbox (acked)",
     ),
+    # 2: the process group of a running attempt (and the boot it was started
+    # in), so a restarted agent can kill what a crash left running (§8.8).
+    1: (
+        "ALTER TABLE executions ADD COLUMN pgid INTEGER",
+        "ALTER TABLE executions ADD COLUMN boot_id TEXT",
+    ),
 }
 
 
@@ -109,22 +130,6 @@ class LocalState(enum.Enum):
 
 
 @dataclass(frozen=True)
-class StoredMessage:
-    """One outbox message, with the id and payload it keeps until acked."""
-
-    message_id: str
-    task_id: str
-    attempt_id: str
-    type: str
-    stream: str | None
-    sequence: int | None
-    payload: dict[str, Any]
-    byte_count: int
-    created_at: float
-    acked: bool
-
-
-@dataclass(frozen=True)
 class Receipt:
     """What :meth:`TaskStore.record_received` found, so the caller can answer.
 
@@ -136,19 +141,9 @@ class Receipt:
     final: StoredMessage | None = None
 
 
-@dataclass(frozen=True)
-class QueuedAttempt:
-    """A received, not yet started attempt."""
-
-    task_id: str
-    attempt_id: str
-    received_at: float
-
-
 def interrupted_message_id(task_id: str, attempt_id: str) -> str:
     """The §7.6 id of an attempt's ``interrupted`` final."""
-    raw = f"local-interrupted-{task_id}-{attempt_id}"
-    return raw.replace("/", "-").replace(" ", "-").replace("|", "-")
+    return interrupted_final_message_id(task_id, attempt_id)
 
 
 def migrate(conn: sqlite3.Connection, path: str) -> None:
@@ -198,7 +193,7 @@ def _open_file(path: str) -> None:
         )
 
 
-class Database:
+class Database(Reads):
     """The synchronous store on one connection; use it from one thread only.
 
     :class:`TaskStore` runs it on its own thread; tests and the crash test's
@@ -261,10 +256,10 @@ class Database:
 
     def _final(self, task_id: str, attempt_id: str) -> StoredMessage | None:
         row = self._exec(
-            _SELECT + " WHERE task_id = ? AND attempt_id = ? AND type = ?",
+            SELECT_MESSAGE + " WHERE task_id = ? AND attempt_id = ? AND type = ?",
             (task_id, attempt_id, FINAL),
         ).fetchone()
-        return None if row is None else _message(row)
+        return None if row is None else message_from_row(row)
 
     def record_received(
         self, task_id: str, attempt_id: str, now: float, queue_limit: int | None = None
@@ -396,17 +391,47 @@ class Database:
     def unacked(self) -> list[StoredMessage]:
         """Every unacked message, oldest first (so each stream in sequence order)."""
         rows = self._exec(
-            _SELECT + " WHERE acked = 0 ORDER BY rowid"
+            SELECT_MESSAGE + " WHERE acked = 0 ORDER BY rowid"
         ).fetchall()
-        return [_message(r) for r in rows]
+        return [message_from_row(r) for r in rows]
 
-    def queued_attempts(self) -> list[QueuedAttempt]:
-        """Received, not started attempts, oldest first."""
-        rows = self._exec(
-            "SELECT task_id, attempt_id, received_at FROM executions"
-            " WHERE state = 'received' ORDER BY received_at, rowid"
-        ).fetchall()
-        return [QueuedAttempt(str(t), str(a), float(r)) for t, a, r in rows]
+    def set_process(self, task_id: str, attempt_id: str, pgid: int, boot_id: str | None) -> None:
+        """Record the process group of a running attempt (for §8.8's restart kill)."""
+        self._tx(
+            lambda: self._exec(
+                "UPDATE executions SET pgid = ?, boot_id = ?"
+                " WHERE task_id = ? AND attempt_id = ? AND state = 'running'",
+                (pgid, boot_id, task_id, attempt_id),
+            )
+        )
+
+    def discard(self, task_id: str, attempt_id: str) -> str | None:
+        """Forget an attempt the control plane discarded (§7.2): its state row,
+        its unacked output and its final.  Returns the state it had."""
+
+        def go() -> str | None:
+            state = self._state(task_id, attempt_id)
+            key = (task_id, attempt_id)
+            self._exec("DELETE FROM outbox WHERE task_id = ? AND attempt_id = ?", key)
+            self._exec("DELETE FROM executions WHERE task_id = ? AND attempt_id = ?", key)
+            return state
+
+        return self._tx(go)
+
+    def ack_finals(self, message_ids: Sequence[str]) -> int:
+        """Mark the listed finals acked (a hello_ack's list); the count."""
+
+        def go() -> int:
+            return sum(
+                self._exec(
+                    "UPDATE outbox SET acked = 1 WHERE message_id = ? AND type = ?"
+                    " AND acked = 0",
+                    (m, FINAL),
+                ).rowcount
+                for m in message_ids
+            )
+
+        return self._tx(go)
 
     def recover(self, now: float) -> list[StoredMessage]:
         """End every ``running`` attempt with its §7.6 ``interrupted`` final."""
@@ -444,26 +469,12 @@ class Database:
 
         return self._tx(go)
 
-    def bytes_used(self) -> int:
-        """The sum of the byte counts of every unacked message (§7.1)."""
-        row = self._exec("SELECT coalesce(sum(byte_count), 0) FROM outbox WHERE acked = 0")
-        return int(row.fetchone()[0])
-
 
 # Literal statements: no SQL is ever built from values.
-_SELECT = (
-    "SELECT message_id, task_id, attempt_id, type, stream, sequence, payload, byte_count,"
-    " created_at, acked FROM outbox"
-)
 _INSERT = (
     "INSERT INTO outbox (message_id, task_id, attempt_id, type, stream, sequence, payload,"
     " byte_count, created_at, acked) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0)"
 )
-
-
-def _message(row: Sequence[Any]) -> StoredMessage:
-    m, t, a, ty, s, q, p, b, c, k = row
-    return StoredMessage(m, t, a, ty, s, q, json.loads(p), int(b), float(c), bool(k))
 
 
 def _interrupted_payload() -> dict[str, Any]:
@@ -574,8 +585,45 @@ class TaskStore:
         return self._use("unacked")
 
     def queued_attempts(self) -> Deferred[list[QueuedAttempt]]:
-        """See :meth:`Database.queued_attempts`."""
+        """See :meth:`Reads.queued_attempts`."""
         return self._use("queued_attempts")
+
+    def running_attempts(self) -> Deferred[list[RunningAttempt]]:
+        """See :meth:`Reads.running_attempts`."""
+        return self._use("running_attempts")
+
+    def snapshot(self) -> Deferred[StoreSnapshot]:
+        """See :meth:`Reads.snapshot`."""
+        return self._use("snapshot")
+
+    def unacked_page(
+        self, after_rowid: int, limit: int
+    ) -> Deferred[list[tuple[int, StoredMessage]]]:
+        """See :meth:`Reads.unacked_page`."""
+        return self._use("unacked_page", after_rowid, limit)
+
+    def unacked_stream(
+        self, task_id: str, attempt_id: str, stream: str, above: int, through_rowid: int,
+        limit: int,
+    ) -> Deferred[list[tuple[int, StoredMessage]]]:
+        """See :meth:`Reads.unacked_stream`."""
+        return self._use(
+            "unacked_stream", task_id, attempt_id, stream, above, through_rowid, limit
+        )
+
+    def set_process(
+        self, task_id: str, attempt_id: str, pgid: int, boot_id: str | None
+    ) -> Deferred[None]:
+        """See :meth:`Database.set_process`."""
+        return self._use("set_process", task_id, attempt_id, pgid, boot_id)
+
+    def discard(self, task_id: str, attempt_id: str) -> Deferred[str | None]:
+        """See :meth:`Database.discard`."""
+        return self._use("discard", task_id, attempt_id)
+
+    def ack_finals(self, message_ids: Sequence[str]) -> Deferred[int]:
+        """See :meth:`Database.ack_finals`."""
+        return self._use("ack_finals", list(message_ids))
 
     def recover(self, now: float) -> Deferred[list[StoredMessage]]:
         """See :meth:`Database.recover`."""
@@ -586,5 +634,5 @@ class TaskStore:
         return self._use("purge", now, retention)
 
     def bytes_used(self) -> Deferred[int]:
-        """See :meth:`Database.bytes_used`."""
+        """See :meth:`Reads.bytes_used`."""
         return self._use("bytes_used")

@@ -1,0 +1,201 @@
+"""
+The read side of the local task store: what the session asks of it.
+
+:class:`Reads` is mixed into :class:`hostlink_tw.agent.store.Database`, so
+these queries run on the store's one thread like its writes, and see every
+write issued before them (PROTOCOL §8.7: one writer, calls in order).
+
+* :meth:`Reads.snapshot`: the hello's reconnect snapshot (§7.1) — queued
+  attempts, running attempts, unacked finals, unacked output merged into
+  contiguous ranges per stream, the bytes the unacked messages hold.
+* :meth:`Reads.unacked_page`: the outbox in insertion order (so each stream
+  in sequence order), a page at a time by ``rowid`` — replay and the live
+  sender read through it, so memory holds one page, never the spool.
+* :meth:`Reads.unacked_stream`: one stream's unacked output above a sequence
+  (the answer to an ``output_sequence_gap`` error, §7.5).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "OutputRange",
+    "QueuedAttempt",
+    "Reads",
+    "RunningAttempt",
+    "StoreSnapshot",
+    "StoredMessage",
+    "message_from_row",
+]
+
+OUTPUT = "task.output"
+FINAL = "task.final"
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """One outbox message, with the id and payload it keeps until acked."""
+
+    message_id: str
+    task_id: str
+    attempt_id: str
+    type: str
+    stream: str | None
+    sequence: int | None
+    payload: dict[str, Any]
+    byte_count: int
+    created_at: float
+    acked: bool
+
+
+@dataclass(frozen=True)
+class QueuedAttempt:
+    """A received, not yet started attempt."""
+
+    task_id: str
+    attempt_id: str
+    received_at: float
+
+
+@dataclass(frozen=True)
+class RunningAttempt:
+    """An attempt recorded ``running``, with the process group it was given."""
+
+    task_id: str
+    attempt_id: str
+    started_at: float
+    pgid: int | None
+    boot_id: str | None
+
+
+@dataclass(frozen=True)
+class OutputRange:
+    """Contiguous unacked output sequences of one attempt and stream."""
+
+    task_id: str
+    attempt_id: str
+    stream: str
+    first_sequence: int
+    last_sequence: int
+    truncated_locally: bool
+
+
+@dataclass(frozen=True)
+class StoreSnapshot:
+    """The store's part of the hello snapshot (§7.1)."""
+
+    running: list[RunningAttempt]
+    queued: list[QueuedAttempt]
+    unacked_finals: list[StoredMessage]
+    unacked_output: list[OutputRange]
+    bytes_used: int
+
+
+# Literal statements: no SQL is ever built from values.
+SELECT_MESSAGE = (
+    "SELECT message_id, task_id, attempt_id, type, stream, sequence, payload, byte_count,"
+    " created_at, acked FROM outbox"
+)
+_SELECT_ROWID = (
+    "SELECT message_id, task_id, attempt_id, type, stream, sequence, payload, byte_count,"
+    " created_at, acked, rowid FROM outbox"
+)
+
+
+def message_from_row(row: Sequence[Any]) -> StoredMessage:
+    """A :class:`StoredMessage` from a row of :data:`SELECT_MESSAGE`."""
+    m, t, a, ty, s, q, p, b, c, k = row[:10]
+    return StoredMessage(m, t, a, ty, s, q, json.loads(p), int(b), float(c), bool(k))
+
+
+class Reads:
+    """The queries; the class they are mixed into provides ``_exec``."""
+
+    def _exec(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        raise NotImplementedError
+
+    def queued_attempts(self) -> list[QueuedAttempt]:
+        """Received, not started attempts, oldest first."""
+        rows = self._exec(
+            "SELECT task_id, attempt_id, received_at FROM executions"
+            " WHERE state = 'received' ORDER BY received_at, rowid"
+        ).fetchall()
+        return [QueuedAttempt(str(t), str(a), float(r)) for t, a, r in rows]
+
+    def running_attempts(self) -> list[RunningAttempt]:
+        """Attempts recorded ``running``, oldest start first."""
+        rows = self._exec(
+            "SELECT task_id, attempt_id, started_at, pgid, boot_id FROM executions"
+            " WHERE state = 'running' ORDER BY started_at, rowid"
+        ).fetchall()
+        return [
+            RunningAttempt(str(t), str(a), float(s or 0.0), None if p is None else int(p),
+                           None if b is None else str(b))
+            for t, a, s, p, b in rows
+        ]
+
+    def bytes_used(self) -> int:
+        """The sum of the byte counts of every unacked message (§7.1)."""
+        row = self._exec("SELECT coalesce(sum(byte_count), 0) FROM outbox WHERE acked = 0")
+        return int(row.fetchone()[0])
+
+    def snapshot(self) -> StoreSnapshot:
+        """Everything the hello reports from the store, in one read."""
+        finals = [
+            message_from_row(r)
+            for r in self._exec(
+                SELECT_MESSAGE + " WHERE acked = 0 AND type = ? ORDER BY rowid", (FINAL,)
+            ).fetchall()
+        ]
+        rows = self._exec(
+            "SELECT task_id, attempt_id, stream, sequence,"
+            " coalesce(json_extract(payload, '$.truncated_locally'), 0)"
+            " FROM outbox WHERE acked = 0 AND type = ?"
+            " ORDER BY task_id, attempt_id, stream, sequence",
+            (OUTPUT,),
+        ).fetchall()
+        ranges: list[OutputRange] = []
+        for task, attempt, stream, seq, truncated in rows:
+            last = ranges[-1] if ranges else None
+            if (
+                last is not None
+                and (last.task_id, last.attempt_id, last.stream) == (task, attempt, stream)
+                and last.last_sequence + 1 == seq
+            ):
+                ranges[-1] = OutputRange(
+                    task, attempt, stream, last.first_sequence, int(seq),
+                    last.truncated_locally or bool(truncated),
+                )
+            else:
+                ranges.append(
+                    OutputRange(task, attempt, stream, int(seq), int(seq), bool(truncated))
+                )
+        return StoreSnapshot(
+            self.running_attempts(), self.queued_attempts(), finals, ranges, self.bytes_used()
+        )
+
+    def unacked_page(self, after_rowid: int, limit: int) -> list[tuple[int, StoredMessage]]:
+        """Up to ``limit`` unacked messages stored after ``after_rowid``, in order."""
+        rows = self._exec(
+            _SELECT_ROWID + " WHERE acked = 0 AND rowid > ? ORDER BY rowid LIMIT ?",
+            (after_rowid, limit),
+        ).fetchall()
+        return [(int(r[10]), message_from_row(r)) for r in rows]
+
+    def unacked_stream(
+        self, task_id: str, attempt_id: str, stream: str, above: int, through_rowid: int,
+        limit: int,
+    ) -> list[tuple[int, StoredMessage]]:
+        """Up to ``limit`` of one stream's unacked output with sequence > ``above``,
+        stored by ``through_rowid``, in sequence order."""
+        rows = self._exec(
+            _SELECT_ROWID + " WHERE acked = 0 AND type = ? AND task_id = ? AND attempt_id = ?"
+            " AND stream = ? AND sequence > ? AND rowid <= ? ORDER BY sequence LIMIT ?",
+            (OUTPUT, task_id, attempt_id, stream, above, through_rowid, limit),
+        ).fetchall()
+        return [(int(r[10]), message_from_row(r)) for r in rows]
