@@ -308,16 +308,31 @@ class BadInputTests(SynchronousTestCase):
             self._check(True, name, frame, code)
 
     def test_error_envelope_logged_with_code_and_message(self) -> None:
+        """A non-retryable error ends the connection, logged with its code and message."""
+        h = harness(self)
+        h.client.start()
+        c = h.active_conn()
+        c.send_text(
+            make_envelope(ERROR, AGENT, error_payload("quota", "too many", False), now=0).to_json()
+        )
+        (line,) = [m for m in h.messages("warn") if "closing connection" in m]
+        self.assertIn("code=quota", line)
+        self.assertIn("too many", line)
+        self.assertIn("type=error", line)
+
+    def test_retryable_error_keeps_the_connection(self) -> None:
+        """PROTOCOL §7.5: a retryable error is logged and the session stays active."""
         h = harness(self)
         h.client.start()
         c = h.active_conn()
         c.send_text(
             make_envelope(ERROR, AGENT, error_payload("quota", "too many", True), now=0).to_json()
         )
-        (line,) = [m for m in h.messages("warn") if "closing connection" in m]
+        self.assertEqual(h.client.state, ClientState.ACTIVE)
+        self.assertEqual([m for m in h.messages("warn") if "closing connection" in m], [])
+        (line,) = [m for m in h.messages("warn") if "retryable error" in m]
         self.assertIn("code=quota", line)
         self.assertIn("too many", line)
-        self.assertIn("type=error", line)
 
     def test_frame_preview_is_at_most_200_characters(self) -> None:
         h = harness(self)

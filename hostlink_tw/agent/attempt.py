@@ -53,7 +53,9 @@ from hostlink_tw.protocol import (
     ACK,
     AGENT_HELLO,
     AGENT_HELLO_ACK,
+    TASK_DELIVER,
     Envelope,
+    ErrorPayload,
     ProtocolError,
     make_envelope,
     parse_envelope,
@@ -350,12 +352,44 @@ class Attempt:
         # The hello goes out once observers have seen the connection (one of
         # them may have stopped the client).
         if self._mine(proto) and client.machine.state is S.AWAITING_ACK:
-            with client.handling():
-                hello = make_envelope(
-                    AGENT_HELLO, client.agent_id, {}, now=client.clock.seconds()
-                )
-                self.hello_id = hello.message_id
-                self.send(hello)
+            tasks = client.tasks
+            if tasks is None:
+                self._say_hello(proto, {})
+            else:
+                # Phase 2: the snapshot is read from the store, off this thread.
+                payload = tasks.hello_payload()
+                payload.addErrback(self._snapshot_failed)
+                payload.addCallback(lambda p: self._say_hello(proto, p))
+
+    def _snapshot_failed(self, failure: Failure) -> dict[str, Any]:
+        self._log.failure("cannot build the hello snapshot; saying hello without it", failure)
+        return {}
+
+    def _say_hello(self, proto: HostlinkClientProtocol, payload: dict[str, Any]) -> None:
+        client = self.client
+        if not (self._mine(proto) and client.machine.state is S.AWAITING_ACK):
+            return
+        with client.handling():
+            hello = make_envelope(
+                AGENT_HELLO, client.agent_id, payload, now=client.clock.seconds()
+            )
+            self.hello_id = hello.message_id
+            self.send(hello)
+
+    def send_if_open(self, envelope: Envelope) -> bool:
+        """Send on this connection if it is still the client's open one (a :class:`Channel`)."""
+        if self.over or self.proto is None or self._rejecting:
+            return False
+        if self.client.machine.state not in (S.AWAITING_ACK, S.ACTIVE):
+            return False
+        self.send(envelope)
+        return True
+
+    def write_resumed(self, proto: HostlinkClientProtocol) -> None:
+        """The transport drained: a paused bulk sender may go on."""
+        if self._mine(proto) and self.session is not None:
+            with self.client.handling():
+                self.session.drained()
 
     def send(self, envelope: Envelope) -> None:
         """Write one envelope as a JSON text frame."""
@@ -393,7 +427,10 @@ class Attempt:
         except ProtocolError as e:
             raise ViolationError("invalid envelope", str(e), CLOSE_INVALID_PAYLOAD, None) from e
         self.client.emit(MessageIn(type=envelope.type, message_id=envelope.message_id))
-        if self.session is not None:
+        if envelope.type == TASK_DELIVER and self.client.tasks is not None:
+            # PROTOCOL §7.3: accepted before and after the hello_ack alike.
+            self.client.tasks.delivered(envelope, self)
+        elif self.session is not None:
             self.session.handle(envelope)
         elif envelope.type in (AGENT_HELLO_ACK, ACK):
             self.client.ack_received(envelope)
@@ -418,8 +455,27 @@ class Attempt:
             return
         self.activated = True
         self.activated_at = self.client.clock.seconds()
-        self.session = Session(self.hello_id, self.send, self.client.ack_received)
+        self.session = Session(
+            self.hello_id,
+            self.send,
+            self.client.ack_received,
+            hello_ack=envelope,
+            # Through the attempt, not the protocol: no cycle holds a dead connection.
+            paused=lambda: self.proto is not None and self.proto.paused,
+        )
+        self.session.on_retryable_error = self._retryable_error
         self.client.session_activated(self, self.session)
+
+    def _retryable_error(self, envelope: Envelope, error: ErrorPayload) -> None:
+        # PROTOCOL §7.5: logged, the connection stays (the task engine acts on some codes).
+        self._log.warn(
+            "control plane reported a retryable error: code={code} message={message!r} "
+            "related_message_id={related} agent_id={agent_id} url={url}",
+            code=escape_control(error.code, FRAME_PREVIEW_CHARS),
+            message=error.message[:FRAME_PREVIEW_CHARS],
+            related=escape_control(error.related_message_id or "-", FRAME_PREVIEW_CHARS),
+            **self._fields,
+        )
 
     def _reject(self, violation: ViolationError, payload: bytes) -> None:
         """One log line about an offending frame, then close and reconnect."""

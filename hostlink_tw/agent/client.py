@@ -49,6 +49,7 @@ from hostlink_tw.agent.events import (
     Stopped,
 )
 from hostlink_tw.agent.factory import HostlinkClientFactory
+from hostlink_tw.agent.interfaces import TaskHandler
 from hostlink_tw.agent.machine import ClientState, StateMachine
 from hostlink_tw.agent.reporting import EndReporter
 from hostlink_tw.agent.session import (
@@ -185,6 +186,9 @@ class HostlinkClient:
         self.current_delay: float | None = None
         self._observers = Observers(self.log)
         self._listeners: list[SessionListener] = []
+        #: Phase 2's task engine (set by the service); ``None``: a phase-1
+        #: agent (an empty hello, and ``task.deliver`` ends the connection).
+        self.tasks: TaskHandler | None = None
         self._queued: list[Callable[[], None]] = []
         self._depth = 0
         self._handling = _Handling(self)

@@ -104,6 +104,7 @@ class HostlinkClientProtocol(WebSocketClientProtocol):
         """The transport's buffer drained."""
         self.paused = False
         self.unsent = 0
+        self.owner.write_resumed(self)
 
     def stopProducing(self) -> None:
         """The connection is going away."""

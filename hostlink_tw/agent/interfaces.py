@@ -6,6 +6,9 @@ The interfaces between the agent's pieces.
     reports to: its :class:`~hostlink_tw.agent.attempt.Attempt`.
 :class:`AttemptHost`
     what an attempt needs of the client that owns it.
+:class:`TaskHandler`
+    what the client asks of the task engine (phase 2): the hello's payload
+    and every ``task.deliver``, with a :class:`Channel` to answer on.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,7 +32,7 @@ if TYPE_CHECKING:
     from hostlink_tw.agent.connection import HostlinkClientProtocol
     from hostlink_tw.agent.session import Session
 
-__all__ = ["AttemptHost", "ConnectionOwner"]
+__all__ = ["AttemptHost", "Channel", "ConnectionOwner", "TaskHandler"]
 
 
 class ConnectionOwner(Protocol):
@@ -41,6 +45,7 @@ class ConnectionOwner(Protocol):
         self, proto: HostlinkClientProtocol, step: str, error: BaseException
     ) -> None: ...
     def write_blocked(self, proto: HostlinkClientProtocol, unsent: int) -> None: ...
+    def write_resumed(self, proto: HostlinkClientProtocol) -> None: ...
     def message_begun(self, proto: HostlinkClientProtocol) -> None: ...
     def message_done(self, proto: HostlinkClientProtocol) -> None: ...
     def too_many_frames(self, proto: HostlinkClientProtocol, frames: int) -> None: ...
@@ -90,3 +95,26 @@ class AttemptHost(Protocol):
     def session_activated(self, attempt: Attempt, session: Session) -> None: ...
     def connection_opened(self, at: float) -> None: ...
     def report_connect_failed(self, connector: Any, reason: Failure) -> None: ...
+    @property
+    def tasks(self) -> TaskHandler | None: ...
+
+
+class Channel(Protocol):
+    """One connection, as the task engine answers on it (before or during its session)."""
+
+    def send_if_open(self, envelope: Envelope) -> bool:
+        """Send when this connection is still the current, open one; else False."""
+
+
+class TaskHandler(Protocol):
+    """What the client asks of the task engine (PROTOCOL §7.1, §7.3)."""
+
+    def hello_payload(self) -> Deferred[dict[str, Any]]:
+        """The ``agent.hello`` payload, taken when the hello is built; never fails."""
+
+    def delivered(self, envelope: Envelope, channel: Channel) -> None:
+        """A ``task.deliver`` arrived on ``channel`` (before or after its hello_ack).
+
+        :raises ViolationError: the deliver breaks the protocol (the
+            connection ends).
+        """

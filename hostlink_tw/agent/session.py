@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 
 from hostlink_tw.protocol import (
     ACK,
@@ -112,6 +112,10 @@ class Session:
     :param hello_id: the message id of the hello this session's hello_ack acked.
     :param send: writes one envelope to the connection.
     :param on_ack: told of every ``ack`` and ``agent.hello_ack`` (the last ack seen).
+    :param hello_ack: the ``agent.hello_ack`` that made the session active
+        (its directives are phase 2's, PROTOCOL §7.2).
+    :param paused: whether the connection's transport asks us to stop
+        writing (the peer does not read fast enough); see :meth:`when_drained`.
     """
 
     def __init__(
@@ -119,12 +123,22 @@ class Session:
         hello_id: str,
         send: Callable[[Envelope], None],
         on_ack: Callable[[Envelope], None],
+        *,
+        hello_ack: Envelope | None = None,
+        paused: Callable[[], bool] = lambda: False,
     ) -> None:
         self.hello_id = hello_id
+        self.hello_ack = hello_ack
         self._send = send
         self._on_ack = on_ack
+        self._paused = paused
+        self._drain_waiters: list[Deferred[None]] = []
         self._waiters: dict[str, Deferred[Envelope]] = {}
         self.ended: str | None = None
+        #: Told of each ``error`` with ``retryable: true`` (the connection stays).
+        self.on_retryable_error: Callable[[Envelope, ErrorPayload], None] = (
+            lambda envelope, error: None
+        )
         #: Message type -> handler.  A type not here breaks the phase-1 rule.
         self.handlers: dict[str, Handler] = {
             ACK: self._ack,
@@ -171,6 +185,28 @@ class Session:
         return d
 
     @property
+    def paused(self) -> bool:
+        """Whether the transport's buffer is full: a bulk sender waits for :meth:`when_drained`."""
+        return self._paused()
+
+    def when_drained(self) -> Deferred[None]:
+        """Fires when the transport drains (at once when it is not paused);
+        fails with :class:`SessionEndedError` if the session ends first."""
+        if self.ended is not None:
+            return fail(SessionEndedError(self.ended))
+        if not self._paused():
+            return succeed(None)
+        d: Deferred[None] = Deferred(lambda d: self._drain_waiters.remove(d))
+        self._drain_waiters.append(d)
+        return d
+
+    def drained(self) -> None:
+        """The transport asks for more: wake the bulk senders."""
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    @property
     def waiting(self) -> int:
         """How many sent messages still wait for their ack."""
         return len(self._waiters)
@@ -183,6 +219,9 @@ class Session:
         waiters, self._waiters = self._waiters, {}
         for d in waiters.values():
             d.errback(SessionEndedError(reason))
+        drains, self._drain_waiters = self._drain_waiters, []
+        for drain in drains:
+            drain.errback(SessionEndedError(reason))
 
     def _ack(self, envelope: Envelope) -> None:
         self._on_ack(envelope)
@@ -193,7 +232,15 @@ class Session:
                 d.callback(envelope)
 
     def _error(self, envelope: Envelope) -> None:
-        raise violation_for(envelope)
+        # PROTOCOL §7.5: a retryable error keeps the connection; any other
+        # (or an unreadable one) ends it, as in phase 1.
+        try:
+            error = ErrorPayload.from_dict(envelope.payload)
+        except ProtocolError:
+            raise violation_for(envelope) from None
+        if not error.retryable:
+            raise violation_for(envelope)
+        self.on_retryable_error(envelope, error)
 
 
 class SessionListener(Protocol):
