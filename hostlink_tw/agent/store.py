@@ -110,6 +110,8 @@ _MIGRATIONS: dict[int, Sequence[str]] = {
     1: (
         "ALTER TABLE executions ADD COLUMN pgid INTEGER",
         "ALTER TABLE executions ADD COLUMN boot_id TEXT",
+        # The command, so a received attempt survives a restart and runs after it (§8.2).
+        "ALTER TABLE executions ADD COLUMN command TEXT",
     ),
 }
 
@@ -262,7 +264,8 @@ class Database(Reads):
         return None if row is None else message_from_row(row)
 
     def record_received(
-        self, task_id: str, attempt_id: str, now: float, queue_limit: int | None = None
+        self, task_id: str, attempt_id: str, now: float, queue_limit: int | None = None,
+        command: str | None = None,
     ) -> Receipt:
         """Commit the receipt of an attempt (idempotent); see :class:`Receipt`."""
 
@@ -276,9 +279,9 @@ class Database(Reads):
                     if queued >= queue_limit:
                         return Receipt(LocalState.QUEUE_FULL)
                 self._exec(
-                    "INSERT INTO executions (task_id, attempt_id, state, received_at)"
-                    " VALUES (?, ?, 'received', ?)",
-                    (task_id, attempt_id, now),
+                    "INSERT INTO executions (task_id, attempt_id, state, received_at, command)"
+                    " VALUES (?, ?, 'received', ?, ?)",
+                    (task_id, attempt_id, now, command),
                 )
                 return Receipt(LocalState.UNKNOWN)
             if state == "ended":
@@ -377,6 +380,47 @@ class Database(Reads):
             return n > 0
 
         return self._tx(go)
+
+    def ack_messages(self, acks: Sequence[tuple[str, int | None]]) -> int:
+        """Apply ``ack`` messages (§7.5) in one transaction; the bytes they freed.
+
+        Each ``(message_id, highest_output_sequence)``: the message is acked
+        (output deleted, a final marked); when it is an output and a highest
+        sequence is given, every output of the same attempt and stream up to
+        that sequence is acked too.  Unknown or already acked ids are no-ops.
+        """
+        return self._tx(lambda: sum(self._ack_one(m, h) for m, h in acks))
+
+    def _ack_one(self, message_id: str, highest_output_sequence: int | None) -> int:
+        row = self._exec(
+            "SELECT task_id, attempt_id, type, stream FROM outbox"
+            " WHERE message_id = ? AND acked = 0",
+            (message_id,),
+        ).fetchone()
+        if row is None:
+            return 0
+        task_id, attempt_id, kind, stream = row
+        freed = 0
+        if kind == OUTPUT and highest_output_sequence is not None:
+            freed += int(self._exec(
+                "SELECT coalesce(sum(byte_count), 0) FROM outbox WHERE type = ?"
+                " AND task_id = ? AND attempt_id = ? AND stream = ? AND sequence <= ?"
+                " AND message_id != ?",
+                (OUTPUT, task_id, attempt_id, stream, highest_output_sequence, message_id),
+            ).fetchone()[0])
+            self._exec(
+                "DELETE FROM outbox WHERE type = ? AND task_id = ? AND attempt_id = ?"
+                " AND stream = ? AND sequence <= ? AND message_id != ?",
+                (OUTPUT, task_id, attempt_id, stream, highest_output_sequence, message_id),
+            )
+        freed += int(self._exec(
+            "SELECT byte_count FROM outbox WHERE message_id = ?", (message_id,)
+        ).fetchone()[0])
+        if kind == OUTPUT:
+            self._exec("DELETE FROM outbox WHERE message_id = ?", (message_id,))
+        else:
+            self._exec("UPDATE outbox SET acked = 1 WHERE message_id = ?", (message_id,))
+        return freed
 
     def ack_through(self, task_id: str, attempt_id: str, stream: str, sequence: int) -> int:
         """Ack every output of that attempt and stream up to ``sequence``; the count."""
@@ -551,10 +595,11 @@ class TaskStore:
         return d.addBoth(stop_pool)
 
     def record_received(
-        self, task_id: str, attempt_id: str, now: float, queue_limit: int | None = None
+        self, task_id: str, attempt_id: str, now: float, queue_limit: int | None = None,
+        command: str | None = None,
     ) -> Deferred[Receipt]:
         """See :meth:`Database.record_received`."""
-        return self._use("record_received", task_id, attempt_id, now, queue_limit)
+        return self._use("record_received", task_id, attempt_id, now, queue_limit, command)
 
     def mark_running(self, task_id: str, attempt_id: str, now: float) -> Deferred[bool]:
         """See :meth:`Database.mark_running`."""
@@ -573,6 +618,14 @@ class TaskStore:
     def ack(self, message_id: str) -> Deferred[bool]:
         """See :meth:`Database.ack`."""
         return self._use("ack", message_id)
+
+    def ack_messages(self, acks: Sequence[tuple[str, int | None]]) -> Deferred[int]:
+        """See :meth:`Database.ack_messages`."""
+        return self._use("ack_messages", list(acks))
+
+    def message(self, message_id: str) -> Deferred[StoredMessage | None]:
+        """See :meth:`Reads.message`."""
+        return self._use("message", message_id)
 
     def ack_through(
         self, task_id: str, attempt_id: str, stream: str, sequence: int

@@ -60,6 +60,7 @@ class QueuedAttempt:
     task_id: str
     attempt_id: str
     received_at: float
+    command: str = ""
 
 
 @dataclass(frozen=True)
@@ -122,10 +123,15 @@ class Reads:
     def queued_attempts(self) -> list[QueuedAttempt]:
         """Received, not started attempts, oldest first."""
         rows = self._exec(
-            "SELECT task_id, attempt_id, received_at FROM executions"
+            "SELECT task_id, attempt_id, received_at, command FROM executions"
             " WHERE state = 'received' ORDER BY received_at, rowid"
         ).fetchall()
-        return [QueuedAttempt(str(t), str(a), float(r)) for t, a, r in rows]
+        return [QueuedAttempt(str(t), str(a), float(r), str(c or "")) for t, a, r, c in rows]
+
+    def message(self, message_id: str) -> StoredMessage | None:
+        """One unacked or retained message by id."""
+        row = self._exec(SELECT_MESSAGE + " WHERE message_id = ?", (message_id,)).fetchone()
+        return None if row is None else message_from_row(row)
 
     def running_attempts(self) -> list[RunningAttempt]:
         """Attempts recorded ``running``, oldest start first."""

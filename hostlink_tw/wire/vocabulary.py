@@ -31,6 +31,10 @@ __all__ = [
     "CLOSE_TOO_BIG",
     "CLOSE_UNSUPPORTED_DATA",
     "ERROR",
+    "ERROR_DELIVERY_DISABLED",
+    "ERROR_OUTPUT_SEQUENCE_GAP",
+    "ERROR_QUEUE_FULL",
+    "ERROR_STORE_UNAVAILABLE",
     "GATEWAY_PATH",
     "HEADER_AGENT_ID",
     "HEADER_NONCE",
@@ -63,6 +67,17 @@ HEADER_SIGNATURE = "X-Signature"
 
 #: The four headers every authenticated request carries, in order.
 SIGNED_HEADERS = (HEADER_AGENT_ID, HEADER_TIMESTAMP, HEADER_NONCE, HEADER_SIGNATURE)
+
+# --- phase-2 ``error`` codes (PROTOCOL §7.5, §8.1, §8.2, §8.7) -------------------
+
+#: Control plane → agent, retryable: re-send a stream above ``highest_accepted_sequence``.
+ERROR_OUTPUT_SEQUENCE_GAP = "output_sequence_gap"
+#: Agent → control plane: a ``task.deliver`` while delivery is off (not retryable).
+ERROR_DELIVERY_DISABLED = "delivery_disabled"
+#: Agent → control plane: the queue of received attempts is full (retryable).
+ERROR_QUEUE_FULL = "queue_full"
+#: Agent → control plane: the local store cannot be used (retryable).
+ERROR_STORE_UNAVAILABLE = "store_unavailable"
 
 # --- WebSocket close codes (RFC 6455 §7.4.1, and ours) ---------------------------
 
