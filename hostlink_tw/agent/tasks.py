@@ -1,0 +1,637 @@
+"""
+The task engine: deliveries in, the runner's work out, the store in between.
+
+PROTOCOL §7–§8 from the agent's side.  :class:`TaskEngine` is the client's
+:class:`~hostlink_tw.agent.interfaces.TaskHandler` (the hello snapshot,
+``task.deliver``), a :class:`~hostlink_tw.agent.session.SessionListener`
+(hello_ack directives, replay, acks, gap errors) and the runner's
+:class:`~hostlink_tw.agent.runner.RunnerSink` (started, output, ended).
+
+Every state change is committed to the store before the message that
+announces it leaves (§8.7): a receipt before ``task.received``, ``running``
+before the process is spawned (so a crash can never run an attempt twice),
+each output chunk and each final before it is sent (the
+:class:`~hostlink_tw.agent.outbox.Outbox` sends only what the store holds).
+
+Start (:meth:`TaskEngine.start`) opens the store and recovers before the
+first hello can be built: process groups a crash left running are killed,
+their attempts get the §7.6 ``interrupted`` final, and received attempts
+are queued again — released to the runner only after the first hello_ack,
+so the control plane can discard them first (§8.2).  A store that cannot
+be opened is one error line; the session runs on and every delivery is
+answered ``store_unavailable`` (§8.7).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from hostlink_tw import __version__
+from hostlink_tw.agent.interfaces import Channel
+from hostlink_tw.agent.outbox import Outbox
+from hostlink_tw.agent.session import Session, ViolationError
+from hostlink_tw.agent.store import LocalState, Receipt, StoredMessage, StoreError, TaskStore
+from hostlink_tw.agent.tasksnapshot import build_hello, read_boot_id
+from hostlink_tw.wire.envelope import Envelope, make_envelope
+from hostlink_tw.wire.errors import ProtocolError
+from hostlink_tw.wire.hello import HelloAckDirectives
+from hostlink_tw.wire.payloads import AckPayload, ErrorPayload, error_payload
+from hostlink_tw.wire.tasks import (
+    FINAL_MESSAGE_KIND,
+    TaskDeliverPayload,
+    interrupted_final_message_id,
+    output_payload,
+    task_message_id,
+)
+from hostlink_tw.wire.vocabulary import (
+    ACK,
+    CLOSE_INVALID_PAYLOAD,
+    ERROR,
+    ERROR_DELIVERY_DISABLED,
+    ERROR_OUTPUT_SEQUENCE_GAP,
+    ERROR_QUEUE_FULL,
+    ERROR_STORE_UNAVAILABLE,
+    TASK_DELIVER,
+    TASK_OUTPUT,
+    TASK_RECEIVED,
+    TASK_STARTED,
+)
+
+__all__ = ["RunnerLike", "TaskEngine", "TaskSettings"]
+
+_log = Logger(namespace="hostlink_tw.tasks")
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """What the engine needs of the phase-2 settings (PROTOCOL §10)."""
+
+    delivery_enabled: bool = False
+    results_enabled: bool = False
+    spool_cap_bytes: int = 64 * MiB
+    terminal_reserve_bytes: int = 1 * MiB
+    flush_threshold: int = 16384
+    retention: float = 24 * 3600.0
+    queue_limit: int = 16
+    concurrency: int = 1
+    kill_grace: float = 5.0
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> TaskSettings:
+        """Take the values from :class:`hostlink_tw.config.Settings`."""
+        return cls(
+            delivery_enabled=settings.delivery_enabled,
+            results_enabled=settings.results_enabled,
+            spool_cap_bytes=settings.spool_cap_bytes,
+            terminal_reserve_bytes=settings.terminal_reserve_bytes,
+            flush_threshold=settings.output_flush_threshold,
+            retention=settings.store_retention,
+            queue_limit=settings.task_queue_limit,
+            concurrency=settings.task_concurrency,
+            kill_grace=settings.task_kill_grace,
+        )
+
+
+class RunnerLike(Protocol):
+    """What the engine needs of :class:`hostlink_tw.agent.runner.TaskRunner`."""
+
+    def submit(self, spec: Any) -> None: ...
+    def discard(self, task_id: str, attempt_id: str) -> bool: ...
+    def pause_output(self) -> None: ...
+    def resume_output(self) -> None: ...
+    def running(self) -> list[Any]: ...
+    def queued(self) -> list[Any]: ...
+
+
+@dataclass
+class _Live:
+    """A running attempt's sequences (the last one stored per stream)."""
+
+    sequences: dict[str, int] = field(default_factory=lambda: {"stdout": 0, "stderr": 0})
+
+
+class TaskEngine:
+    """
+    The agent's tasks: see the module docstring.
+
+    :param store: the local store (not started; :meth:`start` does).
+    :param settings: the phase-2 settings.
+    :param agent_id: this agent's id (envelopes).
+    :param clock: the reactor's clock; its ``seconds()`` is wall time in production.
+    :param make_spec: builds the runner's spec from (task id, attempt id, command).
+    """
+
+    def __init__(
+        self,
+        store: TaskStore,
+        settings: TaskSettings,
+        *,
+        agent_id: str,
+        clock: IReactorTime,
+        make_spec: Callable[[str, str, str], Any],
+        log: Logger | None = None,
+        boot_id: str | None = None,
+        kill: Callable[[int, int], None] = os.killpg,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.agent_id = agent_id
+        self._clock = clock
+        self._make_spec = make_spec
+        self.log = log if log is not None else _log
+        self._boot_id = boot_id if boot_id is not None else read_boot_id()
+        self._kill = kill
+        self.runner: RunnerLike | None = None
+        #: Whether the store opened; if not, deliveries get ``store_unavailable``.
+        self.available = False
+        self.problem: str | None = None
+        self._ready: Deferred[None] | None = None
+        self._ready_waiters: list[Deferred[None]] = []
+        self._is_ready = False
+        self._released = False
+        self._held: list[Any] = []
+        self._live: dict[tuple[str, str], _Live] = {}
+        self._session: Session | None = None
+        self._after_activation: list[StoredMessage] = []
+        self._writes: set[Deferred[Any]] = set()
+        self._purge = LoopingCall(self._purge_once)
+        self._purge.clock = clock
+        self.outbox = Outbox(store, agent_id=agent_id, clock=clock, on_freed=self._freed,
+                             log=self.log)
+        #: Unacked bytes in the outbox (§7.1 ``bytes_used``), kept in step with the store.
+        self.spool_bytes = 0
+        self.output_paused = False
+        #: Attempts ended, by final status.
+        self.finished: Counter[str] = Counter()
+        #: Durations of ended attempts (seconds), for the histogram; the status page drains it.
+        self.durations: list[float] = []
+        #: The last hello_ack's ``delivery_enabled`` (§9.3).
+        self.peer_delivery_enabled = False
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def attach_runner(self, runner: RunnerLike) -> None:
+        """The runner this engine feeds (built with this engine as its sink)."""
+        self.runner = runner
+
+    def start(self) -> Deferred[None]:
+        """Open the store and recover (§8.8); fires when the first hello may be built."""
+        d = self._start()
+        d.addBoth(self._became_ready)
+        return d
+
+    @inlineCallbacks
+    def _start(self) -> Generator[Deferred[Any], Any, None]:
+        try:
+            yield self.store.start()
+        except StoreError as e:
+            self.problem = str(e)
+            self.log.error(
+                "task store unavailable, task delivery refused: {error}", error=str(e)
+            )
+            return
+        self.available = True
+        try:
+            running = yield self.store.running_attempts()
+            for attempt in running:
+                yield self._kill_leftover(attempt.task_id, attempt.attempt_id, attempt.pgid,
+                                          attempt.boot_id)
+            finals = yield self.store.recover(self._clock.seconds())
+            for final in finals:
+                self.log.info(
+                    "task interrupted by a restart task_id={task_id} attempt={attempt}",
+                    task_id=final.task_id, attempt=final.attempt_id,
+                )
+            queued = yield self.store.queued_attempts()
+            self._held = [self._make_spec(q.task_id, q.attempt_id, q.command) for q in queued]
+            self.spool_bytes = yield self.store.bytes_used()
+        except StoreError as e:
+            self.available = False
+            self.problem = str(e)
+            self.log.error("task store unavailable, task delivery refused: {error}",
+                           error=str(e))
+            return
+        interval = max(1.0, min(self.settings.retention / 4, 600.0))
+        self._purge.start(interval, now=True).addErrback(
+            lambda f: self.log.failure("retention purge stopped", f)
+        )
+
+    def _became_ready(self, result: object) -> None:
+        self._is_ready = True
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for d in waiters:
+            d.callback(None)
+        if isinstance(result, Failure):
+            self.log.failure("task engine start failed", result)
+
+    def when_ready(self) -> Deferred[None]:
+        """Fires once start-up recovery is done (at once if it is)."""
+        if self._is_ready:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._ready_waiters.append(d)
+        return d
+
+    def _kill_leftover(
+        self, task_id: str, attempt_id: str, pgid: int | None, boot_id: str | None
+    ) -> Deferred[None]:
+        # A group id from another boot names nothing of ours: leave it alone.
+        if pgid is None or boot_id is None or boot_id != self._boot_id or pgid <= 1:
+            return succeed(None)
+        if not self._signal(pgid, 0):
+            return succeed(None)
+        self.log.warn(
+            "killing the process group {pgid} a previous run left behind "
+            "task_id={task_id} attempt={attempt}",
+            pgid=pgid, task_id=task_id, attempt=attempt_id,
+        )
+        return self._terminate_group(pgid)
+
+    @inlineCallbacks
+    def _terminate_group(self, pgid: int) -> Generator[Deferred[Any], Any, None]:
+        self._signal(pgid, signal.SIGTERM)
+        waited = 0.0
+        while waited < self.settings.kill_grace and self._signal(pgid, 0):
+            yield deferLater(self._clock, 0.05, lambda: None)
+            waited += 0.05
+        self._signal(pgid, signal.SIGKILL)
+
+    def _signal(self, pgid: int, sig: int) -> bool:
+        """Send ``sig`` to the group; False when the group no longer exists."""
+        try:
+            self._kill(pgid, sig)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def pending_writes(self) -> Deferred[Any]:
+        """Fires when every store write issued so far is done (for an orderly stop)."""
+        return DeferredList(list(self._writes), consumeErrors=True)
+
+    def close(self) -> Deferred[None]:
+        """Stop the purge and close the store (after the runner and the client stopped)."""
+        if self._purge.running:
+            self._purge.stop()
+        d = self.pending_writes()
+        d.addCallback(lambda _: self.store.stop())
+        return d
+
+    def _track(self, d: Deferred[Any]) -> Deferred[Any]:
+        self._writes.add(d)
+
+        def forget(result: object) -> object:
+            self._writes.discard(d)
+            return result
+
+        return d.addBoth(forget)
+
+    def _purge_once(self) -> Deferred[None]:
+        d = self.store.purge(self._clock.seconds(), self.settings.retention)
+
+        def report(count: int) -> None:
+            if count:
+                self.log.info("purged {count} ended attempts past retention", count=count)
+
+        def failed(failure: Failure) -> None:
+            self.log.error("retention purge failed: {error}", error=str(failure.value))
+
+        return d.addCallbacks(report, failed)
+
+    # -- the hello (TaskHandler) -------------------------------------------------------
+
+    def hello_payload(self) -> Deferred[dict[str, Any]]:
+        """The hello snapshot (§7.1), from the store once recovery is done."""
+        d = self.when_ready()
+
+        def read(_: object) -> Deferred[Any]:
+            if not self.available:
+                return succeed(None)
+            return self.store.snapshot()
+
+        def failed(failure: Failure) -> None:
+            self.log.error("cannot read the hello snapshot: {error}", error=str(failure.value))
+            return None
+
+        def build(snapshot: Any) -> dict[str, Any]:
+            return build_hello(
+                snapshot,
+                self.settings,
+                sequences={key: live.sequences for key, live in self._live.items()},
+                version=__version__,
+            )
+
+        return d.addCallback(read).addErrback(failed).addCallback(build)
+
+    # -- deliveries (TaskHandler) ------------------------------------------------------
+
+    def delivered(self, envelope: Envelope, channel: Channel) -> None:
+        """A ``task.deliver``: validate, record, answer (§7.3, §8.1, §8.2)."""
+        task_id, attempt_id = envelope.task_id, envelope.execution_attempt_id
+        try:
+            if not task_id or not attempt_id:
+                raise ProtocolError(
+                    "invalid_payload", "task_id and execution_attempt_id are required"
+                )
+            deliver = TaskDeliverPayload.from_dict(envelope.payload)
+        except ProtocolError as e:
+            raise ViolationError(
+                "invalid task.deliver", str(e), CLOSE_INVALID_PAYLOAD, TASK_DELIVER
+            ) from None
+        if not self.settings.delivery_enabled:
+            self._refuse(channel, envelope, ERROR_DELIVERY_DISABLED,
+                         "task delivery is disabled on this agent "
+                         "(HOSTLINK_WS_DELIVERY_ENABLED)", retryable=False)
+            return
+        if not self.available:
+            self._refuse(channel, envelope, ERROR_STORE_UNAVAILABLE,
+                         "the agent's task store is unavailable", retryable=True)
+            return
+        d = self.store.record_received(
+            task_id, attempt_id, self._clock.seconds(), self.settings.queue_limit,
+            deliver.command,
+        )
+        self._track(d)
+
+        def answer(receipt: Receipt) -> None:
+            self._answer(receipt, envelope, channel, deliver.command)
+
+        def failed(failure: Failure) -> None:
+            self.log.error("cannot record a delivery: {error}", error=str(failure.value))
+            self._refuse(channel, envelope, ERROR_STORE_UNAVAILABLE,
+                         "the agent's task store failed", retryable=True)
+
+        d.addCallbacks(answer, failed)
+
+    def _answer(self, receipt: Receipt, envelope: Envelope, channel: Channel,
+                command: str) -> None:
+        task_id, attempt_id = envelope.task_id, envelope.execution_attempt_id
+        state = receipt.state
+        if state is LocalState.QUEUE_FULL:
+            self._refuse(channel, envelope, ERROR_QUEUE_FULL,
+                         f"{self.settings.queue_limit} attempts are queued already",
+                         retryable=True)
+        elif state is LocalState.UNKNOWN:
+            self._say(channel, TASK_RECEIVED, task_id, attempt_id)
+            self.log.info("task received task_id={task_id} attempt={attempt}",
+                          task_id=task_id, attempt=attempt_id)
+            self._enqueue(self._make_spec(task_id, attempt_id, command))
+        elif state is LocalState.RECEIVED:
+            self._say(channel, TASK_RECEIVED, task_id, attempt_id)
+        elif state is LocalState.RUNNING:
+            self._say(channel, TASK_STARTED, task_id, attempt_id)
+        elif receipt.final is not None and self.settings.results_enabled:
+            # Ended: the stored final again, same id, acked or not (§8.2).
+            if not self.outbox.send_now(receipt.final, "redelivery"):
+                # Not active yet: an unacked final goes out with the replay;
+                # an acked one right after it.
+                if receipt.final.acked:
+                    self._after_activation.append(receipt.final)
+        else:
+            # Results go elsewhere (off over the session): the receipt is all we say.
+            self._say(channel, TASK_RECEIVED, task_id, attempt_id)
+
+    def _enqueue(self, spec: Any) -> None:
+        if self._released and self.runner is not None:
+            self.runner.submit(spec)
+        else:
+            self._held.append(spec)
+
+    def _say(self, channel: Channel, kind: str, task_id: str, attempt_id: str) -> None:
+        channel.send_if_open(
+            make_envelope(kind, self.agent_id, {}, now=self._clock.seconds(),
+                          task_id=task_id, execution_attempt_id=attempt_id)
+        )
+
+    def _refuse(self, channel: Channel, envelope: Envelope, code: str, message: str,
+                *, retryable: bool) -> None:
+        self.log.warn(
+            "refusing task.deliver task_id={task_id} attempt={attempt}: {code}",
+            task_id=envelope.task_id, attempt=envelope.execution_attempt_id, code=code,
+        )
+        channel.send_if_open(
+            make_envelope(
+                ERROR, self.agent_id,
+                error_payload(code, message, retryable, related_message_id=envelope.message_id),
+                now=self._clock.seconds(),
+                task_id=envelope.task_id, execution_attempt_id=envelope.execution_attempt_id,
+            )
+        )
+
+    # -- sessions (SessionListener) ----------------------------------------------------
+
+    def session_started(self, session: Session) -> None:
+        """Apply the hello_ack's directives in order, then replay (§7.2)."""
+        self._session = session
+        on_ack = session.handlers[ACK]
+
+        def ack(envelope: Envelope) -> None:
+            on_ack(envelope)
+            payload = AckPayload.from_dict(envelope.payload)
+            self.outbox.acked(payload.acked_message_id, payload.highest_output_sequence)
+
+        session.handlers[ACK] = ack
+        on_error = session.on_retryable_error
+
+        def retryable(envelope: Envelope, error: ErrorPayload) -> None:
+            on_error(envelope, error)
+            if error.code == ERROR_OUTPUT_SEQUENCE_GAP:
+                self._gap(error)
+
+        session.on_retryable_error = retryable
+        try:
+            assert session.hello_ack is not None
+            directives = HelloAckDirectives.from_dict(session.hello_ack.payload)
+        except (AssertionError, ProtocolError) as e:
+            self.log.warn("ignoring the hello_ack's directives: {error}", error=str(e))
+            directives = HelloAckDirectives(acked_message_id=session.hello_id,
+                                            acked_type="agent.hello")
+        self.peer_delivery_enabled = directives.delivery_enabled
+        d = self._activate(session, directives)
+        d.addErrback(lambda f: self.log.failure("cannot activate the task session", f))
+
+    @inlineCallbacks
+    def _activate(
+        self, session: Session, directives: HelloAckDirectives
+    ) -> Generator[Deferred[Any], Any, None]:
+        if self.available:
+            try:
+                if directives.acknowledged_final_message_ids:
+                    yield self._track(
+                        self.store.ack_finals(directives.acknowledged_final_message_ids)
+                    )
+                for discarded in directives.discarded_attempts:
+                    yield self._discard(discarded.task_id, discarded.execution_attempt_id,
+                                        discarded.reason)
+                for replay in directives.output_replay:
+                    if replay.next_sequence > 1:
+                        yield self._track(self.store.ack_through(
+                            replay.task_id, replay.execution_attempt_id, replay.stream,
+                            replay.next_sequence - 1,
+                        ))
+                self.spool_bytes = yield self.store.bytes_used()
+                self._check_spool()
+            except StoreError as e:
+                self.log.error("cannot apply the hello_ack's directives: {error}",
+                               error=str(e))
+        if not self._released:
+            self._released = True
+            held, self._held = self._held, []
+            for spec in held:
+                self._enqueue(spec)
+        if session.ended is not None or not self.settings.results_enabled:
+            return
+        self.outbox.attach(session)
+        later, self._after_activation = self._after_activation, []
+        yield self.outbox.when_idle()
+        for final in later:
+            self.outbox.send_now(final, "redelivery")
+
+    def _discard(self, task_id: str, attempt_id: str, reason: str) -> Deferred[Any]:
+        key = (task_id, attempt_id)
+        self._held = [s for s in self._held if (s.task_id, s.attempt_id) != key]
+        if self.runner is not None:
+            self.runner.discard(task_id, attempt_id)
+        self._live.pop(key, None)
+        self.log.info(
+            "attempt discarded by the control plane task_id={task_id} attempt={attempt} "
+            "reason={reason}", task_id=task_id, attempt=attempt_id, reason=reason,
+        )
+        return self._track(self.store.discard(task_id, attempt_id))
+
+    def session_ended(self, session: Session, reason: str) -> None:
+        """The session ended: stop sending on it."""
+        self.outbox.detach(session)
+        if self._session is session:
+            self._session = None
+            self._after_activation.clear()
+
+    def _gap(self, error: ErrorPayload) -> None:
+        if error.highest_accepted_sequence is None or not error.related_message_id:
+            self.log.warn("an output_sequence_gap error without its fields: nothing re-sent")
+            return
+        above = error.highest_accepted_sequence
+
+        def resend(message: StoredMessage | None) -> None:
+            if message is None or message.type != TASK_OUTPUT or message.stream is None:
+                return  # acked meanwhile: nothing of it to re-send
+            self.outbox.resend(message.task_id, message.attempt_id, message.stream, above)
+
+        d = self.store.message(error.related_message_id)
+        d.addCallbacks(resend, lambda f: self.log.error("cannot re-send output: {error}",
+                                                          error=str(f.value)))
+
+    # -- the runner's sink -------------------------------------------------------------
+
+    def before_start(self, spec: Any) -> Deferred[bool]:
+        """Commit ``running`` before the process is spawned (§8.3)."""
+        d = self._track(self.store.mark_running(spec.task_id, spec.attempt_id,
+                                                self._clock.seconds()))
+
+        def started(ok: bool) -> bool:
+            if ok:
+                self._live[(spec.task_id, spec.attempt_id)] = _Live()
+            return ok
+
+        def failed(failure: Failure) -> bool:
+            self.log.error("cannot start task_id={task_id}: {error}", task_id=spec.task_id,
+                           error=str(failure.value))
+            return False
+
+        return d.addCallbacks(started, failed)
+
+    def started(self, spec: Any, pid: int) -> None:
+        """The process runs: record its group, say ``task.started``."""
+        self._track(self.store.set_process(spec.task_id, spec.attempt_id, pid, self._boot_id)
+                    ).addErrback(lambda f: None)
+        session = self._session
+        if session is not None and session.ended is None:
+            session.send(make_envelope(TASK_STARTED, self.agent_id, {},
+                                       now=self._clock.seconds(), task_id=spec.task_id,
+                                       execution_attempt_id=spec.attempt_id))
+
+    def output(self, spec: Any, stream: str, chunk: bytes, truncated_locally: bool) -> None:
+        """Store one chunk (it is sent from the store, §8.4)."""
+        live = self._live.get((spec.task_id, spec.attempt_id))
+        if live is None:
+            return  # discarded meanwhile
+        live.sequences[stream] += 1
+        sequence = live.sequences[stream]
+        message_id = task_message_id(spec.task_id, spec.attempt_id, stream, sequence,
+                                     time.time_ns())
+        payload = output_payload(stream, chunk, truncated_locally)
+        self.spool_bytes += len(chunk)
+        self._check_spool()
+        d = self._track(self.store.enqueue_output(
+            spec.task_id, spec.attempt_id, message_id, stream, sequence, payload, len(chunk),
+            self._clock.seconds(),
+        ))
+        d.addCallbacks(lambda _: self.outbox.nudge(), self._write_failed)
+
+    def ended(self, spec: Any, result: Any) -> None:
+        """Record the final, then send it (§8.5)."""
+        key = (spec.task_id, spec.attempt_id)
+        self._live.pop(key, None)
+        if result.status == "interrupted":
+            message_id = interrupted_final_message_id(spec.task_id, spec.attempt_id)
+        else:
+            message_id = task_message_id(spec.task_id, spec.attempt_id, FINAL_MESSAGE_KIND, 0,
+                                         time.time_ns())
+        self.finished[result.status] += 1
+        self.durations.append(result.duration)
+        d = self._track(self.store.record_final(
+            spec.task_id, spec.attempt_id, message_id, result.final_payload(),
+            self._clock.seconds(),
+        ))
+
+        def stored(message: StoredMessage) -> None:
+            self.spool_bytes += message.byte_count
+            self.outbox.nudge()
+
+        d.addCallbacks(stored, self._write_failed)
+
+    def _write_failed(self, failure: Failure) -> None:
+        self.log.error("cannot store task output: {error}", error=str(failure.value))
+
+    # -- the spool (§8.4) --------------------------------------------------------------
+
+    def _limits(self) -> tuple[int, int]:
+        s = self.settings
+        limit = s.spool_cap_bytes - s.terminal_reserve_bytes
+        # What may still arrive after a pause: one flush threshold per stream and attempt.
+        margin = 2 * s.flush_threshold * s.concurrency
+        pause_at = max(limit - margin, s.flush_threshold)
+        return pause_at, pause_at // 2
+
+    def _check_spool(self) -> None:
+        if self.runner is None:
+            return
+        pause_at, resume_at = self._limits()
+        if not self.output_paused and self.spool_bytes >= pause_at:
+            self.output_paused = True
+            self.log.info("spool full ({bytes} unacked bytes): pausing task output",
+                          bytes=self.spool_bytes)
+            self.runner.pause_output()
+        elif self.output_paused and self.spool_bytes <= resume_at:
+            self.output_paused = False
+            self.log.info("spool drained: resuming task output")
+            self.runner.resume_output()
+
+    def _freed(self, freed: int) -> None:
+        self.spool_bytes = max(0, self.spool_bytes - freed)
+        self._check_spool()
