@@ -150,8 +150,8 @@ class Outbox:
         return True
 
     def when_idle(self) -> Deferred[None]:
-        """Fires once nothing is being sent (for an orderly stop)."""
-        if not self._pumping:
+        """Fires once nothing is being sent and no ack is being recorded."""
+        if not self._pumping and not self._acking:
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._idle_waiters.append(d)
@@ -182,6 +182,8 @@ class Outbox:
             self._acking = False
             if self._acks:
                 self._commit_acks()
+            else:
+                self._wake_idle()
 
         d = self._store.ack_messages(batch)
         d.addCallbacks(done, failed)
@@ -245,6 +247,11 @@ class Outbox:
         self._pumping = False
         if self._again and self._session is not None:
             self.nudge()
+            return
+        self._wake_idle()
+
+    def _wake_idle(self) -> None:
+        if self._pumping or self._acking:
             return
         waiters, self._idle_waiters = self._idle_waiters, []
         for d in waiters:

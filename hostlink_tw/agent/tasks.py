@@ -281,14 +281,17 @@ class TaskEngine:
         return True
 
     def pending_writes(self) -> Deferred[Any]:
-        """Fires when every store write issued so far is done (for an orderly stop)."""
+        """Fires when every store write (and activation) issued so far is done."""
         return DeferredList(list(self._writes), consumeErrors=True)
 
     def close(self) -> Deferred[None]:
         """Stop the purge and close the store (after the runner and the client stopped)."""
         if self._purge.running:
             self._purge.stop()
-        d = self.pending_writes()
+        if self.outbox.session is not None:
+            self.outbox.detach(self.outbox.session)
+        d = self.outbox.when_idle()
+        d.addCallback(lambda _: self.pending_writes())
         d.addCallback(lambda _: self.store.stop())
         return d
 
@@ -462,7 +465,7 @@ class TaskEngine:
             directives = HelloAckDirectives(acked_message_id=session.hello_id,
                                             acked_type="agent.hello")
         self.peer_delivery_enabled = directives.delivery_enabled
-        d = self._activate(session, directives)
+        d = self._track(self._activate(session, directives))
         d.addErrback(lambda f: self.log.failure("cannot activate the task session", f))
 
     @inlineCallbacks
@@ -532,7 +535,7 @@ class TaskEngine:
                 return  # acked meanwhile: nothing of it to re-send
             self.outbox.resend(message.task_id, message.attempt_id, message.stream, above)
 
-        d = self.store.message(error.related_message_id)
+        d = self._track(self.store.message(error.related_message_id))
         d.addCallbacks(resend, lambda f: self.log.error("cannot re-send output: {error}",
                                                           error=str(f.value)))
 
