@@ -8,6 +8,7 @@ for a command-line value that cannot be used.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from typing import TypeVar
@@ -29,6 +30,9 @@ _TRUE = frozenset({"true", "1", "yes"})
 _FALSE = frozenset({"", "false", "0", "no", "off"})
 
 _Number = TypeVar("_Number", int, float)
+
+# The Go agent reads a positive integer as an int64.
+_INT64_MAX = (1 << 63) - 1
 
 
 class ConfigError(ValueError):
@@ -132,18 +136,73 @@ class Reader:
         return self._bounded(spec, raw, strict, value, low, high)
 
     def integer(self, env: str) -> int:
-        """A decimal integer within the spec's bounds."""
-        spec, raw, strict = self._get(env, "bytes")
-        low, high = int(spec.minimum), int(spec.maximum)
+        """A decimal integer within the spec's bounds.
+
+        A ``"positive"`` setting follows PROTOCOL §10: zero or less warns and
+        means the default, as past the 64-bit range when it has no maximum
+        (the Go agent's ``strconv.ParseInt`` refuses it).
+        """
+        spec, raw, strict = self._get(env, "bytes", "positive")
         if raw == "" and not strict:
             return int(spec.default)
-        # int() alone would also take "1_000", " 5" and non-ASCII digits.
-        if re.fullmatch(r"[-+]?[0-9]+", raw, re.ASCII) is None:
+        value = _whole_number(raw)
+        if value is None:
             if strict:
-                raise _strict_error(spec, raw, "is not a whole number of bytes")
+                noun = "whole number of bytes" if spec.kind == "bytes" else "whole number"
+                raise _strict_error(spec, raw, f"is not a {noun}", _accepted(spec))
             self._warn(spec, raw, spec.default, "is not a whole number")
             return int(spec.default)
-        return self._bounded(spec, raw, strict, int(raw), low, high)
+        if spec.kind == "positive" and not spec.maximum and value > _INT64_MAX:
+            if strict:
+                raise _strict_error(spec, raw, "is out of range", _accepted(spec))
+            self._warn(spec, raw, spec.default, f"is larger than {_INT64_MAX}")
+            return int(spec.default)
+        if spec.kind == "positive" and value <= 0:
+            if strict:
+                raise _strict_error(spec, raw, "is not a positive whole number", _accepted(spec))
+            self._warn(spec, raw, spec.default, "is not a positive whole number")
+            return int(spec.default)
+        if not spec.maximum:
+            return value
+        return self._bounded(spec, raw, strict, value, int(spec.minimum), int(spec.maximum))
+
+    def spool(self, cap: int, reserve: int, threshold: int) -> tuple[int, int]:
+        """The spool cap and terminal reserve, checked against each other.
+
+        PROTOCOL §10: the reserve fits in the cap, and the cap leaves room
+        for two output chunks beside it.  When they do not, the environment's
+        pair is replaced by both defaults with one warning (the defaults
+        always fit, the threshold being at most 1 MiB); an option in the
+        mix is a ``ConfigError`` instead.
+        """
+        need = reserve + 2 * threshold
+        if cap >= need:
+            return cap, reserve
+        names = (
+            "HOSTLINK_LOCAL_STORE_SPOOL_CAP_BYTES",
+            "HOSTLINK_LOCAL_STORE_TERMINAL_RESERVE_BYTES",
+            "HOSTLINK_TASK_OUTPUT_FLUSH_THRESHOLD",
+        )
+        cap_spec, reserve_spec = _spec(names[0]), _spec(names[1])
+        problem = (
+            f"{cap_spec.env} ({cap}) is below {reserve_spec.env} ({reserve}) plus twice "
+            f"{names[2]} ({threshold}) = {need}"
+        )
+        for env in names:
+            if env in self._overrides:
+                option = _spec(env).option
+                raise ConfigError(f"--{option} ({env}): {problem}")
+        used = f"{cap_spec.default} and {reserve_spec.default}"
+        self.log.warn(
+            "{problem}; using the defaults {used} for {variable} and {reserve_variable}",
+            problem=problem,
+            variable=cap_spec.env,
+            value=self._environ.get(cap_spec.env, "") or cap_spec.default,
+            used=used,
+            reason=f"below {reserve_spec.env} plus twice {names[2]}",
+            reserve_variable=reserve_spec.env,
+        )
+        return int(cap_spec.default), int(reserve_spec.default)
 
     def _bounded(
         self,
@@ -201,13 +260,15 @@ class Reader:
         return raw
 
     def optional(self, env: str) -> str | None:
-        """A setting that may be unset: the gateway URL, the CA file, the status endpoint."""
-        spec, raw, _ = self._get(env, "ws-url", "ca-file", "endpoint")
-        if spec.kind == "ca-file":
+        """A setting that may be unset: the gateway URL, the CA file, the status
+        endpoint, the task working directory."""
+        spec, raw, _ = self._get(env, "ws-url", "ca-file", "endpoint", "directory")
+        if spec.kind in ("ca-file", "directory"):
             # A path may legitimately start or end with a space: only empty is unset.
             if raw == "":
                 return None
-            problem = _ca_file_problem(raw)
+            check = _ca_file_problem if spec.kind == "ca-file" else _directory_problem
+            problem = check(raw)
             if problem is not None:
                 self.refuse(env, problem)
             return raw
@@ -234,11 +295,44 @@ def show_duration(seconds: float) -> str:
     return re.sub(r"h0m$", "h", text)
 
 
+def _whole_number(raw: str) -> int | None:
+    """An optionally signed run of ASCII digits as an int, or ``None``.
+
+    ``int()`` alone would also take ``"1_000"``, ``" 5"`` and non-ASCII
+    digits, and raises past 4300 digits: a number longer than any bound
+    stands for one just past the 64-bit range, with its sign.
+    """
+    match = re.fullmatch(r"([-+]?)0*([0-9]+)", raw, re.ASCII)
+    if match is None:
+        return None
+    sign, digits = match.groups()
+    value = int(digits) if len(digits) <= 20 else 1 << 64
+    return -value if sign == "-" else value
+
+
+def _accepted(spec: SettingSpec) -> str:
+    """What a whole-number setting accepts, for its strict error."""
+    if spec.maximum:
+        return spec.range
+    return f"1 \u2013 {_INT64_MAX}"
+
+
 def _strict_error(spec: SettingSpec, raw: str, problem: str, accepted: str = "") -> ConfigError:
     """The one-line error for an unusable command-line value."""
     accepted = accepted or spec.range
     suffix = f"; accepted: {accepted}" if accepted else ""
     return ConfigError(f"--{spec.option} ({spec.env}): {raw!r} {problem}{suffix}")
+
+
+def _directory_problem(path: str) -> str | None:
+    """Why tasks cannot run in *path*, or ``None``."""
+    if not os.path.isdir(path):
+        problem = "is not an existing directory"
+    elif not os.access(path, os.X_OK):
+        problem = "is a directory this agent cannot enter"
+    else:
+        return None
+    return f"{path!r} {problem}; create it, or unset it to run tasks in the agent's directory"
 
 
 def _ca_file_problem(path: str) -> str | None:
