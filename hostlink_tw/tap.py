@@ -36,7 +36,11 @@ __all__ = ["Options", "SettingError", "makeService"]
 
 # A flag takes no value, so its help says what it does; the setting's
 # meaning describes the values its environment variable accepts.
-_FLAG_HELP = {"enable": "turn the WebSocket uplink on"}
+_FLAG_HELP = {
+    "enable": "turn the WebSocket uplink on",
+    "enable-delivery": "accept task.deliver over the session",
+    "enable-results": "send task output and finals over the session",
+}
 
 
 class SettingError(usage.UsageError):

@@ -38,6 +38,27 @@ DURATIONS = {
     "HOSTLINK_WS_HELLO_TIMEOUT": (30.0, 1.0, 300.0),
     "HOSTLINK_WS_HANDSHAKE_TIMEOUT": (30.0, 1.0, 300.0),
 }
+# PROTOCOL §10, in its order (their rules are tested in test_config_tasks).
+PHASE_2 = [
+    "HOSTLINK_WS_DELIVERY_ENABLED",
+    "HOSTLINK_WS_RESULTS_ENABLED",
+    "HOSTLINK_WS_POLLING_FALLBACK_THRESHOLD",
+    "HOSTLINK_TASK_POLL_INTERVAL",
+    "HOSTLINK_HEARTBEAT_INTERVAL",
+    "HOSTLINK_TASK_OUTPUT_FLUSH_INTERVAL",
+    "HOSTLINK_TASK_OUTPUT_FLUSH_THRESHOLD",
+    "HOSTLINK_LOCAL_STORE_PATH",
+    "HOSTLINK_LOCAL_STORE_SPOOL_CAP_BYTES",
+    "HOSTLINK_LOCAL_STORE_TERMINAL_RESERVE_BYTES",
+    "HOSTLINK_LOCAL_STORE_RETENTION",
+    "HOSTLINK_TASK_QUEUE_LIMIT",
+    "HOSTLINK_TASK_CONCURRENCY",
+    "HOSTLINK_TASK_TIMEOUT",
+    "HOSTLINK_TASK_KILL_GRACE",
+    "HOSTLINK_TASK_OUTPUT_LIMIT_BYTES",
+    "HOSTLINK_TASK_FINAL_OUTPUT_BYTES",
+    "HOSTLINK_TASK_WORKDIR",
+]
 ATTRIBUTES = {spec.env: spec.attribute for spec in SETTINGS}
 SPECS = {spec.env: spec for spec in SETTINGS}
 
@@ -90,7 +111,7 @@ class SettingSpecTests(SynchronousTestCase):
     """L{SETTINGS} is the single, complete description of the configuration."""
 
     def test_every_variable(self) -> None:
-        """PROTOCOL §4's variables, the control plane URL and the added ones are all there."""
+        """PROTOCOL §4's and §10's variables, the control plane URL and ours are all there."""
         self.assertEqual(
             [spec.env for spec in SETTINGS],
             [
@@ -109,6 +130,7 @@ class SettingSpecTests(SynchronousTestCase):
                 "HOSTLINK_WS_STATUS_LISTEN",
                 "HOSTLINK_STATE_PATH",
                 "HOSTLINK_PRIVATE_KEY_PATH",
+                *PHASE_2,
             ],
         )
 
@@ -171,9 +193,30 @@ class SettingSpecTests(SynchronousTestCase):
             "HOSTLINK_WS_STATUS_LISTEN": ("tcp:0", "tcp:0"),
             "HOSTLINK_STATE_PATH": ("/srv/state", "/srv/state"),
             "HOSTLINK_PRIVATE_KEY_PATH": ("/srv/key", "/srv/key"),
+            "HOSTLINK_WS_DELIVERY_ENABLED": ("yes", True),
+            "HOSTLINK_WS_RESULTS_ENABLED": ("1", True),
+            "HOSTLINK_WS_POLLING_FALLBACK_THRESHOLD": ("0s", 0.0),
+            "HOSTLINK_TASK_POLL_INTERVAL": ("11s", 11.0),
+            "HOSTLINK_HEARTBEAT_INTERVAL": ("12s", 12.0),
+            "HOSTLINK_TASK_OUTPUT_FLUSH_INTERVAL": ("13ms", 0.013),
+            "HOSTLINK_TASK_OUTPUT_FLUSH_THRESHOLD": ("4096", 4096),
+            "HOSTLINK_LOCAL_STORE_PATH": ("/srv/t.db", "/srv/t.db"),
+            "HOSTLINK_LOCAL_STORE_SPOOL_CAP_BYTES": ("33554432", 33554432),
+            "HOSTLINK_LOCAL_STORE_TERMINAL_RESERVE_BYTES": ("2048", 2048),
+            "HOSTLINK_LOCAL_STORE_RETENTION": ("2h", 7200.0),
+            "HOSTLINK_TASK_QUEUE_LIMIT": ("17", 17),
+            "HOSTLINK_TASK_CONCURRENCY": ("2", 2),
+            "HOSTLINK_TASK_TIMEOUT": ("1h", 3600.0),
+            "HOSTLINK_TASK_KILL_GRACE": ("1s", 1.0),
+            "HOSTLINK_TASK_OUTPUT_LIMIT_BYTES": ("1000", 1000),
+            "HOSTLINK_TASK_FINAL_OUTPUT_BYTES": ("0", 0),
+            "HOSTLINK_TASK_WORKDIR": (None, None),  # filled below: needs a real directory
         }
         ca = write_certificates(self.mktemp())
         values["HOSTLINK_WS_CA_FILE"] = (ca, ca)
+        workdir = self.mktemp()
+        os.mkdir(workdir)
+        values["HOSTLINK_TASK_WORKDIR"] = (workdir, workdir)
         self.assertEqual(sorted(values), sorted(SPECS))
         for env, (text, expected) in values.items():
             assert text is not None
@@ -455,7 +498,9 @@ class MaxMessageBytesTests(WarningAssertions):
     def test_clamped(self) -> None:
         """Values out of range are clamped with a warning."""
         for text, expected in (("100", 1024), ("0", 1024), ("-5", 1024),
-                               ("67108865", 67108864), ("99999999999999999999", 67108864)):
+                               ("67108865", 67108864), ("99999999999999999999", 67108864),
+                               # past int()'s 4300-digit limit: still clamped, no ValueError
+                               ("9" * 5000, 67108864), ("-" + "9" * 5000, 1024)):
             with self.subTest(text=text):
                 settings, events = load({self.env: text})
                 self.assertEqual(settings.max_message_bytes, expected)

@@ -193,6 +193,51 @@ class UnderTwistdTests(SynchronousTestCase):
         self.assertEqual(done.stdout, f"hostlink_tw {__version__} (Twisted {twisted_version})\n")
 
 
+class TaskOptionsTests(SynchronousTestCase):
+    """The phase-2 settings as options (PROTOCOL §10)."""
+
+    def test_flags_and_values(self) -> None:
+        directory = self.mktemp()
+        os.mkdir(directory)
+        options = parse(
+            ["--enable-delivery", "--enable-results", "--task-timeout", "1h",
+             "--task-queue-limit", "3", "--task-workdir", directory,
+             "--local-store-path", "/srv/t.db", "--polling-fallback", "0s"],
+            {"HOSTLINK_TASK_QUEUE_LIMIT": "9"},
+        )
+        settings = options.settings
+        assert settings is not None
+        self.assertEqual(
+            (settings.delivery_enabled, settings.results_enabled, settings.task_timeout,
+             settings.task_queue_limit, settings.task_workdir, settings.local_store_path,
+             settings.polling_fallback_threshold),
+            (True, True, 3600.0, 3, directory, "/srv/t.db", 0.0),
+        )
+
+    def test_flags_off_without_the_option(self) -> None:
+        settings = parse([]).settings
+        assert settings is not None
+        self.assertEqual((settings.delivery_enabled, settings.results_enabled), (False, False))
+
+    def test_bad_values_are_one_line_usage_errors(self) -> None:
+        for args, environ in (
+            (["--task-workdir", "/nonexistent/dir"], {}),
+            ([], {"HOSTLINK_TASK_WORKDIR": "/nonexistent/dir"}),
+            (["--task-concurrency", "0"], {}),
+            (["--spool-cap-bytes", "1000"], {}),
+            (["--store-retention", "1s"], {}),
+        ):
+            with self.subTest(args=args, environ=environ):
+                error = self.assertRaises(usage.UsageError, parse, args, environ)
+                self.assertNotIn("\n", str(error))
+                self.assertIn(args[0] if args else "HOSTLINK_TASK_WORKDIR", str(error))
+
+    def test_help_names_the_task_flags(self) -> None:
+        text = " ".join(str(Options(environ={})).split())
+        self.assertIn("--enable-delivery accept task.deliver over the session", text)
+        self.assertIn("--enable-results send task output and finals over the session", text)
+
+
 class FlagHelpTests(SynchronousTestCase):
     def test_enable_help_describes_the_flag_not_values(self) -> None:
         """--enable takes no value: its help says what it does."""
