@@ -20,10 +20,20 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
-from twisted.internet.task import deferLater
-from twisted.trial.unittest import TestCase
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.task import Clock, deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from hostlink_tw.agent.process import group_alive, session_argv, task_environment
+from hostlink_tw.agent import process as process_module
+from hostlink_tw.agent.process import (
+    ProcessSettings,
+    TaskProcess,
+    group_alive,
+    session_argv,
+    task_environment,
+)
 from hostlink_tw.agent.runner import RunResult, TaskRunner, TaskSpec
 
 
@@ -614,3 +624,200 @@ class SettingsTests(TestCase):
                        {"flush_interval": 0}, {"flush_threshold": 3}, {"output_limit": 0},
                        {"final_output_bytes": -1}):
             self.assertRaises(ValueError, TaskRunner, sink, **kwargs)
+
+
+# --- the timers of one process, on a Clock ------------------------------------------
+
+
+class _FakeTransport:
+    """The parts of Twisted's Process transport that TaskProcess uses."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.paused = False
+        self.lost = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def loseConnection(self) -> None:
+        self.lost = True
+
+
+class _FakeReactor(Clock):
+    """A Clock whose spawnProcess connects the protocol to a _FakeTransport."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[dict[str, Any]] = []
+
+    def spawnProcess(self, protocol: Any, executable: str, args: list[str], env: Any,
+                     path: Any, childFDs: dict[int, Any]) -> _FakeTransport:
+        self.spawned.append({"executable": executable, "args": args, "env": env,
+                             "path": path, "childFDs": dict(childFDs)})
+        transport = _FakeTransport(4242)
+        protocol.makeConnection(transport)
+        return transport
+
+
+_EXITED_0 = Failure(ProcessDone(0))
+
+
+class ProcessTimerTests(SynchronousTestCase):
+    """TaskProcess's timers and kills, driven by a Clock: no real process."""
+
+    def setUp(self) -> None:
+        self.reactor = _FakeReactor()
+        self.signals: list[tuple[float, int]] = []
+        self.alive = False
+        self.events: list[dict[str, Any]] = []
+        self.chunks: list[tuple[str, bytes, bool]] = []
+        self.patch(process_module, "kill_group",
+                   lambda pgid, signum: self.signals.append((self.reactor.seconds(), signum)))
+        self.patch(process_module, "group_alive", lambda pgid: self.alive)
+
+    def spawn(self, paused: bool = False, **settings: Any) -> TaskProcess:
+        settings.setdefault("kill_grace", 5.0)
+        process = TaskProcess(_spec("t", "cmd"), ProcessSettings(**settings), self.reactor,
+                              lambda *chunk: self.chunks.append(chunk),
+                              Logger(observer=self.events.append))
+        process.spawn(["sh", "-c", "cmd"], {"A": "1"}, None, paused)
+        return process
+
+    def end(self, process: TaskProcess, reason: Failure = _EXITED_0) -> None:
+        process.processExited(reason)
+        process.processEnded(reason)
+
+    def result(self, process: TaskProcess) -> RunResult:
+        result: RunResult = self.successResultOf(process.done)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        return result
+
+    def test_spawn(self) -> None:
+        process = self.spawn(paused=True)
+        (spawned,) = self.reactor.spawned
+        self.assertEqual((spawned["args"], spawned["env"]), (["sh", "-c", "cmd"], {"A": "1"}))
+        self.assertEqual([spawned["childFDs"][fd] for fd in (1, 2)], ["r", "r"])
+        self.assertIsInstance(spawned["childFDs"][0], int)  # /dev/null, closed since
+        self.assertRaises(OSError, os.fstat, spawned["childFDs"][0])
+        self.assertEqual(process.pid, 4242)
+        self.assertTrue(process.transport.paused)  # type: ignore[union-attr]
+
+    def test_pending_output_is_flushed_after_the_interval(self) -> None:
+        process = self.spawn(flush_interval=0.1)
+        process.childDataReceived(1, b"ab")
+        self.reactor.advance(0.05)
+        process.childDataReceived(2, b"cd")
+        self.assertEqual(self.chunks, [])
+        self.reactor.advance(0.05)
+        self.assertEqual(self.chunks, [("stdout", b"ab", False), ("stderr", b"cd", False)])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        process.childDataReceived(1, b"e")
+        self.reactor.advance(0.1)
+        self.assertEqual(self.chunks[-1], ("stdout", b"e", False))
+
+    def test_timeout_terms_then_kills_after_the_grace(self) -> None:
+        process = self.spawn(timeout=10, kill_grace=5)
+        self.reactor.advance(9.9)
+        self.assertEqual(self.signals, [])
+        self.reactor.advance(0.1)
+        self.assertEqual(self.signals, [(10, signal.SIGTERM)])
+        self.reactor.advance(5)
+        self.assertEqual(self.signals[1], (15, signal.SIGKILL))
+        self.end(process, Failure(ProcessTerminated(signal=signal.SIGKILL)))
+        result = self.result(process)
+        self.assertEqual((result.status, result.exit_code, result.timed_out, result.signal),
+                         ("failed", -1, True, signal.SIGKILL))
+        self.assertEqual((result.error, result.duration), ("task timed out after 10s", 15))
+
+    def test_an_exit_cancels_the_timeout(self) -> None:
+        process = self.spawn(timeout=10)
+        self.reactor.advance(1)
+        self.end(process)
+        self.reactor.advance(100)
+        self.assertNotIn(signal.SIGTERM, [s for _, s in self.signals])
+        self.assertEqual(self.result(process).status, "completed")
+
+    def test_the_group_is_killed_when_the_shell_has_ended(self) -> None:
+        process = self.spawn()
+        self.reactor.advance(2)
+        self.end(process)
+        self.assertEqual(self.signals, [(2, signal.SIGKILL)])
+        self.result(process)
+
+    def test_pipes_held_after_the_exit_get_the_grace(self) -> None:
+        process = self.spawn(kill_grace=5)
+        process.processExited(_EXITED_0)
+        self.reactor.advance(4.9)
+        self.assertEqual(self.signals, [])
+        self.reactor.advance(0.1)
+        self.assertEqual(self.signals, [(5, signal.SIGKILL)])
+        # Still open: only a process that left the group holds them.
+        self.reactor.advance(process_module.ESCAPED_PIPE_WAIT)
+        self.assertTrue(process.transport.lost)  # type: ignore[union-attr]
+        self.assertIn("holds its output pipes", self.events[-1]["log_format"])
+        process.processEnded(_EXITED_0)
+        self.assertEqual(self.result(process).status, "completed")
+
+    def test_paused_pipes_are_not_closed(self) -> None:
+        process = self.spawn(kill_grace=1)
+        process.pause()
+        process.processExited(_EXITED_0)
+        self.reactor.advance(1 + 3 * process_module.ESCAPED_PIPE_WAIT)
+        self.assertFalse(process.transport.lost)  # type: ignore[union-attr]
+        process.resume()
+        self.reactor.advance(process_module.ESCAPED_PIPE_WAIT)
+        self.assertTrue(process.transport.lost)  # type: ignore[union-attr]
+
+    def test_the_end_waits_for_the_group(self) -> None:
+        process = self.spawn()
+        self.alive = True
+        self.end(process)
+        self.reactor.advance(0.5)
+        self.assertNoResult(process.done)
+        self.alive = False
+        self.reactor.advance(0.01)
+        self.result(process)
+
+    def test_a_process_that_survives_kill_does_not_hold_the_end(self) -> None:
+        process = self.spawn()
+        self.alive = True
+        self.end(process)
+        self.reactor.pump([0.01] * int(process_module.GROUP_EXIT_WAIT / 0.01 + 2))
+        self.result(process)
+        self.assertIn("survived SIGKILL", self.events[-1]["log_format"])
+
+    def test_interrupt(self) -> None:
+        process = self.spawn(kill_grace=5)
+        process.childDataReceived(1, b"partial")
+        process.interrupt()
+        process.interrupt()
+        self.assertEqual(self.signals, [(0, signal.SIGTERM)])
+        self.reactor.advance(5)
+        self.assertEqual(self.signals[-1], (5, signal.SIGKILL))
+        self.end(process, Failure(ProcessTerminated(signal=signal.SIGKILL)))
+        result = self.result(process)
+        self.assertEqual((result.status, result.exit_code, result.output),
+                         ("interrupted", -1, "partial"))
+
+    def test_interrupt_after_the_end_does_nothing(self) -> None:
+        process = self.spawn()
+        self.end(process)
+        self.result(process)
+        del self.signals[:]
+        process.interrupt()
+        self.assertEqual((self.signals, self.reactor.getDelayedCalls()), ([], []))
+
+    def test_exit_codes(self) -> None:
+        for reason, expected in (
+            (Failure(ProcessDone(0)), ("completed", 0, None)),
+            (Failure(ProcessTerminated(exitCode=3)), ("failed", 3, None)),
+            (Failure(ProcessTerminated(signal=signal.SIGSEGV)), ("failed", -1, signal.SIGSEGV)),
+        ):
+            process = self.spawn()
+            self.end(process, reason)
+            result = self.result(process)
+            self.assertEqual((result.status, result.exit_code, result.signal), expected)
