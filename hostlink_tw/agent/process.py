@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 
 from hostlink_tw.agent.output import StreamOutput
 from hostlink_tw.duration import format_duration
+from hostlink_tw.safetext import escape_control
 from hostlink_tw.wire.payloads import STATUS_COMPLETED, STATUS_FAILED, STATUS_INTERRUPTED
 from hostlink_tw.wire.tasks import NO_EXIT_CODE, final_payload
 
@@ -51,6 +52,8 @@ __all__ = [
     "TaskProcess",
     "TaskSpec",
     "group_alive",
+    "kill_group",
+    "log_fields",
     "session_argv",
     "task_environment",
 ]
@@ -133,6 +136,14 @@ class ProcessSettings:
     final_output_bytes: int = 256 * 1024  # HOSTLINK_TASK_FINAL_OUTPUT_BYTES
 
 
+def log_fields(spec: TaskSpec) -> dict[str, str]:
+    """The log fields naming an attempt: its ids, made safe to print (the peer chose them)."""
+    return {
+        "task_id": escape_control(spec.task_id, 200),
+        "attempt_id": escape_control(spec.attempt_id, 200),
+    }
+
+
 def session_argv(command: str, setsid: str | None) -> list[str]:
     """Return the argument vector running *command* in a new session.
 
@@ -211,7 +222,8 @@ class TaskProcess(ProcessProtocol):
     :param reactor: provides ``IReactorProcess`` and ``IReactorTime``.
     :param output: called with ``(stream, chunk, truncated_locally)`` in
         order per stream.
-    :param log: where the start and end lines go.
+    :param log: where its warnings go (an escaped process, one that
+        survived SIGKILL).
 
     :attr:`done` fires with the :class:`RunResult` once every process of the
     group is gone and the last chunk went to *output*.
@@ -394,8 +406,7 @@ class TaskProcess(ProcessProtocol):
         self._log.warn(
             "a process outside the group of task_id={task_id} attempt_id={attempt_id} "
             "holds its output pipes: closing them",
-            task_id=self.spec.task_id,
-            attempt_id=self.spec.attempt_id,
+            **log_fields(self.spec),
         )
         assert self.transport is not None
         self.transport.loseConnection()
@@ -408,8 +419,7 @@ class TaskProcess(ProcessProtocol):
                 return
             self._log.warn(
                 "a process of task_id={task_id} attempt_id={attempt_id} survived SIGKILL",
-                task_id=self.spec.task_id,
-                attempt_id=self.spec.attempt_id,
+                **log_fields(self.spec),
             )
         for name in list(self._timers):
             self._disarm(name)

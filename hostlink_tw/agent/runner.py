@@ -41,6 +41,7 @@ from hostlink_tw.agent.process import (
     RunResult,
     TaskProcess,
     TaskSpec,
+    log_fields,
     session_argv,
     task_environment,
 )
@@ -171,7 +172,7 @@ class TaskRunner(Service):
         An attempt the runner already knows is not queued twice.
         """
         if self.knows(spec.task_id, spec.attempt_id):
-            self._log.debug("already known: {task_id} {attempt_id}", **_ids(spec))
+            self._log.debug("already known: {task_id} {attempt_id}", **log_fields(spec))
             return
         self._queue.append(spec)
         self._fill()
@@ -280,7 +281,7 @@ class TaskRunner(Service):
         if slot.discarded:
             self._release(slot)
         elif not start:
-            self._log.debug("not started: {task_id} {attempt_id}", **_ids(slot.spec))
+            self._log.debug("not started: {task_id} {attempt_id}", **log_fields(slot.spec))
             self._release(slot)
         elif not self.running:
             # The engine recorded it running: it ends as a shutdown would end it.
@@ -292,7 +293,7 @@ class TaskRunner(Service):
         self._log.debug(
             "not started: {task_id} {attempt_id}: {why}",
             why=failure.getErrorMessage(),
-            **_ids(slot.spec),
+            **log_fields(slot.spec),
         )
         self._release(slot)
 
@@ -319,7 +320,7 @@ class TaskRunner(Service):
             self._log.warn(
                 "task_id={task_id} attempt_id={attempt_id} could not start: {why}",
                 why=str(e),
-                **_ids(spec),
+                **log_fields(spec),
             )
             self._end(slot, _unstarted(STATUS_FAILED, f"could not start the task: {e}"))
             return
@@ -327,12 +328,12 @@ class TaskRunner(Service):
         self._log.info(
             "task started task_id={task_id} attempt_id={attempt_id} pid={pid}",
             pid=process.pid,
-            **_ids(spec),
+            **log_fields(spec),
         )
         self._log.debug(
             "task_id={task_id} command={command}",
             command=escape_control(spec.command, 1000),
-            **_ids(spec),
+            **log_fields(spec),
         )
         with self._log.failuresHandled("RunnerSink.started failed"):
             self._sink.started(spec, process.pid)
@@ -349,7 +350,7 @@ class TaskRunner(Service):
         self._slots.remove(slot)
         if slot.discarded:
             self._log.info("task discarded task_id={task_id} attempt_id={attempt_id}",
-                           **_ids(slot.spec))
+                           **log_fields(slot.spec))
         else:
             self._log.info(
                 "task ended task_id={task_id} attempt_id={attempt_id} status={status} "
@@ -357,7 +358,7 @@ class TaskRunner(Service):
                 status=result.status,
                 exit_code=result.exit_code,
                 duration=result.duration,
-                **_ids(slot.spec),
+                **log_fields(slot.spec),
             )
             with self._log.failuresHandled("RunnerSink.ended failed"):
                 self._sink.ended(slot.spec, result)
@@ -377,14 +378,6 @@ class TaskRunner(Service):
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
-
-
-def _ids(spec: TaskSpec) -> dict[str, str]:
-    """The log fields of an attempt: its ids, made safe to print (they come from the peer)."""
-    return {
-        "task_id": escape_control(spec.task_id, 200),
-        "attempt_id": escape_control(spec.attempt_id, 200),
-    }
 
 
 def _unstarted(status: str, error: str) -> RunResult:
