@@ -772,6 +772,20 @@ class ProcessTimerTests(SynchronousTestCase):
         self.reactor.advance(process_module.ESCAPED_PIPE_WAIT)
         self.assertTrue(process.transport.lost)  # type: ignore[union-attr]
 
+    def test_a_terminated_group_gets_one_grace(self) -> None:
+        # The shell exits on TERM but something holds the pipes: the SIGKILL
+        # comes one grace after the TERM, not one grace after the exit.
+        process = self.spawn(kill_grace=5)
+        process.interrupt()
+        self.reactor.advance(1)
+        process.processExited(Failure(ProcessTerminated(signal=signal.SIGTERM)))
+        self.reactor.advance(4)
+        self.assertEqual(self.signals, [(0, signal.SIGTERM), (5, signal.SIGKILL)])
+        self.reactor.advance(process_module.ESCAPED_PIPE_WAIT)
+        self.assertTrue(process.transport.lost)  # type: ignore[union-attr]
+        process.processEnded(Failure(ProcessTerminated(signal=signal.SIGTERM)))
+        self.assertEqual(self.result(process).status, "interrupted")
+
     def test_the_end_waits_for_the_group(self) -> None:
         process = self.spawn()
         self.alive = True

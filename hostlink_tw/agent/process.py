@@ -19,7 +19,12 @@ the slots are :mod:`hostlink_tw.agent.runner`'s.  :class:`TaskProcess` is the
   attempt ends (:attr:`TaskProcess.done`) only when no process of the group
   is alive.
 * Timeout, discard and shutdown send SIGTERM to the group, then SIGKILL
-  after the grace.
+  after the grace (one grace in all, whenever the shell exits meanwhile).
+* Pipes still open :data:`ESCAPED_PIPE_WAIT` after the group's SIGKILL are
+  held by a process that made its own session: they are closed on our side
+  (unless output is paused), so it cannot keep the attempt alive.  A stop
+  therefore ends within the grace plus :data:`ESCAPED_PIPE_WAIT` plus
+  :data:`GROUP_EXIT_WAIT` (§8.8 allows the grace plus 2 s).
 """
 
 from __future__ import annotations
@@ -344,13 +349,15 @@ class TaskProcess(ProcessProtocol):
     def processExited(self, reason: Failure) -> None:
         self._reason = reason.value
         self._disarm("timeout")
-        # The pipes may outlive the shell (a background process holds them):
-        # the group gets the grace, then SIGKILL; processEnded disarms it.
-        self._arm("linger", self.settings.kill_grace, self._linger_passed)
+        if not self._terminating:
+            # The pipes may outlive the shell (a background process holds
+            # them): the group gets the grace, then SIGKILL; processEnded
+            # disarms it.  A group already terminating has its SIGKILL armed.
+            self._arm("linger", self.settings.kill_grace, self._kill)
 
     def processEnded(self, reason: Failure) -> None:
         self._reason = reason.value
-        for name in ("flush", "linger", "escaped", "timeout"):
+        for name in ("flush", "linger", "escaped", "timeout", "kill"):
             self._disarm(name)
         for stream in self._outputs.values():
             stream.finish()
@@ -391,11 +398,10 @@ class TaskProcess(ProcessProtocol):
         self._arm("kill", self.settings.kill_grace, self._kill)
 
     def _kill(self) -> None:
-        if self.pid is not None:
-            kill_group(self.pid, signal.SIGKILL)
-
-    def _linger_passed(self) -> None:
-        self._kill()
+        assert self.pid is not None
+        kill_group(self.pid, signal.SIGKILL)
+        # Pipes still open after this can only be held by a process that
+        # left the group; processEnded disarms it.
         self._arm("escaped", ESCAPED_PIPE_WAIT, self._close_pipes)
 
     def _close_pipes(self) -> None:
