@@ -445,7 +445,8 @@ class KillTests(RunnerTestCase):
         self.addCleanup(_process_gone, escaped)
         os.kill(escaped, signal.SIGKILL)
         self.assertEqual(result.status, "completed")
-        self.assertTrue(1.2 <= result.duration < 4, result.duration)
+        self.assertTrue(0.2 + process_module.ESCAPED_PIPE_WAIT <= result.duration < 3,
+                        result.duration)
 
 
 class QueueTests(RunnerTestCase):
@@ -790,7 +791,7 @@ class ProcessTimerTests(SynchronousTestCase):
         process = self.spawn()
         self.alive = True
         self.end(process)
-        self.reactor.advance(0.5)
+        self.reactor.pump([0.01] * int(process_module.GROUP_EXIT_WAIT / 0.01 - 5))
         self.assertNoResult(process.done)
         self.alive = False
         self.reactor.advance(0.01)

@@ -24,7 +24,8 @@ the slots are :mod:`hostlink_tw.agent.runner`'s.  :class:`TaskProcess` is the
   held by a process that made its own session: they are closed on our side
   (unless output is paused), so it cannot keep the attempt alive.  A stop
   therefore ends within the grace plus :data:`ESCAPED_PIPE_WAIT` plus
-  :data:`GROUP_EXIT_WAIT` (§8.8 allows the grace plus 2 s).
+  :data:`GROUP_EXIT_WAIT`, one second: §8.8 allows the grace plus 2 s for
+  the kill, recording the final and sending it.
 """
 
 from __future__ import annotations
@@ -76,13 +77,13 @@ _TRAMPOLINE = "import os, sys\nos.setsid()\nos.execv('/bin/sh', ['/bin/sh', '-c'
 #: How long the end waits, after the last SIGKILL, for the group's processes
 #: to die; one stuck in the kernel (uninterruptible sleep) must not hold a
 #: slot for ever.
-GROUP_EXIT_WAIT = 1.0
+GROUP_EXIT_WAIT = 0.5
 _GROUP_POLL = 0.01
 
 #: How long after the group's SIGKILL the pipes may stay open before they are
 #: closed on our side: only a process that left the group (its own
 #: ``setsid``) can still hold them then.
-ESCAPED_PIPE_WAIT = 1.0
+ESCAPED_PIPE_WAIT = 0.5
 
 _STREAMS = {1: "stdout", 2: "stderr"}
 
