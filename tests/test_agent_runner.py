@@ -509,7 +509,9 @@ class QueueTests(RunnerTestCase):
         runner.submit(_spec("a", "trap '' TERM; echo x; exec sleep 30"))
         runner.submit(_spec("b", "true"))
         pid = yield sink.wait_started("a")
+        yield _sleep(0.05)
         self.assertTrue(runner.discard("a", "a-attempt"))
+        chunks_at_discard = len(sink.chunks)
         self.assertFalse(runner.knows("a", "a-attempt"))
         self.assertEqual(runner.running_tasks(), [])
         # b waits for a's slot: a's group is gone first (SIGKILL after the grace).
@@ -517,6 +519,7 @@ class QueueTests(RunnerTestCase):
         self.assertEqual(_live_members(pid), [])
         self.assertNotIn("a", sink.results)
         self.assertEqual(sink.events, [("started", "a"), ("started", "b"), ("ended", "b")])
+        self.assertEqual(len(sink.chunks), chunks_at_discard)  # nothing more of a
 
 
 class BeforeStartTests(RunnerTestCase):
@@ -576,7 +579,10 @@ class StopTests(RunnerTestCase):
         runner.submit(_spec("c", "echo never"))
         yield sink.wait_started("b")
         yield _sleep(0.1)
+        asked = reactor.seconds()
         yield runner.stopService()
+        # b ignores TERM: the SIGKILL one grace later ends it (§8.8: grace + 2 s in all).
+        self.assertTrue(0.3 <= reactor.seconds() - asked < 1.3, reactor.seconds() - asked)
         for name in "ab":
             self.assertEqual((sink.results[name].status, sink.results[name].exit_code),
                              ("interrupted", -1))
