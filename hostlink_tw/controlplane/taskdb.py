@@ -48,11 +48,21 @@ from hostlink_tw.wire.payloads import TaskFinalPayload
 
 __all__ = [
     "SCHEMA_VERSION",
+    "TASKS_DATABASE_NAME",
     "TaskDatabase",
     "TaskStoreError",
     "attempt_from_row",
     "task_from_row",
+    "tasks_database_beside",
 ]
+
+#: The tasks' SQLite file, created beside the agents file.
+TASKS_DATABASE_NAME = "tasks.db"
+
+
+def tasks_database_beside(agents_file: str) -> str:
+    """The tasks' database path for an agents file: same directory."""
+    return os.path.join(os.path.dirname(os.path.abspath(agents_file)), TASKS_DATABASE_NAME)
 
 #: The ``PRAGMA user_version`` this code writes and reads.
 SCHEMA_VERSION = 1
