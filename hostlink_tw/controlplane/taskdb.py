@@ -8,7 +8,8 @@ chunks) read and write through it.
 * Tables ``tasks`` (the current attempt, status, exit code, timings, the two
   truncation flags), ``attempts`` (one row per ``execution_attempt_id``: its
   state and how often it was delivered), ``streams`` (per attempt and
-  stream: the highest accepted sequence and the bytes stored), ``output``
+  stream: the highest accepted sequence, the bytes stored, whether the limit
+  cut it), ``output``
   (the chunks) and ``finals`` (the first final of each attempt, under its
   message id); views ``task_view`` and ``attempt_view`` join what a record
   shows.  ``PRAGMA user_version`` is :data:`SCHEMA_VERSION`; a newer file is

@@ -4,9 +4,10 @@ chunks in sequence order and the highest sequence accepted
 (:class:`OutputLog`).
 
 Output beyond ``limit`` bytes per attempt and stream is not stored: the
-chunk that crosses it is cut at a character boundary and the task is
-flagged (``output_truncated`` for stdout, ``error_truncated`` for stderr);
-the sequence still advances, so the agent's chunks keep being acked.  A
+chunk that crosses it is cut at a character boundary, nothing after it is
+stored (so the stored text is always a prefix of the stream), and the task
+is flagged (``output_truncated`` for stdout, ``error_truncated`` for
+stderr); the sequence still advances, so the agent's chunks keep being acked.  A
 chunk the agent marked ``truncated_locally`` flags the task too.
 """
 
@@ -62,10 +63,11 @@ class OutputLog:
                 )
             kept: OutputChunk | None = chunk
             room = max(limit - stored, 0)
-            if len(encoded) > room:
+            if truncated:  # cut once: what follows would leave a hole
+                kept = None
+            elif len(encoded) > room:
                 kept = chunk.replace_data(cut_utf8(encoded, room)) if room else None
                 truncated = 1
-            truncated = int(truncated or chunk.truncated_locally)
             if kept is not None:
                 db.execute(
                     "INSERT INTO output (attempt_id, stream, sequence, data, byte_count, "
@@ -79,7 +81,7 @@ class OutputLog:
                 "stored_bytes, truncated) VALUES (?, ?, ?, ?, ?)",
                 (chunk.execution_attempt_id, chunk.stream, chunk.sequence, stored, truncated),
             )
-            if truncated:
+            if truncated or chunk.truncated_locally:
                 flagged = self._flag(db, chunk.execution_attempt_id, chunk.stream, now)
         return kept, flagged
 
@@ -90,13 +92,13 @@ class OutputLog:
         """
         with self._db.transaction() as db:
             row = db.execute(
-                "SELECT stored_bytes FROM streams WHERE attempt_id = ? AND stream = ?",
+                "SELECT stored_bytes, truncated FROM streams WHERE attempt_id = ? AND stream = ?",
                 (attempt_id, stream),
             ).fetchone()
             db.execute(
                 "INSERT OR REPLACE INTO streams (attempt_id, stream, highest_sequence, "
-                "stored_bytes, truncated) VALUES (?, ?, ?, ?, 1)",
-                (attempt_id, stream, highest, 0 if row is None else row[0]),
+                "stored_bytes, truncated) VALUES (?, ?, ?, ?, ?)",
+                (attempt_id, stream, highest, *(row if row is not None else (0, 0))),
             )
             self._flag(db, attempt_id, stream, now)
 
