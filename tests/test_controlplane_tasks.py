@@ -282,6 +282,24 @@ class DispatchTests(TaskTestMixin, TestCase):
         self.assertEqual(again.execution_attempt_id, refused.execution_attempt_id)
 
     @inlineCallbacks
+    def test_delivery_disabled_answer_stops_deliveries_on_that_session(self) -> Any:
+        cp = yield self.start()
+        agent = yield self.agent(cp)
+        refused = cp.tasks.create(AGENT_A, "echo hi")
+        deliver = yield agent.expect(TASK_DELIVER)
+        agent.client.send(make_envelope(
+            ERROR, AGENT_A,
+            {"code": "delivery_disabled", "message": "off", "retryable": False,
+             "related_message_id": deliver.message_id},
+            now=BASE_TIME,
+        ))
+        yield agent.barrier()
+        self.assertEqual(cp.tasks.get(refused.task_id).status, "pending")
+        self.assertFalse(cp.tasks.accepts_deliveries(AGENT_A))
+        cp.tasks.create(AGENT_A, "echo more")
+        self.assertEqual((yield agent.barrier()), [])
+
+    @inlineCallbacks
     def test_redeliver_sends_the_same_attempt_again(self) -> Any:
         cp = yield self.start()
         agent = yield self.agent(cp)

@@ -133,6 +133,10 @@ class StoreTests(SynchronousTestCase):
         self.assertEqual(store.output.highest("a1", "stdout"), 2)
         self.assertRaises(TaskStoreError, store.output.append, _chunk(4, "x"), 4, 1.0)
         self.assertEqual(cut_utf8("a€".encode(), 3), "a")
+        marked = OutputChunk("t1", "a1", "stderr", 1, "e", 1, truncated_locally=True)
+        kept, flagged = store.output.append(marked, 4, 1.0)  # the agent cut it: stored, flagged
+        self.assertEqual(kept, marked)
+        self.assertTrue(flagged is not None and flagged.error_truncated)
 
     def test_chunks_after_and_interleaving(self) -> None:
         store = TaskStore()
