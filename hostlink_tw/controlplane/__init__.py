@@ -36,7 +36,20 @@ The agent's first message must be ``agent.hello``; it is answered with
 ``agent.hello_ack`` acking its ``message_id``, and from then on the session is
 *active*.  Each inbound frame is validated against the authenticated agent
 id; an invalid one gets an ``error`` envelope (``retryable: false``) and a
-close.  ``task.*`` messages are acknowledged with ``ack``.
+close.
+
+Tasks (phase 2)
+===============
+The control plane runs shell commands on agents (PROTOCOL §7–§8, the server
+side; :mod:`~hostlink_tw.controlplane.tasks`).  A phase-2 hello's reconnect
+snapshot is answered with directives (finals already stored, attempts to
+discard, where each stream's replay resumes, ``delivery_enabled``); tasks
+go out as ``task.deliver`` to sessions whose hello advertised delivery, are
+re-delivered on each new session until received, and never run as two
+attempts at once; ``task.received``/``started``/``output``/``final`` are
+stored, de-duplicated and acked (an output gap is a retryable
+``output_sequence_gap`` error).  Tasks and their output live in
+``tasks.db`` beside the agents file and survive a restart.
 
 Close codes this control plane sends:
 
@@ -72,6 +85,14 @@ In-process use (tests, demos)
     cp.attempts                           # upgrade attempts and verdicts (the last 10,000+)
     cp.record_messages = 1 << 20          # keep 1 MiB of inbound envelopes per session
     cp.session("agent-1").received        # ... here
+    task = cp.tasks.create("agent-1", "echo hi")          # a TaskRecord
+    task = yield cp.tasks.wait_final(task.task_id, timeout=10)
+    stdout, stderr = cp.tasks.output(task.task_id)
+    cp.tasks.get(task_id); cp.tasks.list("agent-1"); cp.tasks.cancel(task_id)
+    cp.tasks.on_output(callback, task_id)  # each stored chunk; returns unsubscribe
+    cp.hold_acks(); cp.release_acks()     # withhold task acks (the agent's spool fills)
+    cp.redeliver(task_id)                 # the same task.deliver again
+    cp.new_attempt(task_id)               # a new execution_attempt_id
     yield cp.listen_operator()            # GET cp.operator_url + "/status"
     yield cp.stop()                       # closes everything, stops listening
 
@@ -90,7 +111,12 @@ yet upgraded), ``max_send_buffer_bytes`` (4 MiB), ``nonce_cache_size``
 (100,000), ``nonce_quota`` (1000 per agent; above it 429), ``database``
 (the replay window's SQLite file, by default ``controlplane.db`` beside the
 agents file; memory only without one), ``record_messages`` (0 bytes),
-``reload_interval`` (1 s agents-file poll).  As a daemon it runs under
+``reload_interval`` (1 s agents-file poll), ``tasks_database`` (the tasks'
+SQLite file, by default ``tasks.db`` beside the agents file; memory only
+without one), ``delivery_enabled`` (true), ``max_pending_tasks`` (1000 per
+agent), ``max_command_bytes`` (64 KiB), ``max_output_bytes`` (64 MiB per
+attempt and stream), ``delivery_window`` (16 attempts delivered and not
+started per agent).  As a daemon it runs under
 twistd: ``twistd -n hostlink-controlplane --agents agents.json``
 (:mod:`hostlink_tw.controlplane.tap`).
 
@@ -122,6 +148,13 @@ One concern each; every name used above is importable from this package.
   gateway hooks on top of the real gateway.
 * :mod:`~hostlink_tw.controlplane.trackers` — receive-side de-duplication
   and output sequences (phase 2's task intake).
+* :mod:`~hostlink_tw.controlplane.tasks` — :class:`TaskService`, the task API.
+* :mod:`~hostlink_tw.controlplane.taskmodel` — task statuses, records, refusals.
+* :mod:`~hostlink_tw.controlplane.taskdb`, :mod:`~hostlink_tw.controlplane.taskstore`,
+  :mod:`~hostlink_tw.controlplane.taskoutput` — the tasks' SQLite file.
+* :mod:`~hostlink_tw.controlplane.taskdispatch` — hellos answered, tasks delivered.
+* :mod:`~hostlink_tw.controlplane.taskhello` — the directives for a snapshot (pure).
+* :mod:`~hostlink_tw.controlplane.taskintake` — the agent's ``task.*`` messages.
 * :mod:`~hostlink_tw.controlplane.tap` — ``twistd hostlink-controlplane``.
 """
 
@@ -132,11 +165,15 @@ from hostlink_tw.controlplane.plane import ControlPlane, start_control_plane
 from hostlink_tw.controlplane.replay import NonceCache, ReplayStoreError
 from hostlink_tw.controlplane.sessions import NoSessionError, Session
 from hostlink_tw.controlplane.settings import (
+    DEFAULT_DELIVERY_WINDOW,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_LISTEN,
+    DEFAULT_MAX_COMMAND_BYTES,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_OUTPUT_BYTES,
     DEFAULT_MAX_PENDING_CONNECTIONS,
+    DEFAULT_MAX_PENDING_TASKS,
     DEFAULT_MAX_SEND_BUFFER_BYTES,
     DEFAULT_MAX_SKEW,
     DEFAULT_NONCE_CACHE_SIZE,
@@ -146,7 +183,17 @@ from hostlink_tw.controlplane.settings import (
     DEFAULT_PING_TIMEOUT,
     DEFAULT_RELOAD_INTERVAL,
 )
-from hostlink_tw.controlplane.testlayer import ATTEMPTS_KEPT
+from hostlink_tw.controlplane.taskdb import TASKS_DATABASE_NAME, TaskStoreError
+from hostlink_tw.controlplane.taskmodel import (
+    TASK_STATUSES,
+    AttemptRecord,
+    OutputChunk,
+    TaskRecord,
+    TaskRefusedError,
+    UnknownTaskError,
+)
+from hostlink_tw.controlplane.tasks import TaskService
+from hostlink_tw.controlplane.testlayer import ACKS_HELD_MAX, ATTEMPTS_KEPT
 from hostlink_tw.controlplane.upgrade import ConnectionAttempt
 
 # Close codes and the gateway path are the wire vocabulary's (re-exported here).
@@ -162,6 +209,7 @@ from hostlink_tw.wire.vocabulary import (
 )
 
 __all__ = [
+    "ACKS_HELD_MAX",
     "ATTEMPTS_KEPT",
     "CLOSE_ABNORMAL",
     "CLOSE_GOING_AWAY",
@@ -170,11 +218,15 @@ __all__ = [
     "CLOSE_POLICY",
     "CLOSE_REPLACED",
     "CLOSE_TOO_BIG",
+    "DEFAULT_DELIVERY_WINDOW",
     "DEFAULT_HANDSHAKE_TIMEOUT",
     "DEFAULT_LISTEN",
+    "DEFAULT_MAX_COMMAND_BYTES",
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_MAX_OUTPUT_BYTES",
     "DEFAULT_MAX_PENDING_CONNECTIONS",
+    "DEFAULT_MAX_PENDING_TASKS",
     "DEFAULT_MAX_SEND_BUFFER_BYTES",
     "DEFAULT_MAX_SKEW",
     "DEFAULT_NONCE_CACHE_SIZE",
@@ -184,13 +236,22 @@ __all__ = [
     "DEFAULT_PING_TIMEOUT",
     "DEFAULT_RELOAD_INTERVAL",
     "GATEWAY_PATH",
+    "TASKS_DATABASE_NAME",
+    "TASK_STATUSES",
     "AgentsFileError",
+    "AttemptRecord",
     "ConnectionAttempt",
     "ControlPlane",
     "NoSessionError",
     "NonceCache",
+    "OutputChunk",
     "ReplayStoreError",
     "Session",
+    "TaskRecord",
+    "TaskRefusedError",
+    "TaskService",
+    "TaskStoreError",
+    "UnknownTaskError",
     "load_agents_file",
     "parse_agents",
     "start_control_plane",

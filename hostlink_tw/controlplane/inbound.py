@@ -7,8 +7,14 @@ from message type to handler (phase 1).
 session is refused (``hello_required``).  ``ack`` is taken as is; an
 ``error`` from the agent is logged; the ``task.*`` messages an agent sends
 are acknowledged with ``ack``; any other type is refused
-(``unexpected_type``).  Phase 2's task intake adds its handlers to the
-table.
+(``unexpected_type``).
+
+Phase 2: with :class:`TaskHandling` attached (:meth:`InboundHandlers.attach_tasks`;
+the control plane attaches its :class:`~hostlink_tw.controlplane.tasks.TaskService`),
+the hello is answered with the task side's payload (its snapshot's
+directives; a hello whose payload is neither ``{}`` nor a valid snapshot is
+refused like an invalid frame), the task side is told once the hello_ack is
+out, the ``task.*`` messages are its, and it sees the agent's errors too.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from twisted.logger import Logger
 
 from hostlink_tw.controlplane.sessions import Session, SessionRegistry
 from hostlink_tw.wire.envelope import Envelope, make_envelope
+from hostlink_tw.wire.errors import ProtocolError
 from hostlink_tw.wire.payloads import ack_payload
 from hostlink_tw.wire.vocabulary import (
     ACK,
@@ -35,7 +42,7 @@ from hostlink_tw.wire.vocabulary import (
 if TYPE_CHECKING:
     from hostlink_tw.controlplane.hooks import GatewayHooks
 
-__all__ = ["InboundConnection", "InboundHandlers", "printable"]
+__all__ = ["InboundConnection", "InboundHandlers", "TaskHandling", "printable"]
 
 log = Logger()
 
@@ -61,6 +68,26 @@ class InboundConnection(Protocol):
 Handler = Callable[[InboundConnection, Session, Envelope], None]
 
 
+class TaskHandling(Protocol):
+    """The task side of a session (phase 2), as the handlers call it."""
+
+    def hello_ack(self, session: Session, envelope: Envelope) -> dict[str, object]:
+        """
+        The ``agent.hello_ack`` payload for this hello.
+
+        :raises ProtocolError: The hello's payload is not acceptable.
+        """
+
+    def activated(self, session: Session) -> None:
+        """The hello_ack was sent."""
+
+    def handle(self, connection: InboundConnection, session: Session, envelope: Envelope) -> None:
+        """A ``task.*`` message from the agent."""
+
+    def agent_error(self, session: Session, envelope: Envelope) -> None:
+        """An ``error`` from the agent (after it is logged)."""
+
+
 class InboundHandlers:
     """The handlers of an active session's messages, by message type."""
 
@@ -78,6 +105,13 @@ class InboundHandlers:
         self._table: dict[str, Handler] = {ACK: self._ignore, ERROR: self._agent_error}
         for message_type in TASK_TYPES - {TASK_DELIVER}:
             self._table[message_type] = self._ack
+        self._tasks: TaskHandling | None = None
+
+    def attach_tasks(self, tasks: TaskHandling) -> None:
+        """Hand hellos, ``task.*`` messages and the agent's errors to the task side too."""
+        self._tasks = tasks
+        for message_type in TASK_TYPES - {TASK_DELIVER}:
+            self._table[message_type] = tasks.handle
 
     def handle(self, connection: InboundConnection, session: Session, envelope: Envelope) -> None:
         """Handle one valid envelope (already checked against the session's agent id)."""
@@ -98,13 +132,16 @@ class InboundHandlers:
         session.hello_message_id = envelope.message_id
         if not self._hooks.ack_hello(session):
             return
+        if self._tasks is None:
+            payload: dict[str, object] = ack_payload(envelope.message_id, envelope.type)
+        else:
+            try:
+                payload = self._tasks.hello_ack(session, envelope)
+            except ProtocolError as e:
+                connection.refuse(CLOSE_POLICY, e.code, e.message, envelope.message_id)
+                return
         connection.send_envelope(
-            make_envelope(
-                AGENT_HELLO_ACK,
-                session.agent_id,
-                ack_payload(envelope.message_id, envelope.type),
-                now=self._clock(),
-            )
+            make_envelope(AGENT_HELLO_ACK, session.agent_id, payload, now=self._clock())
         )
         if not session.active:
             session.active = True
@@ -115,6 +152,8 @@ class InboundHandlers:
                 remote=session.remote,
             )
             self._sessions.activated(session)
+        if self._tasks is not None:
+            self._tasks.activated(session)
 
     def _ignore(self, connection: InboundConnection, session: Session, envelope: Envelope) -> None:
         pass
@@ -128,6 +167,8 @@ class InboundHandlers:
             code=printable(str(envelope.payload.get("code", ""))),
             message=printable(str(envelope.payload.get("message", "")), 200),
         )
+        if self._tasks is not None:
+            self._tasks.agent_error(session, envelope)
 
     def _ack(self, connection: InboundConnection, session: Session, envelope: Envelope) -> None:
         connection.send_envelope(

@@ -6,7 +6,8 @@ It owns the pieces and their lifetime: the authorized agents
 (:mod:`~hostlink_tw.controlplane.agents`), the replay memory
 (:mod:`~hostlink_tw.controlplane.replay`), the gateway and its listener
 (:mod:`~hostlink_tw.controlplane.gateway`), the sessions
-(:mod:`~hostlink_tw.controlplane.sessions`), the operator listener
+(:mod:`~hostlink_tw.controlplane.sessions`), the tasks
+(:mod:`~hostlink_tw.controlplane.tasks`, in their own SQLite file), the operator listener
 (:mod:`~hostlink_tw.controlplane.web`) and the test layer installed on the
 gateway (:mod:`~hostlink_tw.controlplane.testlayer`), whose knobs it exposes
 under their documented names.  :meth:`ControlPlane.stop` undoes all of it.
@@ -30,11 +31,15 @@ from hostlink_tw.controlplane.gateway import GatewayFactory
 from hostlink_tw.controlplane.replay import NonceCache, NonceStore, database_beside
 from hostlink_tw.controlplane.sessions import Session, SessionRegistry
 from hostlink_tw.controlplane.settings import (
+    DEFAULT_DELIVERY_WINDOW,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_LISTEN,
+    DEFAULT_MAX_COMMAND_BYTES,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_OUTPUT_BYTES,
     DEFAULT_MAX_PENDING_CONNECTIONS,
+    DEFAULT_MAX_PENDING_TASKS,
     DEFAULT_MAX_SEND_BUFFER_BYTES,
     DEFAULT_MAX_SKEW,
     DEFAULT_NONCE_CACHE_SIZE,
@@ -45,6 +50,10 @@ from hostlink_tw.controlplane.settings import (
     DEFAULT_RELOAD_INTERVAL,
     ControlPlaneSettings,
 )
+from hostlink_tw.controlplane.taskdb import TaskStoreError, tasks_database_beside
+from hostlink_tw.controlplane.taskmodel import TaskRecord
+from hostlink_tw.controlplane.tasks import TaskService
+from hostlink_tw.controlplane.taskstore import TaskStore
 from hostlink_tw.controlplane.testlayer import TestControls
 from hostlink_tw.controlplane.upgrade import ConnectionAttempt, UpgradeAuthenticator
 from hostlink_tw.controlplane.web import is_loopback, operator_factory
@@ -97,6 +106,12 @@ class ControlPlane:
         database: str | bool = True,
         max_send_buffer_bytes: int = DEFAULT_MAX_SEND_BUFFER_BYTES,
         record_messages: int = 0,
+        tasks_database: str | bool = True,
+        delivery_enabled: bool = True,
+        max_pending_tasks: int = DEFAULT_MAX_PENDING_TASKS,
+        max_command_bytes: int = DEFAULT_MAX_COMMAND_BYTES,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
+        delivery_window: int = DEFAULT_DELIVERY_WINDOW,
     ) -> None:
         """
         :param agents: Agent id → public key (:class:`RSAPublicKey`, or base64
@@ -133,8 +148,22 @@ class ControlPlane:
         :param record_messages: Bytes of inbound envelopes each session
             keeps in :attr:`Session.received` (for tests; 0, the default,
             keeps none).  May be changed at any time.
+        :param tasks_database: The tasks' SQLite file, where tasks and their
+            output survive a restart: a path; ``True`` (the default) for
+            ``tasks.db`` beside ``agents_file``, or memory only when there is
+            no agents file; ``False`` for memory only.
+        :param delivery_enabled: Deliver tasks over sessions (the hello_ack's
+            ``delivery_enabled``); False keeps every task pending.
+        :param max_pending_tasks: Unfinished tasks one agent may have; more
+            are refused.
+        :param max_command_bytes: The longest command (UTF-8 bytes).
+        :param max_output_bytes: Output stored per attempt and stream; the
+            rest is dropped and the task flagged truncated.
+        :param delivery_window: Attempts delivered to one agent and not
+            started yet, at most.
         :raises AgentsFileError: The agents or the file are unusable.
         :raises ReplayStoreError: The database cannot be used.
+        :raises TaskStoreError: The tasks' database cannot be used.
         :raises ValueError: An option is out of range.
         """
         if reactor is None:
@@ -154,6 +183,11 @@ class ControlPlane:
             nonce_quota=nonce_quota,
             reload_interval=reload_interval,
             max_send_buffer_bytes=max_send_buffer_bytes,
+            delivery_enabled=delivery_enabled,
+            max_pending_tasks=max_pending_tasks,
+            max_command_bytes=max_command_bytes,
+            max_output_bytes=max_output_bytes,
+            delivery_window=delivery_window,
         )
         self.reactor = reactor
         self.clock = clock
@@ -168,11 +202,24 @@ class ControlPlane:
             self.database = database
         elif database and agents_file is not None:
             self.database = database_beside(agents_file)
+        #: The tasks' SQLite file (``":memory:"`` without one).
+        self.tasks_database = ":memory:"
+        if isinstance(tasks_database, str):
+            self.tasks_database = tasks_database
+        elif tasks_database and agents_file is not None:
+            self.tasks_database = tasks_database_beside(agents_file)
+        task_store = TaskStore(self.tasks_database)
         store: NonceStore | None = None
         if self.database is not None:
-            store = NonceStore(self.database, reactor)
-            for agent_id, nonce, expires in store.load(clock()):
-                nonces.remember(agent_id, nonce, expires)
+            try:
+                store = NonceStore(self.database, reactor)
+                for agent_id, nonce, expires in store.load(clock()):
+                    nonces.remember(agent_id, nonce, expires)
+            except BaseException:
+                task_store.close()
+                if store is not None:
+                    store.close()
+                raise
         self._authenticator = UpgradeAuthenticator(
             self._agents, nonces, store, clock, self.settings.max_skew
         )
@@ -187,6 +234,18 @@ class ControlPlane:
             clock=clock,
             reactor=reactor,
         )
+        #: The tasks (:class:`~hostlink_tw.controlplane.tasks.TaskService`).
+        self.tasks = TaskService(
+            task_store,
+            self._sessions,
+            self.settings,
+            clock=clock,
+            reactor=reactor,
+            agents=self._agents.snapshot,
+            gate=self.controls,
+        )
+        self._gateway.handlers.attach_tasks(self.tasks)
+        self.controls.attach_tasks(self.tasks)
         #: Every TCP connection of the gateway listener.
         self.connections = self._gateway.connections
         self._operator = operator_factory(self.status, reactor)
@@ -285,6 +344,7 @@ class ControlPlane:
             return self._stop_chained(self._stop_result)
         self._agents.stop_polling()
         self.controls.stop()
+        self.tasks.stop()
         waits: list[Deferred[Any]] = []
         if self._port is not None:
             waits.append(defer.maybeDeferred(self._port.stopListening))
@@ -295,6 +355,13 @@ class ControlPlane:
         waits.append(self._gateway.close_all())
         self._sessions.cancel_waiters()
         result = defer.gatherResults(waits, consumeErrors=True)
+
+        def close_tasks(outcome: object) -> object:
+            # After the connections: no message can reach the store any more.
+            self.tasks.close()
+            return outcome
+
+        result.addBoth(close_tasks)
         store = self._authenticator.detach_store()
         if store is not None:
             # After the connections: an upgrade still being committed finishes first.
@@ -470,6 +537,22 @@ class ControlPlane:
         """How many upgrades are being held now."""
         return self.controls.stalled_count
 
+    def hold_acks(self) -> None:
+        """Withhold the acks of stored task messages (the agent's spool fills) until released."""
+        self.controls.hold_acks()
+
+    def release_acks(self) -> int:
+        """Ack as usual again and send the withheld acks still deliverable; return how many."""
+        return self.controls.release_acks()
+
+    def redeliver(self, task_id: str) -> bool:
+        """Send the task's ``task.deliver`` again, same attempt; False without a session."""
+        return self.controls.redeliver(task_id)
+
+    def new_attempt(self, task_id: str) -> TaskRecord:
+        """Give the task a new ``execution_attempt_id`` (see :meth:`TaskService.new_attempt`)."""
+        return self.controls.new_attempt(task_id)
+
 
 def start_control_plane(
     agents: Mapping[str, RSAPublicKey | str],
@@ -491,7 +574,7 @@ def start_control_plane(
     """
     try:
         control_plane = ControlPlane(agents, reactor=reactor, **options)
-    except (AgentsFileError, ValueError):
+    except (AgentsFileError, TaskStoreError, ValueError):
         return defer.fail()
     d = control_plane.listen(listen)
     if operator_listen is not None:

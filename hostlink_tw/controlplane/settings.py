@@ -3,7 +3,7 @@ The control plane's limits and timings, with their defaults, checked once.
 
 :class:`ControlPlaneSettings` is what :class:`~hostlink_tw.controlplane.ControlPlane`
 builds from its keyword arguments and hands to the gateway, the connection
-tracker and the upgrade authenticator; ``twistd hostlink-controlplane``
+tracker, the upgrade authenticator and the task service; ``twistd hostlink-controlplane``
 (:mod:`hostlink_tw.controlplane.tap`) shows the same defaults in its help.
 """
 
@@ -12,11 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "DEFAULT_DELIVERY_WINDOW",
     "DEFAULT_HANDSHAKE_TIMEOUT",
     "DEFAULT_LISTEN",
+    "DEFAULT_MAX_COMMAND_BYTES",
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_MAX_OUTPUT_BYTES",
     "DEFAULT_MAX_PENDING_CONNECTIONS",
+    "DEFAULT_MAX_PENDING_TASKS",
     "DEFAULT_MAX_SEND_BUFFER_BYTES",
     "DEFAULT_MAX_SKEW",
     "DEFAULT_NONCE_CACHE_SIZE",
@@ -44,6 +48,16 @@ DEFAULT_MAX_SEND_BUFFER_BYTES = 4 << 20
 #: second at worst), far below the cache size, so one agent cannot fill it.
 DEFAULT_NONCE_QUOTA = 1000
 DEFAULT_RELOAD_INTERVAL = 1.0
+#: Unfinished tasks (pending, delivered, received, running) one agent may have.
+DEFAULT_MAX_PENDING_TASKS = 1000
+#: The longest command, in UTF-8 bytes: far above a shell line, far below a frame.
+DEFAULT_MAX_COMMAND_BYTES = 64 << 10
+#: Output stored per attempt and stream, the agent's own per-stream limit
+#: (``HOSTLINK_TASK_OUTPUT_LIMIT_BYTES``): by default nothing it sends is cut.
+DEFAULT_MAX_OUTPUT_BYTES = 64 << 20
+#: Attempts delivered to one agent and not started yet, at most: the agent's
+#: own queue limit (``HOSTLINK_TASK_QUEUE_LIMIT``), so it never answers ``queue_full``.
+DEFAULT_DELIVERY_WINDOW = 16
 DEFAULT_LISTEN = "tcp:0:interface=127.0.0.1"
 #: In process, the operator listener (``/status``) is opened only on request,
 #: on an ephemeral loopback port by default.
@@ -71,6 +85,11 @@ class ControlPlaneSettings:
     nonce_quota: int = DEFAULT_NONCE_QUOTA
     reload_interval: float = DEFAULT_RELOAD_INTERVAL
     max_send_buffer_bytes: int = DEFAULT_MAX_SEND_BUFFER_BYTES
+    delivery_enabled: bool = True
+    max_pending_tasks: int = DEFAULT_MAX_PENDING_TASKS
+    max_command_bytes: int = DEFAULT_MAX_COMMAND_BYTES
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    delivery_window: int = DEFAULT_DELIVERY_WINDOW
 
     def __post_init__(self) -> None:
         for name, value in (
@@ -89,6 +108,14 @@ class ControlPlaneSettings:
             ("nonce_cache_size", self.nonce_cache_size),
             ("nonce_quota", self.nonce_quota),
             ("max_send_buffer_bytes", self.max_send_buffer_bytes),
+            ("max_pending_tasks", self.max_pending_tasks),
+            ("max_command_bytes", self.max_command_bytes),
+            ("max_output_bytes", self.max_output_bytes),
+            ("delivery_window", self.delivery_window),
         ):
             if not isinstance(count, int) or count < 1:
                 raise ValueError(f"{name} must be a positive integer, not {count!r}")
+        if not isinstance(self.delivery_enabled, bool):
+            raise ValueError(
+                f"delivery_enabled must be true or false, not {self.delivery_enabled!r}"
+            )

@@ -17,25 +17,37 @@ exposes them under their documented names):
 * :attr:`TestControls.withhold_hello_ack`: True, and hellos go unanswered;
 * :attr:`TestControls.record_messages`: bytes of inbound envelopes each session
   keeps in ``Session.received``;
-* :attr:`TestControls.attempts`: every upgrade verdict (the last 10,000+).
+* :attr:`TestControls.attempts`: every upgrade verdict (the last 10,000+);
+* :meth:`TestControls.hold_acks` / :meth:`~TestControls.release_acks`: withhold
+  the acks of stored task messages (the agent's spool fills), then send them;
+* :meth:`TestControls.redeliver`: send a task's ``task.deliver`` again, same
+  attempt (duplicate delivery);
+* :meth:`TestControls.new_attempt`: give a task a new ``execution_attempt_id``.
+
+The task knobs act on the control plane's
+:class:`~hostlink_tw.controlplane.tasks.TaskService` (:meth:`TestControls.attach_tasks`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from hostlink_tw.controlplane.gateway import GatewayProtocol
 from hostlink_tw.controlplane.hooks import GatewayHooks
-from hostlink_tw.controlplane.sessions import Session
+from hostlink_tw.controlplane.sessions import NoSessionError, Session
 from hostlink_tw.controlplane.upgrade import ConnectionAttempt
 from hostlink_tw.controlplane.web import reason_phrase
 from hostlink_tw.wire.envelope import Envelope
 
-__all__ = ["ATTEMPTS_KEPT", "TestControls"]
+if TYPE_CHECKING:
+    from hostlink_tw.controlplane.taskmodel import TaskRecord
+    from hostlink_tw.controlplane.tasks import TaskService
+
+__all__ = ["ACKS_HELD_MAX", "ATTEMPTS_KEPT", "TestControls"]
 
 log = Logger()
 
@@ -43,6 +55,10 @@ log = Logger()
 #: dropped in batches once twice as many have piled up): anyone can send
 #: upgrades, so the list may not grow unbounded.
 ATTEMPTS_KEPT = 10_000
+
+#: Acks :meth:`TestControls.hold_acks` keeps at most; later ones are dropped
+#: (never sent: the agent replays those messages on its next connection).
+ACKS_HELD_MAX = 100_000
 
 
 class TestControls(GatewayHooks):
@@ -68,6 +84,9 @@ class TestControls(GatewayHooks):
         self._stalled: dict[GatewayProtocol, Deferred[None]] = {}
         # Twisted's IDelayedCall; Any because mypy cannot see zope interfaces.
         self._timers: dict[str, Any] = {}
+        self._holding_acks = False
+        self._held_acks: list[tuple[Session, Envelope]] = []
+        self._tasks: TaskService | None = None
 
     # -- the knobs ----------------------------------------------------------------
 
@@ -107,6 +126,50 @@ class TestControls(GatewayHooks):
         """How many upgrades are being held now."""
         return len(self._stalled)
 
+    def attach_tasks(self, tasks: TaskService) -> None:
+        """The task service the task knobs act on."""
+        self._tasks = tasks
+
+    def _task_service(self) -> TaskService:
+        if self._tasks is None:
+            raise RuntimeError("no task service is attached to these test controls")
+        return self._tasks
+
+    def hold_acks(self) -> None:
+        """Withhold the acks of stored task messages until :meth:`release_acks`."""
+        self._holding_acks = True
+
+    def release_acks(self) -> int:
+        """
+        Ack as usual again, and send the withheld acks whose session is still
+        open, in order; return how many were sent.
+        """
+        self._holding_acks = False
+        held, self._held_acks = self._held_acks, []
+        sent = 0
+        for session, envelope in held:
+            if session.closed:
+                continue
+            try:
+                session.send_envelope(envelope)
+            except NoSessionError:
+                continue
+            sent += 1
+        return sent
+
+    @property
+    def acks_held(self) -> int:
+        """How many acks are being withheld now."""
+        return len(self._held_acks)
+
+    def redeliver(self, task_id: str) -> bool:
+        """Send the task's current ``task.deliver`` again; False without an active session."""
+        return self._task_service().redeliver(task_id)
+
+    def new_attempt(self, task_id: str) -> TaskRecord:
+        """Give the task a new ``execution_attempt_id`` (the old one is discarded)."""
+        return self._task_service().new_attempt(task_id)
+
     def stop(self) -> None:
         """Cancel the knobs' timers and stop stalling (the control plane is stopping)."""
         for call in self._timers.values():
@@ -114,6 +177,8 @@ class TestControls(GatewayHooks):
                 call.cancel()
         self._timers.clear()
         self._stalling = False
+        self._holding_acks = False
+        self._held_acks.clear()
 
     def _set_timer(self, name: str, duration: float | None, action: Callable[[], None]) -> None:
         self._cancel_timer(name)
@@ -161,6 +226,14 @@ class TestControls(GatewayHooks):
     def inbound(self, session: Session, envelope: Envelope, size: int) -> None:
         """See :attr:`record_messages`."""
         session.record(envelope, size, self.record_messages)
+
+    def hold_ack(self, session: Session, envelope: Envelope) -> bool:
+        """See :meth:`hold_acks` (the task intake asks before each ack)."""
+        if not self._holding_acks:
+            return False
+        if len(self._held_acks) < ACKS_HELD_MAX:
+            self._held_acks.append((session, envelope))
+        return True
 
     def judged(self, attempt: ConnectionAttempt) -> None:
         """See :attr:`attempts`."""
