@@ -58,8 +58,28 @@ class OptionsTests(TestCase):
                 "max_send_buffer_bytes": 4 << 20,
                 "nonce_cache_size": 100_000,
                 "nonce_quota": 1000,
+                "max_pending_tasks": 1000,
+                "max_command_bytes": 64 << 10,
+                "max_output_bytes": 64 << 20,
+                "delivery_window": 16,
+                "delivery_enabled": True,
             },
         )
+
+    def test_task_options(self) -> None:
+        path = self.agents_file()
+        options = self.parse("--agents", path, "--tasks-database", "none", "--no-delivery",
+                             "--delivery-window", "4")
+        self.assertEqual(
+            (options.settings["tasks_database"], options.settings["delivery_enabled"],
+             options.settings["delivery_window"]),
+            (False, False, 4),
+        )
+        error = self.assertRaises(
+            usage.UsageError, self.parse, "--agents", path,
+            "--tasks-database", os.path.dirname(path),
+        )
+        self.assertIn("--tasks-database:", str(error))
 
     def test_values(self) -> None:
         options = self.parse(

@@ -29,10 +29,14 @@ from hostlink_tw.controlplane.agents import AgentsFileError, load_agents_file
 from hostlink_tw.controlplane.plane import ControlPlane
 from hostlink_tw.controlplane.replay import NonceStore, ReplayStoreError, database_beside
 from hostlink_tw.controlplane.settings import (
+    DEFAULT_DELIVERY_WINDOW,
     DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_COMMAND_BYTES,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_OUTPUT_BYTES,
     DEFAULT_MAX_PENDING_CONNECTIONS,
+    DEFAULT_MAX_PENDING_TASKS,
     DEFAULT_MAX_SEND_BUFFER_BYTES,
     DEFAULT_MAX_SKEW,
     DEFAULT_NONCE_CACHE_SIZE,
@@ -41,6 +45,8 @@ from hostlink_tw.controlplane.settings import (
     DEFAULT_PING_TIMEOUT,
     DEFAULT_RELOAD_INTERVAL,
 )
+from hostlink_tw.controlplane.taskdb import TaskStoreError, tasks_database_beside
+from hostlink_tw.controlplane.taskstore import TaskStore
 from hostlink_tw.duration import DurationError, format_duration, parse_go_duration
 
 __all__ = ["ControlPlaneService", "Options", "makeService"]
@@ -50,7 +56,8 @@ log = Logger()
 DEFAULT_DAEMON_LISTEN = "tcp:8080:interface=127.0.0.1"
 #: The operator listener (``GET /status``); issue 13's operator API joins it.
 DEFAULT_DAEMON_OPERATOR_LISTEN = "tcp:8081:interface=127.0.0.1"
-#: The value of ``--operator-listen`` / ``--database`` that turns them off.
+#: The value of ``--operator-listen`` / ``--database`` / ``--tasks-database``
+#: that turns them off.
 OFF = "none"
 
 # (option, attribute, default seconds, help)
@@ -82,6 +89,14 @@ _COUNTS: tuple[tuple[str, str, int, str], ...] = (
      "Most nonces remembered for replay protection; when full, upgrades get HTTP 503."),
     ("nonce-quota", "nonce_quota", DEFAULT_NONCE_QUOTA,
      "Accepted upgrades per agent inside the replay window; above it that agent gets 429."),
+    ("max-pending-tasks", "max_pending_tasks", DEFAULT_MAX_PENDING_TASKS,
+     "Unfinished tasks one agent may have; more are refused."),
+    ("max-command-bytes", "max_command_bytes", DEFAULT_MAX_COMMAND_BYTES,
+     "Longest task command, in UTF-8 bytes."),
+    ("max-output-bytes", "max_output_bytes", DEFAULT_MAX_OUTPUT_BYTES,
+     "Task output stored per attempt and stream; the rest is dropped, the task flagged."),
+    ("delivery-window", "delivery_window", DEFAULT_DELIVERY_WINDOW,
+     "Task attempts delivered to one agent and not started yet, at most."),
 )
 
 _COUNT = re.compile(r"[0-9]+", re.ASCII)
@@ -106,7 +121,7 @@ class Options(PluginOptions):
         "Authorized agents come from a JSON file mapping agent id to public key "
         "(standard base64 of the PKIX DER encoding, or PEM); it is re-read when it "
         "changes and on SIGHUP. The replay window is kept in controlplane.db beside "
-        "it. Durations use Go syntax (300ms, 5s, 2m)."
+        "it, tasks and their output in tasks.db. Durations use Go syntax (300ms, 5s, 2m)."
     )
     optParameters = [
         ["listen", None, DEFAULT_DAEMON_LISTEN,
@@ -120,10 +135,17 @@ class Options(PluginOptions):
         ["database", None, None,
          "SQLite file of the replay window (default: controlplane.db beside the "
          "agents file; 'none': memory only, replays accepted after a restart)."],
+        ["tasks-database", None, None,
+         "SQLite file of tasks and their output (default: tasks.db beside the agents "
+         "file; 'none': memory only, tasks forgotten on restart)."],
     ] + [
         [name, None, format_duration(default), text] for name, _, default, text in _DURATIONS
     ] + [
         [name, None, str(default), text] for name, _, default, text in _COUNTS
+    ]
+    optFlags = [
+        ["no-delivery", None,
+         "Never deliver tasks over sessions (every hello_ack says delivery_enabled false)."],
     ]
 
     def postOptions(self) -> None:
@@ -159,6 +181,14 @@ class Options(PluginOptions):
             if database:
                 settings["database"] = database
             self._check_database(database or database_beside(self["agents"]))
+        tasks_database = (self["tasks-database"] or "").strip()
+        if tasks_database.lower() == OFF:
+            settings["tasks_database"] = False
+        else:
+            if tasks_database:
+                settings["tasks_database"] = tasks_database
+            self._check_tasks_database(tasks_database or tasks_database_beside(self["agents"]))
+        settings["delivery_enabled"] = not self["no-delivery"]
         self["listen"] = self["listen"].strip()
         self._check_listen("listen", self["listen"])
         operator = (self["operator-listen"] or "").strip()
@@ -175,6 +205,14 @@ class Options(PluginOptions):
             NonceStore(path, reactor=None).close()
         except ReplayStoreError as e:
             raise usage.UsageError(f"--database: {e}") from None
+
+    @staticmethod
+    def _check_tasks_database(path: str) -> None:
+        # As --database: a bad path is a usage error now.
+        try:
+            TaskStore(path).close()
+        except TaskStoreError as e:
+            raise usage.UsageError(f"--tasks-database: {e}") from None
 
     @staticmethod
     def _check_listen(option: str, description: str) -> None:
@@ -294,7 +332,7 @@ def makeService(options: Options, reactor: Any = None) -> ControlPlaneService:
     """Build the service twistd runs from parsed :class:`Options`."""
     try:
         control_plane = ControlPlane(reactor=reactor, **options.settings)
-    except (AgentsFileError, ReplayStoreError) as e:
+    except (AgentsFileError, ReplayStoreError, TaskStoreError) as e:
         # Checked by Options already; changed since: still one line.
         raise SystemExit(f"hostlink-controlplane: {e}") from None
     return ControlPlaneService(control_plane, options["listen"], options["operator-listen"])
