@@ -18,10 +18,20 @@ reference agent, a missing or broken identity is not final: the service
 looks again on the reconnect backoff and starts the client by itself once
 ``hostlink-tw init`` (or whatever provisions the host) has written
 ``agent.json`` and the key.
+
+Phase 2 (tasks, PROTOCOL §7–§8): with the client comes a
+:class:`~hostlink_tw.agent.tasks.TaskEngine` and its
+:class:`~hostlink_tw.agent.runner.TaskRunner`, a child service.  The local
+store is opened when delivery or results are enabled, or when a store file
+is already there (its unacked results are still owed to the control plane).
+On ``stopService`` the runner is stopped first: running process groups are
+killed and their ``interrupted`` finals recorded and, while the session is
+up, sent — within the kill grace plus 2 s — before the client closes.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import random
 from collections.abc import Callable
@@ -30,11 +40,15 @@ from typing import Any
 from twisted.application.service import MultiService
 from twisted.copyright import version as twisted_version
 from twisted.internet.base import DelayedCall
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from hostlink_tw import __version__
 from hostlink_tw.agent.identity import load_agent_state, load_private_key
+from hostlink_tw.agent.runner import TaskRunner, TaskSpec
+from hostlink_tw.agent.store import TaskStore
+from hostlink_tw.agent.tasks import TaskEngine, TaskSettings
 from hostlink_tw.backoff import Backoff
 from hostlink_tw.client import ClientEvent, HostlinkClient, Observers
 from hostlink_tw.config import Settings
@@ -87,6 +101,9 @@ class HostlinkService(MultiService):
         self._rng = rng
         self._client_factory = client_factory
         self.client: HostlinkClient | None = None
+        #: The task engine and runner, made with the client (phase 2).
+        self.tasks: TaskEngine | None = None
+        self.runner: TaskRunner | None = None
         self._unsubscribe_client: Callable[[], None] | None = None
         self._identity_problem: str | None = None
         self._config_problem: str | None = None
@@ -163,20 +180,67 @@ class HostlinkService(MultiService):
         self._next_check = None
         self._checks.reset()
         self._identity_problem = self._config_problem = None
-        waits: list[Deferred[Any]] = []
         client, self.client = self.client, None
-        if client is not None:
-            unsubscribe, self._unsubscribe_client = self._unsubscribe_client, None
-            stopped = client.stop()
-            if unsubscribe is not None:
-                # After the stop: its last events (inactive, closed) still count.
-                stopped.addBoth(lambda result: (unsubscribe(), result)[1])
-            waits.append(stopped)
-        stopped_children = super().stopService()  # type: ignore[no-untyped-call]
-        if stopped_children is not None:
-            waits.append(stopped_children)
-        done: Deferred[Any] = DeferredList(waits, fireOnOneErrback=True, consumeErrors=True)
+        engine, self.tasks = self.tasks, None
+        runner, self.runner = self.runner, None
+        # Tasks first: their interrupted finals go out before the close frame.
+        first = self._stop_tasks(engine, runner)
+
+        def stop_client(_: object) -> Deferred[Any]:
+            waits: list[Deferred[Any]] = []
+            if client is not None:
+                unsubscribe, self._unsubscribe_client = self._unsubscribe_client, None
+                stopped = client.stop()
+                if unsubscribe is not None:
+                    # After the stop: its last events (inactive, closed) still count.
+                    stopped.addBoth(lambda result: (unsubscribe(), result)[1])
+                waits.append(stopped)
+            stopped_children = super(HostlinkService, self).stopService()  # type: ignore[no-untyped-call]
+            if stopped_children is not None:
+                waits.append(stopped_children)
+            return DeferredList(waits, fireOnOneErrback=True, consumeErrors=True)
+
+        def close_store(result: object) -> Deferred[Any]:
+            if engine is None:
+                return succeed(result)
+            return engine.close().addBoth(lambda _: result)
+
+        done = first.addCallback(stop_client).addBoth(close_store)
         return done.addCallback(lambda _: None)
+
+    def _stop_tasks(self, engine: TaskEngine | None, runner: TaskRunner | None) -> Deferred[Any]:
+        if engine is None or runner is None:
+            return succeed(None)
+        work: Deferred[Any] = runner.stopService()
+        work.addCallback(lambda _: engine.pending_writes())
+        work.addCallback(lambda _: engine.outbox.when_idle())
+        # §8.8: all within the kill grace plus 2 s; what is not sent by then
+        # is replayed after the next start.  The work itself is not cancelled
+        # (the runner's own stop must complete); we only stop waiting.
+        done: Deferred[Any] = Deferred()
+
+        def late() -> None:
+            self.log.warn("stopping tasks: not everything was sent in time; "
+                          "it is replayed after the next start")
+            done.callback(None)
+
+        timer = self.reactor.callLater(self.settings.task_kill_grace + 2.0, late)
+
+        def finished(result: object) -> None:
+            if isinstance(result, Failure):
+                self.log.failure("stopping tasks failed", result)
+            if timer.active():
+                timer.cancel()
+                done.callback(None)
+
+        work.addBoth(finished)
+
+        def disown(result: object) -> object:
+            if runner.parent is not None:
+                runner.disownServiceParent()  # type: ignore[no-untyped-call]
+            return result
+
+        return done.addBoth(disown)
 
     # -- identity and client -------------------------------------------------------
 
@@ -208,6 +272,7 @@ class HostlinkService(MultiService):
             return
         self._identity_problem = None
         self.client = client
+        self._start_tasks(client)
         self._unsubscribe_client = client.add_observer(self._observers.notify)
         self.log.info(
             "Hostlink WebSocket uplink starting agent_id={agent_id} url={url}",
@@ -215,6 +280,42 @@ class HostlinkService(MultiService):
             url=redact_url(client.snapshot()["url"]),  # query values too, not only user info
         )
         client.start()
+
+    def _start_tasks(self, client: HostlinkClient) -> None:
+        """The task engine and runner for this client (PROTOCOL §7–§8)."""
+        settings = self.settings
+        path = settings.local_store_path
+        use_store = (
+            settings.delivery_enabled or settings.results_enabled or os.path.exists(path)
+        )
+        engine = TaskEngine(
+            TaskStore(path, self.reactor),
+            TaskSettings.from_settings(settings),
+            agent_id=client.agent_id,
+            clock=self.reactor,
+            make_spec=TaskSpec,
+            use_store=use_store,
+        )
+        runner = TaskRunner(
+            engine,
+            reactor=self.reactor,
+            concurrency=settings.task_concurrency,
+            timeout=settings.task_timeout,
+            kill_grace=settings.task_kill_grace,
+            flush_threshold=settings.output_flush_threshold,
+            flush_interval=settings.output_flush_interval,
+            output_limit=settings.task_output_limit_bytes,
+            final_output_bytes=settings.task_final_output_bytes,
+            workdir=settings.task_workdir,
+            before_start=engine.before_start,
+        )
+        runner.setName("tasks")  # type: ignore[no-untyped-call]
+        engine.attach_runner(runner)
+        runner.setServiceParent(self)  # type: ignore[no-untyped-call]
+        self.tasks, self.runner = engine, runner
+        client.tasks = engine
+        client.add_session_listener(engine)
+        engine.start()
 
     def _wait_for_identity(self, problem: str) -> None:
         delay = self._checks.next_delay()

@@ -87,7 +87,7 @@ class FakeRunner:
     def resume_output(self) -> None:
         self.paused = False
 
-    def running(self) -> list[Any]:
+    def running_tasks(self) -> list[Any]:
         return []
 
     def queued(self) -> list[Any]:

@@ -47,6 +47,12 @@ class FakeClient:
         self.stopped = 0
         self.stop_result: Deferred[None] = succeed(None)
         self.observers: list[Any] = []
+        self.tasks: Any = None
+        self.session_listeners: list[Any] = []
+
+    def add_session_listener(self, listener: Any) -> Any:
+        self.session_listeners.append(listener)
+        return lambda: self.session_listeners.remove(listener)
 
     def start(self) -> None:
         self.started += 1

@@ -113,7 +113,7 @@ class RunnerLike(Protocol):
     def discard(self, task_id: str, attempt_id: str) -> bool: ...
     def pause_output(self) -> None: ...
     def resume_output(self) -> None: ...
-    def running(self) -> list[Any]: ...
+    def running_tasks(self) -> list[Any]: ...
     def queued(self) -> list[Any]: ...
 
 
@@ -133,6 +133,9 @@ class TaskEngine:
     :param agent_id: this agent's id (envelopes).
     :param clock: the reactor's clock; its ``seconds()`` is wall time in production.
     :param make_spec: builds the runner's spec from (task id, attempt id, command).
+    :param use_store: open the store; without it deliveries are refused
+        (``delivery_disabled`` first when delivery is off) and the hello
+        carries only the flags.
     """
 
     def __init__(
@@ -146,8 +149,10 @@ class TaskEngine:
         log: Logger | None = None,
         boot_id: str | None = None,
         kill: Callable[[int, int], None] = os.killpg,
+        use_store: bool = True,
     ) -> None:
         self.store = store
+        self._use_store = use_store
         self.settings = settings
         self.agent_id = agent_id
         self._clock = clock
@@ -196,6 +201,8 @@ class TaskEngine:
 
     @inlineCallbacks
     def _start(self) -> Generator[Deferred[Any], Any, None]:
+        if not self._use_store:
+            return  # tasks off and no store file: nothing owed, nothing to open
         try:
             yield self.store.start()
         except StoreError as e:
