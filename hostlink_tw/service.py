@@ -31,7 +31,6 @@ up, sent — within the kill grace plus 2 s — before the client closes.
 
 from __future__ import annotations
 
-import os
 import platform
 import random
 from collections.abc import Callable
@@ -46,9 +45,8 @@ from twisted.python.failure import Failure
 
 from hostlink_tw import __version__
 from hostlink_tw.agent.identity import load_agent_state, load_private_key
-from hostlink_tw.agent.runner import TaskRunner, TaskSpec
-from hostlink_tw.agent.store import TaskStore
-from hostlink_tw.agent.tasks import TaskEngine, TaskSettings
+from hostlink_tw.agent.runner import TaskRunner
+from hostlink_tw.agent.tasks import TaskEngine, build_tasks
 from hostlink_tw.backoff import Backoff
 from hostlink_tw.client import ClientEvent, HostlinkClient, Observers
 from hostlink_tw.config import Settings
@@ -283,38 +281,9 @@ class HostlinkService(MultiService):
 
     def _start_tasks(self, client: HostlinkClient) -> None:
         """The task engine and runner for this client (PROTOCOL §7–§8)."""
-        settings = self.settings
-        path = settings.local_store_path
-        use_store = (
-            settings.delivery_enabled or settings.results_enabled or os.path.exists(path)
-        )
-        engine = TaskEngine(
-            TaskStore(path, self.reactor),
-            TaskSettings.from_settings(settings),
-            agent_id=client.agent_id,
-            clock=self.reactor,
-            make_spec=TaskSpec,
-            use_store=use_store,
-        )
-        runner = TaskRunner(
-            engine,
-            reactor=self.reactor,
-            concurrency=settings.task_concurrency,
-            timeout=settings.task_timeout,
-            kill_grace=settings.task_kill_grace,
-            flush_threshold=settings.output_flush_threshold,
-            flush_interval=settings.output_flush_interval,
-            output_limit=settings.task_output_limit_bytes,
-            final_output_bytes=settings.task_final_output_bytes,
-            workdir=settings.task_workdir,
-            before_start=engine.before_start,
-        )
-        runner.setName("tasks")  # type: ignore[no-untyped-call]
-        engine.attach_runner(runner)
-        runner.setServiceParent(self)  # type: ignore[no-untyped-call]
+        engine, runner = build_tasks(self.settings, client, self.reactor)
+        runner.setServiceParent(self)
         self.tasks, self.runner = engine, runner
-        client.tasks = engine
-        client.add_session_listener(engine)
         engine.start()
 
     def _wait_for_identity(self, problem: str) -> None:

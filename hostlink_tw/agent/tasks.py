@@ -69,7 +69,7 @@ from hostlink_tw.wire.vocabulary import (
     TASK_STARTED,
 )
 
-__all__ = ["RunnerLike", "TaskEngine", "TaskSettings"]
+__all__ = ["RunnerLike", "TaskEngine", "TaskSettings", "build_tasks"]
 
 _log = Logger(namespace="hostlink_tw.tasks")
 
@@ -645,3 +645,42 @@ class TaskEngine:
     def _freed(self, freed: int) -> None:
         self.spool_bytes = max(0, self.spool_bytes - freed)
         self._check_spool()
+
+
+def build_tasks(settings: Any, client: Any, reactor: Any) -> tuple[TaskEngine, Any]:
+    """The engine and runner of ``client`` (a :class:`~hostlink_tw.agent.client.HostlinkClient`),
+    wired together and into the client; neither is started.
+
+    The store is used when delivery or results are enabled, or when its file
+    exists already (what it holds is still owed to the control plane).
+    """
+    from hostlink_tw.agent.runner import TaskRunner, TaskSpec
+
+    path = settings.local_store_path
+    use_store = settings.delivery_enabled or settings.results_enabled or os.path.exists(path)
+    engine = TaskEngine(
+        TaskStore(path, reactor),
+        TaskSettings.from_settings(settings),
+        agent_id=client.agent_id,
+        clock=reactor,
+        make_spec=TaskSpec,
+        use_store=use_store,
+    )
+    runner = TaskRunner(
+        engine,
+        reactor=reactor,
+        concurrency=settings.task_concurrency,
+        timeout=settings.task_timeout,
+        kill_grace=settings.task_kill_grace,
+        flush_threshold=settings.output_flush_threshold,
+        flush_interval=settings.output_flush_interval,
+        output_limit=settings.task_output_limit_bytes,
+        final_output_bytes=settings.task_final_output_bytes,
+        workdir=settings.task_workdir,
+        before_start=engine.before_start,
+    )
+    runner.setName("tasks")  # type: ignore[no-untyped-call]
+    engine.attach_runner(runner)
+    client.tasks = engine
+    client.add_session_listener(engine)
+    return engine, runner
