@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 
 from hostlink_tw.controlplane.agents import AgentsFileError, AuthorizedAgents
 from hostlink_tw.controlplane.gateway import GatewayFactory
+from hostlink_tw.controlplane.operatorapi import OperatorAPI, max_request_bytes
 from hostlink_tw.controlplane.replay import NonceCache, NonceStore, database_beside
 from hostlink_tw.controlplane.sessions import Session, SessionRegistry
 from hostlink_tw.controlplane.settings import (
@@ -299,16 +300,26 @@ class ControlPlane:
         """The agent gateway URL (what ``HOSTLINK_WS_URL`` should be)."""
         return "ws" + self.url[len("http") :] + GATEWAY_PATH
 
-    def listen_operator(self, description: str = DEFAULT_OPERATOR_LISTEN) -> Deferred[ControlPlane]:
+    def listen_operator(
+        self, description: str = DEFAULT_OPERATOR_LISTEN, *, token: str | None = None
+    ) -> Deferred[ControlPlane]:
         """
         Serve ``GET /status`` (every session: agent id, remote address,
         counters) on its own listener, apart from the gateway, which anyone
         who can reach an agent's control plane can reach.  Bind it to
         loopback (the default) unless the network in between is trusted:
         a warning is logged when it is not.
+
+        :param token: Also serve the operator API
+            (:mod:`~hostlink_tw.controlplane.operatorapi`) there, to requests
+            that present this bearer token.
         """
         if self._operator_port is not None:
             raise RuntimeError("the operator listener is already open")
+        if token is not None:
+            self._operator.serve_api(
+                OperatorAPI(self, token), max_request_bytes(self.settings.max_command_bytes)
+            )
         endpoint = serverFromString(self.reactor, description)  # type: ignore[no-untyped-call]
         d: Deferred[Any] = endpoint.listen(self._operator)
 
@@ -559,6 +570,7 @@ def start_control_plane(
     *,
     listen: str = DEFAULT_LISTEN,
     operator_listen: str | None = None,
+    operator_token: str | None = None,
     reactor: Any = None,
     **options: Any,
 ) -> Deferred[ControlPlane]:
@@ -570,6 +582,8 @@ def start_control_plane(
         ephemeral port on 127.0.0.1 (read :attr:`ControlPlane.port` / ``ws_url``).
     :param operator_listen: Also open the operator listener (``/status``)
         there (:meth:`ControlPlane.listen_operator`); None: not opened.
+    :param operator_token: With ``operator_listen``: serve the operator API
+        there too, behind this bearer token.
     :param options: Keyword arguments of :class:`ControlPlane`.
     """
     try:
@@ -578,5 +592,5 @@ def start_control_plane(
         return defer.fail()
     d = control_plane.listen(listen)
     if operator_listen is not None:
-        d.addCallback(lambda cp: cp.listen_operator(operator_listen))
+        d.addCallback(lambda cp: cp.listen_operator(operator_listen, token=operator_token))
     return d
