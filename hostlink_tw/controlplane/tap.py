@@ -10,6 +10,7 @@ on SIGHUP.
 
 from __future__ import annotations
 
+import functools
 import re
 import signal
 from types import FrameType
@@ -26,6 +27,11 @@ from hostlink_tw._listen import listen_failure
 from hostlink_tw._twistd import PluginOptions
 from hostlink_tw.config import ConfigError, check_server_endpoint
 from hostlink_tw.controlplane.agents import AgentsFileError, load_agents_file
+from hostlink_tw.controlplane.operatortoken import (
+    OperatorTokenError,
+    load_or_create_token,
+    token_file_beside,
+)
 from hostlink_tw.controlplane.plane import ControlPlane
 from hostlink_tw.controlplane.replay import NonceStore, ReplayStoreError, database_beside
 from hostlink_tw.controlplane.settings import (
@@ -54,7 +60,7 @@ __all__ = ["ControlPlaneService", "Options", "makeService"]
 log = Logger()
 
 DEFAULT_DAEMON_LISTEN = "tcp:8080:interface=127.0.0.1"
-#: The operator listener (``GET /status``); issue 13's operator API joins it.
+#: The operator listener: ``GET /status`` and the operator API.
 DEFAULT_DAEMON_OPERATOR_LISTEN = "tcp:8081:interface=127.0.0.1"
 #: The value of ``--operator-listen`` / ``--database`` / ``--tasks-database``
 #: that turns them off.
@@ -116,8 +122,9 @@ class Options(PluginOptions):
         "Reference Hostlink control plane: serves the agent WebSocket gateway at "
         "/api/v1/agents/ws (signed upgrades, agent.hello -> agent.hello_ack), plus "
         "GET /healthz, on one Twisted endpoint (tcp: or ssl:); GET /status (every "
-        "session, with agent ids and addresses) on a separate operator endpoint, "
-        "loopback by default. "
+        "session, with agent ids and addresses) and the operator API (/operator/v1/: "
+        "tasks and agents, bearer token from operator.token) on a separate operator "
+        "endpoint, loopback by default. "
         "Authorized agents come from a JSON file mapping agent id to public key "
         "(standard base64 of the PKIX DER encoding, or PEM); it is re-read when it "
         "changes and on SIGHUP. The replay window is kept in controlplane.db beside "
@@ -129,8 +136,13 @@ class Options(PluginOptions):
          "ssl:8443:privateKey=key.pem:certKey=cert.pem (listen backlog: "
          "Twisted's 50 unless the endpoint says backlog=N)."],
         ["operator-listen", None, DEFAULT_DAEMON_OPERATOR_LISTEN,
-         "Endpoint of the operator listener (GET /status), or 'none'. Keep it on "
-         "loopback: it lists every agent id and address."],
+         "Endpoint of the operator listener (GET /status and the operator API), or "
+         "'none'. Keep it on loopback: it lists every agent id and address, and the "
+         "API runs commands on agents."],
+        ["operator-token-file", None, None,
+         "File of the operator API's bearer token (default: operator.token beside the "
+         "agents file); created with a new random token, mode 0600, if missing; refused "
+         "if group or others can read it."],
         ["agents", None, None, "JSON file: agent id -> public key (required)."],
         ["database", None, None,
          "SQLite file of the replay window (default: controlplane.db beside the "
@@ -193,8 +205,22 @@ class Options(PluginOptions):
         self._check_listen("listen", self["listen"])
         operator = (self["operator-listen"] or "").strip()
         self["operator-listen"] = None if operator.lower() in (OFF, "") else operator
+        #: The operator API's bearer token (None without an operator listener).
+        self.operator_token: str | None = None
+        #: Where it is kept, and whether this start wrote it.
+        self.operator_token_file: str | None = None
+        self.operator_token_created = False
         if self["operator-listen"] is not None:
             self._check_listen("operator-listen", self["operator-listen"])
+            path = (self["operator-token-file"] or "").strip() or token_file_beside(
+                self["agents"]
+            )
+            try:
+                token, created = load_or_create_token(path)
+            except OperatorTokenError as e:
+                raise usage.UsageError(f"--operator-token-file: {e}") from None
+            self.operator_token, self.operator_token_created = token, created
+            self.operator_token_file = path
         self.settings = settings
 
     @staticmethod
@@ -230,11 +256,20 @@ class ControlPlaneService(Service):
     """
 
     def __init__(
-        self, control_plane: ControlPlane, listen: str, operator_listen: str | None = None
+        self,
+        control_plane: ControlPlane,
+        listen: str,
+        operator_listen: str | None = None,
+        operator_token: str | None = None,
     ) -> None:
+        """
+        :param operator_listen: The operator listener's endpoint (None: none).
+        :param operator_token: Serve the operator API there, behind this bearer token.
+        """
         self.control_plane = control_plane
         self.listen = listen
         self.operator_listen = operator_listen
+        self.operator_token = operator_token
         self._previous_sighup: Any = None
         self._sighup_installed = False
 
@@ -250,7 +285,11 @@ class ControlPlaneService(Service):
         self._listen("listen", self.listen, self.control_plane.listen)
         if self.operator_listen is not None:
             self._listen(
-                "operator-listen", self.operator_listen, self.control_plane.listen_operator
+                "operator-listen",
+                self.operator_listen,
+                functools.partial(
+                    self.control_plane.listen_operator, token=self.operator_token
+                ),
             )
 
     @staticmethod
@@ -335,4 +374,6 @@ def makeService(options: Options, reactor: Any = None) -> ControlPlaneService:
     except (AgentsFileError, ReplayStoreError, TaskStoreError) as e:
         # Checked by Options already; changed since: still one line.
         raise SystemExit(f"hostlink-controlplane: {e}") from None
-    return ControlPlaneService(control_plane, options["listen"], options["operator-listen"])
+    return ControlPlaneService(
+        control_plane, options["listen"], options["operator-listen"], options.operator_token
+    )
