@@ -17,6 +17,9 @@ The ``hostlink-tw`` command (also ``python -m hostlink_tw``).
 ``hostlink-tw demo``
     run the reference control plane and an agent against it on 127.0.0.1,
     with a readable live log (see :mod:`hostlink_tw.demo`).
+``hostlink-tw task run|list|show|logs|cancel``, ``hostlink-tw agents``
+    run commands on agents through a control plane's operator API, and
+    look at tasks and agents (see :mod:`hostlink_tw.cli_task`).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from hostlink_tw.agent.identity import (
     load_private_key,
     same_file_problem,
 )
+from hostlink_tw.cli_task import add_operator_commands, run_interruptible
 from hostlink_tw.config import SETTINGS
 from hostlink_tw.provisioning import generate_private_key, new_private_key, write_identity
 from hostlink_tw.safetext import escape_control
@@ -478,12 +482,14 @@ def _identity_paths(parser: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="hostlink-tw", description="Hostlink agent uplink: identity, status and demo."
+        prog="hostlink-tw",
+        description="Hostlink agent uplink: identity, status, demo, and tasks on agents "
+        "through a control plane's operator API.",
     )
     parser.add_argument("--version", action="version", version=f"hostlink-tw {__version__}")
     # metavar: a missing command names the choices, not the internal dest.
     commands = parser.add_subparsers(
-        dest="command", required=True, metavar="{init,identity,status,demo}"
+        dest="command", required=True, metavar="{init,identity,status,demo,task,agents}"
     )
 
     init = commands.add_parser(
@@ -540,6 +546,7 @@ def _parser() -> argparse.ArgumentParser:
         help="restart the control plane once after this many seconds active",
     )
     demo.set_defaults(run=_demo, parser=demo)
+    add_operator_commands(commands)
     return parser
 
 
@@ -553,6 +560,8 @@ def main(
         # An unknown option belongs to the subcommand: show its usage, not the top level's.
         sub: argparse.ArgumentParser = getattr(args, "parser", parser)
         sub.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command in ("task", "agents"):
+        return run_interruptible(args.run, args, out, err)
     status: int = args.run(args, out, err)
     return status
 
