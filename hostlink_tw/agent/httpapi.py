@@ -1,0 +1,291 @@
+"""
+The control plane's REST endpoints, for the HTTP paths (PROTOCOL §9.1).
+
+:class:`ControlPlaneAPI` is a small client on ``twisted.web.client.Agent``
+(no new dependency): persistent connections (``HTTPConnectionPool``), every
+request signed afresh with §2's four headers, each bounded in time and in
+the bytes of its answer.  It trusts what the session trusts and goes where
+the session goes:
+
+* TLS: :func:`hostlink_tw.tls.client_tls_options` — the system store plus
+  ``HOSTLINK_WS_CA_FILE``, host names checked fail-closed;
+* proxies: :func:`hostlink_tw.proxy.proxy_for`'s rules, always through a
+  ``CONNECT`` tunnel (:mod:`hostlink_tw.agent.tunnel`), TLS inside it.
+
+Every failure is a :class:`ControlPlaneHTTPError` whose ``retryable`` says
+what the caller should do (network errors, timeouts and 5xx are retryable;
+4xx are not) and whose message is one line fit for a log (the answer's
+``message`` or ``error`` field when it has one, escaped and shortened).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from twisted.internet.defer import Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, IResponse
+from zope.interface import implementer
+
+from hostlink_tw import __version__
+from hostlink_tw.agent.tunnel import ConnectTunnelEndpoint
+from hostlink_tw.proxy import proxy_for
+from hostlink_tw.safetext import escape_control
+from hostlink_tw.tls import client_tls_options
+from hostlink_tw.wire.signing import RequestSigner
+
+__all__ = ["ControlPlaneAPI", "ControlPlaneHTTPError", "MAX_ANSWER_BYTES", "PolledTask"]
+
+#: The largest answer body read (a task list with outputs can be large).
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
+
+#: Task statuses the agent does not run (§9.1 [ours]).
+FINISHED_STATUSES = frozenset({"completed", "failed", "cancelled"})
+
+
+class ControlPlaneHTTPError(Exception):
+    """A request failed; ``status`` is None for a network error or a timeout."""
+
+    def __init__(self, message: str, *, status: int | None, retryable: bool) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class PolledTask:
+    """One task of ``GET /api/v1/tasks`` or a heartbeat's ``pending_tasks``."""
+
+    task_id: str
+    attempt_id: str
+    command: str
+    status: str
+
+    @property
+    def runnable(self) -> bool:
+        """Whether the agent should run it (§9.1: not completed, failed or cancelled)."""
+        return self.status not in FINISHED_STATUSES and bool(self.command)
+
+    @classmethod
+    def parse(cls, value: object) -> PolledTask:
+        """Read one task object; :class:`ControlPlaneHTTPError` when it is not one."""
+        if not isinstance(value, dict):
+            raise ControlPlaneHTTPError("a task is not a JSON object", status=None,
+                                        retryable=False)
+        task_id, attempt, command, status = (
+            value.get("id"), value.get("execution_attempt_id") or "", value.get("command"),
+            value.get("status") or "",
+        )
+        if not isinstance(task_id, str) or not task_id:
+            raise ControlPlaneHTTPError("a task has no id", status=None, retryable=False)
+        if not all(isinstance(v, str) for v in (attempt, command, status)):
+            raise ControlPlaneHTTPError(
+                f"task {escape_control(task_id, 80)} has a field of the wrong type",
+                status=None, retryable=False,
+            )
+        return cls(task_id, str(attempt), str(command), str(status))
+
+
+def parse_tasks(value: object) -> list[PolledTask]:
+    """A JSON array of tasks."""
+    if not isinstance(value, list):
+        raise ControlPlaneHTTPError("the task list is not a JSON array", status=None,
+                                    retryable=False)
+    return [PolledTask.parse(item) for item in value]
+
+
+@implementer(IBodyProducer)
+class _JSONBody:
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        consumer.write(self._data)
+        d: Deferred[None] = Deferred()
+        d.callback(None)
+        return d
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _BoundedBody(Protocol):
+    """Collects an answer body, refusing one longer than the bound."""
+
+    def __init__(self, limit: int, done: Deferred[bytes]) -> None:
+        self._limit = limit
+        self._done = done
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self._size += len(data)
+        if self._size > self._limit:
+            if not self._done.called:
+                self._done.errback(ControlPlaneHTTPError(
+                    f"the answer is larger than {self._limit} bytes", status=None,
+                    retryable=False))
+            self.transport.stopProducing()  # type: ignore[union-attr]
+            return
+        self._parts.append(data)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if self._done.called:
+            return
+        if reason is None or isinstance(reason.value, ResponseDone):
+            self._done.callback(b"".join(self._parts))
+        else:
+            self._done.errback(ControlPlaneHTTPError(
+                f"the answer was cut off: {reason.getErrorMessage()}", status=None,
+                retryable=True))
+
+
+class _Endpoints:
+    """Where each request connects: directly or through the proxy, TLS when https."""
+
+    def __init__(self, reactor: Any, ca_file: str | None, environ: Any, timeout: float) -> None:
+        self._reactor = reactor
+        self._ca_file = ca_file
+        self._environ = environ
+        self._timeout = timeout
+
+    def endpointForURI(self, uri: Any) -> Any:
+        host = uri.host.decode("idna") if isinstance(uri.host, bytes) else uri.host
+        scheme = uri.scheme.decode("ascii")
+        endpoint: Any
+        proxy = proxy_for(f"{'wss' if scheme == 'https' else 'ws'}://{host}:{uri.port}/",
+                          self._environ)
+        if proxy is None:
+            endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        else:
+            endpoint = ConnectTunnelEndpoint(
+                HostnameEndpoint(self._reactor, proxy.host, proxy.port, timeout=self._timeout),
+                host, uri.port, proxy.authorization,
+            )
+        if scheme == "https":
+            endpoint = wrapClientTLS(client_tls_options(host, self._ca_file), endpoint)
+        return endpoint
+
+
+class ControlPlaneAPI:
+    """
+    The three endpoints of §9.1.
+
+    :param base_url: ``SH_CONTROL_PLANE_URL`` (``http://`` or ``https://``).
+    :param signer: signs every request (§2).
+    :param ca_file: ``HOSTLINK_WS_CA_FILE``, added to the system trust store.
+    :param environ: for the proxy variables.
+    :param timeout: seconds for a whole request, connection included.
+    """
+
+    def __init__(self, base_url: str, signer: RequestSigner, *, reactor: Any,
+                 ca_file: str | None = None, environ: Any = None, timeout: float = 10.0,
+                 max_answer_bytes: int = MAX_ANSWER_BYTES) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {escape_control(base_url, 120)}")
+        self._base = base_url.rstrip("/")
+        self._signer = signer
+        self._reactor = reactor
+        self._timeout = timeout
+        self._max = max_answer_bytes
+        self._pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
+        self._pool.maxPersistentPerHost = 2
+        self._agent = Agent.usingEndpointFactory(  # type: ignore[no-untyped-call]
+            reactor, _Endpoints(reactor, ca_file, environ if environ is not None else {},
+                                timeout), pool=self._pool,
+        )
+
+    def close(self) -> Deferred[None]:
+        """Close the kept-alive connections."""
+        return self._pool.closeCachedConnections()  # type: ignore[no-untyped-call,no-any-return]
+
+    def list_tasks(self) -> Deferred[list[PolledTask]]:
+        """``GET /api/v1/tasks``."""
+        return self._request(b"GET", "/api/v1/tasks").addCallback(parse_tasks)
+
+    def heartbeat(self) -> Deferred[list[PolledTask]]:
+        """``POST /api/v1/agents/{id}/heartbeat``: its ``pending_tasks``."""
+        path = f"/api/v1/agents/{quote(self._signer.agent_id, safe='')}/heartbeat"
+
+        def pending(answer: object) -> list[PolledTask]:
+            if not isinstance(answer, dict):
+                raise ControlPlaneHTTPError("the heartbeat answer is not a JSON object",
+                                            status=None, retryable=False)
+            return parse_tasks(answer.get("pending_tasks") or [])
+
+        return self._request(b"POST", path).addCallback(pending)
+
+    def report(self, task_id: str, body: dict[str, Any]) -> Deferred[None]:
+        """``PUT /api/v1/tasks/{id}``; fires once a 2xx accepted it."""
+        path = f"/api/v1/tasks/{quote(task_id, safe='')}"
+        return self._request(b"PUT", path, body).addCallback(lambda _: None)
+
+    def _request(self, method: bytes, path: str,
+                 body: dict[str, Any] | None = None) -> Deferred[Any]:
+        headers = Headers({"User-Agent": [f"hostlink_tw/{__version__}"]})
+        for name, value in self._signer.sign_headers().items():
+            headers.setRawHeaders(name, [value])
+        producer = None
+        if body is not None:
+            headers.setRawHeaders("Content-Type", ["application/json"])
+            producer = _JSONBody(json.dumps(body, ensure_ascii=False).encode("utf-8"))
+        d: Deferred[Any] = self._agent.request(
+            method, (self._base + path).encode("ascii"), headers, producer
+        )
+        d.addCallback(self._read)
+        d.addTimeout(self._timeout, self._reactor)
+        d.addErrback(self._failed, method, path)
+        return d
+
+    def _read(self, response: IResponse) -> Deferred[Any]:
+        done: Deferred[bytes] = Deferred()
+        response.deliverBody(_BoundedBody(self._max, done))  # type: ignore[no-untyped-call]
+
+        def judge(raw: bytes) -> Any:
+            try:
+                data = json.loads(raw) if raw.strip() else None
+            except ValueError:
+                data = None
+            if 200 <= response.code < 300:
+                if data is None and raw.strip():
+                    raise ControlPlaneHTTPError("the answer is not JSON", status=response.code,
+                                                retryable=False)
+                return data
+            detail = ""
+            if isinstance(data, dict):
+                detail = str(data.get("message") or data.get("error") or "")
+            elif raw:
+                detail = raw[:200].decode("utf-8", "replace")
+            raise ControlPlaneHTTPError(
+                f"HTTP {response.code}" + (f": {escape_control(detail, 200)}" if detail else ""),
+                status=response.code, retryable=response.code >= 500,
+            )
+
+        return done.addCallback(judge)
+
+    def _failed(self, failure: Failure, method: bytes, path: str) -> None:
+        if isinstance(failure.value, ControlPlaneHTTPError):
+            raise failure.value
+        if isinstance(failure.value, DeferredTimeout):
+            raise ControlPlaneHTTPError(
+                f"{method.decode()} {path}: no answer within {self._timeout:g}s",
+                status=None, retryable=True)
+        raise ControlPlaneHTTPError(
+            f"{method.decode()} {path}: {escape_control(failure.getErrorMessage(), 200)}",
+            status=None, retryable=True)
