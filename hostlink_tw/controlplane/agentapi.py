@@ -2,11 +2,11 @@
 The agent API on the gateway listener: the HTTP paths of PROTOCOL §9.1, the
 server side (:class:`AgentAPI`).
 
-==========================================  =====================================================
-``GET /api/v1/tasks``                       200, a JSON array of the agent's tasks to run
-``PUT /api/v1/tasks/{id}``                  200 once the report (a final) is taken
+============================================  ==================================================
+``GET /api/v1/tasks``                         200, a JSON array of the agent's tasks to run
+``PUT /api/v1/tasks/{id}``                    200 once the report (a final) is taken
 ``POST /api/v1/agents/{agent_id}/heartbeat``  200, ``{"message", "pending_tasks": [task, …]}``
-==========================================  =====================================================
+============================================  ==================================================
 
 * Every request is authenticated as the upgrade is
   (:class:`~hostlink_tw.controlplane.upgrade.UpgradeAuthenticator`): the four
@@ -168,7 +168,7 @@ def _signed_headers(request: Request) -> dict[str, str]:
     return headers
 
 
-def _report(body: bytes) -> tuple[TaskFinalPayload, str | None]:
+def _parse_report(body: bytes) -> tuple[TaskFinalPayload, str | None]:
     """
     The final and the attempt id a report's body holds.
 
@@ -318,7 +318,7 @@ class AgentAPI(Resource):
     def _report(self, request: Request, task_id: str, agent_id: str, tasks: AgentTasks) -> bytes:
         assert request.content is not None  # the channel gives every request a body file
         try:
-            final, attempt = _report(request.content.read())
+            final, attempt = _parse_report(request.content.read())
         except ProtocolError as e:
             raise _RefusedError(400, e.message) from None
         try:

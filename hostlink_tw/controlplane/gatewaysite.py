@@ -48,8 +48,9 @@ class _Channel(HTTPChannel):
         # length: None for chunked, the Content-Length otherwise (0 if
         # absent).  Checked before the request sees its length, which is
         # when Twisted would create the body's file.  The request line is
-        # only on the channel at this point, in HTTPChannel's _command and
-        # _path (unchanged since Twisted 16); without them no body is taken.
+        # only on the channel at this point, in HTTPChannel's private
+        # _command and _path; were they gone, no body would be taken (and
+        # the report tests would fail), never one too many.
         refusal = self.site.body_refusal(
             getattr(self, "_command", None), getattr(self, "_path", None), self.length
         )
