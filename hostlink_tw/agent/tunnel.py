@@ -40,7 +40,8 @@ class _Tunnel(Protocol):
         self._target = target
         self._authorization = authorization
         self._factory = factory
-        self._done = done
+        # None once the caller has its answer (success or failure).
+        self._done: Deferred[IProtocol] | None = done
         self._buffer = b""
         self._inner: IProtocol | None = None
 
@@ -59,6 +60,8 @@ class _Tunnel(Protocol):
         if self._inner is not None:
             self._inner.dataReceived(data)
             return
+        if self._done is None:
+            return  # refused: the connection is being aborted
         self._buffer += data
         end = self._buffer.find(b"\r\n\r\n")
         if end < 0:
@@ -79,21 +82,26 @@ class _Tunnel(Protocol):
             return
         self._inner = inner
         inner.makeConnection(self._transport)
-        done, self._done = self._done, Deferred()
+        done, self._done = self._done, None
         done.callback(inner)
         if rest:
             inner.dataReceived(rest)
 
     def _fail(self, reason: str) -> None:
-        done, self._done = self._done, Deferred()
+        done, self._done = self._done, None
         self._transport.abortConnection()
-        done.errback(TunnelError(reason))
+        if done is not None:
+            done.errback(TunnelError(reason))
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self._inner is not None:
             self._inner.connectionLost(reason)  # type: ignore[arg-type]
-        elif not self._done.called:
-            self._done.errback(TunnelError("the proxy closed the connection"))
+        elif self._done is not None:
+            # Only while the caller still waits: after a refusal the abort
+            # brings us here too, and a second Deferred failed with nobody
+            # listening would be logged as an unhandled error.
+            done, self._done = self._done, None
+            done.errback(TunnelError("the proxy closed the connection"))
 
 
 @implementer(IStreamClientEndpoint)
