@@ -34,6 +34,15 @@ class TunnelError(ConnectionError):
     """The proxy refused or broke the ``CONNECT``."""
 
 
+def _is_success(status_line: str) -> bool:
+    """Whether a status line (``HTTP/1.1 200 Connection established``) says 2xx."""
+    parts = status_line.split(" ", 2)
+    # Three ASCII digits: str.isdigit() also accepts "²" (latin-1 0xB2),
+    # which int() refuses, and a proxy's answer must not raise here.
+    return (len(parts) >= 2 and parts[0].startswith("HTTP/") and len(parts[1]) == 3
+            and parts[1].isascii() and parts[1].isdigit() and parts[1].startswith("2"))
+
+
 class _Tunnel(Protocol):
     def __init__(self, target: str, authorization: str | None, factory: IProtocolFactory,
                  done: Deferred[IProtocol]) -> None:
@@ -71,8 +80,7 @@ class _Tunnel(Protocol):
         head, rest = self._buffer[:end], self._buffer[end + 4:]
         self._buffer = b""
         status_line = head.split(b"\r\n", 1)[0].decode("latin-1", "replace")
-        parts = status_line.split(" ", 2)
-        if len(parts) < 2 or not parts[1].isdigit() or not 200 <= int(parts[1]) < 300:
+        if not _is_success(status_line):
             shown = "".join(c if c.isprintable() else "?" for c in status_line[:80])
             self._fail(f"the proxy refused CONNECT {self._target}: {shown!r}")
             return
