@@ -73,9 +73,11 @@ class _Tunnel(Protocol):
             return  # refused: the connection is being aborted
         self._buffer += data
         end = self._buffer.find(b"\r\n\r\n")
+        # The bound holds whether or not the head's end came in the same read.
+        if end > MAX_ANSWER_BYTES or (end < 0 and len(self._buffer) > MAX_ANSWER_BYTES):
+            self._fail("the proxy's answer to CONNECT is too long")
+            return
         if end < 0:
-            if len(self._buffer) > MAX_ANSWER_BYTES:
-                self._fail("the proxy's answer to CONNECT is too long")
             return
         head, rest = self._buffer[:end], self._buffer[end + 4:]
         self._buffer = b""
