@@ -103,6 +103,11 @@ class _Tunnel(Protocol):
         if done is not None:
             done.errback(TunnelError(reason))
 
+    def abandon(self) -> None:
+        """The caller gave up waiting (cancelled): close without answering it."""
+        self._done = None
+        self._transport.abortConnection()
+
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self._inner is not None:
             self._inner.connectionLost(reason)  # type: ignore[arg-type]
@@ -130,11 +135,27 @@ class ConnectTunnelEndpoint:
         self._authorization = authorization
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
-        """Open the tunnel; fires with the caller's protocol once it is through."""
-        done: Deferred[IProtocol] = Deferred()
-        factory = Factory.forProtocol(
-            lambda: _Tunnel(self._target, self._authorization, protocolFactory, done)
-        )
-        connecting = self._proxy.connect(factory)
+        """
+        Open the tunnel; fires with the caller's protocol once it is through.
+
+        Cancelling it (a caller's timeout) cancels the connection to the
+        proxy, or aborts it while the proxy's answer is awaited.
+        """
+        tunnels: list[_Tunnel] = []
+
+        def cancel(d: Deferred[IProtocol]) -> None:
+            if tunnels and tunnels[0].transport is not None:
+                tunnels[0].abandon()
+            else:
+                connecting.cancel()
+
+        done: Deferred[IProtocol] = Deferred(cancel)
+
+        def build() -> _Tunnel:
+            tunnel = _Tunnel(self._target, self._authorization, protocolFactory, done)
+            tunnels.append(tunnel)
+            return tunnel
+
+        connecting = self._proxy.connect(Factory.forProtocol(build))
         connecting.addErrback(lambda f: None if done.called else done.errback(f))
         return done
