@@ -14,7 +14,9 @@ the session goes:
 
 Every failure is a :class:`ControlPlaneHTTPError` whose ``retryable`` says
 what the caller should do (network errors, timeouts and 5xx are retryable;
-4xx are not) and whose message is one line fit for a log (the answer's
+4xx are not; a problem before the request leaves — the CA file unreadable,
+a proxy setting that cannot be used — is retryable too, since the control
+plane has not judged the request) and whose message is one line fit for a log (the answer's
 ``message`` or ``error`` field when it has one, escaped and shortened).
 """
 
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Protocol
@@ -238,6 +240,18 @@ class ControlPlaneAPI:
 
     def _request(self, method: bytes, path: str,
                  body: dict[str, Any] | None = None) -> Deferred[Any]:
+        # maybeDeferred: what fails before the request leaves (the CA file
+        # read for each connection, a proxy setting proxy_for refuses, the
+        # signer) is a failure of this request like any other, not an
+        # exception out of list_tasks() and friends.
+        d: Deferred[Any] = maybeDeferred(self._send, method, path, body)
+        d.addCallback(self._read)
+        d.addTimeout(self._timeout, self._reactor)
+        d.addErrback(self._failed, method, path)
+        return d
+
+    def _send(self, method: bytes, path: str,
+              body: dict[str, Any] | None) -> Deferred[IResponse]:
         headers = Headers({"User-Agent": [f"hostlink_tw/{__version__}"]})
         for name, value in self._signer.sign_headers().items():
             headers.setRawHeaders(name, [value])
@@ -245,13 +259,9 @@ class ControlPlaneAPI:
         if body is not None:
             headers.setRawHeaders("Content-Type", ["application/json"])
             producer = _JSONBody(json.dumps(body, ensure_ascii=False).encode("utf-8"))
-        d: Deferred[Any] = self._agent.request(
+        return self._agent.request(  # type: ignore[no-any-return]
             method, (self._base + path).encode("ascii"), headers, producer
         )
-        d.addCallback(self._read)
-        d.addTimeout(self._timeout, self._reactor)
-        d.addErrback(self._failed, method, path)
-        return d
 
     def _read(self, response: IResponse) -> Deferred[Any]:
         done: Deferred[bytes] = Deferred()
