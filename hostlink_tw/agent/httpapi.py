@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import quote, urlsplit
 
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -246,7 +245,11 @@ class ControlPlaneAPI:
         # exception out of list_tasks() and friends.
         d: Deferred[Any] = maybeDeferred(self._send, method, path, body)
         d.addCallback(self._read)
-        d.addTimeout(self._timeout, self._reactor)
+        # The cancellation's own failure depends on where the request was
+        # (ResponseNeverReceived([CancelledError]) while awaiting the
+        # answer), so the timeout says so itself rather than be recognised.
+        d.addTimeout(self._timeout, self._reactor,
+                     onTimeoutCancel=lambda result, timeout: self._timed_out(method, path))
         d.addErrback(self._failed, method, path)
         return d
 
@@ -289,13 +292,14 @@ class ControlPlaneAPI:
 
         return done.addCallback(judge)
 
+    def _timed_out(self, method: bytes, path: str) -> NoReturn:
+        raise ControlPlaneHTTPError(
+            f"{method.decode()} {path}: no answer within {self._timeout:g}s",
+            status=None, retryable=True)
+
     def _failed(self, failure: Failure, method: bytes, path: str) -> None:
         if isinstance(failure.value, ControlPlaneHTTPError):
             raise failure.value
-        if isinstance(failure.value, DeferredTimeout):
-            raise ControlPlaneHTTPError(
-                f"{method.decode()} {path}: no answer within {self._timeout:g}s",
-                status=None, retryable=True)
         raise ControlPlaneHTTPError(
             f"{method.decode()} {path}: {escape_control(failure.getErrorMessage(), 200)}",
             status=None, retryable=True)
