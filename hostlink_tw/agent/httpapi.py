@@ -134,6 +134,11 @@ class _BoundedBody(Protocol):
         self._parts: list[bytes] = []
         self._size = 0
 
+    def stop(self) -> None:
+        """Give up on the body: the connection is closed, not reused."""
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
     def dataReceived(self, data: bytes) -> None:
         self._size += len(data)
         if self._size > self._limit:
@@ -267,8 +272,11 @@ class ControlPlaneAPI:
         )
 
     def _read(self, response: IResponse) -> Deferred[Any]:
-        done: Deferred[bytes] = Deferred()
-        response.deliverBody(_BoundedBody(self._max, done))  # type: ignore[no-untyped-call]
+        # Cancelled (the request's timeout) while the body trickles in: the
+        # connection must close, or it stays open as long as the server likes.
+        done: Deferred[bytes] = Deferred(lambda _: body.stop())
+        body = _BoundedBody(self._max, done)
+        response.deliverBody(body)  # type: ignore[no-untyped-call]
 
         def judge(raw: bytes) -> Any:
             try:
