@@ -31,7 +31,14 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    RequestGenerationFailed,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
@@ -40,7 +47,7 @@ from hostlink_tw import __version__
 from hostlink_tw.agent.tunnel import ConnectTunnelEndpoint
 from hostlink_tw.proxy import proxy_for
 from hostlink_tw.safetext import escape_control
-from hostlink_tw.tls import client_tls_options
+from hostlink_tw.tls import client_tls_options, describe_tls_failure, is_tls_failure
 from hostlink_tw.wire.signing import RequestSigner
 
 __all__ = ["ControlPlaneAPI", "ControlPlaneHTTPError", "MAX_ANSWER_BYTES", "PolledTask"]
@@ -206,6 +213,7 @@ class ControlPlaneAPI:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {escape_control(base_url, 120)}")
         self._base = base_url.rstrip("/")
+        self._host = parts.hostname
         self._signer = signer
         self._reactor = reactor
         self._timeout = timeout
@@ -309,5 +317,18 @@ class ControlPlaneAPI:
         if isinstance(failure.value, ControlPlaneHTTPError):
             raise failure.value
         raise ControlPlaneHTTPError(
-            f"{method.decode()} {path}: {escape_control(failure.getErrorMessage(), 200)}",
+            f"{method.decode()} {path}: {escape_control(self._describe(failure), 200)}",
             status=None, retryable=True)
+
+    def _describe(self, failure: Failure) -> str:
+        """A network failure as one readable line (TLS failures as the session says them)."""
+        value = failure.value
+        if isinstance(value, (ResponseFailed, RequestTransmissionFailed,
+                              RequestGenerationFailed)):
+            # Twisted's wrappers: their own message is a list of Failure reprs.
+            reasons = [r for r in value.reasons if isinstance(r, Failure)]
+            if reasons:
+                return "; ".join(self._describe(r) for r in reasons[:3])
+        if is_tls_failure(failure):
+            return describe_tls_failure(failure, self._host)
+        return failure.getErrorMessage()
