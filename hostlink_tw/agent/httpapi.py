@@ -289,7 +289,8 @@ class ControlPlaneAPI:
         def judge(raw: bytes) -> Any:
             try:
                 data = json.loads(raw) if raw.strip() else None
-            except ValueError:
+            except (ValueError, RecursionError):
+                # RecursionError: "[[[[…" nested deeper than the parser's stack.
                 data = None
             if 200 <= response.code < 300:
                 if data is None and raw.strip():
