@@ -246,18 +246,24 @@ class ControlPlaneAPI:
         return self._request(b"POST", path).addCallback(pending)
 
     def report(self, task_id: str, body: dict[str, Any]) -> Deferred[None]:
-        """``PUT /api/v1/tasks/{id}``; fires once a 2xx accepted it."""
-        path = f"/api/v1/tasks/{quote(task_id, safe='')}"
-        return self._request(b"PUT", path, body).addCallback(lambda _: None)
+        """
+        ``PUT /api/v1/tasks/{id}``; fires once a 2xx accepted it.
 
-    def _request(self, method: bytes, path: str,
-                 body: dict[str, Any] | None = None) -> Deferred[Any]:
+        Whatever a 2xx answer holds besides its status, the report was
+        accepted (§9.1): a body that is not JSON must not make the agent
+        send it again.
+        """
+        path = f"/api/v1/tasks/{quote(task_id, safe='')}"
+        return self._request(b"PUT", path, body, json_answer=False).addCallback(lambda _: None)
+
+    def _request(self, method: bytes, path: str, body: dict[str, Any] | None = None, *,
+                 json_answer: bool = True) -> Deferred[Any]:
         # maybeDeferred: what fails before the request leaves (the CA file
         # read for each connection, a proxy setting proxy_for refuses, the
         # signer) is a failure of this request like any other, not an
         # exception out of list_tasks() and friends.
         d: Deferred[Any] = maybeDeferred(self._send, method, path, body)
-        d.addCallback(self._read)
+        d.addCallback(self._read, json_answer)
         # The cancellation's own failure depends on where the request was
         # (ResponseNeverReceived([CancelledError]) while awaiting the
         # answer), so the timeout says so itself rather than be recognised.
@@ -279,7 +285,7 @@ class ControlPlaneAPI:
             method, (self._base + path).encode("ascii"), headers, producer
         )
 
-    def _read(self, response: IResponse) -> Deferred[Any]:
+    def _read(self, response: IResponse, json_answer: bool) -> Deferred[Any]:
         # Cancelled (the request's timeout) while the body trickles in: the
         # connection must close, or it stays open as long as the server likes.
         done: Deferred[bytes] = Deferred(lambda _: body.stop())
@@ -287,6 +293,8 @@ class ControlPlaneAPI:
         response.deliverBody(body)  # type: ignore[no-untyped-call]
 
         def judge(raw: bytes) -> Any:
+            if not json_answer and 200 <= response.code < 300:
+                return None
             try:
                 data = json.loads(raw) if raw.strip() else None
             except (ValueError, RecursionError):
