@@ -55,6 +55,9 @@ __all__ = ["ControlPlaneAPI", "ControlPlaneHTTPError", "MAX_ANSWER_BYTES", "Poll
 #: The largest answer body read (a task list with outputs can be large).
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
 
+#: The most read of an answer that is not parsed whole (an error's message).
+MAX_ERROR_ANSWER_BYTES = 64 * 1024
+
 #: Task statuses the agent does not run (§9.1 [ours]).
 FINISHED_STATUSES = frozenset({"completed", "failed", "cancelled"})
 
@@ -133,11 +136,16 @@ class _JSONBody:
 
 
 class _BoundedBody(Protocol):
-    """Collects an answer body, refusing one longer than the bound."""
+    """
+    Collects an answer body, refusing one longer than the bound — or, with
+    ``truncate``, keeping only its first ``limit`` bytes (where only the
+    start matters: an error's message, an ignored answer).
+    """
 
-    def __init__(self, limit: int, done: Deferred[bytes]) -> None:
+    def __init__(self, limit: int, done: Deferred[bytes], *, truncate: bool = False) -> None:
         self._limit = limit
         self._done = done
+        self._truncate = truncate
         self._parts: list[bytes] = []
         self._size = 0
 
@@ -147,14 +155,20 @@ class _BoundedBody(Protocol):
             self.transport.stopProducing()  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:
-        self._size += len(data)
-        if self._size > self._limit:
-            if not self._done.called:
+        if self._done.called:
+            return  # over the bound: the connection is closing
+        room = self._limit - self._size
+        if len(data) > room:
+            self.stop()
+            if self._truncate:
+                self._parts.append(data[:room])
+                self._done.callback(b"".join(self._parts))
+            else:
                 self._done.errback(ControlPlaneHTTPError(
                     f"the answer is larger than {self._limit} bytes", status=None,
                     retryable=False))
-            self.transport.stopProducing()  # type: ignore[union-attr]
             return
+        self._size += len(data)
         self._parts.append(data)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
@@ -289,18 +303,23 @@ class ControlPlaneAPI:
         # Cancelled (the request's timeout) while the body trickles in: the
         # connection must close, or it stays open as long as the server likes.
         done: Deferred[bytes] = Deferred(lambda _: body.stop())
-        body = _BoundedBody(self._max, done)
+        # An error answer is judged by its status, whatever its size (a 5xx
+        # stays retryable), and an answer not parsed need not be whole.
+        accepted = 200 <= response.code < 300
+        truncate = not accepted or not json_answer
+        limit = min(self._max, MAX_ERROR_ANSWER_BYTES) if truncate else self._max
+        body = _BoundedBody(limit, done, truncate=truncate)
         response.deliverBody(body)  # type: ignore[no-untyped-call]
 
         def judge(raw: bytes) -> Any:
-            if not json_answer and 200 <= response.code < 300:
+            if accepted and not json_answer:
                 return None
             try:
                 data = json.loads(raw) if raw.strip() else None
             except (ValueError, RecursionError):
                 # RecursionError: "[[[[…" nested deeper than the parser's stack.
                 data = None
-            if 200 <= response.code < 300:
+            if accepted:
                 if data is None and raw.strip():
                     raise ControlPlaneHTTPError("the answer is not JSON", status=response.code,
                                                 retryable=False)
