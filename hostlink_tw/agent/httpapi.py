@@ -39,6 +39,7 @@ from twisted.web.client import (
     ResponseDone,
     ResponseFailed,
 )
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
@@ -174,7 +175,10 @@ class _BoundedBody(Protocol):
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self._done.called:
             return
-        if reason is None or isinstance(reason.value, ResponseDone):
+        # PotentialDataLoss: an answer without Content-Length or chunking,
+        # ended by the connection (HTTP/1.0 style); nothing says it is
+        # whole, but what is parsed must be valid JSON, and a cut one is not.
+        if reason is None or isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
             self._done.callback(b"".join(self._parts))
         else:
             self._done.errback(ControlPlaneHTTPError(
