@@ -199,7 +199,9 @@ class _Endpoints:
         host = uri.host.decode("idna") if isinstance(uri.host, bytes) else uri.host
         scheme = uri.scheme.decode("ascii")
         endpoint: Any
-        proxy = proxy_for(f"{'wss' if scheme == 'https' else 'ws'}://{host}:{uri.port}/",
+        # An IPv6 literal comes unbracketed from the URI; the URL must bracket it.
+        authority = f"[{host}]:{uri.port}" if ":" in host else f"{host}:{uri.port}"
+        proxy = proxy_for(f"{'wss' if scheme == 'https' else 'ws'}://{authority}/",
                           self._environ)
         if proxy is None:
             endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
