@@ -92,9 +92,13 @@ class PolledTask:
         if not isinstance(value, dict):
             raise ControlPlaneHTTPError("a task is not a JSON object", status=None,
                                         retryable=False)
-        task_id, attempt, command, status = (
-            value.get("id"), value.get("execution_attempt_id") or "", value.get("command"),
-            value.get("status") or "",
+        # A field missing or null reads as "" (Go's decoding into a string
+        # field): a task without a command is only not runnable, and must
+        # not fail the whole list; a field of another type is refused.
+        task_id = value.get("id")
+        attempt, command, status = (
+            "" if value.get(name) is None else value.get(name)
+            for name in ("execution_attempt_id", "command", "status")
         )
         if not isinstance(task_id, str) or not task_id:
             raise ControlPlaneHTTPError("a task has no id", status=None, retryable=False)
