@@ -51,7 +51,10 @@ from hostlink_tw.safetext import escape_control
 from hostlink_tw.tls import client_tls_options, describe_tls_failure, is_tls_failure
 from hostlink_tw.wire.signing import RequestSigner
 
-__all__ = ["ControlPlaneAPI", "ControlPlaneHTTPError", "MAX_ANSWER_BYTES", "PolledTask"]
+__all__ = [
+    "ControlPlaneAPI", "ControlPlaneHTTPError", "MAX_ANSWER_BYTES", "MAX_ERROR_ANSWER_BYTES",
+    "PolledTask",
+]
 
 #: The largest answer body read (a task list with outputs can be large).
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
