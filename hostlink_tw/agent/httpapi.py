@@ -14,7 +14,9 @@ the session goes:
 
 Every failure is a :class:`ControlPlaneHTTPError` whose ``retryable`` says
 what the caller should do (network errors, timeouts and 5xx are retryable;
-4xx are not) and whose message is one line fit for a log (the answer's
+4xx are not; a problem before the request leaves — the CA file unreadable,
+a proxy setting that cannot be used — is retryable too, since the control
+plane has not judged the request) and whose message is one line fit for a log (the answer's
 ``message`` or ``error`` field when it has one, escaped and shortened).
 """
 
@@ -22,15 +24,22 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import quote, urlsplit
 
-from twisted.internet.defer import Deferred
-from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    RequestGenerationFailed,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+)
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
@@ -39,13 +48,19 @@ from hostlink_tw import __version__
 from hostlink_tw.agent.tunnel import ConnectTunnelEndpoint
 from hostlink_tw.proxy import proxy_for
 from hostlink_tw.safetext import escape_control
-from hostlink_tw.tls import client_tls_options
+from hostlink_tw.tls import client_tls_options, describe_tls_failure, is_tls_failure
 from hostlink_tw.wire.signing import RequestSigner
 
-__all__ = ["ControlPlaneAPI", "ControlPlaneHTTPError", "MAX_ANSWER_BYTES", "PolledTask"]
+__all__ = [
+    "ControlPlaneAPI", "ControlPlaneHTTPError", "MAX_ANSWER_BYTES", "MAX_ERROR_ANSWER_BYTES",
+    "PolledTask",
+]
 
 #: The largest answer body read (a task list with outputs can be large).
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
+
+#: The most read of an answer that is not parsed whole (an error's message).
+MAX_ERROR_ANSWER_BYTES = 64 * 1024
 
 #: Task statuses the agent does not run (§9.1 [ours]).
 FINISHED_STATUSES = frozenset({"completed", "failed", "cancelled"})
@@ -80,9 +95,13 @@ class PolledTask:
         if not isinstance(value, dict):
             raise ControlPlaneHTTPError("a task is not a JSON object", status=None,
                                         retryable=False)
-        task_id, attempt, command, status = (
-            value.get("id"), value.get("execution_attempt_id") or "", value.get("command"),
-            value.get("status") or "",
+        # A field missing or null reads as "" (Go's decoding into a string
+        # field): a task without a command is only not runnable, and must
+        # not fail the whole list; a field of another type is refused.
+        task_id = value.get("id")
+        attempt, command, status = (
+            "" if value.get(name) is None else value.get(name)
+            for name in ("execution_attempt_id", "command", "status")
         )
         if not isinstance(task_id, str) or not task_id:
             raise ControlPlaneHTTPError("a task has no id", status=None, retryable=False)
@@ -125,29 +144,48 @@ class _JSONBody:
 
 
 class _BoundedBody(Protocol):
-    """Collects an answer body, refusing one longer than the bound."""
+    """
+    Collects an answer body, refusing one longer than the bound — or, with
+    ``truncate``, keeping only its first ``limit`` bytes (where only the
+    start matters: an error's message, an ignored answer).
+    """
 
-    def __init__(self, limit: int, done: Deferred[bytes]) -> None:
+    def __init__(self, limit: int, done: Deferred[bytes], *, truncate: bool = False) -> None:
         self._limit = limit
         self._done = done
+        self._truncate = truncate
         self._parts: list[bytes] = []
         self._size = 0
 
+    def stop(self) -> None:
+        """Give up on the body: the connection is closed, not reused."""
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
     def dataReceived(self, data: bytes) -> None:
-        self._size += len(data)
-        if self._size > self._limit:
-            if not self._done.called:
+        if self._done.called:
+            return  # over the bound: the connection is closing
+        room = self._limit - self._size
+        if len(data) > room:
+            self.stop()
+            if self._truncate:
+                self._parts.append(data[:room])
+                self._done.callback(b"".join(self._parts))
+            else:
                 self._done.errback(ControlPlaneHTTPError(
                     f"the answer is larger than {self._limit} bytes", status=None,
                     retryable=False))
-            self.transport.stopProducing()  # type: ignore[union-attr]
             return
+        self._size += len(data)
         self._parts.append(data)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self._done.called:
             return
-        if reason is None or isinstance(reason.value, ResponseDone):
+        # PotentialDataLoss: an answer without Content-Length or chunking,
+        # ended by the connection (HTTP/1.0 style); nothing says it is
+        # whole, but what is parsed must be valid JSON, and a cut one is not.
+        if reason is None or isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
             self._done.callback(b"".join(self._parts))
         else:
             self._done.errback(ControlPlaneHTTPError(
@@ -168,7 +206,9 @@ class _Endpoints:
         host = uri.host.decode("idna") if isinstance(uri.host, bytes) else uri.host
         scheme = uri.scheme.decode("ascii")
         endpoint: Any
-        proxy = proxy_for(f"{'wss' if scheme == 'https' else 'ws'}://{host}:{uri.port}/",
+        # An IPv6 literal comes unbracketed from the URI; the URL must bracket it.
+        authority = f"[{host}]:{uri.port}" if ":" in host else f"{host}:{uri.port}"
+        proxy = proxy_for(f"{'wss' if scheme == 'https' else 'ws'}://{authority}/",
                           self._environ)
         if proxy is None:
             endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
@@ -200,6 +240,7 @@ class ControlPlaneAPI:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {escape_control(base_url, 120)}")
         self._base = base_url.rstrip("/")
+        self._host = parts.hostname
         self._signer = signer
         self._reactor = reactor
         self._timeout = timeout
@@ -232,12 +273,34 @@ class ControlPlaneAPI:
         return self._request(b"POST", path).addCallback(pending)
 
     def report(self, task_id: str, body: dict[str, Any]) -> Deferred[None]:
-        """``PUT /api/v1/tasks/{id}``; fires once a 2xx accepted it."""
-        path = f"/api/v1/tasks/{quote(task_id, safe='')}"
-        return self._request(b"PUT", path, body).addCallback(lambda _: None)
+        """
+        ``PUT /api/v1/tasks/{id}``; fires once a 2xx accepted it.
 
-    def _request(self, method: bytes, path: str,
-                 body: dict[str, Any] | None = None) -> Deferred[Any]:
+        Whatever a 2xx answer holds besides its status, the report was
+        accepted (§9.1): a body that is not JSON must not make the agent
+        send it again.
+        """
+        path = f"/api/v1/tasks/{quote(task_id, safe='')}"
+        return self._request(b"PUT", path, body, json_answer=False).addCallback(lambda _: None)
+
+    def _request(self, method: bytes, path: str, body: dict[str, Any] | None = None, *,
+                 json_answer: bool = True) -> Deferred[Any]:
+        # maybeDeferred: what fails before the request leaves (the CA file
+        # read for each connection, a proxy setting proxy_for refuses, the
+        # signer) is a failure of this request like any other, not an
+        # exception out of list_tasks() and friends.
+        d: Deferred[Any] = maybeDeferred(self._send, method, path, body)
+        d.addCallback(self._read, json_answer)
+        # The cancellation's own failure depends on where the request was
+        # (ResponseNeverReceived([CancelledError]) while awaiting the
+        # answer), so the timeout says so itself rather than be recognised.
+        d.addTimeout(self._timeout, self._reactor,
+                     onTimeoutCancel=lambda result, timeout: self._timed_out(method, path))
+        d.addErrback(self._failed, method, path)
+        return d
+
+    def _send(self, method: bytes, path: str,
+              body: dict[str, Any] | None) -> Deferred[IResponse]:
         headers = Headers({"User-Agent": [f"hostlink_tw/{__version__}"]})
         for name, value in self._signer.sign_headers().items():
             headers.setRawHeaders(name, [value])
@@ -245,24 +308,31 @@ class ControlPlaneAPI:
         if body is not None:
             headers.setRawHeaders("Content-Type", ["application/json"])
             producer = _JSONBody(json.dumps(body, ensure_ascii=False).encode("utf-8"))
-        d: Deferred[Any] = self._agent.request(
+        return self._agent.request(  # type: ignore[no-any-return]
             method, (self._base + path).encode("ascii"), headers, producer
         )
-        d.addCallback(self._read)
-        d.addTimeout(self._timeout, self._reactor)
-        d.addErrback(self._failed, method, path)
-        return d
 
-    def _read(self, response: IResponse) -> Deferred[Any]:
-        done: Deferred[bytes] = Deferred()
-        response.deliverBody(_BoundedBody(self._max, done))  # type: ignore[no-untyped-call]
+    def _read(self, response: IResponse, json_answer: bool) -> Deferred[Any]:
+        # Cancelled (the request's timeout) while the body trickles in: the
+        # connection must close, or it stays open as long as the server likes.
+        done: Deferred[bytes] = Deferred(lambda _: body.stop())
+        # An error answer is judged by its status, whatever its size (a 5xx
+        # stays retryable), and an answer not parsed need not be whole.
+        accepted = 200 <= response.code < 300
+        truncate = not accepted or not json_answer
+        limit = min(self._max, MAX_ERROR_ANSWER_BYTES) if truncate else self._max
+        body = _BoundedBody(limit, done, truncate=truncate)
+        response.deliverBody(body)  # type: ignore[no-untyped-call]
 
         def judge(raw: bytes) -> Any:
+            if accepted and not json_answer:
+                return None
             try:
                 data = json.loads(raw) if raw.strip() else None
-            except ValueError:
+            except (ValueError, RecursionError):
+                # RecursionError: "[[[[…" nested deeper than the parser's stack.
                 data = None
-            if 200 <= response.code < 300:
+            if accepted:
                 if data is None and raw.strip():
                     raise ControlPlaneHTTPError("the answer is not JSON", status=response.code,
                                                 retryable=False)
@@ -279,13 +349,27 @@ class ControlPlaneAPI:
 
         return done.addCallback(judge)
 
+    def _timed_out(self, method: bytes, path: str) -> NoReturn:
+        raise ControlPlaneHTTPError(
+            f"{method.decode()} {path}: no answer within {self._timeout:g}s",
+            status=None, retryable=True)
+
     def _failed(self, failure: Failure, method: bytes, path: str) -> None:
         if isinstance(failure.value, ControlPlaneHTTPError):
             raise failure.value
-        if isinstance(failure.value, DeferredTimeout):
-            raise ControlPlaneHTTPError(
-                f"{method.decode()} {path}: no answer within {self._timeout:g}s",
-                status=None, retryable=True)
         raise ControlPlaneHTTPError(
-            f"{method.decode()} {path}: {escape_control(failure.getErrorMessage(), 200)}",
+            f"{method.decode()} {path}: {escape_control(self._describe(failure), 200)}",
             status=None, retryable=True)
+
+    def _describe(self, failure: Failure) -> str:
+        """A network failure as one readable line (TLS failures as the session says them)."""
+        value = failure.value
+        if isinstance(value, (ResponseFailed, RequestTransmissionFailed,
+                              RequestGenerationFailed)):
+            # Twisted's wrappers: their own message is a list of Failure reprs.
+            reasons = [r for r in value.reasons if isinstance(r, Failure)]
+            if reasons:
+                return "; ".join(self._describe(r) for r in reasons[:3])
+        if is_tls_failure(failure):
+            return describe_tls_failure(failure, self._host)
+        return failure.getErrorMessage()
