@@ -80,3 +80,20 @@ class ProtocolDocumentTests(SynchronousTestCase):
         self.assertIn(
             "Documentation=file:///opt/hostlink-tw/share/doc/hostlink-tw/protocol.rst", unit
         )
+
+
+class ArchitectureDocumentTests(SynchronousTestCase):
+    """docs/architecture.rst names every module of the agent, the wire and the control plane."""
+
+    def test_every_module_is_described(self) -> None:
+        text = (ROOT / "docs" / "architecture.rst").read_text(encoding="utf-8")
+        control_plane = text[text.index("\nThe reference control plane\n---") :]
+        for package in ("agent", "wire", "controlplane"):
+            for module in sorted((ROOT / "hostlink_tw" / package).glob("*.py")):
+                if module.name == "__init__.py":
+                    continue
+                with self.subTest(module=f"{package}/{module.name}"):
+                    if package == "controlplane":
+                        self.assertRegex(control_plane, rf"``{re.escape(module.name)}``")
+                    else:
+                        self.assertIn(f"{package}/{module.name}", text)
