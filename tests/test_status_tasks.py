@@ -260,6 +260,18 @@ class TaskMetricsTests(SynchronousTestCase):
         self.source.tasks = None
         self.assertIsNone(self.root.status()["tasks"])
 
+    def test_the_service_is_a_task_source(self) -> None:
+        """Before its client (and engine) exists, the service shows tasks as null."""
+        from hostlink_tw.service import HostlinkService
+
+        service = HostlinkService(Settings(), reactor=Clock())
+        metrics = ClientMetrics(service)
+        self.addCleanup(metrics.close)
+        status = StatusResource(service, metrics).status()
+        self.assertIn("tasks", status)
+        self.assertIsNone(status["tasks"])
+        self.assertEqual(sample(metrics, "hostlink_task_queue_depth"), 0)
+
     def test_ids_are_bounded(self) -> None:
         """The control plane chose them: /status stays small whatever they are."""
         long = "x" * 100_000
