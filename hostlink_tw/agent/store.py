@@ -689,3 +689,7 @@ class TaskStore:
     def bytes_used(self) -> Deferred[int]:
         """See :meth:`Reads.bytes_used`."""
         return self._use("bytes_used")
+
+    def outbox_totals(self) -> Deferred[tuple[int, int]]:
+        """See :meth:`Reads.outbox_totals`."""
+        return self._use("outbox_totals")

@@ -20,6 +20,16 @@ are queued again — released to the runner only after the first hello_ack,
 so the control plane can discard them first (§8.2).  A store that cannot
 be opened is one error line; the session runs on and every delivery is
 answered ``store_unavailable`` (§8.7).
+
+For the status page the engine keeps its counts in memory (no store read
+at scrape time): :attr:`TaskEngine.spool_bytes` and
+:attr:`TaskEngine.pending_messages`, :meth:`TaskEngine.queue_depth`, and
+events to its observers (:meth:`TaskEngine.add_observer`):
+``task_ended`` (``task_id``, ``execution_attempt_id``, ``status``,
+``exit_code``, ``duration`` in seconds or ``None`` for an attempt a restart
+interrupted) and ``outbox_resent`` (``reason``: ``replay``, ``gap`` or
+``redelivery``; ``type``, ``message_id``).  :func:`build_tasks` passes them
+on to the client's observers.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hostlink_tw import __version__
+from hostlink_tw.agent.events import ClientEvent, Observers
 from hostlink_tw.agent.interfaces import Channel
 from hostlink_tw.agent.outbox import Outbox
 from hostlink_tw.agent.session import Session, ViolationError
@@ -69,11 +80,17 @@ from hostlink_tw.wire.vocabulary import (
     TASK_STARTED,
 )
 
-__all__ = ["RunnerLike", "TaskEngine", "TaskSettings", "build_tasks"]
+__all__ = ["OUTBOX_RESENT", "TASK_ENDED", "RunnerLike", "TaskEngine", "TaskSettings",
+           "build_tasks"]
 
 _log = Logger(namespace="hostlink_tw.tasks")
 
 MiB = 1024 * 1024
+
+#: The kind of the event each ended attempt gives the engine's observers.
+TASK_ENDED = "task_ended"
+#: The kind of the event each message sent again (not live) gives them.
+OUTBOX_RESENT = "outbox_resent"
 
 
 @dataclass(frozen=True)
@@ -175,15 +192,23 @@ class TaskEngine:
         self._writes: set[Deferred[Any]] = set()
         self._purge = LoopingCall(self._purge_once)
         self._purge.clock = clock
+        self._observers = Observers(self.log)
         self.outbox = Outbox(store, agent_id=agent_id, clock=clock, on_freed=self._freed,
-                             log=self.log)
+                             on_resent=self._resent, log=self.log)
         #: Unacked bytes in the outbox (§7.1 ``bytes_used``), kept in step with the store.
         self.spool_bytes = 0
+        #: Unacked messages in the outbox, kept in step with the store the same way.
+        self.pending_messages = 0
+        # What was given to the store to add to the outbox, ever: a count read
+        # from the store is corrected by what was issued after the read.
+        self._issued_messages = 0
+        self._issued_bytes = 0
+        self._recounting = False
+        self._recount_again = False
+        self._closing = False
         self.output_paused = False
-        #: Attempts ended, by final status.
+        #: Attempts ended, by final status (those a restart interrupted included).
         self.finished: Counter[str] = Counter()
-        #: Durations of ended attempts (seconds), for the histogram; the status page drains it.
-        self.durations: list[float] = []
         #: The last hello_ack's ``delivery_enabled`` (§9.3).
         self.peer_delivery_enabled = False
 
@@ -192,6 +217,27 @@ class TaskEngine:
     def attach_runner(self, runner: RunnerLike) -> None:
         """The runner this engine feeds (built with this engine as its sink)."""
         self.runner = runner
+
+    def add_observer(self, observer: Callable[[ClientEvent], None]) -> Callable[[], None]:
+        """Call ``observer`` with each ``task_ended`` and ``outbox_resent`` event
+        (see the module docstring); return its unsubscriber."""
+        return self._observers.add(observer)
+
+    def queue_depth(self) -> int:
+        """Received attempts not started yet: held until the first hello_ack, or
+        waiting for a slot in the runner."""
+        waiting = len(self.runner.queued()) if self.runner is not None else 0
+        return len(self._held) + waiting
+
+    def queued(self, limit: int | None = None) -> list[Any]:
+        """The specs of the first ``limit`` (all by default) received, not started
+        attempts, oldest first."""
+        waiting = self.runner.queued() if self.runner is not None else []
+        return (self._held + waiting)[:limit]
+
+    def running_tasks(self) -> list[Any]:
+        """The runner's running attempts (``spec``, ``pid``, ``started_at``), oldest first."""
+        return self.runner.running_tasks() if self.runner is not None else []
 
     def start(self) -> Deferred[None]:
         """Open the store and recover (§8.8); fires when the first hello may be built."""
@@ -223,9 +269,10 @@ class TaskEngine:
                     "task interrupted by a restart task_id={task_id} attempt={attempt}",
                     task_id=final.task_id, attempt=final.attempt_id,
                 )
+                self._count_end(final.task_id, final.attempt_id, final.payload, None)
             queued = yield self.store.queued_attempts()
             self._held = [self._make_spec(q.task_id, q.attempt_id, q.command) for q in queued]
-            self.spool_bytes = yield self.store.bytes_used()
+            yield self._recount()
         except StoreError as e:
             self.available = False
             self.problem = str(e)
@@ -293,6 +340,7 @@ class TaskEngine:
 
     def close(self) -> Deferred[None]:
         """Stop the purge and close the store (after the runner and the client stopped)."""
+        self._closing = True
         if self._purge.running:
             self._purge.stop()
         if self.outbox.session is not None:
@@ -494,7 +542,7 @@ class TaskEngine:
                             replay.task_id, replay.execution_attempt_id, replay.stream,
                             replay.next_sequence - 1,
                         ))
-                self.spool_bytes = yield self.store.bytes_used()
+                yield self._recount()
                 self._check_spool()
             except StoreError as e:
                 self.log.error("cannot apply the hello_ack's directives: {error}",
@@ -586,6 +634,9 @@ class TaskEngine:
                                      time.time_ns())
         payload = output_payload(stream, chunk, truncated_locally)
         self.spool_bytes += len(chunk)
+        self.pending_messages += 1
+        self._issued_messages += 1
+        self._issued_bytes += len(chunk)
         self._check_spool()
         d = self._track(self.store.enqueue_output(
             spec.task_id, spec.attempt_id, message_id, stream, sequence, payload, len(chunk),
@@ -602,14 +653,19 @@ class TaskEngine:
         else:
             message_id = task_message_id(spec.task_id, spec.attempt_id, FINAL_MESSAGE_KIND, 0,
                                          time.time_ns())
-        self.finished[result.status] += 1
-        self.durations.append(result.duration)
+        payload = result.final_payload()
+        self._count_end(spec.task_id, spec.attempt_id, payload, result.duration)
+        self.pending_messages += 1
+        self._issued_messages += 1
         d = self._track(self.store.record_final(
-            spec.task_id, spec.attempt_id, message_id, result.final_payload(),
-            self._clock.seconds(),
+            spec.task_id, spec.attempt_id, message_id, payload, self._clock.seconds(),
         ))
 
         def stored(message: StoredMessage) -> None:
+            if message.message_id != message_id:
+                # The attempt had ended already: its first final stays, counted once.
+                self.pending_messages -= 1
+                return
             self.spool_bytes += message.byte_count
             self.outbox.nudge()
 
@@ -617,6 +673,62 @@ class TaskEngine:
 
     def _write_failed(self, failure: Failure) -> None:
         self.log.error("cannot store task output: {error}", error=str(failure.value))
+
+    # -- counts for the status page ----------------------------------------------------
+
+    def _count_end(self, task_id: str, attempt_id: str, payload: dict[str, Any],
+                   duration: float | None) -> None:
+        status = payload.get("status")
+        self.finished[str(status)] += 1
+        self._observers.notify(ClientEvent(TASK_ENDED, {
+            "task_id": task_id, "execution_attempt_id": attempt_id, "status": status,
+            "exit_code": payload.get("exit_code"), "duration": duration,
+        }))
+
+    def _resent(self, reason: str, message: StoredMessage) -> None:
+        self._observers.notify(ClientEvent(OUTBOX_RESENT, {
+            "reason": reason, "type": message.type, "message_id": message.message_id,
+        }))
+
+    def _recount(self) -> Deferred[None]:
+        """Read the outbox's totals from the store.
+
+        The store runs calls in order, so the read sees every message issued
+        before it and none issued after: those are added back.
+        """
+        messages, size = self._issued_messages, self._issued_bytes
+
+        def got(totals: tuple[int, int]) -> None:
+            count, used = totals
+            self.pending_messages = count + self._issued_messages - messages
+            self.spool_bytes = used + self._issued_bytes - size
+
+        return self._track(self.store.outbox_totals()).addCallback(got)
+
+    def _recount_soon(self) -> None:
+        """Recount after acks (they free messages the engine cannot count), one read at a time."""
+        if not self.available or self._closing:
+            return
+        if self._recounting:
+            self._recount_again = True
+            return
+        self._recounting = True
+
+        def failed(failure: Failure) -> None:
+            if isinstance(failure.value, StoreError):  # said already by the write that failed
+                self.log.debug("cannot count the outbox: {error}", error=str(failure.value))
+            else:
+                self.log.failure("cannot count the outbox", failure)
+
+        def done(_: object) -> None:
+            self._recounting = False
+            if self._recount_again:
+                self._recount_again = False
+                self._recount_soon()
+            else:
+                self._check_spool()
+
+        self._recount().addErrback(failed).addBoth(done)
 
     # -- the spool (§8.4) --------------------------------------------------------------
 
@@ -645,6 +757,7 @@ class TaskEngine:
     def _freed(self, freed: int) -> None:
         self.spool_bytes = max(0, self.spool_bytes - freed)
         self._check_spool()
+        self._recount_soon()
 
 
 def build_tasks(settings: Any, client: Any, reactor: Any) -> tuple[TaskEngine, Any]:
@@ -681,6 +794,9 @@ def build_tasks(settings: Any, client: Any, reactor: Any) -> tuple[TaskEngine, A
     )
     runner.setName("tasks")  # type: ignore[no-untyped-call]
     engine.attach_runner(runner)
+    emit = getattr(client, "emit", None)
+    if emit is not None:  # a client-like without events (a test's fake) gets none
+        engine.add_observer(emit)
     client.tasks = engine
     client.add_session_listener(engine)
     return engine, runner
