@@ -41,6 +41,7 @@ OPERATIONAL = {
     "ExecStart",
     "EnvironmentFile",
     "KillSignal",
+    "KillMode",
     "SuccessExitStatus",
     "TimeoutStopSec",
     "Restart",

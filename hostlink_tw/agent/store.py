@@ -1,9 +1,9 @@
 """The agent's local task store: executions and the outbox, in one SQLite file.
 
-Issue 12 item 2; the contract is PROTOCOL §7 and PROTOCOL §8 in docs/protocol.rst
-(message ids; receipt, final, the local store, restart).  This
-module is self-contained and **not wired into the client or the service yet**:
-the runner and the session will call it.
+The contract is PROTOCOL §7 and PROTOCOL §8 in docs/protocol.rst (message
+ids; receipt, final, the local store, restart).  The task engine
+(:mod:`hostlink_tw.agent.tasks`) is its one user; the read side is in
+:mod:`hostlink_tw.agent.storereads`.
 
 * One file, created mode 0600 (an existing file readable by group or others is
   a clear error, as the identity files are: nothing is repaired silently), WAL
