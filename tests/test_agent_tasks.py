@@ -24,6 +24,7 @@ from twisted.trial.unittest import TestCase
 from hostlink_tw.agent.session import Session, ViolationError
 from hostlink_tw.agent.store import TaskStore
 from hostlink_tw.agent.tasks import TaskEngine, TaskSettings
+from hostlink_tw.agent.tasksnapshot import process_identity
 from hostlink_tw.wire.envelope import Envelope, make_envelope
 from hostlink_tw.wire.hello import (
     DiscardedAttempt,
@@ -494,7 +495,8 @@ class RecoveryTests(EngineTestCase):
         yield self.settle(engine)
         child = subprocess.Popen(["sleep", "30"], start_new_session=True)
         self.addCleanup(lambda: (child.poll() is None and child.kill(), child.wait()))
-        yield engine.store.set_process("t", "a", child.pid, "boot-test")
+        yield engine.store.set_process("t", "a", child.pid,
+                                       process_identity(child.pid, "boot-test"))
         yield engine.close()
 
         from twisted.internet import reactor
@@ -523,10 +525,28 @@ class RecoveryTests(EngineTestCase):
         yield self.run_one(engine, "t", "a", [], None)
         child = subprocess.Popen(["sleep", "30"], start_new_session=True)
         self.addCleanup(lambda: (child.poll() is None and child.kill(), child.wait()))
-        yield engine.store.set_process("t", "a", child.pid, "another-boot")
+        yield engine.store.set_process("t", "a", child.pid,
+                                       process_identity(child.pid, "another-boot"))
         yield engine.close()
         yield self.engine()
         self.assertIsNone(child.poll())
+
+    @inlineCallbacks
+    def test_a_reused_group_id_is_left_alone(self) -> Any:
+        """Same boot, same number, another start time: someone else's group now."""
+        engine = yield self.engine()
+        yield self.run_one(engine, "t", "a", [], None)
+        child = subprocess.Popen(["sleep", "30"], start_new_session=True)
+        self.addCleanup(lambda: (child.poll() is None and child.kill(), child.wait()))
+        identity = process_identity(child.pid, "boot-test")
+        assert identity is not None
+        boot, ticks = identity.split(":")
+        yield engine.store.set_process("t", "a", child.pid, f"{boot}:{int(ticks) - 1}")
+        yield engine.close()
+        again = yield self.engine()
+        self.assertIsNone(child.poll())
+        snap = HelloSnapshot.from_dict((yield again.hello_payload()))
+        self.assertEqual([f.final.status for f in snap.unacked_finals], ["interrupted"])
 
 
 class PurgeTests(EngineTestCase):

@@ -54,7 +54,7 @@ from hostlink_tw.agent.interfaces import Channel
 from hostlink_tw.agent.outbox import Outbox
 from hostlink_tw.agent.session import Session, ViolationError
 from hostlink_tw.agent.store import LocalState, Receipt, StoredMessage, StoreError, TaskStore
-from hostlink_tw.agent.tasksnapshot import build_hello, read_boot_id
+from hostlink_tw.agent.tasksnapshot import build_hello, process_identity, read_boot_id
 from hostlink_tw.wire.envelope import Envelope, make_envelope
 from hostlink_tw.wire.errors import ProtocolError
 from hostlink_tw.wire.hello import HelloAckDirectives
@@ -181,7 +181,6 @@ class TaskEngine:
         #: Whether the store opened; if not, deliveries get ``store_unavailable``.
         self.available = False
         self.problem: str | None = None
-        self._ready: Deferred[None] | None = None
         self._ready_waiters: list[Deferred[None]] = []
         self._is_ready = False
         self._released = False
@@ -301,12 +300,22 @@ class TaskEngine:
         return d
 
     def _kill_leftover(
-        self, task_id: str, attempt_id: str, pgid: int | None, boot_id: str | None
+        self, task_id: str, attempt_id: str, pgid: int | None, recorded: str | None
     ) -> Deferred[None]:
-        # A group id from another boot names nothing of ours: leave it alone.
-        if pgid is None or boot_id is None or boot_id != self._boot_id or pgid <= 1:
+        # Only a group whose leader is provably the shell we started (same
+        # boot, same start time): after a long outage the number may name
+        # someone else's processes now.
+        if pgid is None or recorded is None or pgid <= 1 or not self._signal(pgid, 0):
             return succeed(None)
-        if not self._signal(pgid, 0):
+        current = process_identity(pgid, self._boot_id)
+        if current != recorded:
+            if current is None and recorded.startswith(f"{self._boot_id}:"):
+                self.log.warn(
+                    "process group {pgid} of an interrupted task still exists but its "
+                    "shell is gone: left alone, it cannot be proven ours "
+                    "task_id={task_id} attempt={attempt}",
+                    pgid=pgid, task_id=task_id, attempt=attempt_id,
+                )
             return succeed(None)
         self.log.warn(
             "killing the process group {pgid} a previous run left behind "
@@ -458,7 +467,8 @@ class TaskEngine:
             if not self.outbox.send_now(receipt.final, "redelivery"):
                 # Not active yet: an unacked final goes out with the replay;
                 # an acked one right after it.
-                if receipt.final.acked:
+                known = {m.message_id for m in self._after_activation}
+                if receipt.final.acked and receipt.final.message_id not in known:
                     self._after_activation.append(receipt.final)
         else:
             # Results go elsewhere (off over the session): the receipt is all we say.
@@ -601,21 +611,19 @@ class TaskEngine:
         d = self._track(self.store.mark_running(spec.task_id, spec.attempt_id,
                                                 self._clock.seconds()))
 
-        def started(ok: bool) -> bool:
-            if ok:
-                self._live[(spec.task_id, spec.attempt_id)] = _Live()
-            return ok
-
         def failed(failure: Failure) -> bool:
             self.log.error("cannot start task_id={task_id}: {error}", task_id=spec.task_id,
                            error=str(failure.value))
             return False
 
-        return d.addCallbacks(started, failed)
+        return d.addErrback(failed)
 
     def started(self, spec: Any, pid: int) -> None:
         """The process runs: record its group, say ``task.started``."""
-        self._track(self.store.set_process(spec.task_id, spec.attempt_id, pid, self._boot_id)
+        # Only now: the runner calls this for spawned, not discarded attempts.
+        self._live[(spec.task_id, spec.attempt_id)] = _Live()
+        identity = process_identity(pid, self._boot_id)
+        self._track(self.store.set_process(spec.task_id, spec.attempt_id, pid, identity)
                     ).addErrback(lambda f: None)
         session = self._session
         if session is not None and session.ended is None:

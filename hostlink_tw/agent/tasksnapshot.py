@@ -28,7 +28,7 @@ from hostlink_tw.wire.hello import (
 )
 from hostlink_tw.wire.payloads import TaskFinalPayload
 
-__all__ = ["BOOT_ID_PATH", "build_hello", "read_boot_id"]
+__all__ = ["BOOT_ID_PATH", "build_hello", "process_identity", "read_boot_id"]
 
 #: Linux's id of the current boot: a process group recorded under another
 #: boot id is not ours to kill.
@@ -42,6 +42,28 @@ def read_boot_id(path: str = BOOT_ID_PATH) -> str | None:
             return f.read(64).strip() or None
     except (OSError, UnicodeError):
         return None
+
+
+def process_identity(pid: int, boot_id: str | None, proc: str = "/proc") -> str | None:
+    """``<boot id>:<start time>`` of process ``pid``, or ``None`` when unknown.
+
+    A pid (and so a process group id) is reused once its process is gone;
+    the start time in clock ticks since boot (``/proc/<pid>/stat`` field 22)
+    and the boot id tell *our* task's shell from a later process that got
+    the same number.
+    """
+    if boot_id is None:
+        return None
+    try:
+        with open(f"{proc}/{pid}/stat", encoding="ascii", errors="replace") as f:
+            stat = f.read(4096)
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: cut after the last ')'.
+    fields = stat.rpartition(")")[2].split()
+    if len(fields) < 20 or not fields[19].isdigit():
+        return None
+    return f"{boot_id}:{fields[19]}"
 
 
 def build_hello(
