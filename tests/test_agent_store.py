@@ -359,6 +359,16 @@ class OutboxTests(StoreTestCase):
 
 
 
+class ClosedTests(StoreTestCase):
+    @inlineCallbacks
+    def test_a_call_after_stop_fails_instead_of_hanging(self) -> Any:
+        store = self.open()
+        yield store.start()
+        yield store.stop()
+        err = yield self.assertFailure(store.bytes_used(), StoreError)
+        self.assertIn("closed", str(err))
+
+
 class ReadTests(StoreTestCase):
     """The session's queries: snapshot, pages, one stream, discard."""
 

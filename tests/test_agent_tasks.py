@@ -398,6 +398,23 @@ class AckTests(EngineTestCase):
         self.assertEqual(engine.outbox.sent["gap"], 3)
 
 
+    @inlineCallbacks
+    def test_a_burst_of_gap_errors_resends_the_stream_once(self) -> Any:
+        engine = yield self.engine()
+        session = self.session(engine)
+        yield self.run_one(engine, "t1", "a1", [b"1", b"2", b"3", b"4"], None)
+        outputs = [e for e in self.wire if e.type == TASK_OUTPUT]
+        self.wire.clear()
+        engine.outbox._pumping = True  # hold the sender while the burst arrives
+        for highest in (2, 1, 3):
+            engine.outbox.resend("t1", "a1", "stdout", highest)
+        engine.outbox._pumping = False
+        engine.outbox.nudge()
+        yield self.settle(engine)
+        self.assertEqual([e.sequence for e in self.wire], [2, 3, 4])
+        del session, outputs
+
+
 class DirectiveTests(EngineTestCase):
     @inlineCallbacks
     def test_acknowledged_finals_are_not_replayed(self) -> Any:

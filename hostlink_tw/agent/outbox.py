@@ -141,6 +141,12 @@ class Outbox:
         """Re-send one stream's unacked output above ``above`` (a gap error), in order."""
         if self._session is None:
             return
+        # One resend per stream: each gap error of a burst (one per chunk that
+        # arrived out of order) would otherwise re-send the same tail again.
+        for i, (t, a, s, lowest) in enumerate(self._resends):
+            if (t, a, s) == (task_id, attempt_id, stream):
+                self._resends[i] = (t, a, s, min(lowest, above))
+                return
         self._resends.append((task_id, attempt_id, stream, above))
         self.nudge()
 

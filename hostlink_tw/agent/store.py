@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
@@ -554,6 +554,10 @@ class TaskStore:
         return deferToThreadPool(self._reactor, self._pool, fn, *args)
 
     def _use(self, name: str, *args: Any) -> Deferred[Any]:
+        if not self._running:
+            # A stopped ThreadPool silently drops work: fail instead of never firing.
+            return fail(StoreError(f"task store {self.path} is closed"))
+
         def run() -> Any:
             if self._db is None:
                 raise StoreError(f"task store {self.path} is not open")
