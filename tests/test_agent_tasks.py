@@ -9,6 +9,7 @@ backpressure, recovery and the retention purge.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -61,9 +62,10 @@ class Result:
     status: str = "completed"
     exit_code: int = 0
     duration: float = 0.5
+    output: str = "done"
 
     def final_payload(self) -> dict[str, Any]:
-        return {"status": self.status, "exit_code": self.exit_code, "output": "done",
+        return {"status": self.status, "exit_code": self.exit_code, "output": self.output,
                 "output_truncated": False, "error_truncated": False}
 
 
@@ -483,6 +485,32 @@ class SnapshotTests(EngineTestCase):
         del final_bytes
         self.assertEqual(snap.spool_status.bytes_used, engine.spool_bytes)
         self.assertGreater(snap.spool_status.bytes_used, 2 + 5 + 1)
+
+
+class SizeTests(EngineTestCase):
+    """What leaves fits HOSTLINK_WS_MAX_MESSAGE_BYTES, measured encoded."""
+
+    @inlineCallbacks
+    def test_a_final_of_control_bytes_is_cut_to_fit(self) -> Any:
+        engine = yield self.engine(max_message_bytes=64 * 1024)
+        self.session(engine)
+        yield self.run_one(engine, "t", "a", [], Result(output="\x01" * 60_000))
+        (final,) = [e for e in self.wire if e.type == TASK_FINAL]
+        self.assertLessEqual(len(final.to_json().encode()), 64 * 1024)
+        self.assertTrue(final.payload["output_truncated"])
+
+    @inlineCallbacks
+    def test_the_hello_fits_and_the_finals_left_out_are_replayed(self) -> Any:
+        engine = yield self.engine(max_message_bytes=32 * 1024)
+        for n in range(6):
+            yield self.run_one(engine, f"t{n}", "a", [], Result(output="x" * 10_000))
+        payload = yield engine.hello_payload()
+        self.assertLessEqual(len(json.dumps(payload).encode()), 32 * 1024)
+        listed = HelloSnapshot.from_dict(payload).unacked_finals
+        self.assertLess(len(listed), 6)
+        self.session(engine)
+        yield self.settle(engine)
+        self.assertEqual(len([e for e in self.wire if e.type == TASK_FINAL]), 6)
 
 
 class SpoolTests(EngineTestCase):

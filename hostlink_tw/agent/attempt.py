@@ -384,7 +384,14 @@ class Attempt:
                 AGENT_HELLO, client.agent_id, payload, now=client.clock.seconds()
             )
             self.hello_id = hello.message_id
-            self.send(hello)
+            try:
+                self.send(hello)
+            except Exception as e:  # noqa: BLE001 - e.g. over the message limit
+                # The hello deadline ends this attempt; one line, no traceback.
+                self._log.error(
+                    "cannot send agent.hello: {error} agent_id={agent_id} url={url}",
+                    error=f"{type(e).__name__}: {e}", **self._fields,
+                )
 
     def send_if_open(self, envelope: Envelope) -> bool:
         """Send on this connection if it is still the client's open one (a :class:`Channel`)."""

@@ -53,6 +53,7 @@ from hostlink_tw.agent.events import ClientEvent, Observers
 from hostlink_tw.agent.interfaces import Channel
 from hostlink_tw.agent.outbox import Outbox
 from hostlink_tw.agent.session import Session, ViolationError
+from hostlink_tw.agent.sizes import ENVELOPE_ALLOWANCE, chunk_threshold, fit_final
 from hostlink_tw.agent.store import LocalState, Receipt, StoredMessage, StoreError, TaskStore
 from hostlink_tw.agent.tasksnapshot import build_hello, process_identity, read_boot_id
 from hostlink_tw.wire.envelope import Envelope, make_envelope
@@ -106,6 +107,7 @@ class TaskSettings:
     queue_limit: int = 16
     concurrency: int = 1
     kill_grace: float = 5.0
+    max_message_bytes: int = 1 * MiB
 
     @classmethod
     def from_settings(cls, settings: Any) -> TaskSettings:
@@ -115,11 +117,13 @@ class TaskSettings:
             results_enabled=settings.results_enabled,
             spool_cap_bytes=settings.spool_cap_bytes,
             terminal_reserve_bytes=settings.terminal_reserve_bytes,
-            flush_threshold=settings.output_flush_threshold,
+            flush_threshold=chunk_threshold(settings.output_flush_threshold,
+                                            settings.max_message_bytes),
             retention=settings.store_retention,
             queue_limit=settings.task_queue_limit,
             concurrency=settings.task_concurrency,
             kill_grace=settings.task_kill_grace,
+            max_message_bytes=settings.max_message_bytes,
         )
 
 
@@ -399,6 +403,7 @@ class TaskEngine:
             return build_hello(
                 snapshot,
                 self.settings,
+                limit=self.settings.max_message_bytes - ENVELOPE_ALLOWANCE,
                 sequences={key: live.sequences for key, live in self._live.items()},
                 version=__version__,
             )
@@ -661,7 +666,9 @@ class TaskEngine:
         else:
             message_id = task_message_id(spec.task_id, spec.attempt_id, FINAL_MESSAGE_KIND, 0,
                                          time.time_ns())
-        payload = result.final_payload()
+        # Encoded, the texts can be six times their bytes: keep the message sendable.
+        payload = fit_final(result.final_payload(),
+                            self.settings.max_message_bytes - ENVELOPE_ALLOWANCE)
         self._count_end(spec.task_id, spec.attempt_id, payload, result.duration)
         self.pending_messages += 1
         self._issued_messages += 1
@@ -778,6 +785,14 @@ def build_tasks(settings: Any, client: Any, reactor: Any) -> tuple[TaskEngine, A
     from hostlink_tw.agent.runner import TaskRunner, TaskSpec
 
     path = settings.local_store_path
+    threshold = chunk_threshold(settings.output_flush_threshold, settings.max_message_bytes)
+    if threshold < settings.output_flush_threshold:
+        _log.warn(
+            "task output chunks of {threshold} bytes could exceed HOSTLINK_WS_MAX_MESSAGE_BYTES "
+            "({limit}) once escaped: cutting them at {used} bytes",
+            threshold=settings.output_flush_threshold, limit=settings.max_message_bytes,
+            used=threshold,
+        )
     use_store = settings.delivery_enabled or settings.results_enabled or os.path.exists(path)
     engine = TaskEngine(
         TaskStore(path, reactor),
@@ -793,7 +808,7 @@ def build_tasks(settings: Any, client: Any, reactor: Any) -> tuple[TaskEngine, A
         concurrency=settings.task_concurrency,
         timeout=settings.task_timeout,
         kill_grace=settings.task_kill_grace,
-        flush_threshold=settings.output_flush_threshold,
+        flush_threshold=threshold,
         flush_interval=settings.output_flush_interval,
         output_limit=settings.task_output_limit_bytes,
         final_output_bytes=settings.task_final_output_bytes,

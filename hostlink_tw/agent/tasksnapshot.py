@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from hostlink_tw.agent.sizes import encoded_size
 from hostlink_tw.agent.storereads import StoreSnapshot
 from hostlink_tw.wire.envelope import format_sent_at
 from hostlink_tw.wire.hello import (
@@ -72,8 +73,16 @@ def build_hello(
     *,
     sequences: Mapping[tuple[str, str], Mapping[str, int]],
     version: str,
+    limit: int | None = None,
 ) -> dict[str, Any]:
-    """The hello payload: the flags, and the store's state when there is one."""
+    """The hello payload: the flags, and the store's state when there is one.
+
+    With ``limit``, the payload is kept within that many bytes encoded: the
+    newest entries of the lists are left out until it fits.  A final left
+    out is still replayed as a ``task.final`` (§8.6), and an attempt left
+    out is still known to the agent; only the control plane's early view of
+    them is lost, which is better than a hello that cannot be sent at all.
+    """
     capabilities = Capabilities(
         delivery_enabled=settings.delivery_enabled, results_enabled=settings.results_enabled
     )
@@ -124,4 +133,25 @@ def build_hello(
             has_rotated_chunks=False,
         ),
     )
-    return hello_payload(hello)
+    payload = hello_payload(hello)
+    if limit is None or encoded_size(payload) <= limit:
+        return payload
+    return _trimmed(payload, limit)
+
+
+def _trimmed(payload: dict[str, Any], limit: int) -> dict[str, Any]:
+    trimmed = dict(payload)
+    # Finals first (the largest, and replayed anyway), then output ranges,
+    # then the queue; newest first within each.
+    for key in ("unacked_finals", "unacked_output", "received_not_started"):
+        items = list(trimmed[key])
+        while items and encoded_size(trimmed) > limit:
+            # Drop about the share of the excess one entry is worth, at least one.
+            size = encoded_size(trimmed)
+            each = max(1, encoded_size(items) // len(items))
+            drop = max(1, min(len(items), (size - limit) // each))
+            items = items[:-drop]
+            trimmed[key] = items
+        if encoded_size(trimmed) <= limit:
+            break
+    return trimmed
