@@ -288,6 +288,33 @@ class ReceiptTableTests(EngineTestCase):
         self.assertTrue(HelloSnapshot.from_dict(payload).capabilities.delivery_enabled)
 
     @inlineCallbacks
+    def test_deliveries_recorded_at_once_are_bounded(self) -> Any:
+        from hostlink_tw.agent import tasks
+
+        self.patch(tasks, "MAX_RECEIPTS_IN_FLIGHT", 1)
+        engine = yield self.engine()
+        engine.delivered(deliver("t1", "a1"), self.channel)
+        engine.delivered(deliver("t2", "a2"), self.channel)  # the first is still in flight
+        yield self.settle(engine)
+        self.assertEqual(sorted(self.types()), [ERROR, TASK_RECEIVED])
+        (error,) = [e for e in self.channel.sent if e.type == ERROR]
+        self.assertEqual((error.payload["code"], error.payload["retryable"]),
+                         ("queue_full", True))
+
+    @inlineCallbacks
+    def test_queued_attempts_do_not_run_once_delivery_is_off(self) -> Any:
+        engine = yield self.engine()
+        engine.delivered(deliver("t1", "a1"), self.channel)
+        yield self.settle(engine)
+        yield engine.close()
+        again = yield self.engine(delivery_enabled=False)
+        self.session(again)
+        yield self.settle(again)
+        self.assertEqual(self.runner.submitted, [])
+        snap = HelloSnapshot.from_dict((yield again.hello_payload()))
+        self.assertEqual([r.task_id for r in snap.received_not_started], ["t1"])
+
+    @inlineCallbacks
     def test_invalid_deliver_ends_the_connection(self) -> Any:
         engine = yield self.engine()
         bad = make_envelope(TASK_DELIVER, AGENT, {"command": 5}, now=0, task_id="t",

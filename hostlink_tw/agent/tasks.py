@@ -88,6 +88,9 @@ _log = Logger(namespace="hostlink_tw.tasks")
 
 MiB = 1024 * 1024
 
+#: Deliveries being recorded at once; more are answered ``queue_full`` (retryable).
+MAX_RECEIPTS_IN_FLIGHT = 256
+
 #: The kind of the event each ended attempt gives the engine's observers.
 TASK_ENDED = "task_ended"
 #: The kind of the event each message sent again (not live) gives them.
@@ -188,6 +191,7 @@ class TaskEngine:
         self._ready_waiters: list[Deferred[None]] = []
         self._is_ready = False
         self._released = False
+        self._receipts_in_flight = 0
         self._held: list[Any] = []
         self._live: dict[tuple[str, str], _Live] = {}
         self._session: Session | None = None
@@ -434,11 +438,24 @@ class TaskEngine:
             self._refuse(channel, envelope, ERROR_STORE_UNAVAILABLE,
                          "the agent's task store is unavailable", retryable=True)
             return
+        if self._receipts_in_flight >= MAX_RECEIPTS_IN_FLIGHT:
+            # A control plane sending faster than the disk commits: bound the
+            # store thread's backlog (each receipt is an fsync'd transaction).
+            self._refuse(channel, envelope, ERROR_QUEUE_FULL,
+                         "too many deliveries are being recorded", retryable=True)
+            return
+        self._receipts_in_flight += 1
         d = self.store.record_received(
             task_id, attempt_id, self._clock.seconds(), self.settings.queue_limit,
             deliver.command,
         )
         self._track(d)
+
+        def landed(result: object) -> object:
+            self._receipts_in_flight -= 1
+            return result
+
+        d.addBoth(landed)
 
         def answer(receipt: Receipt) -> None:
             self._answer(receipt, envelope, channel, deliver.command)
@@ -562,7 +579,15 @@ class TaskEngine:
             except StoreError as e:
                 self.log.error("cannot apply the hello_ack's directives: {error}",
                                error=str(e))
-        if not self._released:
+        if not self._released and self._held and not self.settings.delivery_enabled:
+            # Received while delivery was on; it is off now (a rollback):
+            # they stay queued in the store rather than run unasked.
+            self.log.warn(
+                "{count} received attempts stay queued: task delivery is disabled "
+                "(HOSTLINK_WS_DELIVERY_ENABLED)", count=len(self._held),
+            )
+            self._released = True  # said once; nothing is ever submitted
+        elif not self._released:
             self._released = True
             held, self._held = self._held, []
             for spec in held:
