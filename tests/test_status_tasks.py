@@ -459,6 +459,7 @@ class WiringTests(EngineTestCase):
         yield self.settle(engine)
         spec = TaskSpec("t1", "a1", "echo hi")
         self.assertTrue((yield engine.before_start(spec)))
+        engine.started(spec, 0)
         engine.output(spec, "stdout", b"hello", False)
         engine.ended(spec, Result(duration=0.25))
         yield self.settle(engine)

@@ -35,7 +35,6 @@ on to the client's observers.
 from __future__ import annotations
 
 import os
-import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Generator
@@ -44,16 +43,18 @@ from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hostlink_tw import __version__
 from hostlink_tw.agent.events import ClientEvent, Observers
 from hostlink_tw.agent.interfaces import Channel
+from hostlink_tw.agent.leftovers import LeftoverGroups
 from hostlink_tw.agent.outbox import Outbox
 from hostlink_tw.agent.session import Session, ViolationError
 from hostlink_tw.agent.sizes import ENVELOPE_ALLOWANCE, chunk_threshold, fit_final
+from hostlink_tw.agent.spool import Spool
 from hostlink_tw.agent.store import LocalState, Receipt, StoredMessage, StoreError, TaskStore
 from hostlink_tw.agent.tasksnapshot import build_hello, process_identity, read_boot_id
 from hostlink_tw.wire.envelope import Envelope, make_envelope
@@ -183,7 +184,8 @@ class TaskEngine:
         self._make_spec = make_spec
         self.log = log if log is not None else _log
         self._boot_id = boot_id if boot_id is not None else read_boot_id()
-        self._kill = kill
+        self._leftovers = LeftoverGroups(clock, boot_id=self._boot_id,
+                                         grace=settings.kill_grace, kill=kill, log=self.log)
         self.runner: RunnerLike | None = None
         #: Whether the store opened; if not, deliveries get ``store_unavailable``.
         self.available = False
@@ -200,20 +202,12 @@ class TaskEngine:
         self._purge = LoopingCall(self._purge_once)
         self._purge.clock = clock
         self._observers = Observers(self.log)
-        self.outbox = Outbox(store, agent_id=agent_id, clock=clock, on_freed=self._freed,
+        self.outbox = Outbox(store, agent_id=agent_id, clock=clock,
+                             on_freed=lambda freed: self.spool.freed(freed),
                              on_resent=self._resent, log=self.log)
-        #: Unacked bytes in the outbox (§7.1 ``bytes_used``), kept in step with the store.
-        self.spool_bytes = 0
-        #: Unacked messages in the outbox, kept in step with the store the same way.
-        self.pending_messages = 0
-        # What was given to the store to add to the outbox, ever: a count read
-        # from the store is corrected by what was issued after the read.
-        self._issued_messages = 0
-        self._issued_bytes = 0
-        self._recounting = False
-        self._recount_again = False
         self._closing = False
-        self.output_paused = False
+        self.spool = Spool(settings, store, log=self.log, track=self._track,
+                           usable=lambda: self.available and not self._closing)
         #: Attempts ended, by final status (those a restart interrupted included).
         self.finished: Counter[str] = Counter()
         #: The last hello_ack's ``delivery_enabled`` (§9.3).
@@ -224,6 +218,7 @@ class TaskEngine:
     def attach_runner(self, runner: RunnerLike) -> None:
         """The runner this engine feeds (built with this engine as its sink)."""
         self.runner = runner
+        self.spool.runner = runner
 
     def add_observer(self, observer: Callable[[ClientEvent], None]) -> Callable[[], None]:
         """Call ``observer`` with each ``task_ended`` and ``outbox_resent`` event
@@ -268,8 +263,9 @@ class TaskEngine:
         try:
             running = yield self.store.running_attempts()
             for attempt in running:
-                yield self._kill_leftover(attempt.task_id, attempt.attempt_id, attempt.pgid,
-                                          attempt.boot_id)
+                yield self._leftovers.kill_leftover(
+                    attempt.task_id, attempt.attempt_id, attempt.pgid, attempt.boot_id
+                )
             finals = yield self.store.recover(self._clock.seconds())
             for final in finals:
                 self.log.info(
@@ -279,7 +275,7 @@ class TaskEngine:
                 self._count_end(final.task_id, final.attempt_id, final.payload, None)
             queued = yield self.store.queued_attempts()
             self._held = [self._make_spec(q.task_id, q.attempt_id, q.command) for q in queued]
-            yield self._recount()
+            yield self.spool.recount()
         except StoreError as e:
             self.available = False
             self.problem = str(e)
@@ -306,50 +302,6 @@ class TaskEngine:
         d: Deferred[None] = Deferred()
         self._ready_waiters.append(d)
         return d
-
-    def _kill_leftover(
-        self, task_id: str, attempt_id: str, pgid: int | None, recorded: str | None
-    ) -> Deferred[None]:
-        # Only a group whose leader is provably the shell we started (same
-        # boot, same start time): after a long outage the number may name
-        # someone else's processes now.
-        if pgid is None or recorded is None or pgid <= 1 or not self._signal(pgid, 0):
-            return succeed(None)
-        current = process_identity(pgid, self._boot_id)
-        if current != recorded:
-            if current is None and recorded.startswith(f"{self._boot_id}:"):
-                self.log.warn(
-                    "process group {pgid} of an interrupted task still exists but its "
-                    "shell is gone: left alone, it cannot be proven ours "
-                    "task_id={task_id} attempt={attempt}",
-                    pgid=pgid, task_id=task_id, attempt=attempt_id,
-                )
-            return succeed(None)
-        self.log.warn(
-            "killing the process group {pgid} a previous run left behind "
-            "task_id={task_id} attempt={attempt}",
-            pgid=pgid, task_id=task_id, attempt=attempt_id,
-        )
-        return self._terminate_group(pgid)
-
-    @inlineCallbacks
-    def _terminate_group(self, pgid: int) -> Generator[Deferred[Any], Any, None]:
-        self._signal(pgid, signal.SIGTERM)
-        waited = 0.0
-        while waited < self.settings.kill_grace and self._signal(pgid, 0):
-            yield deferLater(self._clock, 0.05, lambda: None)
-            waited += 0.05
-        self._signal(pgid, signal.SIGKILL)
-
-    def _signal(self, pgid: int, sig: int) -> bool:
-        """Send ``sig`` to the group; False when the group no longer exists."""
-        try:
-            self._kill(pgid, sig)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
 
     def pending_writes(self) -> Deferred[Any]:
         """Fires when every store write (and activation) issued so far is done."""
@@ -574,8 +526,8 @@ class TaskEngine:
                             replay.task_id, replay.execution_attempt_id, replay.stream,
                             replay.next_sequence - 1,
                         ))
-                yield self._recount()
-                self._check_spool()
+                yield self.spool.recount()
+                self.spool.check()
             except StoreError as e:
                 self.log.error("cannot apply the hello_ack's directives: {error}",
                                error=str(e))
@@ -671,11 +623,7 @@ class TaskEngine:
         message_id = task_message_id(spec.task_id, spec.attempt_id, stream, sequence,
                                      time.time_ns())
         payload = output_payload(stream, chunk, truncated_locally)
-        self.spool_bytes += len(chunk)
-        self.pending_messages += 1
-        self._issued_messages += 1
-        self._issued_bytes += len(chunk)
-        self._check_spool()
+        self.spool.output_issued(len(chunk))
         d = self._track(self.store.enqueue_output(
             spec.task_id, spec.attempt_id, message_id, stream, sequence, payload, len(chunk),
             self._clock.seconds(),
@@ -695,8 +643,7 @@ class TaskEngine:
         payload = fit_final(result.final_payload(),
                             self.settings.max_message_bytes - ENVELOPE_ALLOWANCE)
         self._count_end(spec.task_id, spec.attempt_id, payload, result.duration)
-        self.pending_messages += 1
-        self._issued_messages += 1
+        self.spool.final_issued()
         d = self._track(self.store.record_final(
             spec.task_id, spec.attempt_id, message_id, payload, self._clock.seconds(),
         ))
@@ -704,9 +651,9 @@ class TaskEngine:
         def stored(message: StoredMessage) -> None:
             if message.message_id != message_id:
                 # The attempt had ended already: its first final stays, counted once.
-                self.pending_messages -= 1
+                self.spool.final_existed()
                 return
-            self.spool_bytes += message.byte_count
+            self.spool.final_stored(message.byte_count)
             self.outbox.nudge()
 
         d.addCallbacks(stored, self._write_failed)
@@ -730,74 +677,22 @@ class TaskEngine:
             "reason": reason, "type": message.type, "message_id": message.message_id,
         }))
 
-    def _recount(self) -> Deferred[None]:
-        """Read the outbox's totals from the store.
+    # -- the spool's counts, for the status page and the hello --------------------------
 
-        The store runs calls in order, so the read sees every message issued
-        before it and none issued after: those are added back.
-        """
-        messages, size = self._issued_messages, self._issued_bytes
+    @property
+    def spool_bytes(self) -> int:
+        """Unacked bytes in the outbox (§7.1 ``bytes_used``), in step with the store."""
+        return self.spool.bytes
 
-        def got(totals: tuple[int, int]) -> None:
-            count, used = totals
-            self.pending_messages = count + self._issued_messages - messages
-            self.spool_bytes = used + self._issued_bytes - size
+    @property
+    def pending_messages(self) -> int:
+        """Unacked messages in the outbox."""
+        return self.spool.messages
 
-        return self._track(self.store.outbox_totals()).addCallback(got)
-
-    def _recount_soon(self) -> None:
-        """Recount after acks (they free messages the engine cannot count), one read at a time."""
-        if not self.available or self._closing:
-            return
-        if self._recounting:
-            self._recount_again = True
-            return
-        self._recounting = True
-
-        def failed(failure: Failure) -> None:
-            if isinstance(failure.value, StoreError):  # said already by the write that failed
-                self.log.debug("cannot count the outbox: {error}", error=str(failure.value))
-            else:
-                self.log.failure("cannot count the outbox", failure)
-
-        def done(_: object) -> None:
-            self._recounting = False
-            if self._recount_again:
-                self._recount_again = False
-                self._recount_soon()
-            else:
-                self._check_spool()
-
-        self._recount().addErrback(failed).addBoth(done)
-
-    # -- the spool (§8.4) --------------------------------------------------------------
-
-    def _limits(self) -> tuple[int, int]:
-        s = self.settings
-        limit = s.spool_cap_bytes - s.terminal_reserve_bytes
-        # What may still arrive after a pause: one flush threshold per stream and attempt.
-        margin = 2 * s.flush_threshold * s.concurrency
-        pause_at = max(limit - margin, s.flush_threshold)
-        return pause_at, pause_at // 2
-
-    def _check_spool(self) -> None:
-        if self.runner is None:
-            return
-        pause_at, resume_at = self._limits()
-        if not self.output_paused and self.spool_bytes >= pause_at:
-            self.output_paused = True
-            self.log.info("spool full ({bytes} unacked bytes): pausing task output",
-                          bytes=self.spool_bytes)
-            self.runner.pause_output()
-        elif self.output_paused and self.spool_bytes <= resume_at:
-            self.output_paused = False
-            self.log.info("spool drained: resuming task output")
-            self.runner.resume_output()
-
-    def _freed(self, freed: int) -> None:
-        self.spool_bytes = max(0, self.spool_bytes - freed)
-        self._check_spool()
-        self._recount_soon()
+    @property
+    def output_paused(self) -> bool:
+        """Whether the spool is full and task output is not read."""
+        return self.spool.paused
 
 
 def build_tasks(settings: Any, client: Any, reactor: Any) -> tuple[TaskEngine, Any]:
