@@ -261,6 +261,9 @@ class DuplicateDeliveryTests(_Base):
         yield wait_until(lambda: len(self.tap.finals(attempt)) == 2, "the stored final again")
         finals = self.tap.finals(attempt)
         self.assertEqual(finals[0].message_id, finals[1].message_id)
+        # Sent twice (§8.2: an ended attempt's delivery is answered with its final), stored once.
+        self.assertEqual(self.cp.tasks.store.final_ids([finals[0].message_id]),
+                         {finals[0].message_id})
         # Give a wrong second run the time to show.
         yield sleep(0.3)
         with open(runs) as f:
