@@ -55,6 +55,7 @@ __all__ = [
     "sleep",
     "start_cp",
     "store_finals",
+    "store_output_count",
     "stored_bytes",
     "wait_until",
 ]
@@ -272,6 +273,15 @@ def kill_group_later(test: TestCase, pgid: int) -> None:
             pass
 
     test.addCleanup(kill)
+
+
+def store_output_count(path: str) -> int:
+    """How many output chunks the agent store holds unacked (acked ones are deleted);
+    a test may read a running agent's store: it is in WAL mode."""
+    with closing(sqlite3.connect(path, timeout=5)) as db:
+        return int(
+            db.execute("SELECT count(*) FROM outbox WHERE type = 'task.output'").fetchone()[0]
+        )
 
 
 def store_finals(path: str) -> list[tuple[str, str, int]]:

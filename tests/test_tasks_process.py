@@ -35,6 +35,7 @@ from .tasks_support import (
     read_pgid,
     start_cp,
     store_finals,
+    store_output_count,
     wait_until,
 )
 
@@ -123,6 +124,10 @@ class AgentProcessTests(TestCase):
         """The group the dead agent left is killed at restart; `interrupted` arrives once."""
         agent = yield self.start_agent()
         task, pgid = yield self.run_long_task()
+        # Nothing in flight: the agent has recorded the ack of the task's output, so
+        # its restart has only the final to report (the control plane then adopts
+        # it from the hello instead of waiting for a replay).
+        yield wait_until(lambda: store_output_count(self.store) == 0, "the output's ack")
         ended = agent.ended
         agent.signal("KILL")
         reason = yield ended
@@ -136,10 +141,12 @@ class AgentProcessTests(TestCase):
         self.assertEqual(record.status, "interrupted")
         expected = self.check_interrupted(task, pgid)
         yield self.barrier()
-        # Delivered once: in the restart's hello or as a task.final, not both.
-        delivered = [e.message_id for e in self.tap.sent("hello.unacked_final")
-                     + self.tap.finals(task.execution_attempt_id)]
-        self.assertEqual(delivered, [expected])
+        # Recovery comes before the first hello (§7.1): the final is in it, the
+        # control plane stores it from there and acknowledges it in the hello_ack,
+        # so it is never sent again as a task.final.
+        listed = [e.message_id for e in self.tap.sent("hello.unacked_final")]
+        self.assertEqual(listed, [expected])
+        self.assertEqual(self.tap.finals(task.execution_attempt_id), [])
         yield self.stop_agent(agent)
         self.assertEqual(store_finals(self.store)[0], (expected, "interrupted", 1))
         self.assertIn("killing the process group", agent.log())
