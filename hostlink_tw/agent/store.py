@@ -219,6 +219,12 @@ class Database(Reads):
             if check != "ok":
                 raise StoreError(f"task store {path} is corrupt: {check}")
             migrate(self._conn, path)
+            # The outbox's rowids only ever go up (the sender's cursor relies on
+            # it): SQLite alone would give a new row the rowid of an acked,
+            # deleted newest row again, behind a cursor that passed it.
+            self._last_rowid = int(
+                self._conn.execute("SELECT coalesce(max(rowid), 0) FROM outbox").fetchone()[0]
+            )
         except sqlite3.Error as e:
             self._conn.close()
             raise StoreError(f"task store {path} is unreadable or corrupt: {e}") from None
@@ -248,6 +254,13 @@ class Database(Reads):
         except sqlite3.Error as e:
             raise StoreError(f"task store {self.path} failed: {e}") from None
         return result
+
+    def _insert_message(self, values: tuple[Any, ...]) -> None:
+        """Insert one outbox row (:data:`_INSERT`'s values) above every rowid used so far."""
+        rowid = self._last_rowid + 1
+        self._exec(_INSERT, (*values, rowid))
+        # A rolled-back insert leaves a gap, which is harmless; a reused rowid is not.
+        self._last_rowid = rowid
 
     def _state(self, task_id: str, attempt_id: str) -> str | None:
         row = self._exec(
@@ -311,9 +324,8 @@ class Database(Reads):
             " WHERE task_id = ? AND attempt_id = ?",
             (now, task_id, attempt_id),
         )
-        self._exec(
-            _INSERT,
-            (message_id, task_id, attempt_id, FINAL, None, None, text, count, now),
+        self._insert_message(
+            (message_id, task_id, attempt_id, FINAL, None, None, text, count, now)
         )
         return StoredMessage(
             message_id, task_id, attempt_id, FINAL, None, None, payload, count, now, False
@@ -355,10 +367,9 @@ class Database(Reads):
         """Store one output chunk; call in sequence order per stream."""
         text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
         self._tx(
-            lambda: self._exec(
-                _INSERT,
+            lambda: self._insert_message(
                 (message_id, task_id, attempt_id, OUTPUT, stream, sequence, text,
-                 byte_count, now),
+                 byte_count, now)
             )
         )
         return StoredMessage(
@@ -517,7 +528,7 @@ class Database(Reads):
 # Literal statements: no SQL is ever built from values.
 _INSERT = (
     "INSERT INTO outbox (message_id, task_id, attempt_id, type, stream, sequence, payload,"
-    " byte_count, created_at, acked) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0)"
+    " byte_count, created_at, acked, rowid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)"
 )
 
 
