@@ -11,7 +11,8 @@ Twisted server endpoint (``tcp:9920:interface=127.0.0.1``).  It serves:
     the client's state as JSON (see :meth:`StatusSource.snapshot`), its
     times as RFC 3339 UTC text (``2026-04-27T11:03:00Z``, as the reference
     control plane's ``/status``) and its URLs redacted
-    (:func:`hostlink_tw.safetext.redact_url`).
+    (:func:`hostlink_tw.safetext.redact_url`), and under ``tasks`` the
+    task engine's state (:func:`hostlink_tw.taskstatus.task_status`).
 ``GET /metrics``
     Prometheus text exposition, from a registry of our own (not the
     process-global one, so an application embedding several agents, or a
@@ -19,7 +20,8 @@ Twisted server endpoint (``tcp:9920:interface=127.0.0.1``).  It serves:
     series of the counters.
 
 Metrics come from two places: counters and timestamps from the client's
-events as they happen, gauges from the client's state at scrape time.
+events as they happen, gauges from the client's state at scrape time.  The
+task metrics (:mod:`hostlink_tw.taskstatus`) follow the same rule.
 Timestamps follow Prometheus conventions: Unix time of the last event, read
 from the wall clock when the event arrives (never "seconds since", which
 grows on a healthy session and cannot be aggregated).
@@ -56,6 +58,7 @@ from hostlink_tw.protocol import (
     format_sent_at,
 )
 from hostlink_tw.safetext import redact_url
+from hostlink_tw.taskstatus import TaskMetrics, engine_of, task_status
 
 _log = Logger(namespace="hostlink_tw.status")
 
@@ -97,7 +100,9 @@ class StatusSource(Protocol):
         ``current_delay`` (seconds or None), the :data:`TIME_FIELDS`
         (reactor seconds or None, shown as RFC 3339 text) and ``url`` and
         ``proxy`` (shown redacted); everything else is passed through to
-        ``/status``.
+        ``/status``.  A source that has a ``tasks`` attribute (the service
+        and the client do: their task engine, or ``None``) adds the task
+        metrics and the ``tasks`` part of ``/status``.
         """
 
     def add_observer(self, observer: Callable[[Any], None]) -> Callable[[], None]:
@@ -213,6 +218,8 @@ class ClientMetrics:
         )
         for gauge in (self.last_ack, self.last_pong, self.session_start):
             gauge.set(math.nan)
+        #: The task metrics (PROTOCOL §7–§8).
+        self.tasks = TaskMetrics(lambda: engine_of(source), r)
         self._unsubscribe = source.add_observer(self.observe)
 
     def _state(self) -> dict[str, Any]:
@@ -246,6 +253,8 @@ class ClientMetrics:
             self.closes.labels(code=_code_label(fields.get("code"))).inc()
         elif kind == "refused":
             self.refusals.labels(status=_status_label(fields.get("status"))).inc()
+        else:
+            self.tasks.observe(kind, fields)
 
     def close(self) -> None:
         """Stop observing the agent."""
@@ -311,19 +320,27 @@ class StatusResource(Resource):
         return json.dumps(self.status(), sort_keys=True, default=str).encode() + b"\n"
 
     def status(self) -> dict[str, Any]:
-        """The ``/status`` document: the snapshot with times as text and URLs redacted."""
+        """The ``/status`` document: the snapshot with times as text and URLs
+        redacted, and the tasks' state."""
         state = self._source.snapshot()
         offset = 0.0 if self._clock is None else self._wall_clock() - self._clock.seconds()
-        for key in TIME_FIELDS:
-            value = state.get(key)
+
+        def as_text(value: object) -> Any:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 try:
-                    state[key] = format_sent_at(float(value) + offset)
+                    return format_sent_at(float(value) + offset)
                 except ProtocolError:  # NaN, infinite or beyond year 9999: not a time
-                    state[key] = None
+                    return None
+            return value
+
+        for key in TIME_FIELDS:
+            if key in state:
+                state[key] = as_text(state[key])
         for key in _URL_FIELDS:
             if isinstance(state.get(key), str):
                 state[key] = redact_url(state[key])
+        if hasattr(self._source, "tasks"):
+            state["tasks"] = task_status(engine_of(self._source), as_text)
         return state
 
     def _prometheus(self, request: Request) -> bytes:

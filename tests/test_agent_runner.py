@@ -779,6 +779,20 @@ class ProcessTimerTests(SynchronousTestCase):
         self.reactor.advance(process_module.ESCAPED_PIPE_WAIT)
         self.assertTrue(process.transport.lost)  # type: ignore[union-attr]
 
+    def test_paused_pipes_of_an_interrupted_task_are_closed(self) -> None:
+        # A shutdown with the spool full: no ack will resume the reading.
+        process = self.spawn(kill_grace=1)
+        process.pause()
+        process.interrupt()
+        process.processExited(Failure(ProcessTerminated(signal=signal.SIGTERM)))
+        self.reactor.advance(1)
+        self.assertFalse(process.transport.lost)  # type: ignore[union-attr]
+        self.reactor.advance(process_module.ESCAPED_PIPE_WAIT)
+        self.assertTrue(process.transport.lost)  # type: ignore[union-attr]
+        self.assertIn("unread output is dropped", self.events[-1]["log_format"])
+        process.processEnded(Failure(ProcessTerminated(signal=signal.SIGTERM)))
+        self.assertEqual(self.result(process).status, "interrupted")
+
     def test_a_terminated_group_gets_one_grace(self) -> None:
         # The shell exits on TERM but something holds the pipes: the SIGKILL
         # comes one grace after the TERM, not one grace after the exit.

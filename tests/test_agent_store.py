@@ -359,6 +359,16 @@ class OutboxTests(StoreTestCase):
 
 
 
+class ClosedTests(StoreTestCase):
+    @inlineCallbacks
+    def test_a_call_after_stop_fails_instead_of_hanging(self) -> Any:
+        store = self.open()
+        yield store.start()
+        yield store.stop()
+        err = yield self.assertFailure(store.bytes_used(), StoreError)
+        self.assertIn("closed", str(err))
+
+
 class ReadTests(StoreTestCase):
     """The session's queries: snapshot, pages, one stream, discard."""
 
@@ -414,6 +424,30 @@ class ReadTests(StoreTestCase):
         yield s.enqueue_output("t", "a", "o5", "stdout", 5, _chunk("z"), 1, 3.0)
         later = yield s.unacked_page(rest[-1][0], 100)
         self.assertEqual([m.message_id for _, m in later], ["o5"])
+
+    @inlineCallbacks
+    def test_page_cursor_never_skips_after_acks(self) -> Any:
+        """A message stored after the newest ones were acked (deleted) is still after
+        the cursor: SQLite reuses the largest rowid once its row is gone."""
+        s = yield self.filled()
+        page = yield s.unacked_page(0, 100)
+        cursor = page[-1][0]
+        yield s.ack_messages([("e1", 1), ("o4", 4)])
+        yield s.enqueue_output("t", "a", "o5", "stdout", 5, _chunk("z"), 1, 3.0)
+        yield s.record_final("t", "a", "f", FINAL, 4.0)
+        later = yield s.unacked_page(cursor, 100)
+        self.assertEqual([m.message_id for _, m in later], ["o5", "f"])
+        # Reopened, the numbering goes on above every row kept.
+        yield s.stop()
+        s = self.open()
+        yield s.start()
+        page = yield s.unacked_page(0, 100)
+        yield s.ack_messages([("f", None)])
+        yield s.record_received("t", "b", 5.0)
+        yield s.mark_running("t", "b", 5.0)
+        yield s.enqueue_output("t", "b", "b1", "stdout", 1, _chunk("y"), 1, 6.0)
+        later = yield s.unacked_page(page[-1][0], 100)
+        self.assertEqual([m.message_id for _, m in later], ["b1"])
 
     @inlineCallbacks
     def test_unacked_stream_above_and_through(self) -> Any:

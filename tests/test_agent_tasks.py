@@ -9,6 +9,7 @@ backpressure, recovery and the retention purge.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -24,6 +25,7 @@ from twisted.trial.unittest import TestCase
 from hostlink_tw.agent.session import Session, ViolationError
 from hostlink_tw.agent.store import TaskStore
 from hostlink_tw.agent.tasks import TaskEngine, TaskSettings
+from hostlink_tw.agent.tasksnapshot import process_identity
 from hostlink_tw.wire.envelope import Envelope, make_envelope
 from hostlink_tw.wire.hello import (
     DiscardedAttempt,
@@ -60,9 +62,10 @@ class Result:
     status: str = "completed"
     exit_code: int = 0
     duration: float = 0.5
+    output: str = "done"
 
     def final_payload(self) -> dict[str, Any]:
-        return {"status": self.status, "exit_code": self.exit_code, "output": "done",
+        return {"status": self.status, "exit_code": self.exit_code, "output": self.output,
                 "output_truncated": False, "error_truncated": False}
 
 
@@ -285,6 +288,33 @@ class ReceiptTableTests(EngineTestCase):
         self.assertTrue(HelloSnapshot.from_dict(payload).capabilities.delivery_enabled)
 
     @inlineCallbacks
+    def test_deliveries_recorded_at_once_are_bounded(self) -> Any:
+        from hostlink_tw.agent import tasks
+
+        self.patch(tasks, "MAX_RECEIPTS_IN_FLIGHT", 1)
+        engine = yield self.engine()
+        engine.delivered(deliver("t1", "a1"), self.channel)
+        engine.delivered(deliver("t2", "a2"), self.channel)  # the first is still in flight
+        yield self.settle(engine)
+        self.assertEqual(sorted(self.types()), [ERROR, TASK_RECEIVED])
+        (error,) = [e for e in self.channel.sent if e.type == ERROR]
+        self.assertEqual((error.payload["code"], error.payload["retryable"]),
+                         ("queue_full", True))
+
+    @inlineCallbacks
+    def test_queued_attempts_do_not_run_once_delivery_is_off(self) -> Any:
+        engine = yield self.engine()
+        engine.delivered(deliver("t1", "a1"), self.channel)
+        yield self.settle(engine)
+        yield engine.close()
+        again = yield self.engine(delivery_enabled=False)
+        self.session(again)
+        yield self.settle(again)
+        self.assertEqual(self.runner.submitted, [])
+        snap = HelloSnapshot.from_dict((yield again.hello_payload()))
+        self.assertEqual([r.task_id for r in snap.received_not_started], ["t1"])
+
+    @inlineCallbacks
     def test_invalid_deliver_ends_the_connection(self) -> Any:
         engine = yield self.engine()
         bad = make_envelope(TASK_DELIVER, AGENT, {"command": 5}, now=0, task_id="t",
@@ -397,6 +427,23 @@ class AckTests(EngineTestCase):
         self.assertEqual(engine.outbox.sent["gap"], 3)
 
 
+    @inlineCallbacks
+    def test_a_burst_of_gap_errors_resends_the_stream_once(self) -> Any:
+        engine = yield self.engine()
+        session = self.session(engine)
+        yield self.run_one(engine, "t1", "a1", [b"1", b"2", b"3", b"4"], None)
+        outputs = [e for e in self.wire if e.type == TASK_OUTPUT]
+        self.wire.clear()
+        engine.outbox._pumping = True  # hold the sender while the burst arrives
+        for highest in (2, 1, 3):
+            engine.outbox.resend("t1", "a1", "stdout", highest)
+        engine.outbox._pumping = False
+        engine.outbox.nudge()
+        yield self.settle(engine)
+        self.assertEqual([e.sequence for e in self.wire], [2, 3, 4])
+        del session, outputs
+
+
 class DirectiveTests(EngineTestCase):
     @inlineCallbacks
     def test_acknowledged_finals_are_not_replayed(self) -> Any:
@@ -467,6 +514,32 @@ class SnapshotTests(EngineTestCase):
         self.assertGreater(snap.spool_status.bytes_used, 2 + 5 + 1)
 
 
+class SizeTests(EngineTestCase):
+    """What leaves fits HOSTLINK_WS_MAX_MESSAGE_BYTES, measured encoded."""
+
+    @inlineCallbacks
+    def test_a_final_of_control_bytes_is_cut_to_fit(self) -> Any:
+        engine = yield self.engine(max_message_bytes=64 * 1024)
+        self.session(engine)
+        yield self.run_one(engine, "t", "a", [], Result(output="\x01" * 60_000))
+        (final,) = [e for e in self.wire if e.type == TASK_FINAL]
+        self.assertLessEqual(len(final.to_json().encode()), 64 * 1024)
+        self.assertTrue(final.payload["output_truncated"])
+
+    @inlineCallbacks
+    def test_the_hello_fits_and_the_finals_left_out_are_replayed(self) -> Any:
+        engine = yield self.engine(max_message_bytes=32 * 1024)
+        for n in range(6):
+            yield self.run_one(engine, f"t{n}", "a", [], Result(output="x" * 10_000))
+        payload = yield engine.hello_payload()
+        self.assertLessEqual(len(json.dumps(payload).encode()), 32 * 1024)
+        listed = HelloSnapshot.from_dict(payload).unacked_finals
+        self.assertLess(len(listed), 6)
+        self.session(engine)
+        yield self.settle(engine)
+        self.assertEqual(len([e for e in self.wire if e.type == TASK_FINAL]), 6)
+
+
 class SpoolTests(EngineTestCase):
     @inlineCallbacks
     def test_full_spool_pauses_output_and_acks_resume_it(self) -> Any:
@@ -494,7 +567,8 @@ class RecoveryTests(EngineTestCase):
         yield self.settle(engine)
         child = subprocess.Popen(["sleep", "30"], start_new_session=True)
         self.addCleanup(lambda: (child.poll() is None and child.kill(), child.wait()))
-        yield engine.store.set_process("t", "a", child.pid, "boot-test")
+        yield engine.store.set_process("t", "a", child.pid,
+                                       process_identity(child.pid, "boot-test"))
         yield engine.close()
 
         from twisted.internet import reactor
@@ -523,10 +597,28 @@ class RecoveryTests(EngineTestCase):
         yield self.run_one(engine, "t", "a", [], None)
         child = subprocess.Popen(["sleep", "30"], start_new_session=True)
         self.addCleanup(lambda: (child.poll() is None and child.kill(), child.wait()))
-        yield engine.store.set_process("t", "a", child.pid, "another-boot")
+        yield engine.store.set_process("t", "a", child.pid,
+                                       process_identity(child.pid, "another-boot"))
         yield engine.close()
         yield self.engine()
         self.assertIsNone(child.poll())
+
+    @inlineCallbacks
+    def test_a_reused_group_id_is_left_alone(self) -> Any:
+        """Same boot, same number, another start time: someone else's group now."""
+        engine = yield self.engine()
+        yield self.run_one(engine, "t", "a", [], None)
+        child = subprocess.Popen(["sleep", "30"], start_new_session=True)
+        self.addCleanup(lambda: (child.poll() is None and child.kill(), child.wait()))
+        identity = process_identity(child.pid, "boot-test")
+        assert identity is not None
+        boot, ticks = identity.split(":")
+        yield engine.store.set_process("t", "a", child.pid, f"{boot}:{int(ticks) - 1}")
+        yield engine.close()
+        again = yield self.engine()
+        self.assertIsNone(child.poll())
+        snap = HelloSnapshot.from_dict((yield again.hello_payload()))
+        self.assertEqual([f.final.status for f in snap.unacked_finals], ["interrupted"])
 
 
 class PurgeTests(EngineTestCase):

@@ -334,6 +334,16 @@ class BadInputTests(SynchronousTestCase):
         self.assertIn("code=quota", line)
         self.assertIn("too many", line)
 
+    def test_retryable_error_before_the_hello_ack_keeps_the_connection(self) -> None:
+        h = harness(self)
+        h.client.start()
+        c = h.conn().accept()
+        c.send_text(
+            make_envelope(ERROR, AGENT, error_payload("busy", "later", True), now=0).to_json()
+        )
+        self.assertEqual(h.client.state, ClientState.AWAITING_ACK)
+        self.assertEqual([m for m in h.messages("warn") if "closing connection" in m], [])
+
     def test_frame_preview_is_at_most_200_characters(self) -> None:
         h = harness(self)
         h.client.start()

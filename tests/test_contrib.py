@@ -27,7 +27,7 @@ from hostlink_tw.controlplane import start_control_plane
 from hostlink_tw.identity import AgentState, generate_private_key, write_agent_state
 from hostlink_tw.testing import make_test_certificates
 from tests import sandbox
-from tests.test_integration import _Collect
+from tests.process_support import Collect
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 UNIT = os.path.join(os.path.dirname(HERE), "contrib", "hostlink-tw.service")
@@ -41,6 +41,7 @@ OPERATIONAL = {
     "ExecStart",
     "EnvironmentFile",
     "KillSignal",
+    "KillMode",
     "SuccessExitStatus",
     "TimeoutStopSec",
     "Restart",
@@ -200,7 +201,7 @@ class HardenedUnitTests(TestCase):
             "HOSTLINK_STATE_PATH": self.state,
             "HOSTLINK_PRIVATE_KEY_PATH": os.path.join(self.state, "agent.key"),
         }
-        proto = _Collect()
+        proto = Collect()
         args = [sys.executable, SANDBOX, spec_path, "--", *self.exec_start()]
         process = reactor.spawnProcess(proto, sys.executable, args, env=env, path="/")
 

@@ -30,6 +30,12 @@ def _headings() -> list[tuple[str, str]]:
     return re.findall(r"^(\d+)\. (.+)\n-{3,}$", text, re.M)
 
 
+def _subheadings() -> list[tuple[str, str]]:
+    """The numbered subsection titles of docs/protocol.rst: ("8.2", title)."""
+    text = PROTOCOL.read_text(encoding="utf-8")
+    return re.findall(r"^(\d+\.\d+) (.+)\n~{3,}$", text, re.M)
+
+
 class ProtocolDocumentTests(SynchronousTestCase):
     def test_no_citation_of_a_missing_protocol_md(self) -> None:
         me = Path(__file__).resolve()
@@ -48,11 +54,25 @@ class ProtocolDocumentTests(SynchronousTestCase):
         for number, files in cited.items():
             self.assertIn(number, sections, f"§{number} cited by {sorted(files)}")
 
-    def test_phase_2_is_marked_planned(self) -> None:
+    def test_every_cited_subsection_exists(self) -> None:
+        """'PROTOCOL §8.2' in the code names a subsection 8.2 of docs/protocol.rst."""
+        subsections = {number for number, _ in _subheadings()}
+        cited: dict[str, set[str]] = {}
+        for f, text in _texts():
+            for number in re.findall(r"PROTOCOL §(\d+\.\d+)", text):
+                cited.setdefault(number, set()).add(str(f.relative_to(ROOT)))
+        self.assertTrue(cited)
+        for number, files in cited.items():
+            self.assertIn(number, subsections, f"§{number} cited by {sorted(files)}")
+
+    def test_only_the_http_paths_are_planned(self) -> None:
+        """Phase 2 is built (§7, §8, §10), the Go agent's HTTP fallback (§9) in progress."""
         headings = dict(_headings())
         for number in range(1, 11):
-            planned = "(planned)" in headings[str(number)]
-            self.assertEqual(planned, number >= 7, headings[str(number)])
+            unfinished = "(in progress)" in headings[str(number)]
+            self.assertEqual(unfinished, number == 9, headings[str(number)])
+        text = PROTOCOL.read_text(encoding="utf-8")
+        self.assertIn("\nWhere phase 2 differs from the Go agent, and why\n---", text)
 
     def test_readme_and_unit_point_to_it(self) -> None:
         self.assertIn("docs/protocol.rst", (ROOT / "README.rst").read_text(encoding="utf-8"))
@@ -60,3 +80,20 @@ class ProtocolDocumentTests(SynchronousTestCase):
         self.assertIn(
             "Documentation=file:///opt/hostlink-tw/share/doc/hostlink-tw/protocol.rst", unit
         )
+
+
+class ArchitectureDocumentTests(SynchronousTestCase):
+    """docs/architecture.rst names every module of the agent, the wire and the control plane."""
+
+    def test_every_module_is_described(self) -> None:
+        text = (ROOT / "docs" / "architecture.rst").read_text(encoding="utf-8")
+        control_plane = text[text.index("\nThe reference control plane\n---") :]
+        for package in ("agent", "wire", "controlplane"):
+            for module in sorted((ROOT / "hostlink_tw" / package).glob("*.py")):
+                if module.name == "__init__.py":
+                    continue
+                with self.subTest(module=f"{package}/{module.name}"):
+                    if package == "controlplane":
+                        self.assertRegex(control_plane, rf"``{re.escape(module.name)}``")
+                    else:
+                        self.assertIn(f"{package}/{module.name}", text)

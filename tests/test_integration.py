@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sys
 import time
 from typing import Any
@@ -18,7 +17,6 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, readBody
@@ -28,27 +26,9 @@ from hostlink_tw.controlplane import start_control_plane
 from hostlink_tw.identity import AgentState, generate_private_key, write_agent_state
 from hostlink_tw.service import HostlinkService
 
+from .process_support import Collect, free_port, twistd_argv
+
 WAIT = 30.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class _Collect(ProcessProtocol):
-    def __init__(self) -> None:
-        self.output = b""
-        self.ended: Deferred[Any] = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Any) -> None:
-        self.ended.callback(reason.value)
 
 
 class IntegrationTests(TestCase):
@@ -70,24 +50,14 @@ class IntegrationTests(TestCase):
     @inlineCallbacks
     def test_twistd_sigterm_sends_close_frame_before_exit(self) -> Any:
         cp = yield self.control_plane()
-        proto = _Collect()
+        proto = Collect()
         env = {
             **os.environ,
             "HOSTLINK_WS_ENABLED": "true",
             "HOSTLINK_STATE_PATH": self.state,
             "HOSTLINK_PRIVATE_KEY_PATH": self.key_path,
         }
-        args = [
-            sys.executable,
-            "-c",
-            "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
-            "-n",
-            "--pidfile=",
-            "--logfile=-",
-            "hostlink",
-            "--url",
-            cp.ws_url,
-        ]
+        args = twistd_argv("hostlink", "--url", cp.ws_url)
         process = reactor.spawnProcess(proto, sys.executable, args, env=env, path=self.dir)
 
         def reap() -> Deferred[Any]:
@@ -116,7 +86,7 @@ class IntegrationTests(TestCase):
     @inlineCallbacks
     def test_status_endpoint_active_then_inactive(self) -> Any:
         cp = yield self.control_plane()
-        port = _free_port()
+        port = free_port()
         settings = Settings(
             enabled=True,
             ws_url=cp.ws_url,

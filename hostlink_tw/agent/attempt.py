@@ -53,6 +53,7 @@ from hostlink_tw.protocol import (
     ACK,
     AGENT_HELLO,
     AGENT_HELLO_ACK,
+    ERROR,
     TASK_DELIVER,
     Envelope,
     ErrorPayload,
@@ -77,6 +78,15 @@ def preview(payload: bytes) -> str:
     """The first :data:`FRAME_PREVIEW_CHARS` characters of a frame, quoted."""
     text = payload[: FRAME_PREVIEW_CHARS * 4].decode("utf-8", "replace")
     return repr(text[:FRAME_PREVIEW_CHARS])
+
+
+def _retryable(envelope: Envelope) -> ErrorPayload | None:
+    """The payload of an ``error`` that says ``retryable: true``, else None."""
+    try:
+        error = ErrorPayload.from_dict(envelope.payload)
+    except ProtocolError:
+        return None
+    return error if error.retryable else None
 
 
 class Attempt:
@@ -374,7 +384,14 @@ class Attempt:
                 AGENT_HELLO, client.agent_id, payload, now=client.clock.seconds()
             )
             self.hello_id = hello.message_id
-            self.send(hello)
+            try:
+                self.send(hello)
+            except Exception as e:  # noqa: BLE001 - e.g. over the message limit
+                # The hello deadline ends this attempt; one line, no traceback.
+                self._log.error(
+                    "cannot send agent.hello: {error} agent_id={agent_id} url={url}",
+                    error=f"{type(e).__name__}: {e}", **self._fields,
+                )
 
     def send_if_open(self, envelope: Envelope) -> bool:
         """Send on this connection if it is still the client's open one (a :class:`Channel`)."""
@@ -436,6 +453,9 @@ class Attempt:
             self.client.ack_received(envelope)
             if envelope.type == AGENT_HELLO_ACK:
                 self._hello_acked(envelope)
+        elif envelope.type == ERROR and (error := _retryable(envelope)) is not None:
+            # §7.5 before the session too: a retryable error keeps the connection.
+            self._retryable_error(envelope, error)
         else:
             raise violation_for(envelope)
 

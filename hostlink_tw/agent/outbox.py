@@ -70,6 +70,8 @@ class Outbox:
     :param agent_id: this agent's id, for the envelopes.
     :param clock: for ``sent_at``.
     :param on_freed: told of the bytes each batch of acks freed (spool accounting).
+    :param on_resent: told of each message sent for another reason than
+        ``live`` (``replay``, ``gap``, ``redelivery``), for the status page.
     """
 
     def __init__(
@@ -79,12 +81,14 @@ class Outbox:
         agent_id: str,
         clock: IReactorTime,
         on_freed: Callable[[int], None],
+        on_resent: Callable[[str, StoredMessage], None] | None = None,
         log: Logger | None = None,
     ) -> None:
         self._store = store
         self._agent_id = agent_id
         self._clock = clock
         self._on_freed = on_freed
+        self._on_resent = on_resent
         self._log = log if log is not None else _log
         self._session: Session | None = None
         self._cursor = 0
@@ -137,6 +141,12 @@ class Outbox:
         """Re-send one stream's unacked output above ``above`` (a gap error), in order."""
         if self._session is None:
             return
+        # One resend per stream: each gap error of a burst (one per chunk that
+        # arrived out of order) would otherwise re-send the same tail again.
+        for i, (t, a, s, lowest) in enumerate(self._resends):
+            if (t, a, s) == (task_id, attempt_id, stream):
+                self._resends[i] = (t, a, s, min(lowest, above))
+                return
         self._resends.append((task_id, attempt_id, stream, above))
         self.nudge()
 
@@ -146,8 +156,13 @@ class Outbox:
         if session is None or session.ended is not None:
             return False
         session.send(envelope_of(message, self._agent_id, self._clock.seconds()))
-        self.sent[reason] += 1
+        self._count(reason, message)
         return True
+
+    def _count(self, reason: str, message: StoredMessage) -> None:
+        self.sent[reason] += 1
+        if reason != "live" and self._on_resent is not None:
+            self._on_resent(reason, message)
 
     def when_idle(self) -> Deferred[None]:
         """Fires once nothing is being sent and no ack is being recorded."""
@@ -209,7 +224,7 @@ class Outbox:
                 # Stored before this session began: a replay (§8.6).
                 reason = "replay" if message.created_at < self._attached_at else "live"
                 session.send(envelope_of(message, self._agent_id, self._clock.seconds()))
-                self.sent[reason] += 1
+                self._count(reason, message)
                 self._cursor = rowid
             if not page and not self._again and not self._resends:
                 return
@@ -229,7 +244,7 @@ class Outbox:
                 if session.paused:
                     yield session.when_drained()
                 session.send(envelope_of(message, self._agent_id, self._clock.seconds()))
-                self.sent["gap"] += 1
+                self._count("gap", message)
                 assert message.sequence is not None
                 above = message.sequence
             if len(page) < PAGE_MESSAGES:

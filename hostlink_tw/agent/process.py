@@ -406,15 +406,27 @@ class TaskProcess(ProcessProtocol):
         self._arm("escaped", ESCAPED_PIPE_WAIT, self._close_pipes)
 
     def _close_pipes(self) -> None:
-        if self._paused:
-            # Unread output, not an escaped process, may be what is left.
+        if self._paused and not self._interrupted:
+            # Unread output, not an escaped process, may be what is left:
+            # it is read once acks free the spool.
             self._arm("escaped", ESCAPED_PIPE_WAIT, self._close_pipes)
             return
-        self._log.warn(
-            "a process outside the group of task_id={task_id} attempt_id={attempt_id} "
-            "holds its output pipes: closing them",
-            **log_fields(self.spec),
-        )
+        if self._paused:
+            # Interrupted (a shutdown, a discard) with the spool full: no ack
+            # will resume the reading, and waiting would keep the attempt, its
+            # slot and its interrupted final from ending (§8.8).  The group is
+            # dead; what it left unread in the pipes is dropped.
+            self._log.info(
+                "task_id={task_id} attempt_id={attempt_id} interrupted with its output "
+                "paused: its unread output is dropped",
+                **log_fields(self.spec),
+            )
+        else:
+            self._log.warn(
+                "a process outside the group of task_id={task_id} attempt_id={attempt_id} "
+                "holds its output pipes: closing them",
+                **log_fields(self.spec),
+            )
         assert self.transport is not None
         self.transport.loseConnection()
 

@@ -1,9 +1,9 @@
 """The agent's local task store: executions and the outbox, in one SQLite file.
 
-Issue 12 item 2; the contract is PROTOCOL §7 and PROTOCOL §8 in docs/protocol.rst
-(message ids; receipt, final, the local store, restart).  This
-module is self-contained and **not wired into the client or the service yet**:
-the runner and the session will call it.
+The contract is PROTOCOL §7 and PROTOCOL §8 in docs/protocol.rst (message
+ids; receipt, final, the local store, restart).  The task engine
+(:mod:`hostlink_tw.agent.tasks`) is its one user; the read side is in
+:mod:`hostlink_tw.agent.storereads`.
 
 * One file, created mode 0600 (an existing file readable by group or others is
   a clear error, as the identity files are: nothing is repaired silently), WAL
@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
@@ -219,6 +219,12 @@ class Database(Reads):
             if check != "ok":
                 raise StoreError(f"task store {path} is corrupt: {check}")
             migrate(self._conn, path)
+            # The outbox's rowids only ever go up (the sender's cursor relies on
+            # it): SQLite alone would give a new row the rowid of an acked,
+            # deleted newest row again, behind a cursor that passed it.
+            self._last_rowid = int(
+                self._conn.execute("SELECT coalesce(max(rowid), 0) FROM outbox").fetchone()[0]
+            )
         except sqlite3.Error as e:
             self._conn.close()
             raise StoreError(f"task store {path} is unreadable or corrupt: {e}") from None
@@ -248,6 +254,13 @@ class Database(Reads):
         except sqlite3.Error as e:
             raise StoreError(f"task store {self.path} failed: {e}") from None
         return result
+
+    def _insert_message(self, values: tuple[Any, ...]) -> None:
+        """Insert one outbox row (:data:`_INSERT`'s values) above every rowid used so far."""
+        rowid = self._last_rowid + 1
+        self._exec(_INSERT, (*values, rowid))
+        # A rolled-back insert leaves a gap, which is harmless; a reused rowid is not.
+        self._last_rowid = rowid
 
     def _state(self, task_id: str, attempt_id: str) -> str | None:
         row = self._exec(
@@ -311,9 +324,8 @@ class Database(Reads):
             " WHERE task_id = ? AND attempt_id = ?",
             (now, task_id, attempt_id),
         )
-        self._exec(
-            _INSERT,
-            (message_id, task_id, attempt_id, FINAL, None, None, text, count, now),
+        self._insert_message(
+            (message_id, task_id, attempt_id, FINAL, None, None, text, count, now)
         )
         return StoredMessage(
             message_id, task_id, attempt_id, FINAL, None, None, payload, count, now, False
@@ -355,10 +367,9 @@ class Database(Reads):
         """Store one output chunk; call in sequence order per stream."""
         text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
         self._tx(
-            lambda: self._exec(
-                _INSERT,
+            lambda: self._insert_message(
                 (message_id, task_id, attempt_id, OUTPUT, stream, sequence, text,
-                 byte_count, now),
+                 byte_count, now)
             )
         )
         return StoredMessage(
@@ -517,7 +528,7 @@ class Database(Reads):
 # Literal statements: no SQL is ever built from values.
 _INSERT = (
     "INSERT INTO outbox (message_id, task_id, attempt_id, type, stream, sequence, payload,"
-    " byte_count, created_at, acked) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0)"
+    " byte_count, created_at, acked, rowid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)"
 )
 
 
@@ -554,6 +565,10 @@ class TaskStore:
         return deferToThreadPool(self._reactor, self._pool, fn, *args)
 
     def _use(self, name: str, *args: Any) -> Deferred[Any]:
+        if not self._running:
+            # A stopped ThreadPool silently drops work: fail instead of never firing.
+            return fail(StoreError(f"task store {self.path} is closed"))
+
         def run() -> Any:
             if self._db is None:
                 raise StoreError(f"task store {self.path} is not open")
@@ -689,3 +704,7 @@ class TaskStore:
     def bytes_used(self) -> Deferred[int]:
         """See :meth:`Reads.bytes_used`."""
         return self._use("bytes_used")
+
+    def outbox_totals(self) -> Deferred[tuple[int, int]]:
+        """See :meth:`Reads.outbox_totals`."""
+        return self._use("outbox_totals")

@@ -150,6 +150,13 @@ class Reads:
         row = self._exec("SELECT coalesce(sum(byte_count), 0) FROM outbox WHERE acked = 0")
         return int(row.fetchone()[0])
 
+    def outbox_totals(self) -> tuple[int, int]:
+        """The number of unacked messages and the sum of their byte counts (one read)."""
+        row = self._exec(
+            "SELECT count(*), coalesce(sum(byte_count), 0) FROM outbox WHERE acked = 0"
+        ).fetchone()
+        return int(row[0]), int(row[1])
+
     def snapshot(self) -> StoreSnapshot:
         """Everything the hello reports from the store, in one read."""
         finals = [

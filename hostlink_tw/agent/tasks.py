@@ -20,12 +20,21 @@ are queued again — released to the runner only after the first hello_ack,
 so the control plane can discard them first (§8.2).  A store that cannot
 be opened is one error line; the session runs on and every delivery is
 answered ``store_unavailable`` (§8.7).
+
+For the status page the engine keeps its counts in memory (no store read
+at scrape time): :attr:`TaskEngine.spool_bytes` and
+:attr:`TaskEngine.pending_messages`, :meth:`TaskEngine.queue_depth`, and
+events to its observers (:meth:`TaskEngine.add_observer`):
+``task_ended`` (``task_id``, ``execution_attempt_id``, ``status``,
+``exit_code``, ``duration`` in seconds or ``None`` for an attempt a restart
+interrupted) and ``outbox_resent`` (``reason``: ``replay``, ``gap`` or
+``redelivery``; ``type``, ``message_id``).  :func:`build_tasks` passes them
+on to the client's observers.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Generator
@@ -34,16 +43,20 @@ from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hostlink_tw import __version__
+from hostlink_tw.agent.events import ClientEvent, Observers
 from hostlink_tw.agent.interfaces import Channel
+from hostlink_tw.agent.leftovers import LeftoverGroups
 from hostlink_tw.agent.outbox import Outbox
 from hostlink_tw.agent.session import Session, ViolationError
+from hostlink_tw.agent.sizes import ENVELOPE_ALLOWANCE, chunk_threshold, fit_final
+from hostlink_tw.agent.spool import Spool
 from hostlink_tw.agent.store import LocalState, Receipt, StoredMessage, StoreError, TaskStore
-from hostlink_tw.agent.tasksnapshot import build_hello, read_boot_id
+from hostlink_tw.agent.tasksnapshot import build_hello, process_identity, read_boot_id
 from hostlink_tw.wire.envelope import Envelope, make_envelope
 from hostlink_tw.wire.errors import ProtocolError
 from hostlink_tw.wire.hello import HelloAckDirectives
@@ -69,11 +82,20 @@ from hostlink_tw.wire.vocabulary import (
     TASK_STARTED,
 )
 
-__all__ = ["RunnerLike", "TaskEngine", "TaskSettings", "build_tasks"]
+__all__ = ["OUTBOX_RESENT", "TASK_ENDED", "RunnerLike", "TaskEngine", "TaskSettings",
+           "build_tasks"]
 
 _log = Logger(namespace="hostlink_tw.tasks")
 
 MiB = 1024 * 1024
+
+#: Deliveries being recorded at once; more are answered ``queue_full`` (retryable).
+MAX_RECEIPTS_IN_FLIGHT = 256
+
+#: The kind of the event each ended attempt gives the engine's observers.
+TASK_ENDED = "task_ended"
+#: The kind of the event each message sent again (not live) gives them.
+OUTBOX_RESENT = "outbox_resent"
 
 
 @dataclass(frozen=True)
@@ -89,6 +111,7 @@ class TaskSettings:
     queue_limit: int = 16
     concurrency: int = 1
     kill_grace: float = 5.0
+    max_message_bytes: int = 1 * MiB
 
     @classmethod
     def from_settings(cls, settings: Any) -> TaskSettings:
@@ -98,11 +121,13 @@ class TaskSettings:
             results_enabled=settings.results_enabled,
             spool_cap_bytes=settings.spool_cap_bytes,
             terminal_reserve_bytes=settings.terminal_reserve_bytes,
-            flush_threshold=settings.output_flush_threshold,
+            flush_threshold=chunk_threshold(settings.output_flush_threshold,
+                                            settings.max_message_bytes),
             retention=settings.store_retention,
             queue_limit=settings.task_queue_limit,
             concurrency=settings.task_concurrency,
             kill_grace=settings.task_kill_grace,
+            max_message_bytes=settings.max_message_bytes,
         )
 
 
@@ -159,15 +184,16 @@ class TaskEngine:
         self._make_spec = make_spec
         self.log = log if log is not None else _log
         self._boot_id = boot_id if boot_id is not None else read_boot_id()
-        self._kill = kill
+        self._leftovers = LeftoverGroups(clock, boot_id=self._boot_id,
+                                         grace=settings.kill_grace, kill=kill, log=self.log)
         self.runner: RunnerLike | None = None
         #: Whether the store opened; if not, deliveries get ``store_unavailable``.
         self.available = False
         self.problem: str | None = None
-        self._ready: Deferred[None] | None = None
         self._ready_waiters: list[Deferred[None]] = []
         self._is_ready = False
         self._released = False
+        self._receipts_in_flight = 0
         self._held: list[Any] = []
         self._live: dict[tuple[str, str], _Live] = {}
         self._session: Session | None = None
@@ -175,15 +201,15 @@ class TaskEngine:
         self._writes: set[Deferred[Any]] = set()
         self._purge = LoopingCall(self._purge_once)
         self._purge.clock = clock
-        self.outbox = Outbox(store, agent_id=agent_id, clock=clock, on_freed=self._freed,
-                             log=self.log)
-        #: Unacked bytes in the outbox (§7.1 ``bytes_used``), kept in step with the store.
-        self.spool_bytes = 0
-        self.output_paused = False
-        #: Attempts ended, by final status.
+        self._observers = Observers(self.log)
+        self.outbox = Outbox(store, agent_id=agent_id, clock=clock,
+                             on_freed=lambda freed: self.spool.freed(freed),
+                             on_resent=self._resent, log=self.log)
+        self._closing = False
+        self.spool = Spool(settings, store, log=self.log, track=self._track,
+                           usable=lambda: self.available and not self._closing)
+        #: Attempts ended, by final status (those a restart interrupted included).
         self.finished: Counter[str] = Counter()
-        #: Durations of ended attempts (seconds), for the histogram; the status page drains it.
-        self.durations: list[float] = []
         #: The last hello_ack's ``delivery_enabled`` (§9.3).
         self.peer_delivery_enabled = False
 
@@ -192,6 +218,28 @@ class TaskEngine:
     def attach_runner(self, runner: RunnerLike) -> None:
         """The runner this engine feeds (built with this engine as its sink)."""
         self.runner = runner
+        self.spool.runner = runner
+
+    def add_observer(self, observer: Callable[[ClientEvent], None]) -> Callable[[], None]:
+        """Call ``observer`` with each ``task_ended`` and ``outbox_resent`` event
+        (see the module docstring); return its unsubscriber."""
+        return self._observers.add(observer)
+
+    def queue_depth(self) -> int:
+        """Received attempts not started yet: held until the first hello_ack, or
+        waiting for a slot in the runner."""
+        waiting = len(self.runner.queued()) if self.runner is not None else 0
+        return len(self._held) + waiting
+
+    def queued(self, limit: int | None = None) -> list[Any]:
+        """The specs of the first ``limit`` (all by default) received, not started
+        attempts, oldest first."""
+        waiting = self.runner.queued() if self.runner is not None else []
+        return (self._held + waiting)[:limit]
+
+    def running_tasks(self) -> list[Any]:
+        """The runner's running attempts (``spec``, ``pid``, ``started_at``), oldest first."""
+        return self.runner.running_tasks() if self.runner is not None else []
 
     def start(self) -> Deferred[None]:
         """Open the store and recover (§8.8); fires when the first hello may be built."""
@@ -215,17 +263,19 @@ class TaskEngine:
         try:
             running = yield self.store.running_attempts()
             for attempt in running:
-                yield self._kill_leftover(attempt.task_id, attempt.attempt_id, attempt.pgid,
-                                          attempt.boot_id)
+                yield self._leftovers.kill_leftover(
+                    attempt.task_id, attempt.attempt_id, attempt.pgid, attempt.boot_id
+                )
             finals = yield self.store.recover(self._clock.seconds())
             for final in finals:
                 self.log.info(
                     "task interrupted by a restart task_id={task_id} attempt={attempt}",
                     task_id=final.task_id, attempt=final.attempt_id,
                 )
+                self._count_end(final.task_id, final.attempt_id, final.payload, None)
             queued = yield self.store.queued_attempts()
             self._held = [self._make_spec(q.task_id, q.attempt_id, q.command) for q in queued]
-            self.spool_bytes = yield self.store.bytes_used()
+            yield self.spool.recount()
         except StoreError as e:
             self.available = False
             self.problem = str(e)
@@ -253,46 +303,13 @@ class TaskEngine:
         self._ready_waiters.append(d)
         return d
 
-    def _kill_leftover(
-        self, task_id: str, attempt_id: str, pgid: int | None, boot_id: str | None
-    ) -> Deferred[None]:
-        # A group id from another boot names nothing of ours: leave it alone.
-        if pgid is None or boot_id is None or boot_id != self._boot_id or pgid <= 1:
-            return succeed(None)
-        if not self._signal(pgid, 0):
-            return succeed(None)
-        self.log.warn(
-            "killing the process group {pgid} a previous run left behind "
-            "task_id={task_id} attempt={attempt}",
-            pgid=pgid, task_id=task_id, attempt=attempt_id,
-        )
-        return self._terminate_group(pgid)
-
-    @inlineCallbacks
-    def _terminate_group(self, pgid: int) -> Generator[Deferred[Any], Any, None]:
-        self._signal(pgid, signal.SIGTERM)
-        waited = 0.0
-        while waited < self.settings.kill_grace and self._signal(pgid, 0):
-            yield deferLater(self._clock, 0.05, lambda: None)
-            waited += 0.05
-        self._signal(pgid, signal.SIGKILL)
-
-    def _signal(self, pgid: int, sig: int) -> bool:
-        """Send ``sig`` to the group; False when the group no longer exists."""
-        try:
-            self._kill(pgid, sig)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
     def pending_writes(self) -> Deferred[Any]:
         """Fires when every store write (and activation) issued so far is done."""
         return DeferredList(list(self._writes), consumeErrors=True)
 
     def close(self) -> Deferred[None]:
         """Stop the purge and close the store (after the runner and the client stopped)."""
+        self._closing = True
         if self._purge.running:
             self._purge.stop()
         if self.outbox.session is not None:
@@ -342,6 +359,7 @@ class TaskEngine:
             return build_hello(
                 snapshot,
                 self.settings,
+                limit=self.settings.max_message_bytes - ENVELOPE_ALLOWANCE,
                 sequences={key: live.sequences for key, live in self._live.items()},
                 version=__version__,
             )
@@ -372,11 +390,24 @@ class TaskEngine:
             self._refuse(channel, envelope, ERROR_STORE_UNAVAILABLE,
                          "the agent's task store is unavailable", retryable=True)
             return
+        if self._receipts_in_flight >= MAX_RECEIPTS_IN_FLIGHT:
+            # A control plane sending faster than the disk commits: bound the
+            # store thread's backlog (each receipt is an fsync'd transaction).
+            self._refuse(channel, envelope, ERROR_QUEUE_FULL,
+                         "too many deliveries are being recorded", retryable=True)
+            return
+        self._receipts_in_flight += 1
         d = self.store.record_received(
             task_id, attempt_id, self._clock.seconds(), self.settings.queue_limit,
             deliver.command,
         )
         self._track(d)
+
+        def landed(result: object) -> object:
+            self._receipts_in_flight -= 1
+            return result
+
+        d.addBoth(landed)
 
         def answer(receipt: Receipt) -> None:
             self._answer(receipt, envelope, channel, deliver.command)
@@ -410,7 +441,8 @@ class TaskEngine:
             if not self.outbox.send_now(receipt.final, "redelivery"):
                 # Not active yet: an unacked final goes out with the replay;
                 # an acked one right after it.
-                if receipt.final.acked:
+                known = {m.message_id for m in self._after_activation}
+                if receipt.final.acked and receipt.final.message_id not in known:
                     self._after_activation.append(receipt.final)
         else:
             # Results go elsewhere (off over the session): the receipt is all we say.
@@ -494,12 +526,20 @@ class TaskEngine:
                             replay.task_id, replay.execution_attempt_id, replay.stream,
                             replay.next_sequence - 1,
                         ))
-                self.spool_bytes = yield self.store.bytes_used()
-                self._check_spool()
+                yield self.spool.recount()
+                self.spool.check()
             except StoreError as e:
                 self.log.error("cannot apply the hello_ack's directives: {error}",
                                error=str(e))
-        if not self._released:
+        if not self._released and self._held and not self.settings.delivery_enabled:
+            # Received while delivery was on; it is off now (a rollback):
+            # they stay queued in the store rather than run unasked.
+            self.log.warn(
+                "{count} received attempts stay queued: task delivery is disabled "
+                "(HOSTLINK_WS_DELIVERY_ENABLED)", count=len(self._held),
+            )
+            self._released = True  # said once; nothing is ever submitted
+        elif not self._released:
             self._released = True
             held, self._held = self._held, []
             for spec in held:
@@ -553,21 +593,19 @@ class TaskEngine:
         d = self._track(self.store.mark_running(spec.task_id, spec.attempt_id,
                                                 self._clock.seconds()))
 
-        def started(ok: bool) -> bool:
-            if ok:
-                self._live[(spec.task_id, spec.attempt_id)] = _Live()
-            return ok
-
         def failed(failure: Failure) -> bool:
             self.log.error("cannot start task_id={task_id}: {error}", task_id=spec.task_id,
                            error=str(failure.value))
             return False
 
-        return d.addCallbacks(started, failed)
+        return d.addErrback(failed)
 
     def started(self, spec: Any, pid: int) -> None:
         """The process runs: record its group, say ``task.started``."""
-        self._track(self.store.set_process(spec.task_id, spec.attempt_id, pid, self._boot_id)
+        # Only now: the runner calls this for spawned, not discarded attempts.
+        self._live[(spec.task_id, spec.attempt_id)] = _Live()
+        identity = process_identity(pid, self._boot_id)
+        self._track(self.store.set_process(spec.task_id, spec.attempt_id, pid, identity)
                     ).addErrback(lambda f: None)
         session = self._session
         if session is not None and session.ended is None:
@@ -585,8 +623,7 @@ class TaskEngine:
         message_id = task_message_id(spec.task_id, spec.attempt_id, stream, sequence,
                                      time.time_ns())
         payload = output_payload(stream, chunk, truncated_locally)
-        self.spool_bytes += len(chunk)
-        self._check_spool()
+        self.spool.output_issued(len(chunk))
         d = self._track(self.store.enqueue_output(
             spec.task_id, spec.attempt_id, message_id, stream, sequence, payload, len(chunk),
             self._clock.seconds(),
@@ -602,15 +639,21 @@ class TaskEngine:
         else:
             message_id = task_message_id(spec.task_id, spec.attempt_id, FINAL_MESSAGE_KIND, 0,
                                          time.time_ns())
-        self.finished[result.status] += 1
-        self.durations.append(result.duration)
+        # Encoded, the texts can be six times their bytes: keep the message sendable.
+        payload = fit_final(result.final_payload(),
+                            self.settings.max_message_bytes - ENVELOPE_ALLOWANCE)
+        self._count_end(spec.task_id, spec.attempt_id, payload, result.duration)
+        self.spool.final_issued()
         d = self._track(self.store.record_final(
-            spec.task_id, spec.attempt_id, message_id, result.final_payload(),
-            self._clock.seconds(),
+            spec.task_id, spec.attempt_id, message_id, payload, self._clock.seconds(),
         ))
 
         def stored(message: StoredMessage) -> None:
-            self.spool_bytes += message.byte_count
+            if message.message_id != message_id:
+                # The attempt had ended already: its first final stays, counted once.
+                self.spool.final_existed()
+                return
+            self.spool.final_stored(message.byte_count)
             self.outbox.nudge()
 
         d.addCallbacks(stored, self._write_failed)
@@ -618,33 +661,38 @@ class TaskEngine:
     def _write_failed(self, failure: Failure) -> None:
         self.log.error("cannot store task output: {error}", error=str(failure.value))
 
-    # -- the spool (§8.4) --------------------------------------------------------------
+    # -- counts for the status page ----------------------------------------------------
 
-    def _limits(self) -> tuple[int, int]:
-        s = self.settings
-        limit = s.spool_cap_bytes - s.terminal_reserve_bytes
-        # What may still arrive after a pause: one flush threshold per stream and attempt.
-        margin = 2 * s.flush_threshold * s.concurrency
-        pause_at = max(limit - margin, s.flush_threshold)
-        return pause_at, pause_at // 2
+    def _count_end(self, task_id: str, attempt_id: str, payload: dict[str, Any],
+                   duration: float | None) -> None:
+        status = payload.get("status")
+        self.finished[str(status)] += 1
+        self._observers.notify(ClientEvent(TASK_ENDED, {
+            "task_id": task_id, "execution_attempt_id": attempt_id, "status": status,
+            "exit_code": payload.get("exit_code"), "duration": duration,
+        }))
 
-    def _check_spool(self) -> None:
-        if self.runner is None:
-            return
-        pause_at, resume_at = self._limits()
-        if not self.output_paused and self.spool_bytes >= pause_at:
-            self.output_paused = True
-            self.log.info("spool full ({bytes} unacked bytes): pausing task output",
-                          bytes=self.spool_bytes)
-            self.runner.pause_output()
-        elif self.output_paused and self.spool_bytes <= resume_at:
-            self.output_paused = False
-            self.log.info("spool drained: resuming task output")
-            self.runner.resume_output()
+    def _resent(self, reason: str, message: StoredMessage) -> None:
+        self._observers.notify(ClientEvent(OUTBOX_RESENT, {
+            "reason": reason, "type": message.type, "message_id": message.message_id,
+        }))
 
-    def _freed(self, freed: int) -> None:
-        self.spool_bytes = max(0, self.spool_bytes - freed)
-        self._check_spool()
+    # -- the spool's counts, for the status page and the hello --------------------------
+
+    @property
+    def spool_bytes(self) -> int:
+        """Unacked bytes in the outbox (§7.1 ``bytes_used``), in step with the store."""
+        return self.spool.bytes
+
+    @property
+    def pending_messages(self) -> int:
+        """Unacked messages in the outbox."""
+        return self.spool.messages
+
+    @property
+    def output_paused(self) -> bool:
+        """Whether the spool is full and task output is not read."""
+        return self.spool.paused
 
 
 def build_tasks(settings: Any, client: Any, reactor: Any) -> tuple[TaskEngine, Any]:
@@ -657,6 +705,14 @@ def build_tasks(settings: Any, client: Any, reactor: Any) -> tuple[TaskEngine, A
     from hostlink_tw.agent.runner import TaskRunner, TaskSpec
 
     path = settings.local_store_path
+    threshold = chunk_threshold(settings.output_flush_threshold, settings.max_message_bytes)
+    if threshold < settings.output_flush_threshold:
+        _log.warn(
+            "task output chunks of {threshold} bytes could exceed HOSTLINK_WS_MAX_MESSAGE_BYTES "
+            "({limit}) once escaped: cutting them at {used} bytes",
+            threshold=settings.output_flush_threshold, limit=settings.max_message_bytes,
+            used=threshold,
+        )
     use_store = settings.delivery_enabled or settings.results_enabled or os.path.exists(path)
     engine = TaskEngine(
         TaskStore(path, reactor),
@@ -672,7 +728,7 @@ def build_tasks(settings: Any, client: Any, reactor: Any) -> tuple[TaskEngine, A
         concurrency=settings.task_concurrency,
         timeout=settings.task_timeout,
         kill_grace=settings.task_kill_grace,
-        flush_threshold=settings.output_flush_threshold,
+        flush_threshold=threshold,
         flush_interval=settings.output_flush_interval,
         output_limit=settings.task_output_limit_bytes,
         final_output_bytes=settings.task_final_output_bytes,
@@ -681,6 +737,9 @@ def build_tasks(settings: Any, client: Any, reactor: Any) -> tuple[TaskEngine, A
     )
     runner.setName("tasks")  # type: ignore[no-untyped-call]
     engine.attach_runner(runner)
+    emit = getattr(client, "emit", None)
+    if emit is not None:  # a client-like without events (a test's fake) gets none
+        engine.add_observer(emit)
     client.tasks = engine
     client.add_session_listener(engine)
     return engine, runner

@@ -12,15 +12,39 @@ Autobahn and Twisted Web, on any Twisted server endpoint (``tcp:…`` plain,
   valid (salt length auto-detected, as Go's ``VerifyPSS(…, nil)``), nonce not
   seen inside the window.  Refusals are HTTP 401 with a short text body and
   one log line; a full nonce memory answers 503.
+* The agent API, PROTOCOL §9.1 (:mod:`~hostlink_tw.controlplane.agentapi`),
+  every request authenticated exactly as the upgrade, against the same
+  replay memory (a nonce used on either is refused on both; refusals are 401
+  with ``{"message": …}`` and one log line):
+
+  - ``GET /api/v1/tasks`` — 200, a JSON array of the agent's tasks
+    ``{id, execution_attempt_id, command, status, priority, output, error,
+    exit_code, created_at, updated_at}``: its ``pending`` and ``delivered``
+    ones, oldest first, with the attempt a session would deliver (a pending
+    one becomes ``delivered``; never a second attempt).  Not listed:
+    ``received``/``running`` tasks (the agent has them), finished ones, a task
+    whose older attempt the agent may still hold, pending ones beyond
+    ``delivery_window``.
+  - ``PUT /api/v1/tasks/{id}`` — the agent's final (``status``,
+    ``exit_code``, ``output``, ``error``; optionally the truncation flags and
+    its ``execution_attempt_id``): 200 once taken, and again for a repeat or a
+    final the session brought first (taken once, the first wins).  400 a body
+    that is not such a final, 404 a task that is not the agent's, 409 an
+    attempt the task does not have or never delivered.
+  - ``POST /api/v1/agents/{agent_id}/heartbeat`` (no body) — 200
+    ``{"message": …, "pending_tasks": [task, …]}`` (as ``GET``); 403 when the
+    path's id is not the signer's.
 * ``GET /healthz`` — ``200 ok``.
 * anything else — 404.
 
 Every answer but an accepted upgrade closes its connection, a request with a
-body is refused (413) unread, and a connection that is not an accepted
-WebSocket ``handshake_timeout`` after TCP connect is aborted, whatever it has
-sent.  Unauthenticated connections are capped apart from sessions
-(``max_pending_connections``; a new one closes the oldest), so they cannot
-take the sessions' place (``max_connections``).  A peer that stops reading is
+body is refused (413) unread — but for a report, whose body (with a
+``Content-Length``, else 411) may have ``max_message_bytes`` — and a
+connection that is not an accepted WebSocket ``handshake_timeout`` after TCP
+connect is aborted, whatever it has sent.  Unauthenticated connections are
+capped apart from sessions (``max_pending_connections``; a new one closes
+the oldest), so they cannot take the sessions' place (``max_connections``);
+agent API requests count as such connections.  A peer that stops reading is
 aborted once ``max_send_buffer_bytes`` wait to be sent to it.  The listen
 backlog is Twisted's default of 50 pending TCP handshakes; a storm of more
 agents needs a larger one in the endpoint (``tcp:8080:backlog=1024``; the
@@ -89,6 +113,7 @@ In-process use (tests, demos)
     task = yield cp.tasks.wait_final(task.task_id, timeout=10)
     stdout, stderr = cp.tasks.output(task.task_id)
     cp.tasks.get(task_id); cp.tasks.list("agent-1"); cp.tasks.cancel(task_id)
+    cp.tasks.offer("agent-1"); cp.tasks.report("agent-1", task_id, final)   # the HTTP paths
     cp.tasks.on_output(callback, task_id)  # each stored chunk; returns unsubscribe
     cp.hold_acks(); cp.release_acks()     # withhold task acks (the agent's spool fills)
     cp.redeliver(task_id)                 # the same task.deliver again
@@ -108,7 +133,8 @@ Options (keyword arguments of :class:`ControlPlane` and :func:`start_control_pla
 and ``ping_timeout`` (20 s) for our keepalive, ``max_connections`` (1000
 sessions; above it 503), ``max_pending_connections`` (256 connections not
 yet upgraded), ``max_send_buffer_bytes`` (4 MiB), ``nonce_cache_size``
-(100,000), ``nonce_quota`` (1000 per agent; above it 429), ``database``
+(100,000), ``nonce_quota`` (1000 upgrades and agent API requests per agent
+inside the window; above it 429), ``database``
 (the replay window's SQLite file, by default ``controlplane.db`` beside the
 agents file; memory only without one), ``record_messages`` (0 bytes),
 ``reload_interval`` (1 s agents-file poll), ``tasks_database`` (the tasks'
@@ -134,8 +160,11 @@ One concern each; every name used above is importable from this package.
   store.
 * :mod:`~hostlink_tw.controlplane.connections` — every TCP connection: the
   handshake deadline, the pending cap, send buffers.
-* :mod:`~hostlink_tw.controlplane.web` — the HTTP around the gateway
-  (``/healthz``, 404, 413) and the operator's ``/status``.
+* :mod:`~hostlink_tw.controlplane.web` — the operator listener's HTTP
+  (``/status``).
+* :mod:`~hostlink_tw.controlplane.gatewaysite` — the gateway listener's HTTP:
+  routes (``/healthz``, the agent API, 404), which requests may have a body.
+* :mod:`~hostlink_tw.controlplane.agentapi` — the agent API (§9.1).
 * :mod:`~hostlink_tw.controlplane.gateway` — the Autobahn server protocol
   and factory.
 * :mod:`~hostlink_tw.controlplane.hooks` — where a layer on top may change
@@ -155,6 +184,7 @@ One concern each; every name used above is importable from this package.
 * :mod:`~hostlink_tw.controlplane.taskdispatch` — hellos answered, tasks delivered.
 * :mod:`~hostlink_tw.controlplane.taskhello` — the directives for a snapshot (pure).
 * :mod:`~hostlink_tw.controlplane.taskintake` — the agent's ``task.*`` messages.
+* :mod:`~hostlink_tw.controlplane.taskhttp` — tasks offered and reported over HTTP.
 * :mod:`~hostlink_tw.controlplane.tap` — ``twistd hostlink-controlplane``.
 """
 
@@ -184,6 +214,7 @@ from hostlink_tw.controlplane.settings import (
     DEFAULT_RELOAD_INTERVAL,
 )
 from hostlink_tw.controlplane.taskdb import TASKS_DATABASE_NAME, TaskStoreError
+from hostlink_tw.controlplane.taskhttp import ReportOutcome
 from hostlink_tw.controlplane.taskmodel import (
     TASK_STATUSES,
     AttemptRecord,
@@ -246,6 +277,7 @@ __all__ = [
     "NonceCache",
     "OutputChunk",
     "ReplayStoreError",
+    "ReportOutcome",
     "Session",
     "TaskRecord",
     "TaskRefusedError",

@@ -13,7 +13,12 @@ injected reactor; a peer that stops reading is aborted once
 
 :class:`GatewayFactory` holds what its connections share (among them the
 :class:`~hostlink_tw.controlplane.hooks.GatewayHooks` a layer on top may
-set), and builds the listener's factory (:attr:`GatewayFactory.connections`).
+set), and builds the listener's factory (:attr:`GatewayFactory.connections`):
+every TCP connection tracked, and the listener's HTTP
+(:mod:`~hostlink_tw.controlplane.gatewaysite`) with the agent API of §9.1
+beside the upgrade (:attr:`GatewayFactory.api`, same authentication, same
+replay memory).  The task side attached to the handlers
+(:meth:`GatewayFactory.attach_tasks`) serves both.
 """
 
 from __future__ import annotations
@@ -32,14 +37,16 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from hostlink_tw.controlplane.agentapi import AgentAPI, AgentTasks
 from hostlink_tw.controlplane.connections import (
     ConnectionTracker,
     TrackedConnection,
     buffered_bytes,
     format_address,
 )
+from hostlink_tw.controlplane.gatewaysite import gateway_site
 from hostlink_tw.controlplane.hooks import GatewayHooks
-from hostlink_tw.controlplane.inbound import InboundHandlers, printable
+from hostlink_tw.controlplane.inbound import InboundHandlers, TaskHandling, printable
 from hostlink_tw.controlplane.sessions import NoSessionError, Session, SessionRegistry
 from hostlink_tw.controlplane.settings import ControlPlaneSettings
 from hostlink_tw.controlplane.upgrade import (
@@ -47,7 +54,7 @@ from hostlink_tw.controlplane.upgrade import (
     UpgradeAuthenticator,
     UpgradeRefusedError,
 )
-from hostlink_tw.controlplane.web import gateway_site, reason_phrase
+from hostlink_tw.controlplane.web import reason_phrase
 from hostlink_tw.wire.envelope import Envelope, make_envelope
 from hostlink_tw.wire.errors import (
     DUPLICATE_KEY,
@@ -444,6 +451,29 @@ class GatewayProtocol(WebSocketServerProtocol):
         self.factory.sessions.closed(session)
 
 
+class _Handlers(InboundHandlers):
+    """
+    The sessions' message handlers.  The task side attached to them (what
+    the control plane attaches) serves the agent API too: one attachment,
+    so the two paths never serve different task sides.
+    """
+
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        hooks: GatewayHooks,
+        sessions: SessionRegistry,
+        api: AgentAPI,
+    ) -> None:
+        super().__init__(clock, hooks, sessions)
+        self._api = api
+
+    def attach_tasks(self, tasks: TaskHandling) -> None:
+        super().attach_tasks(tasks)
+        if isinstance(tasks, AgentTasks):
+            self._api.attach_tasks(tasks)
+
+
 class GatewayFactory(WebSocketServerFactory):
     """
     What the gateway's connections share (settings, the authenticator, the
@@ -474,7 +504,9 @@ class GatewayFactory(WebSocketServerFactory):
         self.hooks = hooks
         self.clock = clock
         self.reactor = reactor
-        self.handlers = InboundHandlers(clock, hooks, sessions)
+        #: The agent API of §9.1 on this listener (a report is bounded as a frame is).
+        self.api = AgentAPI(authenticator, clock, settings.max_message_bytes)
+        self.handlers = _Handlers(clock, hooks, sessions, self.api)
         self.setProtocolOptions(  # type: ignore[no-untyped-call]
             webStatus=False,
             # Invalid UTF-8 must reach onMessage, so the agent gets an error
@@ -500,12 +532,16 @@ class GatewayFactory(WebSocketServerFactory):
         #: The gateway listener's factory: every TCP connection, tracked
         #: (:class:`~hostlink_tw.controlplane.connections.ConnectionTracker`).
         self.connections = ConnectionTracker(
-            gateway_site(WebSocketResource(self), reactor),  # type: ignore[no-untyped-call]
+            gateway_site(WebSocketResource(self), self.api, reactor),  # type: ignore[no-untyped-call]
             reactor,
             settings.handshake_timeout,
             settings.max_pending_connections,
         )
         self.connections.noisy = False
+
+    def attach_tasks(self, tasks: TaskHandling) -> None:
+        """Hand the sessions' task messages, and the agent API, to this task side."""
+        self.handlers.attach_tasks(tasks)
 
     def close_all(self) -> Deferred[Any]:
         """

@@ -7,8 +7,11 @@ A task is a shell command for one agent.  It is stored
 session when its hello allows (:mod:`~hostlink_tw.controlplane.taskdispatch`),
 and what the agent sends back is taken in, de-duplicated and acked
 (:mod:`~hostlink_tw.controlplane.taskintake`); each reconnect snapshot is
-answered with directives (:mod:`~hostlink_tw.controlplane.taskhello`).
-Everything runs on the reactor thread.
+answered with directives (:mod:`~hostlink_tw.controlplane.taskhello`).  The
+HTTP paths of §9.1 offer the same attempts and take reports
+(:meth:`TaskService.offer`, :meth:`TaskService.report`:
+:mod:`~hostlink_tw.controlplane.taskhttp`).  Everything runs on the reactor
+thread.
 
 In process (tests, demos, the operator API)::
 
@@ -39,6 +42,7 @@ from hostlink_tw.controlplane.inbound import InboundConnection, printable
 from hostlink_tw.controlplane.sessions import Session, SessionRegistry
 from hostlink_tw.controlplane.settings import ControlPlaneSettings
 from hostlink_tw.controlplane.taskdispatch import Dispatcher
+from hostlink_tw.controlplane.taskhttp import HttpTasks, ReportOutcome
 from hostlink_tw.controlplane.taskintake import AckGate, TaskIntake
 from hostlink_tw.controlplane.taskmodel import (
     STATUS_CANCELLED,
@@ -50,7 +54,7 @@ from hostlink_tw.controlplane.taskmodel import (
 )
 from hostlink_tw.controlplane.taskstore import TaskStore
 from hostlink_tw.wire.envelope import Envelope
-from hostlink_tw.wire.payloads import STREAM_STDERR, STREAM_STDOUT
+from hostlink_tw.wire.payloads import STREAM_STDERR, STREAM_STDOUT, TaskFinalPayload
 
 __all__ = ["OutputCallback", "TaskService"]
 
@@ -100,6 +104,7 @@ class TaskService:
         self.dispatcher = Dispatcher(
             store, sessions, settings, clock, self.task_changed, self.intake.positions.forget
         )
+        self._http = HttpTasks(store, settings, clock, self, self.intake.positions.forget)
 
     # -- the API -------------------------------------------------------------------
 
@@ -313,6 +318,35 @@ class TaskService:
     def agent_error(self, session: Session, envelope: Envelope) -> None:
         """An ``error`` from the agent (it may refuse a delivery)."""
         self.dispatcher.agent_error(session, envelope)
+
+    # -- the HTTP paths (what agentapi.AgentAPI calls) ------------------------------------
+
+    def offer(self, agent_id: str) -> builtins.list[TaskRecord]:
+        """
+        The tasks a poll or heartbeat of the agent offers, oldest first, each
+        with its current attempt; pending ones become delivered
+        (:meth:`HttpTasks.offer <hostlink_tw.controlplane.taskhttp.HttpTasks.offer>`).
+
+        :raises TaskStoreError: The store failed.
+        """
+        return self._http.offer(agent_id)
+
+    def report(
+        self,
+        agent_id: str,
+        task_id: str,
+        final: TaskFinalPayload,
+        attempt_id: str | None = None,
+    ) -> ReportOutcome:
+        """
+        The agent's report of an attempt's end, taken once
+        (:meth:`HttpTasks.report <hostlink_tw.controlplane.taskhttp.HttpTasks.report>`).
+
+        :raises UnknownTaskError: No task of this agent has this id.
+        :raises TaskRefusedError: ``unknown_attempt``, ``never_delivered``.
+        :raises TaskStoreError: The store failed.
+        """
+        return self._http.report(agent_id, task_id, final, attempt_id)
 
     # -- what the intake and dispatch report ----------------------------------------
 

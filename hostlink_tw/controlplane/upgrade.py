@@ -1,5 +1,8 @@
 """
-The signed upgrade (PROTOCOL §2): which requests may become a session.
+The signed upgrade (PROTOCOL §2): which requests may become a session, and
+which of the agent API's HTTP requests (:mod:`~hostlink_tw.controlplane.agentapi`)
+are an agent's: both are judged by the same rules, against the same replay
+memory, so a nonce used on one is refused on the other.
 
 :class:`UpgradeAuthenticator` checks the four signed headers in a fixed
 order (present; agent id, timestamp and nonce well formed; timestamp within
@@ -141,13 +144,16 @@ class UpgradeAuthenticator:
         self._clock = clock
         self._max_skew = max_skew
 
-    def check(self, headers: Mapping[str, str]) -> Credentials:
+    def check(self, headers: Mapping[str, str], *, kind: str = "upgrades") -> Credentials:
         """
-        Judge an upgrade request by its (lower-cased) headers.
+        Judge a signed request (an upgrade, or an agent API call) by its
+        (lower-cased) headers.
 
+        :param kind: What the request is, in the plural, for the quota's
+            refusal ("too many upgrades from this agent").
         :raises UpgradeRefusedError: 401 for a missing, malformed, stale,
             unknown, unverifiable or replayed request; 429 when the agent
-            has used its quota of upgrades inside the window; 503 when the
+            has used its quota of signed requests inside the window; 503 when the
             replay memory is full.
         """
         agent_id = headers.get(HEADER_AGENT_ID.lower(), "")
@@ -185,14 +191,14 @@ class UpgradeAuthenticator:
         if self._nonces.seen(agent_id, nonce, now):
             raise UpgradeRefusedError(401, "replayed nonce")
         if self._nonces.over_quota(agent_id, now):
-            raise UpgradeRefusedError(429, "too many upgrades from this agent, try again later")
+            raise UpgradeRefusedError(429, f"too many {kind} from this agent, try again later")
         if self._nonces.full(now):
             raise UpgradeRefusedError(503, "replay cache full, try again later")
         return Credentials(agent_id, nonce, float(signed_at), now)
 
     def commit(self, credentials: Credentials) -> Deferred[None] | None:
         """
-        Remember the nonce of an accepted upgrade: in memory now, then on
+        Remember the nonce of an accepted request: in memory now, then on
         disk.
 
         :returns: None without a store; else a Deferred that fires once the

@@ -1,0 +1,153 @@
+"""
+The spool (PROTOCOL §8.4): the outbox's unacked bytes and messages, and the pause.
+
+:class:`Spool` keeps both counts in memory, in step with the store: what the
+engine gives the store is added at once; what acks free is subtracted and
+then read back from the store (acks can free messages the engine cannot
+count itself, a cumulative ack for one).  The store runs calls in order, so
+a read sees every message issued before it and none issued after: those
+are added back (:meth:`Spool.recount`).
+
+Unacked output never passes the spool cap minus the terminal reserve: when
+the count comes within what may still arrive after a pause (one flush
+threshold per stream and running slot), the runner stops reading every
+task's pipes; once acks bring it down to half, it reads again.  Nothing
+unacked is ever dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from hostlink_tw.agent.store import StoreError, TaskStore
+
+__all__ = ["Spool"]
+
+
+class Spool:
+    """
+    :param settings: the engine's ``TaskSettings`` (cap, reserve, threshold, concurrency).
+    :param track: registers a store Deferred with the engine (for an orderly stop).
+    :param usable: whether the store may be read now (open, not closing).
+    """
+
+    def __init__(self, settings: Any, store: TaskStore, *, log: Logger,
+                 track: Callable[[Deferred[Any]], Deferred[Any]],
+                 usable: Callable[[], bool]) -> None:
+        self._settings = settings
+        self._store = store
+        self._log = log
+        self._track = track
+        self._usable = usable
+        #: The runner whose output is paused and resumed (``pause_output``/``resume_output``).
+        self.runner: Any = None
+        #: Unacked bytes in the outbox (§7.1 ``bytes_used``).
+        self.bytes = 0
+        #: Unacked messages in the outbox.
+        self.messages = 0
+        #: Whether the runner's output is paused.
+        self.paused = False
+        # What was given to the store to add, ever: a count read from the
+        # store is corrected by what was issued after the read.
+        self._issued_messages = 0
+        self._issued_bytes = 0
+        self._recounting = False
+        self._again = False
+
+    # -- what the engine tells it -----------------------------------------------------
+
+    def output_issued(self, size: int) -> None:
+        """An output chunk of ``size`` bytes goes to the store."""
+        self.bytes += size
+        self.messages += 1
+        self._issued_messages += 1
+        self._issued_bytes += size
+        self.check()
+
+    def final_issued(self) -> None:
+        """A final goes to the store (its size is known once stored)."""
+        self.messages += 1
+        self._issued_messages += 1
+
+    def final_stored(self, size: int) -> None:
+        """The final was stored, taking ``size`` bytes."""
+        self.bytes += size
+
+    def final_existed(self) -> None:
+        """The attempt had its final already: nothing was added."""
+        self.messages -= 1
+
+    def freed(self, size: int) -> None:
+        """Acks freed ``size`` bytes; the count is read back from the store."""
+        self.bytes = max(0, self.bytes - size)
+        self.check()
+        self.recount_soon()
+
+    # -- the counts ---------------------------------------------------------------------
+
+    def recount(self) -> Deferred[None]:
+        """Read the outbox's totals from the store (see the module docstring)."""
+        messages, size = self._issued_messages, self._issued_bytes
+
+        def got(totals: tuple[int, int]) -> None:
+            count, used = totals
+            self.messages = count + self._issued_messages - messages
+            self.bytes = used + self._issued_bytes - size
+
+        return self._track(self._store.outbox_totals()).addCallback(got)
+
+    def recount_soon(self) -> None:
+        """Recount after acks, one read at a time."""
+        if not self._usable():
+            return
+        if self._recounting:
+            self._again = True
+            return
+        self._recounting = True
+
+        def failed(failure: Failure) -> None:
+            if isinstance(failure.value, StoreError):  # said already by the write that failed
+                self._log.debug("cannot count the outbox: {error}", error=str(failure.value))
+            else:
+                self._log.failure("cannot count the outbox", failure)
+
+        def done(_: object) -> None:
+            self._recounting = False
+            if self._again:
+                self._again = False
+                self.recount_soon()
+            else:
+                self.check()
+
+        self.recount().addErrback(failed).addBoth(done)
+
+    # -- the pause ------------------------------------------------------------------------
+
+    def limits(self) -> tuple[int, int]:
+        """The counts at which output pauses and resumes."""
+        s = self._settings
+        limit = s.spool_cap_bytes - s.terminal_reserve_bytes
+        # What may still arrive after a pause: one flush threshold per stream and slot.
+        margin = 2 * s.flush_threshold * s.concurrency
+        pause_at = max(limit - margin, s.flush_threshold)
+        return pause_at, pause_at // 2
+
+    def check(self) -> None:
+        """Pause or resume the runner's output on the current count."""
+        if self.runner is None:
+            return
+        pause_at, resume_at = self.limits()
+        if not self.paused and self.bytes >= pause_at:
+            self.paused = True
+            self._log.info("spool full ({bytes} unacked bytes): pausing task output",
+                           bytes=self.bytes)
+            self.runner.pause_output()
+        elif self.paused and self.bytes <= resume_at:
+            self.paused = False
+            self._log.info("spool drained: resuming task output")
+            self.runner.resume_output()
