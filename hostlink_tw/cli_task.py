@@ -127,7 +127,8 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     client = _client(args, err)
     if client is None:
         return EXIT_CLI
-    terminal = Terminal(out, err, progress=_isatty(err) and not args.json)
+    terminal = Terminal(out, err, progress=_isatty(err) and not args.json,
+                        name=f"hostlink-tw {args.command_name}")
     try:
         task = client.request("POST", "/tasks", {"agent_id": args.agent, "command": command})
     except OperatorError as e:
@@ -251,7 +252,8 @@ def _logs(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     client = _client(args, err)
     if client is None:
         return EXIT_CLI
-    terminal = Terminal(out, err, progress=_isatty(err) and args.follow and not args.json)
+    terminal = Terminal(out, err, progress=_isatty(err) and args.follow and not args.json,
+                        name=f"hostlink-tw {args.command_name}")
     task = {"task_id": args.task_id}
     follower = Follower(client, task, terminal, follow=args.follow, json_events=args.json,
                         refused_status=EXIT_REFUSED)

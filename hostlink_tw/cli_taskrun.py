@@ -106,10 +106,16 @@ def describe_end(task: Mapping[str, Any]) -> str | None:
 class Terminal:
     """Where the task's output and our own lines go."""
 
-    def __init__(self, out: TextIO, err: TextIO, *, progress: bool) -> None:
-        """:param progress: Show a progress line on ``err`` (it is a terminal)."""
+    def __init__(
+        self, out: TextIO, err: TextIO, *, progress: bool, name: str = "hostlink-tw"
+    ) -> None:
+        """
+        :param progress: Show a progress line on ``err`` (it is a terminal).
+        :param name: What our own lines start with (``hostlink-tw task run``).
+        """
         self.out = out
         self.err = err
+        self.name = name
         self._progress_enabled = progress
         self._progress_shown = False
 
@@ -149,7 +155,7 @@ class Terminal:
     def note(self, text: str) -> None:
         """One line of ours on stderr."""
         self.clear()
-        self.err.write(f"hostlink-tw: {text}\n")
+        self.err.write(f"{self.name}: {text}\n")
         self.err.flush()
 
 
@@ -218,7 +224,7 @@ class Follower:
                 if lost_since is None:
                     lost_since = now
                     if self._follow:
-                        self._terminal.progress(f"hostlink-tw: {e}; reconnecting")
+                        self._terminal.progress(f"{self._terminal.name}: {e}; reconnecting")
                 if not self._follow or now - lost_since >= self._reconnect_for:
                     self._terminal.clear()
                     raise CommandFailedError(
@@ -296,7 +302,7 @@ class Follower:
             state = "delivered, not yet received" if self.task.get("status") == "delivered" else (
                 "no session with delivery yet")
             self._terminal.progress(
-                f"hostlink-tw: waiting for agent {agent} to take task {self._shown_id} "
+                f"{self._terminal.name}: waiting for agent {agent} to take task {self._shown_id} "
                 f"({state}; {waited:.0f}s of {self._wait:g}s)"
             )
             return
