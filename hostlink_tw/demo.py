@@ -2,13 +2,23 @@
 ``hostlink-tw demo``: the whole uplink on one machine, narrated.
 
 It creates a throwaway identity under ``.demo/``, starts the reference
-control plane on 127.0.0.1 with that agent authorized, and runs the agent
-(the same :class:`~hostlink_tw.service.HostlinkService` that ``twistd
-hostlink`` runs) against it, printing what happens: the signed upgrade
-accepted, hello → hello_ack, the session active, keepalive pings.  After a
-few seconds it restarts the control plane once, so the session drops, the
-agent backs off and the session comes back.  It then runs until Ctrl-C (or
-``--duration``), and ends everything cleanly.
+control plane on 127.0.0.1 with that agent authorized (and its operator API,
+token in ``.demo/operator.token``), and runs the agent (the same
+:class:`~hostlink_tw.service.HostlinkService` that ``twistd hostlink`` runs,
+with task delivery and results on) against it, printing what happens: the
+signed upgrade accepted, hello → hello_ack, the session active, keepalive
+pings.
+
+Once the session is up, it runs ``hostlink-tw task run`` (the real command,
+as a child process) of a command that prints ten lines over five seconds,
+and restarts the control plane in the middle of it (``--restart-after``,
+seconds after the session first came up): the session drops, the command
+goes on running on the agent, the agent backs off and reconnects and
+replays what was not acked, and ``task run`` reconnects and resumes after
+the last line it printed.  The demo checks that all ten lines arrived, in
+order, each once.  Then a failing command, whose exit code ``task run``
+exits with.  It then runs until Ctrl-C (or ``--duration``), and ends
+everything cleanly; the exit status is 1 if a check failed.
 """
 
 from __future__ import annotations
@@ -33,6 +43,15 @@ from hostlink_tw.agent.identity import AgentState
 from hostlink_tw.client import ClientEvent
 from hostlink_tw.config import Settings
 from hostlink_tw.controlplane import ControlPlane, start_control_plane
+from hostlink_tw.controlplane.operatortoken import load_or_create_token
+from hostlink_tw.demo_tasks import (
+    FAILING_EXIT,
+    LINES,
+    TaskRun,
+    count_command,
+    counted_lines,
+    failing_command,
+)
 from hostlink_tw.provisioning import generate_private_key, write_agent_state
 from hostlink_tw.service import HostlinkService
 
@@ -45,8 +64,14 @@ DEMO_RECONNECT_MIN = 1.0
 DEMO_RECONNECT_MAX = 4.0
 # How long the control plane stays down during the restart.
 DOWN_FOR = 2.0
+#: Seconds after the session first comes up until the restart: mid-way through the first task.
+DEFAULT_RESTART_AFTER = 2.5
 # Bound on each wait for the session, so the demo never hangs silently.
 ACTIVE_TIMEOUT = 30.0
+
+
+# Message types not narrated one by one (there are many, and the output is shown).
+_QUIET = frozenset({"task.output", "ack"})
 
 
 class _Narrator:
@@ -72,9 +97,12 @@ class _Narrator:
         elif kind == "refused":
             self.say("agent", f"upgrade refused: HTTP {f.get('status')} {f.get('reason', '')}")
         elif kind == "message_out":
-            self.say("agent", f"→ {f.get('type')} {f.get('message_id')}")
+            # Output chunks and their acks: task run's own lines show them.
+            if f.get("type") not in _QUIET:
+                self.say("agent", f"→ {f.get('type')} {f.get('message_id')}")
         elif kind == "message_in":
-            self.say("agent", f"← {f.get('type')} {f.get('message_id')}")
+            if f.get("type") not in _QUIET:
+                self.say("agent", f"← {f.get('type')} {f.get('message_id')}")
         elif kind == "active":
             self.say("agent", "SESSION ACTIVE")
         elif kind == "closed":
@@ -140,33 +168,62 @@ def _sleep(reactor: Any, seconds: float) -> Deferred[None]:
     return deferLater(reactor, seconds, lambda: None)
 
 
+# What a previous run left that this one must not inherit (its tasks, its agent's store).
+_LEFTOVERS = ("tasks.db", os.path.join("state", "task_store.db"))
+
+
 class _DemoRun:
-    """One demo: the control plane, the agent service, and their cleanup."""
+    """One demo: the control plane, the agent service, the task commands, and their cleanup."""
 
     def __init__(self, reactor: Any, narrator: _Narrator, directory: str) -> None:
         self.reactor = reactor
         self.narrator = narrator
-        self.directory = directory
+        self.directory = os.path.abspath(directory)
         self.cp: ControlPlane | None = None
         self.service: HostlinkService | None = None
+        self.child: TaskRun | None = None
+        self.stopping = False
+        #: False once a check failed (the exit status is then 1).
+        self.ok = True
+        self.token = ""
+        self.token_file = os.path.join(self.directory, "operator.token")
 
-    async def _start_cp(self, public_key: Any, listen: str) -> ControlPlane:
+    async def _start_cp(self, public_key: Any, listen: str, operator_listen: str) -> ControlPlane:
         self.cp = await start_control_plane(
-            {DEMO_AGENT_ID: public_key}, listen=listen, reactor=self.reactor
+            {DEMO_AGENT_ID: public_key},
+            listen=listen,
+            operator_listen=operator_listen,
+            operator_token=self.token,
+            # Tasks and their output survive the restart in this file.
+            tasks_database=os.path.join(self.directory, "tasks.db"),
+            reactor=self.reactor,
         )
         return self.cp
 
-    async def run(self, duration: float | None, restart_after: float) -> int:
+    def _forget_leftovers(self) -> None:
+        for name in _LEFTOVERS:
+            for suffix in ("", "-wal", "-shm"):
+                try:
+                    os.unlink(os.path.join(self.directory, name + suffix))
+                except FileNotFoundError:
+                    pass
+
+    async def run(self, restart_after: float) -> None:
+        """The story; once told, the demo keeps running until stopped."""
         narrator, reactor = self.narrator, self.reactor
-        state_path = os.path.abspath(os.path.join(self.directory, "state"))
+        state_path = os.path.join(self.directory, "state")
         key_path = os.path.join(state_path, "agent.key")
         key = generate_private_key(key_path)
         write_agent_state(state_path, AgentState(agent_id=DEMO_AGENT_ID))
+        self._forget_leftovers()
+        self.token, _ = load_or_create_token(self.token_file)
         narrator.say("demo", f"throwaway identity {DEMO_AGENT_ID!r} in {state_path}")
 
         # The control plane's own log line says where it listens.
-        cp = await self._start_cp(key.public_key(), "tcp:0:interface=127.0.0.1")
-        port = cp.port
+        loopback = "tcp:0:interface=127.0.0.1"
+        cp = await self._start_cp(key.public_key(), loopback, loopback)
+        ports = (cp.port, int(cp.operator_url.rsplit(":", 1)[1]))
+        operator_url = cp.operator_url
         settings = Settings(
             enabled=True,
             ws_url=cp.ws_url,
@@ -175,6 +232,9 @@ class _DemoRun:
             ping_interval=DEMO_PING_INTERVAL,
             reconnect_min=DEMO_RECONNECT_MIN,
             reconnect_max=DEMO_RECONNECT_MAX,
+            delivery_enabled=True,
+            results_enabled=True,
+            local_store_path=os.path.join(state_path, "task_store.db"),
         )
         self.service = HostlinkService(settings, reactor=reactor)
         self.service.add_observer(narrator.on_event)
@@ -182,32 +242,79 @@ class _DemoRun:
         self.service.startService()
         await active
 
-        def left() -> float:
-            if duration is None:
-                return float("inf")
-            return duration - (time.monotonic() - narrator.started)
+        restart = ensureDeferred(self._restart_later(key.public_key(), ports, restart_after))
+        restart.addErrback(self._failed)
+        await self._tasks(operator_url)
+        if not self.stopping:
+            narrator.say("demo", "running; press Ctrl-C to stop")
 
-        await _sleep(reactor, min(restart_after, max(0.0, left())))
-        if left() <= 0:
-            return 0  # --duration ended the demo before the restart
-        narrator.say("demo", "--- restarting the control plane: the session will drop ---")
+    async def _restart_later(self, public_key: Any, ports: tuple[int, int], after: float) -> None:
+        narrator = self.narrator
+        await _sleep(self.reactor, after)
+        cp = self.cp
+        if self.stopping or cp is None:
+            return
+        narrator.say("demo", "--- restarting the control plane: the session drops; the command "
+                     "runs on, the agent's store keeps its output until acked ---")
         await cp.stop()
         self.cp = None
-        await _sleep(reactor, DOWN_FOR)
-        back = narrator.wait_for("active", reactor, ACTIVE_TIMEOUT)
-        await self._start_cp(key.public_key(), f"tcp:{port}:interface=127.0.0.1")
+        await _sleep(self.reactor, DOWN_FOR)
+        if self.stopping:
+            return
+        back = narrator.wait_for("active", self.reactor, ACTIVE_TIMEOUT)
+        gateway, operator = (f"tcp:{port}:interface=127.0.0.1" for port in ports)
+        await self._start_cp(public_key, gateway, operator)
         await back
-        narrator.say("demo", "--- session is back: reconnect complete ---")
+        narrator.say("demo", "--- session is back: reconnect complete; the agent replays what "
+                     "was not acked, task run resumes after its last line ---")
 
-        if duration is None:
-            narrator.say("demo", "running; press Ctrl-C to stop")
-            await Deferred()  # until the reactor stops
-        elif left() > 0:
-            await _sleep(reactor, left())
-        return 0
+    async def _tasks(self, operator_url: str) -> None:
+        narrator = self.narrator
+        narrator.say("demo", f"--- a command on the agent from the command line, {LINES} lines "
+                     "over a few seconds; the control plane restarts in the middle ---")
+        status, lines = await self._task_run(operator_url, count_command())
+        if self.stopping:
+            return
+        if status == 0 and lines == counted_lines():
+            narrator.say("demo", f"task run exited 0; all {LINES} lines arrived, in order, "
+                         "none lost, none twice")
+        else:
+            self.ok = False
+            narrator.say("demo", f"CHECK FAILED: task run exited {status}, printed {lines!r}")
+        narrator.say("demo", "--- a failing command: task run exits with its exit code ---")
+        status, _ = await self._task_run(operator_url, failing_command())
+        if self.stopping:
+            return
+        if status == FAILING_EXIT:
+            narrator.say("demo", f"task run exited {status}: the command's own exit code")
+        else:
+            self.ok = False
+            narrator.say("demo", f"CHECK FAILED: task run exited {status}, not {FAILING_EXIT}")
+
+    async def _task_run(self, operator_url: str, command: str) -> tuple[int, list[str]]:
+        def line(stream: str, text: str) -> None:
+            self.narrator.say(f"| {stream}", text)
+
+        child = TaskRun(self.reactor, operator_url=operator_url, token_file=self.token_file,
+                        agent_id=DEMO_AGENT_ID, command=command, on_line=line)
+        self.narrator.say("you", f"$ {child.shown()}")
+        self.child = child
+        status = await child.start()
+        self.child = None
+        return status, child.stdout
+
+    def _failed(self, failure: Failure) -> None:
+        self.ok = False
+        self.narrator.say("demo", f"failed: {failure.getErrorMessage() or repr(failure.value)}")
+        if self.reactor.running:
+            self.reactor.stop()
 
     async def stop(self) -> None:
-        """Close the session (1000) and the control plane; safe at any point."""
+        """End the command, close the session (1000) and the control plane; safe at any point."""
+        self.stopping = True
+        child, self.child = self.child, None
+        if child is not None:
+            await child.kill()
         service, self.service = self.service, None
         if service is not None and service.running:
             self.narrator.say("demo", "stopping: closing the session and the control plane")
@@ -220,10 +327,10 @@ class _DemoRun:
 def run_demo(
     directory: str = ".demo",
     duration: float | None = None,
-    restart_after: float = 6.0,
+    restart_after: float = DEFAULT_RESTART_AFTER,
     out: TextIO = sys.stdout,
 ) -> int:
-    """Run the demo on the global reactor; return the exit status."""
+    """Run the demo on the global reactor; return the exit status (1: a check failed)."""
     from twisted.internet import reactor as global_reactor
 
     reactor: Any = global_reactor
@@ -233,33 +340,17 @@ def run_demo(
         [narrator.log_observer()], discardBuffer=True, redirectStandardIO=False
     )
     demo = _DemoRun(reactor, narrator, directory)
-    status, finished_run = 1, False
 
-    def shutting_down() -> Deferred[None]:
-        nonlocal status
-        # Ctrl-C (SIGINT) or SIGTERM stops the reactor before the run ends:
-        # that is how the demo is meant to end, so it is a success.
-        if not finished_run:
-            status = 0
-        return ensureDeferred(demo.stop())
-
-    # Everything is closed before the reactor exits.
-    reactor.addSystemEventTrigger("before", "shutdown", shutting_down)
-
-    def finished(outcome: object) -> None:
-        nonlocal status, finished_run
-        finished_run = True
-        if isinstance(outcome, Failure):
-            narrator.say("demo", f"failed: {outcome.getErrorMessage() or repr(outcome.value)}")
-        else:
-            status = outcome if isinstance(outcome, int) else 1
-        if reactor.running:
-            reactor.stop()
+    # Ctrl-C (SIGINT), SIGTERM or --duration stop the reactor: that is how
+    # the demo is meant to end.  Everything is closed before the reactor exits.
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: ensureDeferred(demo.stop()))
 
     def begin() -> None:
-        ensureDeferred(demo.run(duration, restart_after)).addBoth(finished)
+        ensureDeferred(demo.run(restart_after)).addErrback(demo._failed)
+        if duration is not None:
+            reactor.callLater(duration, lambda: reactor.running and reactor.stop())
 
     reactor.callWhenRunning(begin)
     reactor.run()
     narrator.say("demo", "stopped")
-    return status
+    return 0 if demo.ok else 1

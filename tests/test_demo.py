@@ -25,34 +25,44 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def run_demo_until(
+    case: SynchronousTestCase, markers: list[bytes], signum: int, *options: str
+) -> tuple[int, str]:
+    """
+    Run the demo until its output holds every marker, then send ``signum``;
+    its exit status and whole output.
+    """
+    directory = os.path.abspath(case.mktemp())
+    process = subprocess.Popen(  # noqa: S603 - our own interpreter
+        [sys.executable, "-m", "hostlink_tw", "demo", "--dir", directory, *options],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        preexec_fn=_default_sigint,  # noqa: PLW1509 - no threads of ours yet
+    )
+    assert process.stdout is not None
+    case.addCleanup(process.stdout.close)
+    case.addCleanup(lambda: process.poll() is None and process.kill())
+    output = b""
+    deadline = time.monotonic() + WAIT
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        while not all(marker in output for marker in markers):
+            left = deadline - time.monotonic()
+            if left <= 0 or not selector.select(left):
+                case.fail(f"not all of {markers} within {WAIT}s:\n{output.decode()}")
+            chunk = os.read(process.stdout.fileno(), 65536)
+            if not chunk:
+                case.fail(f"the demo ended early:\n{output.decode()}")
+            output += chunk
+    process.send_signal(signum)
+    rest, _ = process.communicate(timeout=WAIT)
+    return process.returncode, (output + rest).decode(errors="replace")
+
+
 class SignalTests(SynchronousTestCase):
     def run_until_active_then(self, signum: int) -> tuple[int, str]:
-        directory = os.path.abspath(self.mktemp())
-        process = subprocess.Popen(  # noqa: S603 - our own interpreter
-            [sys.executable, "-m", "hostlink_tw", "demo", "--dir", directory,
-             "--restart-after", "600"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_default_sigint,  # noqa: PLW1509 - no threads of ours yet
-        )
-        assert process.stdout is not None
-        self.addCleanup(process.stdout.close)
-        self.addCleanup(lambda: process.poll() is None and process.kill())
-        output = b""
-        deadline = time.monotonic() + WAIT
-        with selectors.DefaultSelector() as selector:
-            selector.register(process.stdout, selectors.EVENT_READ)
-            while b"SESSION ACTIVE" not in output:
-                left = deadline - time.monotonic()
-                if left <= 0 or not selector.select(left):
-                    self.fail(f"no active session within {WAIT}s:\n{output.decode()}")
-                chunk = os.read(process.stdout.fileno(), 65536)
-                if not chunk:
-                    self.fail(f"the demo ended early:\n{output.decode()}")
-                output += chunk
-        process.send_signal(signum)
-        rest, _ = process.communicate(timeout=WAIT)
-        return process.returncode, (output + rest).decode(errors="replace")
+        # The task run starts at once: a stop must end it too.
+        return run_demo_until(self, [b"SESSION ACTIVE"], signum, "--restart-after", "600")
 
     def test_ctrl_c_is_a_clean_exit(self) -> None:
         status, out = self.run_until_active_then(signal.SIGINT)
@@ -65,6 +75,50 @@ class SignalTests(SynchronousTestCase):
         status, out = self.run_until_active_then(signal.SIGTERM)
         self.assertEqual(status, 0, out)
         self.assertNotIn("Traceback", out)
+
+
+class StoryTests(SynchronousTestCase):
+    """The whole story of ``make demo``, checked line by line."""
+
+    def test_task_run_across_a_restart_then_a_failing_command(self) -> None:
+        status, out = run_demo_until(
+            self, [b"running; press Ctrl-C to stop", b"keepalive pong"], signal.SIGINT,
+            "--restart-after", "1.5",
+        )
+        self.assertEqual(status, 0, out)
+        self.assertNotIn("Traceback", out)
+        self.assertNotIn("CHECK FAILED", out)
+        lines = out.splitlines()
+        printed = [line.split("| stdout", 1)[1].strip() for line in lines if "| stdout" in line]
+        expected = [f"line {i} of 10" for i in range(1, 11)]
+        # Each line once, in order (the failing command's line comes after them).
+        self.assertEqual(printed[:10], expected, out)
+        self.assertEqual(printed[10:], ["looking for /nonexistent"], out)
+        restart = out.index("restarting the control plane")
+        self.assertLess(out.index("line 1 of 10"), restart, out)
+        self.assertLess(restart, out.index("line 10 of 10"), out)
+        self.assertEqual(out.count("SESSION ACTIVE"), 2, out)
+        order = [
+            out.index("→ agent.hello"),
+            out.index("← agent.hello_ack"),
+            out.index("$ hostlink-tw task run --agent demo-agent"),
+            out.index("restarting the control plane"),
+            out.index("backing off"),
+            out.index("reconnect complete"),
+            out.index("task run exited 0; all 10 lines arrived"),
+            out.index("| stderr      ls: "),
+            out.index("task run exited 3: the command's own exit code"),
+            out.index("running; press Ctrl-C"),
+            out.index("stopped"),
+        ]
+        self.assertEqual(order, sorted(order), out)
+        self.assertIn("code=1000", out.split("stopping: closing the session")[-1])
+        # Each thing said once: one line per control plane start, one per close.
+        self.assertEqual(out.count("listening on"), 2, out)
+        self.assertEqual(out.count("control plane stopping"), 1, out)
+        self.assertNotIn("code=None", out)
+        elapsed = float(lines[-1].split("s", 1)[0])
+        self.assertLess(elapsed, 60.0, "the demo's story must stay well under two minutes")
 
 
 class NarrationTests(SynchronousTestCase):
