@@ -122,8 +122,8 @@ class Terminal:
     def write(self, stream: str, text: str) -> None:
         """Write task output to our stdout or stderr, as it came (UTF-8)."""
         target = self.err if stream == "stderr" else self.out
-        if target is self.err:
-            self.clear()
+        # Both usually reach one screen: the progress line goes first.
+        self.clear()
         buffer = getattr(target, "buffer", None)
         if buffer is None:
             target.write(text)

@@ -261,10 +261,15 @@ class _DemoRun:
         await _sleep(self.reactor, DOWN_FOR)
         if self.stopping:
             return
-        back = narrator.wait_for("active", self.reactor, ACTIVE_TIMEOUT)
         gateway, operator = (f"tcp:{port}:interface=127.0.0.1" for port in ports)
-        await self._start_cp(public_key, gateway, operator)
-        await back
+        cp = await self._start_cp(public_key, gateway, operator)
+        if self.stopping:
+            # stop() ran while this one was starting: it is ours to close.
+            self.cp = None
+            await cp.stop()
+            return
+        # Resumed in the turn the port was bound: no session can be up yet.
+        await narrator.wait_for("active", self.reactor, ACTIVE_TIMEOUT)
         narrator.say("demo", "--- session is back: reconnect complete; the agent replays what "
                      "was not acked, task run resumes after its last line ---")
 

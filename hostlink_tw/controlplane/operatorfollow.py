@@ -143,8 +143,15 @@ class OutputFollower:
         Send the headers and the first events, then follow.
 
         :raises UnknownTaskError: No such task (nothing is sent).
+        :raises TaskStoreError: The store failed (nothing is sent).
         """
+        # Everything that can fail is read before the answer starts (a
+        # failure is then an ordinary error answer); nothing can be stored
+        # between these reads and the subscription: one thread.
         record = self._tasks.get(self._task_id)
+        if self._requested_attempt == record.execution_attempt_id:
+            self._sent = {k: v for k, v in self._after.items() if v > 0}
+        self._pending.extend(self._tasks.chunks(self._task_id, self._sent))
         request = self._request
         request.setHeader(b"Content-Type", b"application/x-ndjson")  # type: ignore[no-untyped-call]
         request.setHeader(b"Cache-Control", b"no-store")  # type: ignore[no-untyped-call]
@@ -152,8 +159,6 @@ class OutputFollower:
         request.notifyFinish().addBoth(self._request_done)
         self._attempt = record.execution_attempt_id
         self._status = record.status
-        if self._requested_attempt == record.execution_attempt_id:
-            self._sent = {k: v for k, v in self._after.items() if v > 0}
         self._write({"event": "status", "task": task_document(record)})
         if self._follow and not record.finished:
             self._unsubscribe = self._tasks.on_output(self._on_chunk, self._task_id)
@@ -165,7 +170,6 @@ class OutputFollower:
             self._poll.start(self._poll_interval, now=False)
         else:
             self._ending = True
-        self._pending.extend(self._tasks.chunks(self._task_id, self._sent))
         self._pump()
 
     def _on_final(self, record: TaskRecord) -> None:
