@@ -80,3 +80,34 @@ def describe_os_error(error: OSError) -> str:
     if isinstance(error, IsADirectoryError):
         return "it is a directory"
     return error.strerror or str(error)
+
+
+def private_file_problem(path: str, what: str) -> str | None:
+    """Create ``path`` mode 0600, or check the existing one is a private regular file.
+
+    Returns ``None`` when the file is fine, else one line naming ``what`` and
+    the path.  An existing file that group or others can access is refused,
+    never repaired: the operator decides (as for the key files).
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        return f"{what} {path} cannot be created: {e.strerror}"
+    else:
+        os.close(fd)
+        return None
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return f"{what} {path} cannot be read: {e.strerror}"
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISREG(st.st_mode):
+        return f"{what} {path} is not a regular file"
+    if mode & 0o077:
+        return (
+            f"{what} {path} is accessible by group or others (mode {mode:04o}); "
+            f"it must be readable by its owner only (chmod 600)"
+        )
+    return None

@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import enum
 import json
-import os
 import sqlite3
-import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -45,6 +43,7 @@ from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from hostlink_tw._files import private_file_problem
 from hostlink_tw.agent.storereads import (
     SELECT_MESSAGE,
     OutputRange,
@@ -172,27 +171,9 @@ def migrate(conn: sqlite3.Connection, path: str) -> None:
 
 def _open_file(path: str) -> None:
     """Create ``path`` mode 0600, or check that the existing file is private."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except FileExistsError:
-        pass
-    except OSError as e:
-        raise StoreError(f"task store {path} cannot be created: {e.strerror}") from None
-    else:
-        os.close(fd)
-        return
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise StoreError(f"task store {path} cannot be read: {e.strerror}") from None
-    mode = stat.S_IMODE(st.st_mode)
-    if not stat.S_ISREG(st.st_mode):
-        raise StoreError(f"task store {path} is not a regular file")
-    if mode & 0o077:
-        raise StoreError(
-            f"task store {path} is accessible by group or others (mode {mode:04o}); "
-            f"it must be readable by its owner only (chmod 600)"
-        )
+    problem = private_file_problem(path, "task store")
+    if problem is not None:
+        raise StoreError(problem)
 
 
 class Database(Reads):

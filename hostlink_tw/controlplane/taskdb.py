@@ -39,11 +39,11 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import stat
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from hostlink_tw._files import private_file_problem
 from hostlink_tw.controlplane.taskmodel import AttemptRecord, TaskRecord
 from hostlink_tw.wire.payloads import TaskFinalPayload
 
@@ -147,26 +147,9 @@ def attempt_from_row(row: Sequence[Any]) -> AttemptRecord:
 
 def _create_private(path: str) -> None:
     """Create ``path`` mode 0600, or check that the existing file is a private regular file."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except FileExistsError:
-        pass
-    except OSError as e:
-        raise TaskStoreError(f"task store {path} cannot be created: {e.strerror}") from None
-    else:
-        os.close(fd)
-        return
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise TaskStoreError(f"task store {path} cannot be read: {e.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise TaskStoreError(f"task store {path} is not a regular file")
-    if st.st_mode & 0o077:
-        raise TaskStoreError(
-            f"task store {path} is accessible by group or others (mode "
-            f"{stat.S_IMODE(st.st_mode):04o}); it must be readable by its owner only (chmod 600)"
-        )
+    problem = private_file_problem(path, "task store")
+    if problem is not None:
+        raise TaskStoreError(problem)
 
 
 class TaskDatabase:
