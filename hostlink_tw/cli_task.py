@@ -20,23 +20,28 @@ operator API from the command line (:func:`add_operator_commands`).
 ``agents [--json]``
     every agent: authorized, its session, whether it takes tasks.
 
-Each reads ``--operator-url`` (``HOSTLINK_OPERATOR_URL``, default
-``http://127.0.0.1:8081``) and the bearer token from
-``--operator-token-file``, else ``HOSTLINK_OPERATOR_TOKEN``, else the file
-named by ``HOSTLINK_OPERATOR_TOKEN_FILE``.  Exit status of all but ``task
-run``: 0 done, 1 the control plane refused (no such task, …), 2 it could
-not be used (unreachable, token refused, not an operator API, usage).
+Each reads ``--operator-url`` and the bearer token as
+:mod:`~hostlink_tw.cli_operator` says, which also has their exit statuses.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
-from collections.abc import Mapping
 from typing import Any, TextIO
 
+from hostlink_tw.cli_operator import (
+    DEFAULT_OPERATOR_URL,
+    EXIT_REFUSED,
+    connection_options,
+    fail,
+    isatty,
+    make_client,
+    positive_int,
+    refused,
+    run_interruptible,
+    wait_duration,
+)
 from hostlink_tw.cli_taskrun import (
     EXIT_CANCELLED,
     EXIT_CLI,
@@ -46,71 +51,20 @@ from hostlink_tw.cli_taskrun import (
     describe_end,
     exit_status,
 )
-from hostlink_tw.controlplane.operatortoken import (
-    OperatorTokenError,
-    check_token,
-    read_token_file,
-)
-from hostlink_tw.duration import DurationError, format_duration, parse_go_duration
+from hostlink_tw.duration import format_duration
 from hostlink_tw.operatorclient import (
     OperatorClient,
     OperatorError,
-    check_operator_url,
     task_path,
 )
 from hostlink_tw.safetext import escape_control
 
-__all__ = ["DEFAULT_OPERATOR_URL", "DEFAULT_WAIT", "add_operator_commands", "resolve_token"]
+__all__ = ["DEFAULT_OPERATOR_URL", "DEFAULT_WAIT", "add_operator_commands", "run_interruptible"]
 
-DEFAULT_OPERATOR_URL = "http://127.0.0.1:8081"
 #: ``task run --wait``: how long the agent has to take the task.
 DEFAULT_WAIT = 60.0
-EXIT_REFUSED = 1
 # Longest text of a table cell (a command, an id).
 _CELL = 60
-
-
-def resolve_token(token_file: str | None, environ: Mapping[str, str]) -> str:
-    """
-    The bearer token: ``--operator-token-file``, else ``HOSTLINK_OPERATOR_TOKEN``,
-    else the file ``HOSTLINK_OPERATOR_TOKEN_FILE`` names.
-
-    :raises OperatorTokenError: None given, or unusable (one line).
-    """
-    if token_file:
-        return read_token_file(token_file)
-    token = environ.get("HOSTLINK_OPERATOR_TOKEN", "").strip()
-    if token:
-        return check_token(token, "HOSTLINK_OPERATOR_TOKEN")
-    path = environ.get("HOSTLINK_OPERATOR_TOKEN_FILE", "").strip()
-    if path:
-        return read_token_file(path)
-    raise OperatorTokenError(
-        "no operator token: pass --operator-token-file (the control plane writes "
-        "operator.token beside its agents file), or set HOSTLINK_OPERATOR_TOKEN_FILE or "
-        "HOSTLINK_OPERATOR_TOKEN"
-    )
-
-
-def _client(args: argparse.Namespace, err: TextIO, timeout: float = 10.0) -> OperatorClient | None:
-    """The client these arguments describe, or None after one line on ``err``."""
-    try:
-        token = resolve_token(args.operator_token_file, os.environ)
-    except OperatorTokenError as e:
-        err.write(f"hostlink-tw {args.command_name}: {escape_control(str(e), 500)}\n")
-        return None
-    return OperatorClient(args.operator_url, token, timeout=timeout)
-
-
-def _fail(args: argparse.Namespace, err: TextIO, message: str) -> None:
-    err.write(f"hostlink-tw {args.command_name}: {message}\n")
-
-
-def _refused(args: argparse.Namespace, err: TextIO, error: OperatorError) -> int:
-    _fail(args, err, str(error))
-    if error.status is not None and error.status != 401 and error.code is not None:
-        return EXIT_REFUSED
-    return EXIT_CLI
 
 
 # -- task run --------------------------------------------------------------------------
@@ -122,17 +76,17 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         words = words[1:]
     command = " ".join(words)
     if not command.strip():
-        _fail(args, err, "no command: hostlink-tw task run --agent ID -- COMMAND…")
+        fail(args, err, "no command: hostlink-tw task run --agent ID -- COMMAND…")
         return EXIT_CLI
-    client = _client(args, err)
+    client = make_client(args, err)
     if client is None:
         return EXIT_CLI
-    terminal = Terminal(out, err, progress=_isatty(err) and not args.json,
+    terminal = Terminal(out, err, progress=isatty(err) and not args.json,
                         name=f"hostlink-tw {args.command_name}")
     try:
         task = client.request("POST", "/tasks", {"agent_id": args.agent, "command": command})
     except OperatorError as e:
-        _fail(args, err, str(e))
+        fail(args, err, str(e))
         return EXIT_CLI
     follower = Follower(client, task, terminal, json_events=args.json, wait=args.wait)
     try:
@@ -172,7 +126,7 @@ def _cancel_after_interrupt(client: OperatorClient, task_id: str, terminal: Term
 
 
 def _list(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    client = _client(args, err)
+    client = make_client(args, err)
     if client is None:
         return EXIT_CLI
     query = {"limit": str(args.limit)}
@@ -183,10 +137,10 @@ def _list(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     try:
         answer = client.request("GET", "/tasks", query=query)
     except OperatorError as e:
-        return _refused(args, err, e)
+        return refused(args, err, e)
     tasks = answer.get("tasks")
     if not isinstance(tasks, list):
-        _fail(args, err, "the control plane's answer has no task list")
+        fail(args, err, "the control plane's answer has no task list")
         return EXIT_CLI
     if args.json:
         out.write(json.dumps(answer, indent=2) + "\n")
@@ -208,13 +162,13 @@ def _list(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    client = _client(args, err)
+    client = make_client(args, err)
     if client is None:
         return EXIT_CLI
     try:
         task = client.request("GET", task_path(args.task_id))
     except OperatorError as e:
-        return _refused(args, err, e)
+        return refused(args, err, e)
     if args.json:
         out.write(json.dumps(task, indent=2) + "\n")
         return 0
@@ -249,10 +203,10 @@ def _show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _logs(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    client = _client(args, err)
+    client = make_client(args, err)
     if client is None:
         return EXIT_CLI
-    terminal = Terminal(out, err, progress=_isatty(err) and args.follow and not args.json,
+    terminal = Terminal(out, err, progress=isatty(err) and args.follow and not args.json,
                         name=f"hostlink-tw {args.command_name}")
     task = {"task_id": args.task_id}
     follower = Follower(client, task, terminal, follow=args.follow, json_events=args.json,
@@ -266,13 +220,13 @@ def _logs(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _cancel(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    client = _client(args, err)
+    client = make_client(args, err)
     if client is None:
         return EXIT_CLI
     try:
         task = client.request("POST", task_path(args.task_id, "cancel"))
     except OperatorError as e:
-        return _refused(args, err, e)
+        return refused(args, err, e)
     if args.json:
         out.write(json.dumps(task, indent=2) + "\n")
     elif task.get("status") == "cancelled":
@@ -285,16 +239,16 @@ def _cancel(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _agents(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    client = _client(args, err)
+    client = make_client(args, err)
     if client is None:
         return EXIT_CLI
     try:
         answer = client.request("GET", "/agents")
     except OperatorError as e:
-        return _refused(args, err, e)
+        return refused(args, err, e)
     agents = answer.get("agents")
     if not isinstance(agents, list):
-        _fail(args, err, "the control plane's answer has no agent list")
+        fail(args, err, "the control plane's answer has no agent list")
         return EXIT_CLI
     if args.json:
         out.write(json.dumps(answer, indent=2) + "\n")
@@ -331,58 +285,6 @@ def _table(out: TextIO, rows: list[list[str]]) -> None:
         out.write("  ".join(cells).rstrip() + "\n")
 
 
-def _isatty(stream: TextIO) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-# -- the parsers -----------------------------------------------------------------------
-
-
-def _wait(text: str) -> float:
-    """``--wait``: a Go duration (``60s``, ``2m``); 0 waits without limit."""
-    try:
-        seconds = parse_go_duration(text)
-    except DurationError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if seconds < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return seconds
-
-
-def _operator_url(text: str) -> str:
-    try:
-        return check_operator_url(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _positive_int(text: str) -> int:
-    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 1000:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to 1000")
-    return int(text)
-
-
-def _connection_options(parser: argparse.ArgumentParser, name: str) -> None:
-    # argparse checks a string default with the option's type too: a bad
-    # HOSTLINK_OPERATOR_URL is a usage error naming --operator-url.
-    default_url = os.environ.get("HOSTLINK_OPERATOR_URL", "").strip() or DEFAULT_OPERATOR_URL
-    parser.add_argument(
-        "--operator-url", type=_operator_url, default=default_url,
-        help=f"the control plane's operator listener [env HOSTLINK_OPERATOR_URL; default "
-        f"{DEFAULT_OPERATOR_URL}]",
-    )
-    parser.add_argument(
-        "--operator-token-file", default=None,
-        help="file holding the operator API's bearer token (the control plane writes "
-        "operator.token beside its agents file) [env HOSTLINK_OPERATOR_TOKEN_FILE; or the "
-        "token itself in HOSTLINK_OPERATOR_TOKEN]",
-    )
-    parser.set_defaults(command_name=name, parser=parser)
-
-
 def add_operator_commands(commands: Any) -> None:
     """Add ``task`` and ``agents`` to the ``hostlink-tw`` subcommands."""
     task = commands.add_parser("task", help="run, list, show, follow or cancel tasks on agents")
@@ -400,67 +302,47 @@ def add_operator_commands(commands: Any) -> None:
     )
     run.add_argument("--agent", required=True, help="the agent's id")
     run.add_argument(
-        "--wait", type=_wait, default=DEFAULT_WAIT,
+        "--wait", type=wait_duration, default=DEFAULT_WAIT,
         help=f"how long the agent has to take the task, then it is cancelled and the exit "
         f"status is 2 (default {format_duration(DEFAULT_WAIT)}; 0: no limit)",
     )
     run.add_argument("--json", action="store_true",
                      help="print the API's events as JSON lines instead of the output")
     run.add_argument("words", nargs=argparse.REMAINDER, metavar="-- COMMAND…")
-    _connection_options(run, "task run")
+    connection_options(run, "task run")
     run.set_defaults(run=_run)
 
     listing = sub.add_parser("list", help="tasks, newest first")
     listing.add_argument("--agent", help="only this agent's")
     listing.add_argument("--status", help="only tasks with this status")
-    listing.add_argument("--limit", type=_positive_int, default=100,
+    listing.add_argument("--limit", type=positive_int, default=100,
                          help="at most this many (default 100, at most 1000)")
     listing.add_argument("--json", action="store_true", help="print the API's JSON")
-    _connection_options(listing, "task list")
+    connection_options(listing, "task list")
     listing.set_defaults(run=_list)
 
     show = sub.add_parser("show", help="one task: status, exit code, times, output")
     show.add_argument("task_id")
     show.add_argument("--json", action="store_true", help="print the API's JSON")
-    _connection_options(show, "task show")
+    connection_options(show, "task show")
     show.set_defaults(run=_show)
 
     logs = sub.add_parser("logs", help="a task's output (stdout here, stderr on stderr)")
     logs.add_argument("task_id")
     logs.add_argument("-f", "--follow", action="store_true", help="follow until the task ends")
     logs.add_argument("--json", action="store_true", help="print the API's events as JSON lines")
-    _connection_options(logs, "task logs")
+    connection_options(logs, "task logs")
     logs.set_defaults(run=_logs)
 
     cancel = sub.add_parser("cancel", help="cancel a task")
     cancel.add_argument("task_id")
     cancel.add_argument("--json", action="store_true", help="print the task as JSON")
-    _connection_options(cancel, "task cancel")
+    connection_options(cancel, "task cancel")
     cancel.set_defaults(run=_cancel)
 
     agents = commands.add_parser("agents", help="agents and their sessions (operator API)")
     agents.add_argument("--json", action="store_true", help="print the API's JSON")
-    _connection_options(agents, "agents")
+    connection_options(agents, "agents")
     agents.set_defaults(run=_agents)
 
-
-def run_interruptible(run: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    """
-    Run one of these commands: Ctrl-C is exit status 130 without a traceback,
-    a closed stdout (``| head``) ends quietly.
-    """
-    try:
-        status: int = run(args, out, err)
-        return status
-    except KeyboardInterrupt:
-        err.write("\n")
-        return EXIT_CANCELLED
-    except BrokenPipeError:
-        # Nothing more can be written; keep the interpreter's exit from complaining too.
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
-        return 141
 
