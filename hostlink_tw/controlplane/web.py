@@ -1,11 +1,8 @@
 """
-The HTTP around the gateway: what each listener serves besides WebSockets.
+The operator listener's HTTP (the gateway listener's is
+:mod:`~hostlink_tw.controlplane.gatewaysite`).
 
-The gateway listener (:func:`gateway_site`) routes on the whole path:
-``/api/v1/agents/ws`` to the WebSocket resource, ``GET /healthz`` to
-``200 ok``, anything else to 404.  No request there has a body (a body is
-refused with 413, unread) and every answer but an accepted upgrade closes
-its connection.  The operator listener (:func:`operator_factory`) serves
+The operator listener (:func:`operator_factory`) serves
 ``GET /status``, the sessions as JSON, and, once given one
 (:meth:`OperatorFactory.serve_api`), the operator API under
 ``/operator/v1/`` (:mod:`~hostlink_tw.controlplane.operatorapi`); it takes
@@ -28,69 +25,17 @@ from twisted.web.server import Request, Site
 
 from hostlink_tw._listen import is_loopback
 from hostlink_tw.controlplane.operatorapi import API_PREFIX, error_body
-from hostlink_tw.wire.vocabulary import GATEWAY_PATH
 
 __all__ = [
     "DEFAULT_MAX_OPERATOR_BODY_BYTES",
     "OperatorFactory",
-    "gateway_site",
     "is_loopback",
     "operator_factory",
     "reason_phrase",
 ]
 
-_BODY_REFUSED = b"request bodies are not accepted\n"
 #: The longest request body the operator listener reads without an API that needs more.
 DEFAULT_MAX_OPERATOR_BODY_BYTES = 64 * 1024
-
-
-class _Channel(HTTPChannel):
-    """
-    HTTP on the gateway listener: no request has a body here (the upgrade
-    and ``/healthz`` are GETs), so a body is refused with 413 before any of it
-    is stored, and the connection is closed.
-    """
-
-    def allHeadersReceived(self) -> None:
-        # length: None for chunked, the Content-Length otherwise (0 if absent).
-        # Checked before the request sees its length, which is when Twisted
-        # would create the body's temporary file.
-        if self.length == 0:
-            super().allHeadersReceived()  # type: ignore[no-untyped-call]
-            return
-        self.persistent = False
-        # The parser goes on in raw mode (length is not 0): everything after
-        # the headers is dropped unread.
-        self.rawDataReceived = lambda data: None  # type: ignore[method-assign]
-        transport: Any = self.transport
-        transport.write(
-            b"HTTP/1.1 413 Content Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-            % (len(_BODY_REFUSED), _BODY_REFUSED)
-        )
-        transport.loseConnection()
-
-
-class _Site(Site):
-    """
-    A Site whose answers other than the WebSocket upgrade close the
-    connection: a keep-alive connection would be a way to stay connected
-    without ever authenticating.
-    """
-
-    # A plain HTTP/1.1 channel: no HTTP/2 negotiation on the gateway.
-    protocol = _Channel  # type: ignore[assignment]
-
-    def logPrefix(self) -> str:
-        """Twisted's "<prefix> starting on <port>" line names the listener, not a class."""
-        return "agent gateway"
-
-    def getResourceFor(self, request: Request) -> IResource:
-        if request.path != GATEWAY_PATH.encode("ascii"):
-            request.channel.persistent = False
-            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
-        resource: IResource = super().getResourceFor(request)  # type: ignore[no-untyped-call]
-        return resource
 
 
 class _Root(Resource):
@@ -106,17 +51,6 @@ class _Root(Resource):
             return notFound()
         # The routed resources are leaves: traversal stops here.
         return resource
-
-
-class _Healthz(Resource):
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")  # type: ignore[no-untyped-call]
-        return b"ok"
 
 
 class _Status(Resource):
@@ -216,16 +150,6 @@ class OperatorFactory(WrappingFactory):
         site: Any = self.wrappedFactory
         site.resource.api = api
         site.max_body_bytes = max_body_bytes
-
-
-def gateway_site(websocket: IResource, reactor: Any) -> Site:
-    """The gateway listener's site: ``websocket`` at the gateway path, and ``/healthz``."""
-    site = _Site(  # type: ignore[no-untyped-call]
-        _Root({GATEWAY_PATH.encode("ascii"): websocket, b"/healthz": _Healthz()}),
-        reactor=reactor,
-    )
-    site.noisy = False
-    return site
 
 
 def operator_factory(status: Callable[[], Mapping[str, Any]], reactor: Any) -> OperatorFactory:
