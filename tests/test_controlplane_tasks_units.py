@@ -123,6 +123,19 @@ class StoreTests(SynchronousTestCase):
         self.assertEqual(store.count_unfinished("agent"), 0)
         self.assertIsNone(store.cancel("nope", 5.0))
 
+    def test_chunks_after_a_position_per_stream_in_arrival_order(self) -> None:
+        store = TaskStore()
+        store.add_task("t1", "agent", "x", "a1", 0.0)
+        for seq, stream in ((1, "stdout"), (1, "stderr"), (2, "stdout"), (2, "stderr"),
+                            (3, "stdout")):
+            store.output.append(_chunk(seq, f"{stream}{seq}", stream), 1000, 1.0)
+        got = [(c.stream, c.sequence) for c in store.output.chunks("a1", {"stdout": 1})]
+        self.assertEqual(got, [("stderr", 1), ("stdout", 2), ("stderr", 2), ("stdout", 3)])
+        got = [(c.stream, c.sequence)
+               for c in store.output.chunks("a1", {"stdout": 3, "stderr": 1})]
+        self.assertEqual(got, [("stderr", 2)])
+        self.assertEqual(len(store.output.chunks("a1")), 5)
+
     def test_output_past_the_limit_is_cut_at_a_character(self) -> None:
         store = TaskStore()
         store.add_task("t1", "agent", "x", "a1", 0.0)

@@ -136,13 +136,14 @@ class OutputLog:
 
         :param after: Stream → sequence: only the chunks above it.
         """
+        after = after or {}
+        # In SQL, so a follower catching up reads only what it has not seen.
         rows = self._db.rows(
             "SELECT a.task_id, o.attempt_id, o.stream, o.sequence, o.data, o.byte_count, "
             "o.truncated_locally FROM output o JOIN attempts a USING (attempt_id) "
-            "WHERE o.attempt_id = ? ORDER BY o.rowid",
-            (attempt_id,),
+            "WHERE o.attempt_id = ? AND ((o.stream = 'stdout' AND o.sequence > ?) "
+            "OR (o.stream = 'stderr' AND o.sequence > ?) "
+            "OR o.stream NOT IN ('stdout', 'stderr')) ORDER BY o.rowid",
+            (attempt_id, int(after.get("stdout", 0)), int(after.get("stderr", 0))),
         )
-        chunks = [OutputChunk(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6])) for r in rows]
-        if after is None:
-            return chunks
-        return [c for c in chunks if c.sequence > after.get(c.stream, 0)]
+        return [OutputChunk(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6])) for r in rows]
