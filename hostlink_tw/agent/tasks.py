@@ -841,6 +841,7 @@ def build_tasks(settings: Any, client: Any, reactor: Any) -> tuple[TaskEngine, A
 
     The store is used when delivery or results are enabled, or when its file
     exists already (what it holds is still owed to the control plane).
+    Polled tasks need it: without it they are not taken in (§9.2).
     """
     from hostlink_tw.agent.runner import TaskRunner, TaskSpec
 
@@ -853,6 +854,8 @@ def build_tasks(settings: Any, client: Any, reactor: Any) -> tuple[TaskEngine, A
             threshold=settings.output_flush_threshold, limit=settings.max_message_bytes,
             used=threshold,
         )
+    # A polled task is recorded before it runs (§9.2): without the store
+    # (both flags off, no file) the HTTP paths run but take no task in.
     use_store = settings.delivery_enabled or settings.results_enabled or os.path.exists(path)
     engine = TaskEngine(
         TaskStore(path, reactor),
