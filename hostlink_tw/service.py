@@ -23,10 +23,16 @@ Phase 2 (tasks, PROTOCOL §7–§8): with the client comes a
 :class:`~hostlink_tw.agent.tasks.TaskEngine` and its
 :class:`~hostlink_tw.agent.runner.TaskRunner`, a child service.  The local
 store is opened when delivery or results are enabled, or when a store file
-is already there (its unacked results are still owed to the control plane).
+is already there (its unacked results are still owed to the control plane);
+tasks that come by polling are taken in only then (§9.2: recorded first).
 On ``stopService`` the runner is stopped first: running process groups are
 killed and their ``interrupted`` finals recorded and, while the session is
 up, sent — within the kill grace plus 2 s — before the client closes.
+
+The HTTP paths (§9, :mod:`~hostlink_tw.agent.pollingwiring`) start with the
+client: the heartbeat always, the poll whenever no session delivers tasks.
+They are stopped first on ``stopService``, so nothing new is taken in while
+the runner stops; then their connections are closed.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from twisted.python.failure import Failure
 
 from hostlink_tw import __version__
 from hostlink_tw.agent.identity import load_agent_state, load_private_key
+from hostlink_tw.agent.pollingwiring import HTTPPaths, build_polling
 from hostlink_tw.agent.runner import TaskRunner
 from hostlink_tw.agent.tasks import TaskEngine, build_tasks
 from hostlink_tw.backoff import Backoff
@@ -102,6 +109,8 @@ class HostlinkService(MultiService):
         #: The task engine and runner, made with the client (phase 2).
         self.tasks: TaskEngine | None = None
         self.runner: TaskRunner | None = None
+        #: The HTTP paths (§9: poll, heartbeat, reports), made with the client.
+        self.http: HTTPPaths | None = None
         self._unsubscribe_client: Callable[[], None] | None = None
         self._identity_problem: str | None = None
         self._config_problem: str | None = None
@@ -181,7 +190,10 @@ class HostlinkService(MultiService):
         client, self.client = self.client, None
         engine, self.tasks = self.tasks, None
         runner, self.runner = self.runner, None
-        # Tasks first: their interrupted finals go out before the close frame.
+        http, self.http = self.http, None
+        # The poller before anything: no task is taken in while stopping.
+        closed_http = http.stop() if http is not None else succeed(None)
+        # Then tasks: their interrupted finals go out before the close frame.
         first = self._stop_tasks(engine, runner)
 
         def stop_client(_: object) -> Deferred[Any]:
@@ -196,6 +208,7 @@ class HostlinkService(MultiService):
             stopped_children = super(HostlinkService, self).stopService()  # type: ignore[no-untyped-call]
             if stopped_children is not None:
                 waits.append(stopped_children)
+            waits.append(closed_http)
             return DeferredList(waits, fireOnOneErrback=True, consumeErrors=True)
 
         def close_store(result: object) -> Deferred[Any]:
@@ -270,7 +283,7 @@ class HostlinkService(MultiService):
             return
         self._identity_problem = None
         self.client = client
-        self._start_tasks(client)
+        self._start_tasks(client, signer)
         self._unsubscribe_client = client.add_observer(self._observers.notify)
         self.log.info(
             "Hostlink WebSocket uplink starting agent_id={agent_id} url={url}",
@@ -278,12 +291,19 @@ class HostlinkService(MultiService):
             url=redact_url(client.snapshot()["url"]),  # query values too, not only user info
         )
         client.start()
+        if self.http is not None:
+            self.http.start()
 
-    def _start_tasks(self, client: HostlinkClient) -> None:
-        """The task engine and runner for this client (PROTOCOL §7–§8)."""
+    def _start_tasks(self, client: HostlinkClient, signer: RequestSigner) -> None:
+        """The task engine and runner for this client (PROTOCOL §7–§8), and
+        the HTTP paths that bring tasks when no session delivers them (§9)."""
         engine, runner = build_tasks(self.settings, client, self.reactor)
         runner.setServiceParent(self)
         self.tasks, self.runner = engine, runner
+        try:
+            self.http = build_polling(self.settings, signer, engine, client, self.reactor)
+        except ValueError as e:
+            self.log.error("task polling not started: {error}", error=escape_control(str(e)))
         engine.start()
 
     def _wait_for_identity(self, problem: str) -> None:

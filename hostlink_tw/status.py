@@ -58,7 +58,13 @@ from hostlink_tw.protocol import (
     format_sent_at,
 )
 from hostlink_tw.safetext import redact_url
-from hostlink_tw.taskstatus import TaskMetrics, engine_of, task_status
+from hostlink_tw.taskstatus import (
+    PollingMetrics,
+    TaskMetrics,
+    engine_of,
+    polling_status,
+    task_status,
+)
 
 _log = Logger(namespace="hostlink_tw.status")
 
@@ -220,6 +226,8 @@ class ClientMetrics:
             gauge.set(math.nan)
         #: The task metrics (PROTOCOL §7–§8).
         self.tasks = TaskMetrics(lambda: engine_of(source), r)
+        if hasattr(source, "http"):
+            self.polling = PollingMetrics(lambda: getattr(source, "http", None), r)
         self._unsubscribe = source.add_observer(self.observe)
 
     def _state(self) -> dict[str, Any]:
@@ -341,6 +349,8 @@ class StatusResource(Resource):
                 state[key] = redact_url(state[key])
         if hasattr(self._source, "tasks"):
             state["tasks"] = task_status(engine_of(self._source), as_text)
+        if hasattr(self._source, "http"):
+            state["polling"] = polling_status(getattr(self._source, "http", None), as_text)
         return state
 
     def _prometheus(self, request: Request) -> bytes:

@@ -25,11 +25,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from hostlink_tw.agent.tasks import OUTBOX_RESENT, TASK_ENDED
 
 __all__ = [
     "DURATION_BUCKETS",
+    "PollingMetrics",
+    "polling_status",
     "QUEUE_SHOWN",
     "TaskMetrics",
     "engine_of",
@@ -122,6 +125,64 @@ class TaskMetrics:
                 self.durations.observe(duration)
         elif kind == OUTBOX_RESENT:
             self.resends.labels(reason=_label(fields.get("reason"), _REASONS)).inc()
+
+
+_POLL_RESULTS = ("ok", "error")
+_REPORT_RESULTS = ("accepted", "postponed", "refused")
+
+
+class PollingMetrics:
+    """
+    The HTTP paths' metrics (§9), a collector read at each scrape.
+
+    ``hostlink_polling_active`` (1 while polling runs), and the counters
+    ``hostlink_polls_total{result}`` (``ok``, ``error``) and
+    ``hostlink_reports_total{result}`` (``accepted``, ``postponed``,
+    ``refused``), read from the poller and the engine's reporter the source
+    holds now: a new client (the service restarted) starts them again at 0,
+    which Prometheus reads as a counter reset.
+
+    :param paths: returns the current
+        :class:`~hostlink_tw.agent.pollingwiring.HTTPPaths`, or ``None``.
+    """
+
+    def __init__(self, paths: Callable[[], Any], registry: CollectorRegistry) -> None:
+        self._paths = paths
+        registry.register(self)
+
+    def collect(self) -> list[Metric]:
+        """The three metrics (prometheus_client's collector protocol)."""
+        paths = self._paths()
+        active = GaugeMetricFamily("hostlink_polling_active",
+                                   "1 while the agent polls the control plane for tasks "
+                                   "over HTTP (no session delivers them).")
+        active.add_metric([], 1.0 if paths is not None and paths.coordinator.polling else 0.0)
+        polls = CounterMetricFamily("hostlink_polls", "Task polls over HTTP, by result.",
+                                    labels=["result"])
+        counts = paths.poller.polls if paths is not None else {}
+        for result in _POLL_RESULTS:
+            polls.add_metric([result], float(counts.get(result, 0)))
+        reports = CounterMetricFamily("hostlink_reports", "Task results reported over "
+                                      "HTTP, by outcome.", labels=["result"])
+        reporter = getattr(getattr(paths, "engine", None), "http_results", None)
+        done = reporter.reports if reporter is not None else {}
+        for result in _REPORT_RESULTS:
+            reports.add_metric([result], float(done.get(result, 0)))
+        return [active, polls, reports]
+
+
+def polling_status(paths: Any, time_text: Callable[[float], str | None]) -> dict[str, Any] | None:
+    """The ``polling`` part of ``/status`` (:meth:`Poller.describe
+    <hostlink_tw.agent.poller.Poller.describe>`, ``last_poll_at`` as text),
+    with the reports' outcomes; ``None`` without HTTP paths."""
+    if paths is None:
+        return None
+    state: dict[str, Any] = paths.poller.describe()
+    at = state.get("last_poll_at")
+    state["last_poll_at"] = None if at is None else time_text(at)
+    reporter = getattr(getattr(paths, "engine", None), "http_results", None)
+    state["reports"] = dict(reporter.reports) if reporter is not None else {}
+    return state
 
 
 def _shown_id(value: object) -> str:

@@ -369,14 +369,18 @@ class ReplayTests(EngineTestCase):
         self.assertEqual(engine.spool_bytes, 1)
 
     @inlineCallbacks
-    def test_results_disabled_keeps_everything_in_the_outbox(self) -> Any:
+    def test_results_disabled_the_result_goes_by_http(self) -> Any:
+        """§9.2: with results off the final is owed to the HTTP report, not
+        the session: neither sent nor listed in the hello, its output not stored."""
         engine = yield self.engine(results_enabled=False)
         self.session(engine)
         yield self.run_one(engine, "t1", "a1", [b"x"], Result())
         self.assertEqual([e.type for e in self.wire], [TASK_STARTED])
         snapshot = HelloSnapshot.from_dict((yield engine.hello_payload()))
-        self.assertEqual(len(snapshot.unacked_finals), 1)
-        self.assertEqual(len(snapshot.unacked_output), 1)
+        self.assertEqual(len(snapshot.unacked_finals), 0)
+        self.assertEqual(len(snapshot.unacked_output), 0)
+        owed = yield engine.store.http_finals()
+        self.assertEqual([(m.task_id, m.attempt_id) for m in owed], [("t1", "a1")])
 
 
 class AckTests(EngineTestCase):

@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -41,16 +41,20 @@ class Poller:
     Runs the heartbeat always and the poll while the coordinator says so.
 
     :param offer: takes in one runnable task (``via`` is ``"poll"`` or ``"heartbeat"``).
+    :param on_answer: called after each answered poll or heartbeat (the
+        control plane is reachable: owed reports can go).
     """
 
     def __init__(self, api: ControlPlaneAPI, coordinator: PollingCoordinator, *,
                  clock: IReactorTime, poll_interval: float, heartbeat_interval: float,
-                 offer: Callable[[PolledTask, str], None], log: Logger | None = None) -> None:
+                 offer: Callable[[PolledTask, str], None], log: Logger | None = None,
+                 on_answer: Callable[[], None] | None = None) -> None:
         self.api = api
         self.coordinator = coordinator
         self._clock = clock
         self._poll_interval = poll_interval
         self._offer = offer
+        self._on_answer = on_answer
         self._log = log if log is not None else _log
         self._poll = LoopingCall(self._poll_once)
         self._poll.clock = clock
@@ -58,6 +62,7 @@ class Poller:
         self._heartbeat.clock = clock
         self._heartbeat_interval = heartbeat_interval
         self._last_error: dict[str, str] = {}
+        self._in_flight: set[Deferred[Any]] = set()
         #: Polls and heartbeats by result: ``ok`` or ``error``.
         self.polls: Counter[str] = Counter()
         self.heartbeats: Counter[str] = Counter()
@@ -70,10 +75,22 @@ class Poller:
         self.polling_changed(self.coordinator.polling)
 
     def stop(self) -> None:
-        """Stop both loops (a request in flight is left to finish or time out)."""
+        """Stop both loops and cancel the requests in flight (the agent stops:
+        nothing they could bring would be taken in)."""
         for loop in (self._poll, self._heartbeat):
             if loop.running:
                 loop.stop()
+        for d in list(self._in_flight):
+            d.cancel()
+
+    def _track(self, d: Deferred[Any]) -> Deferred[Any]:
+        self._in_flight.add(d)
+
+        def forget(result: object) -> object:
+            self._in_flight.discard(d)
+            return result
+
+        return d.addBoth(forget)
 
     def polling_changed(self, polling: bool) -> None:
         """The coordinator's verdict changed."""
@@ -87,27 +104,33 @@ class Poller:
             self._poll.stop()
 
     def _poll_once(self) -> Deferred[None]:
-        d = self.api.list_tasks()
+        d = self._track(self.api.list_tasks())
 
         def got(tasks: list[PolledTask]) -> None:
             self.polls["ok"] += 1
             self.last_poll_at = self._clock.seconds()
             self._recovered("poll")
             self._take(tasks, "poll")
+            self._answered()
 
         # An error in ``got`` too is logged here: a LoopingCall stops on a failure.
         return d.addCallback(got).addErrback(self._failed, "poll", self.polls)
 
     def _heartbeat_once(self) -> Deferred[None]:
-        d = self.api.heartbeat()
+        d = self._track(self.api.heartbeat())
 
         def got(tasks: list[PolledTask]) -> None:
             self.heartbeats["ok"] += 1
             self._recovered("heartbeat")
             if self.coordinator.polling:
                 self._take(tasks, "heartbeat")
+            self._answered()
 
         return d.addCallback(got).addErrback(self._failed, "heartbeat", self.heartbeats)
+
+    def _answered(self) -> None:
+        if self._on_answer is not None:
+            self._on_answer()
 
     def _take(self, tasks: list[PolledTask], via: str) -> None:
         for task in tasks:
@@ -115,6 +138,8 @@ class Poller:
                 self._offer(task, via)
 
     def _failed(self, failure: Failure, kind: str, counter: Counter[str]) -> None:
+        if isinstance(failure.value, CancelledError):
+            return  # stopped
         counter["error"] += 1
         if not isinstance(failure.value, ControlPlaneHTTPError):
             self._log.failure("{kind} failed", failure, kind=kind)

@@ -26,7 +26,8 @@ ids; receipt, final, the local store, restart).  The task engine
 Output messages are deleted when acked.  A final is only marked acked: it is
 kept with its ended attempt for the retention time, so a re-delivery can be
 answered with the same final and the same message id (§8.2), then
-:meth:`TaskStore.purge` deletes both.  Nothing unacked is ever purged.
+:meth:`TaskStore.purge` deletes both.  Nothing unacked is ever purged,
+except an HTTP report the control plane refused (§9.2: kept for inspection, never retried).
 """
 
 from __future__ import annotations
@@ -111,6 +112,12 @@ _MIGRATIONS: dict[int, Sequence[str]] = {
         "ALTER TABLE executions ADD COLUMN boot_id TEXT",
         # The command, so a received attempt survives a restart and runs after it (§8.2).
         "ALTER TABLE executions ADD COLUMN command TEXT",
+        # Where the attempt's result goes (§9.2): 'session' (the outbox) or
+        # 'http' (the report); and why the control plane refused its report
+        # (kept for inspection, not retried).
+        "ALTER TABLE executions ADD COLUMN channel TEXT NOT NULL DEFAULT 'session'"
+        " CHECK (channel IN ('session', 'http'))",
+        "ALTER TABLE executions ADD COLUMN report_error TEXT",
     ),
 }
 
@@ -143,7 +150,11 @@ class Receipt:
 
 
 def interrupted_message_id(task_id: str, attempt_id: str) -> str:
-    """The §7.6 id of an attempt's ``interrupted`` final."""
+    """The §7.6 id of an attempt's ``interrupted`` final; for a polled task
+    without an attempt id (its final never travels on the session, §9.2) a
+    local id of the same deterministic kind."""
+    if not attempt_id:
+        return f"http-interrupted-{task_id}"
     return interrupted_final_message_id(task_id, attempt_id)
 
 
@@ -259,9 +270,13 @@ class Database(Reads):
 
     def record_received(
         self, task_id: str, attempt_id: str, now: float, queue_limit: int | None = None,
-        command: str | None = None,
+        command: str | None = None, channel: str = "session",
     ) -> Receipt:
-        """Commit the receipt of an attempt (idempotent); see :class:`Receipt`."""
+        """Commit the receipt of an attempt (idempotent); see :class:`Receipt`.
+
+        ``channel`` (``session`` or ``http``) is where its result will go
+        (§9.2); a known attempt keeps the channel it was first recorded with.
+        """
 
         def go() -> Receipt:
             state = self._state(task_id, attempt_id)
@@ -273,9 +288,9 @@ class Database(Reads):
                     if queued >= queue_limit:
                         return Receipt(LocalState.QUEUE_FULL)
                 self._exec(
-                    "INSERT INTO executions (task_id, attempt_id, state, received_at, command)"
-                    " VALUES (?, ?, 'received', ?, ?)",
-                    (task_id, attempt_id, now, command),
+                    "INSERT INTO executions (task_id, attempt_id, state, received_at, command,"
+                    " channel) VALUES (?, ?, 'received', ?, ?, ?)",
+                    (task_id, attempt_id, now, command, channel),
                 )
                 return Receipt(LocalState.UNKNOWN)
             if state == "ended":
@@ -469,6 +484,15 @@ class Database(Reads):
 
         return self._tx(go)
 
+    def report_refused(self, task_id: str, attempt_id: str, error: str) -> None:
+        """Record that the control plane refused the attempt's HTTP report (not retried)."""
+        self._tx(
+            lambda: self._exec(
+                "UPDATE executions SET report_error = ? WHERE task_id = ? AND attempt_id = ?",
+                (error, task_id, attempt_id),
+            )
+        )
+
     def recover(self, now: float) -> list[StoredMessage]:
         """End every ``running`` attempt with its §7.6 ``interrupted`` final."""
 
@@ -493,9 +517,12 @@ class Database(Reads):
         def go() -> int:
             old = self._exec(
                 "SELECT task_id, attempt_id FROM executions e WHERE state = 'ended'"
-                " AND ended_at <= ? AND NOT EXISTS (SELECT 1 FROM outbox o"
+                " AND ended_at <= ? AND (NOT EXISTS (SELECT 1 FROM outbox o"
                 " WHERE o.task_id = e.task_id AND o.attempt_id = e.attempt_id"
-                " AND o.acked = 0)",
+                " AND o.acked = 0)"
+                # A refused HTTP report is kept for inspection for the
+                # retention time, like an acked final: it is never retried.
+                " OR report_error IS NOT NULL)",
                 (cutoff,),
             ).fetchall()
             for key in old:
@@ -592,10 +619,19 @@ class TaskStore:
 
     def record_received(
         self, task_id: str, attempt_id: str, now: float, queue_limit: int | None = None,
-        command: str | None = None,
+        command: str | None = None, channel: str = "session",
     ) -> Deferred[Receipt]:
         """See :meth:`Database.record_received`."""
-        return self._use("record_received", task_id, attempt_id, now, queue_limit, command)
+        return self._use("record_received", task_id, attempt_id, now, queue_limit, command,
+                         channel)
+
+    def report_refused(self, task_id: str, attempt_id: str, error: str) -> Deferred[None]:
+        """See :meth:`Database.report_refused`."""
+        return self._use("report_refused", task_id, attempt_id, error)
+
+    def http_finals(self) -> Deferred[list[StoredMessage]]:
+        """See :meth:`Reads.http_finals`."""
+        return self._use("http_finals")
 
     def mark_running(self, task_id: str, attempt_id: str, now: float) -> Deferred[bool]:
         """See :meth:`Database.mark_running`."""

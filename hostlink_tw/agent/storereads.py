@@ -61,6 +61,7 @@ class QueuedAttempt:
     attempt_id: str
     received_at: float
     command: str = ""
+    channel: str = "session"
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,21 @@ _SELECT_ROWID = (
 )
 
 
+# The HTTP channel's attempts (§9.2) are none of the session's business: their
+# messages are not sent on it nor listed in the hello.
+_SESSION_MESSAGES = (
+    " AND NOT EXISTS (SELECT 1 FROM executions e WHERE e.task_id = outbox.task_id"
+    " AND e.attempt_id = outbox.attempt_id AND e.channel = 'http')"
+)
+
+
+_SELECT_RANGES = (
+    "SELECT task_id, attempt_id, stream, sequence,"
+    " coalesce(json_extract(payload, '$.truncated_locally'), 0)"
+    " FROM outbox WHERE acked = 0 AND type = ?"
+)
+
+
 def message_from_row(row: Sequence[Any]) -> StoredMessage:
     """A :class:`StoredMessage` from a row of :data:`SELECT_MESSAGE`."""
     m, t, a, ty, s, q, p, b, c, k = row[:10]
@@ -123,10 +139,23 @@ class Reads:
     def queued_attempts(self) -> list[QueuedAttempt]:
         """Received, not started attempts, oldest first."""
         rows = self._exec(
-            "SELECT task_id, attempt_id, received_at, command FROM executions"
+            "SELECT task_id, attempt_id, received_at, command, channel FROM executions"
             " WHERE state = 'received' ORDER BY received_at, rowid"
         ).fetchall()
-        return [QueuedAttempt(str(t), str(a), float(r), str(c or "")) for t, a, r, c in rows]
+        return [QueuedAttempt(str(t), str(a), float(r), str(c or ""), str(ch))
+                for t, a, r, c, ch in rows]
+
+    def http_finals(self) -> list[StoredMessage]:
+        """The unacked finals of ``http`` attempts whose report was not refused,
+        oldest first: the reports still owed (§9.2)."""
+        rows = self._exec(
+            SELECT_MESSAGE + " WHERE acked = 0 AND type = ? AND EXISTS (SELECT 1 FROM"
+            " executions e WHERE e.task_id = outbox.task_id AND e.attempt_id ="
+            " outbox.attempt_id AND e.channel = 'http' AND e.report_error IS NULL)"
+            " ORDER BY rowid",
+            (FINAL,),
+        ).fetchall()
+        return [message_from_row(r) for r in rows]
 
     def message(self, message_id: str) -> StoredMessage | None:
         """One unacked or retained message by id."""
@@ -162,14 +191,13 @@ class Reads:
         finals = [
             message_from_row(r)
             for r in self._exec(
-                SELECT_MESSAGE + " WHERE acked = 0 AND type = ? ORDER BY rowid", (FINAL,)
+                SELECT_MESSAGE + " WHERE acked = 0 AND type = ?" + _SESSION_MESSAGES
+            + " ORDER BY rowid", (FINAL,)
             ).fetchall()
         ]
         rows = self._exec(
-            "SELECT task_id, attempt_id, stream, sequence,"
-            " coalesce(json_extract(payload, '$.truncated_locally'), 0)"
-            " FROM outbox WHERE acked = 0 AND type = ?"
-            " ORDER BY task_id, attempt_id, stream, sequence",
+            _SELECT_RANGES + _SESSION_MESSAGES
+            + " ORDER BY task_id, attempt_id, stream, sequence",
             (OUTPUT,),
         ).fetchall()
         ranges: list[OutputRange] = []
@@ -189,13 +217,23 @@ class Reads:
                     OutputRange(task, attempt, stream, int(seq), int(seq), bool(truncated))
                 )
         return StoreSnapshot(
-            self.running_attempts(), self.queued_attempts(), finals, ranges, self.bytes_used()
+            [r for r in self.running_attempts() if r.attempt_id and not self._is_http(r)],
+            [q for q in self.queued_attempts() if q.channel != "http"],
+            finals, ranges, self.bytes_used(),
         )
+
+    def _is_http(self, attempt: RunningAttempt) -> bool:
+        row = self._exec(
+            "SELECT channel FROM executions WHERE task_id = ? AND attempt_id = ?",
+            (attempt.task_id, attempt.attempt_id),
+        ).fetchone()
+        return row is not None and row[0] == "http"
 
     def unacked_page(self, after_rowid: int, limit: int) -> list[tuple[int, StoredMessage]]:
         """Up to ``limit`` unacked messages stored after ``after_rowid``, in order."""
         rows = self._exec(
-            _SELECT_ROWID + " WHERE acked = 0 AND rowid > ? ORDER BY rowid LIMIT ?",
+            _SELECT_ROWID + " WHERE acked = 0 AND rowid > ?" + _SESSION_MESSAGES
+            + " ORDER BY rowid LIMIT ?",
             (after_rowid, limit),
         ).fetchall()
         return [(int(r[10]), message_from_row(r)) for r in rows]
@@ -208,7 +246,8 @@ class Reads:
         stored by ``through_rowid``, in sequence order."""
         rows = self._exec(
             _SELECT_ROWID + " WHERE acked = 0 AND type = ? AND task_id = ? AND attempt_id = ?"
-            " AND stream = ? AND sequence > ? AND rowid <= ? ORDER BY sequence LIMIT ?",
+            " AND stream = ? AND sequence > ? AND rowid <= ?" + _SESSION_MESSAGES
+            + " ORDER BY sequence LIMIT ?",
             (OUTPUT, task_id, attempt_id, stream, above, through_rowid, limit),
         ).fetchall()
         return [(int(r[10]), message_from_row(r)) for r in rows]

@@ -49,13 +49,22 @@ from twisted.python.failure import Failure
 
 from hostlink_tw import __version__
 from hostlink_tw.agent.events import ClientEvent, Observers
+from hostlink_tw.agent.httpapi import PolledTask
+from hostlink_tw.agent.httpresults import HTTPResults
 from hostlink_tw.agent.interfaces import Channel
 from hostlink_tw.agent.leftovers import LeftoverGroups
 from hostlink_tw.agent.outbox import Outbox
 from hostlink_tw.agent.session import Session, ViolationError
 from hostlink_tw.agent.sizes import ENVELOPE_ALLOWANCE, chunk_threshold, fit_final
 from hostlink_tw.agent.spool import Spool
-from hostlink_tw.agent.store import LocalState, Receipt, StoredMessage, StoreError, TaskStore
+from hostlink_tw.agent.store import (
+    LocalState,
+    Receipt,
+    StoredMessage,
+    StoreError,
+    TaskStore,
+    interrupted_message_id,
+)
 from hostlink_tw.agent.tasksnapshot import build_hello, process_identity, read_boot_id
 from hostlink_tw.wire.envelope import Envelope, make_envelope
 from hostlink_tw.wire.errors import ProtocolError
@@ -212,8 +221,23 @@ class TaskEngine:
         self.finished: Counter[str] = Counter()
         #: The last hello_ack's ``delivery_enabled`` (§9.3).
         self.peer_delivery_enabled = False
+        #: Attempts whose result goes by the HTTP report (§9.2), not the session.
+        self._http: set[tuple[str, str]] = set()
+        #: Sends those results; ``None`` until :meth:`attach_api`.
+        self.http_results: HTTPResults | None = None
+        #: Tasks taken in from the HTTP paths, by ``via`` (poll, heartbeat) and
+        #: what became of them (``new``, ``known``, ``queue_full``).
+        self.offers: Counter[str] = Counter()
 
     # -- lifecycle --------------------------------------------------------------------
+
+    def attach_api(self, api: Any) -> None:
+        """The control plane's HTTP API (§9.1): results of ``http`` attempts are
+        reported through it."""
+        self.http_results = HTTPResults(
+            self.store, api, self._clock, log=self.log,
+            on_accepted=lambda m: self.spool.freed(m.byte_count),
+        )
 
     def attach_runner(self, runner: RunnerLike) -> None:
         """The runner this engine feeds (built with this engine as its sink)."""
@@ -275,6 +299,7 @@ class TaskEngine:
                 self._count_end(final.task_id, final.attempt_id, final.payload, None)
             queued = yield self.store.queued_attempts()
             self._held = [self._make_spec(q.task_id, q.attempt_id, q.command) for q in queued]
+            self._http.update((q.task_id, q.attempt_id) for q in queued if q.channel == "http")
             yield self.spool.recount()
         except StoreError as e:
             self.available = False
@@ -282,6 +307,9 @@ class TaskEngine:
             self.log.error("task store unavailable, task delivery refused: {error}",
                            error=str(e))
             return
+        if self.http_results is not None:
+            # Reports a previous run could not deliver (§9.2: retried at start).
+            self.http_results.retry_owed()
         interval = max(1.0, min(self.settings.retention / 4, 600.0))
         self._purge.start(interval, now=True).addErrback(
             lambda f: self.log.failure("retention purge stopped", f)
@@ -397,9 +425,11 @@ class TaskEngine:
                          "too many deliveries are being recorded", retryable=True)
             return
         self._receipts_in_flight += 1
+        # §9.2: with results off over the session, the result goes by HTTP.
+        result_channel = "session" if self.settings.results_enabled else "http"
         d = self.store.record_received(
             task_id, attempt_id, self._clock.seconds(), self.settings.queue_limit,
-            deliver.command,
+            deliver.command, result_channel,
         )
         self._track(d)
 
@@ -410,6 +440,8 @@ class TaskEngine:
         d.addBoth(landed)
 
         def answer(receipt: Receipt) -> None:
+            if receipt.state is LocalState.UNKNOWN and result_channel == "http":
+                self._http.add((task_id, attempt_id))
             self._answer(receipt, envelope, channel, deliver.command)
 
         def failed(failure: Failure) -> None:
@@ -447,6 +479,112 @@ class TaskEngine:
         else:
             # Results go elsewhere (off over the session): the receipt is all we say.
             self._say(channel, TASK_RECEIVED, task_id, attempt_id)
+
+    # -- tasks from the HTTP paths (§9) ----------------------------------------------
+
+    def offer(self, task: PolledTask, via: str) -> None:
+        """
+        Take in one runnable task from a poll or a heartbeat (``via``).
+
+        It is recorded under (task id, attempt id or ``""``) before anything
+        else, with the same queue limit as a delivery: an attempt the store
+        knows already — delivered by the session, or offered by the other
+        HTTP path — is not run again (§9.2).  A new one is queued; its result
+        goes by HTTP when it has no attempt id or results are off, else by
+        the session's outbox (where it waits, durably, while the session is
+        down).  A task the store cannot take now (full queue, store failing)
+        is offered again by the next poll.
+        """
+        if not self.available or self._closing:
+            self.offers["unavailable"] += 1
+            return
+        if self._receipts_in_flight >= MAX_RECEIPTS_IN_FLIGHT:
+            self.offers["busy"] += 1
+            return
+        key = (task.task_id, task.attempt_id)
+        result_channel = (
+            "session" if task.attempt_id and self.settings.results_enabled else "http"
+        )
+        self._receipts_in_flight += 1
+        d = self._track(self.store.record_received(
+            task.task_id, task.attempt_id, self._clock.seconds(), self.settings.queue_limit,
+            task.command, result_channel,
+        ))
+
+        def landed(result: object) -> object:
+            self._receipts_in_flight -= 1
+            return result
+
+        def taken(receipt: Receipt) -> None:
+            if receipt.state is LocalState.QUEUE_FULL:
+                self.offers["queue_full"] += 1
+                return
+            if receipt.state is not LocalState.UNKNOWN:
+                self.offers["known"] += 1
+                if receipt.state is LocalState.RECEIVED:
+                    # Held (a restart, no hello_ack yet) and polled again:
+                    # the control plane wants it run now.
+                    self._release_one(key)
+                return
+            self.offers["new"] += 1
+            if result_channel == "http":
+                self._http.add(key)
+            self.log.info("task received by {via} task_id={task_id} attempt={attempt}",
+                          via=via, task_id=task.task_id, attempt=task.attempt_id)
+            spec = self._make_spec(task.task_id, task.attempt_id, task.command)
+            if self.runner is not None:
+                # Not held for a hello_ack: the control plane asked for it
+                # over HTTP just now, and a session may never come.
+                self.runner.submit(spec)
+            else:
+                self._held.append(spec)
+
+        def failed(failure: Failure) -> None:
+            self.offers["error"] += 1
+            self.log.error("cannot record a polled task: {error}", error=str(failure.value))
+
+        d.addBoth(landed).addCallbacks(taken, failed)
+
+    def control_plane_answered(self, polling: bool) -> None:
+        """
+        The control plane answered a poll or a heartbeat over HTTP.
+
+        Owed HTTP reports are sent again.  While polling runs (§9.3: no
+        session delivers tasks), attempts held since a restart are released
+        as a hello_ack would release them: a session may never come, and the
+        control plane, reachable, still lists what it wants run.
+        """
+        if self.http_results is not None and self.available and not self._closing:
+            self.http_results.retry_owed()
+        if polling and not self._released and self.runner is not None:
+            self._release()
+
+    def _release_one(self, key: tuple[str, str]) -> None:
+        if self.runner is None:
+            return
+        for spec in self._held:
+            if (spec.task_id, spec.attempt_id) == key:
+                self._held.remove(spec)
+                self.runner.submit(spec)
+                return
+
+    def _release(self) -> None:
+        """Release the held attempts (once): a hello_ack or an answered poll."""
+        if self._released:
+            return
+        self._released = True
+        if self._held and not self.settings.delivery_enabled:
+            # Received while delivery was on; it is off now (a rollback):
+            # they stay queued in the store rather than run unasked (a poll
+            # that lists one again releases it: :meth:`offer`).
+            self.log.warn(
+                "{count} received attempts stay queued: task delivery is disabled "
+                "(HOSTLINK_WS_DELIVERY_ENABLED)", count=len(self._held),
+            )
+            return
+        held, self._held = self._held, []
+        for spec in held:
+            self._enqueue(spec)
 
     def _enqueue(self, spec: Any) -> None:
         if self._released and self.runner is not None:
@@ -531,19 +669,7 @@ class TaskEngine:
             except StoreError as e:
                 self.log.error("cannot apply the hello_ack's directives: {error}",
                                error=str(e))
-        if not self._released and self._held and not self.settings.delivery_enabled:
-            # Received while delivery was on; it is off now (a rollback):
-            # they stay queued in the store rather than run unasked.
-            self.log.warn(
-                "{count} received attempts stay queued: task delivery is disabled "
-                "(HOSTLINK_WS_DELIVERY_ENABLED)", count=len(self._held),
-            )
-            self._released = True  # said once; nothing is ever submitted
-        elif not self._released:
-            self._released = True
-            held, self._held = self._held, []
-            for spec in held:
-                self._enqueue(spec)
+        self._release()
         if session.ended is not None or not self.settings.results_enabled:
             return
         self.outbox.attach(session)
@@ -554,6 +680,7 @@ class TaskEngine:
 
     def _discard(self, task_id: str, attempt_id: str, reason: str) -> Deferred[Any]:
         key = (task_id, attempt_id)
+        self._http.discard(key)
         self._held = [s for s in self._held if (s.task_id, s.attempt_id) != key]
         if self.runner is not None:
             self.runner.discard(task_id, attempt_id)
@@ -608,7 +735,7 @@ class TaskEngine:
         self._track(self.store.set_process(spec.task_id, spec.attempt_id, pid, identity)
                     ).addErrback(lambda f: None)
         session = self._session
-        if session is not None and session.ended is None:
+        if session is not None and session.ended is None and spec.attempt_id:
             session.send(make_envelope(TASK_STARTED, self.agent_id, {},
                                        now=self._clock.seconds(), task_id=spec.task_id,
                                        execution_attempt_id=spec.attempt_id))
@@ -618,6 +745,8 @@ class TaskEngine:
         live = self._live.get((spec.task_id, spec.attempt_id))
         if live is None:
             return  # discarded meanwhile
+        if (spec.task_id, spec.attempt_id) in self._http:
+            return  # the HTTP report carries the final's output only (§9.1)
         live.sequences[stream] += 1
         sequence = live.sequences[stream]
         message_id = task_message_id(spec.task_id, spec.attempt_id, stream, sequence,
@@ -634,7 +763,13 @@ class TaskEngine:
         """Record the final, then send it (§8.5)."""
         key = (spec.task_id, spec.attempt_id)
         self._live.pop(key, None)
-        if result.status == "interrupted":
+        if not spec.attempt_id:
+            # A polled task without an attempt id: its final only ever goes by
+            # HTTP (§9.2), so its id is local, not §7.6's.
+            message_id = (interrupted_message_id(spec.task_id, "")
+                          if result.status == "interrupted"
+                          else f"http-final-{spec.task_id}-{time.time_ns()}")
+        elif result.status == "interrupted":
             message_id = interrupted_final_message_id(spec.task_id, spec.attempt_id)
         else:
             message_id = task_message_id(spec.task_id, spec.attempt_id, FINAL_MESSAGE_KIND, 0,
@@ -654,6 +789,11 @@ class TaskEngine:
                 self.spool.final_existed()
                 return
             self.spool.final_stored(message.byte_count)
+            if key in self._http:
+                self._http.discard(key)
+                if self.http_results is not None:
+                    self.http_results.send(message)
+                return
             self.outbox.nudge()
 
         d.addCallbacks(stored, self._write_failed)
@@ -701,6 +841,7 @@ def build_tasks(settings: Any, client: Any, reactor: Any) -> tuple[TaskEngine, A
 
     The store is used when delivery or results are enabled, or when its file
     exists already (what it holds is still owed to the control plane).
+    Polled tasks need it: without it they are not taken in (§9.2).
     """
     from hostlink_tw.agent.runner import TaskRunner, TaskSpec
 
@@ -713,6 +854,8 @@ def build_tasks(settings: Any, client: Any, reactor: Any) -> tuple[TaskEngine, A
             threshold=settings.output_flush_threshold, limit=settings.max_message_bytes,
             used=threshold,
         )
+    # A polled task is recorded before it runs (§9.2): without the store
+    # (both flags off, no file) the HTTP paths run but take no task in.
     use_store = settings.delivery_enabled or settings.results_enabled or os.path.exists(path)
     engine = TaskEngine(
         TaskStore(path, reactor),
