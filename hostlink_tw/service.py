@@ -300,10 +300,19 @@ class HostlinkService(MultiService):
         engine, runner = build_tasks(self.settings, client, self.reactor)
         runner.setServiceParent(self)
         self.tasks, self.runner = engine, runner
-        try:
-            self.http = build_polling(self.settings, signer, engine, client, self.reactor)
-        except ValueError as e:
-            self.log.error("task polling not started: {error}", error=escape_control(str(e)))
+        if not engine.uses_store:
+            # Both flags off and nothing owed: no task can run here, so the
+            # HTTP paths would only mark tasks taken that never run.
+            self.log.info(
+                "task polling off: HOSTLINK_WS_DELIVERY_ENABLED and HOSTLINK_WS_RESULTS_ENABLED "
+                "are both off"
+            )
+        else:
+            try:
+                self.http = build_polling(self.settings, signer, engine, client, self.reactor)
+            except ValueError as e:
+                self.log.error("task polling not started: {error}",
+                               error=escape_control(str(e)))
         engine.start()
 
     def _wait_for_identity(self, problem: str) -> None:

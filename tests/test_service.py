@@ -117,6 +117,19 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(service.snapshot()["state"], "disabled")
         self.successResultOf(service.stopService())
 
+    def test_no_polling_when_the_agent_takes_no_tasks(self) -> None:
+        """Both task flags off and no store file: no HTTP paths, one line saying so."""
+        _install_identity(self.state_path, self.key_path)
+        service = self.make()
+        self.assertFalse(self.settings.delivery_enabled or self.settings.results_enabled)
+        service.startService()
+        self.clock.advance(0)
+        self.assertEqual(len(self.clients), 1)
+        self.assertIsNone(service.http)
+        lines = [e for e in self.events if "task polling off" in e.get("log_format", "")]
+        self.assertEqual(len(lines), 1)
+        self.successResultOf(service.stopService())
+
     def test_start_is_asynchronous_then_starts_client(self) -> None:
         _install_identity(self.state_path, self.key_path, agent_id="agent-42")
         service = self.make()

@@ -239,6 +239,11 @@ class TaskEngine:
             on_accepted=lambda m: self.spool.freed(m.byte_count),
         )
 
+    @property
+    def uses_store(self) -> bool:
+        """Whether this engine keeps a store (so it can take tasks at all)."""
+        return self._use_store
+
     def attach_runner(self, runner: RunnerLike) -> None:
         """The runner this engine feeds (built with this engine as its sink)."""
         self.runner = runner
