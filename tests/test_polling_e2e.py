@@ -1,0 +1,139 @@
+"""
+End to end over loopback (issue 14, PROTOCOL §9): the agent's HTTP paths
+(:class:`~hostlink_tw.service.HostlinkService` in this process, configured
+from ``HOSTLINK_*`` variables) against the reference control plane, with
+the WebSocket upgrade refused by the control plane's test layer.
+
+* A task created while no session can be had comes by polling, runs once,
+  and its final reaches the control plane by the HTTP report (§9.1, §9.2).
+* A delivering session back: polling stops (§9.3).
+* One task offered by heartbeat, poll and session runs once (§9.2).
+
+Every wait is bounded; each test ends with the agent stopped (its runner
+first) and the control plane stopped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Generator
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from hostlink_tw.agent.pollingwiring import HTTPPaths
+from hostlink_tw.controlplane import ControlPlane, TaskRecord
+from hostlink_tw.controlplane.taskhttp import REPORT_MESSAGE_PREFIX
+
+from .tasks_support import (
+    AGENT,
+    WAIT,
+    InProcessAgent,
+    WireTap,
+    agent_environ,
+    start_cp,
+    wait_until,
+)
+
+#: The HTTP loops' periods here (a real agent: 10 s and 5 s).
+POLL = 0.1
+HEARTBEAT = 0.2
+#: How long a session may be down before polling resumes.
+THRESHOLD = 0.3
+
+
+class _Base(TestCase):
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.tap = WireTap()
+        self.runs = os.path.join(self.dir, "runs")
+
+    @inlineCallbacks
+    def start(self, **settings: str) -> Generator[Deferred[Any], Any, ControlPlane]:
+        """A control plane and an agent polling it (not waiting for a session)."""
+        self.cp = yield start_cp(self, self.dir)
+        self.tap.attach(self.cp)
+        base = {
+            "SH_CONTROL_PLANE_URL": self.cp.url,
+            "HOSTLINK_TASK_POLL_INTERVAL": f"{int(POLL * 1000)}ms",
+            "HOSTLINK_HEARTBEAT_INTERVAL": f"{int(HEARTBEAT * 1000)}ms",
+            "HOSTLINK_WS_POLLING_FALLBACK_THRESHOLD": f"{int(THRESHOLD * 1000)}ms",
+        }
+        base.update(settings)
+        self.env = agent_environ(self.cp.ws_url, self.dir, **base)
+        self.agent = InProcessAgent(self, self.env)
+        return self.cp
+
+    @property
+    def http(self) -> HTTPPaths:
+        paths = self.agent.service.http
+        assert paths is not None, "the agent's HTTP paths did not start"
+        return paths
+
+    def run_lines(self) -> list[str]:
+        """One line per run of a task made by :meth:`task_command`."""
+        if not os.path.exists(self.runs):
+            return []
+        with open(self.runs) as f:
+            return f.read().splitlines()
+
+    def task_command(self, seconds: float = 0.0) -> str:
+        """A task that appends its start time (Unix seconds) to the runs file."""
+        tail = f"; sleep {seconds}" if seconds else ""
+        return f"date +%s.%N >> {self.runs}; echo polled{tail}"
+
+    def final(self, task_id: str) -> Deferred[TaskRecord]:
+        return self.cp.tasks.wait_final(task_id, timeout=WAIT)
+
+
+class PollingTests(_Base):
+    @inlineCallbacks
+    def test_refused_session_task_comes_by_poll_and_reports_by_http(self) -> Any:
+        """
+        A delivering session goes and every upgrade is refused: a task
+        created then runs once, brought by a poll, and its final reaches the
+        control plane by the HTTP report, none by a session.  From the first
+        refused upgrade to the task's start takes the rest of the fallback
+        threshold (the refusal comes one reconnect delay after the session
+        ended) plus at most one poll: measured and printed; bound 3 s.
+        """
+        yield self.start(HOSTLINK_WS_RESULTS_ENABLED="false")
+        yield self.cp.wait_active(AGENT, timeout=WAIT)
+        yield wait_until(lambda: not self.http.coordinator.polling,
+                         "polling paused by the delivering session")
+        self.cp.refuse_upgrades(503)
+        seen = len(self.cp.attempts)
+        ended_at = reactor.seconds()
+        yield self.cp.abort(AGENT)
+        task = self.cp.tasks.create(AGENT, self.task_command())
+        yield wait_until(lambda: any(not a.accepted for a in self.cp.attempts[seen:]),
+                         "a refused upgrade")
+        refused_at = next(a.at for a in self.cp.attempts[seen:] if not a.accepted)
+        yield wait_until(lambda: self.run_lines(), "the task's first run")
+        record = yield self.final(task.task_id)
+        self.assertEqual((record.status, record.exit_code), ("completed", 0))
+        started = float(self.run_lines()[0])
+        elapsed = started - refused_at
+        print(f"\n  first refused upgrade -> first run by polling: {elapsed * 1000:.0f} ms; "
+              f"session dropped -> first run: {(started - ended_at) * 1000:.0f} ms "
+              f"(threshold {THRESHOLD * 1000:.0f} ms, poll every {POLL * 1000:.0f} ms)")
+        self.assertLess(elapsed, 3.0)
+        # No session came in between: the task was polled, not delivered.
+        self.assertTrue(all(not a.accepted for a in self.cp.attempts[seen:]))
+        self.assertGreaterEqual(self.http.engine.offers["new"], 1)
+        # Reported by HTTP (the report's message id), nothing over a session.
+        attempt = record.execution_attempt_id
+        self.assertEqual(self.cp.tasks.store.final_ids([REPORT_MESSAGE_PREFIX + attempt]),
+                         {REPORT_MESSAGE_PREFIX + attempt})
+        self.assertEqual(self.tap.finals(attempt), [])
+        stdout, _ = self.cp.tasks.output(task.task_id)
+        self.assertEqual(stdout, "polled\n")
+        # Later polls keep finding it finished: still one run.
+        polls = self.http.poller.polls["ok"]
+        yield wait_until(lambda: self.http.poller.polls["ok"] >= polls + 3, "three more polls")
+        self.assertEqual(len(self.run_lines()), 1)
