@@ -16,6 +16,7 @@ first) and the control plane stopped.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Generator
 from typing import Any
 
@@ -33,6 +34,7 @@ from .tasks_support import (
     InProcessAgent,
     WireTap,
     agent_environ,
+    sleep,
     start_cp,
     wait_until,
 )
@@ -54,10 +56,15 @@ class _Base(TestCase):
         self.runs = os.path.join(self.dir, "runs")
 
     @inlineCallbacks
-    def start(self, **settings: str) -> Generator[Deferred[Any], Any, ControlPlane]:
-        """A control plane and an agent polling it (not waiting for a session)."""
+    def start(
+        self, refuse: bool = False, **settings: str
+    ) -> Generator[Deferred[Any], Any, ControlPlane]:
+        """A control plane and an agent polling it (not waiting for a session);
+        with ``refuse``, every upgrade is refused from the start."""
         self.cp = yield start_cp(self, self.dir)
         self.tap.attach(self.cp)
+        if refuse:
+            self.cp.refuse_upgrades(503)
         base = {
             "SH_CONTROL_PLANE_URL": self.cp.url,
             "HOSTLINK_TASK_POLL_INTERVAL": f"{int(POLL * 1000)}ms",
@@ -67,6 +74,8 @@ class _Base(TestCase):
         base.update(settings)
         self.env = agent_environ(self.cp.ws_url, self.dir, **base)
         self.agent = InProcessAgent(self, self.env)
+        # The client, and with it the HTTP paths, starts once the identity is read.
+        yield wait_until(lambda: self.agent.service.http is not None, "the agent's HTTP paths")
         return self.cp
 
     @property
@@ -86,6 +95,10 @@ class _Base(TestCase):
         """A task that appends its start time (Unix seconds) to the runs file."""
         tail = f"; sleep {seconds}" if seconds else ""
         return f"date +%s.%N >> {self.runs}; echo polled{tail}"
+
+    def polls(self) -> int:
+        """Polls sent so far (answered or not)."""
+        return sum(self.http.poller.polls.values())
 
     def final(self, task_id: str) -> Deferred[TaskRecord]:
         return self.cp.tasks.wait_final(task_id, timeout=WAIT)
@@ -136,4 +149,38 @@ class PollingTests(_Base):
         # Later polls keep finding it finished: still one run.
         polls = self.http.poller.polls["ok"]
         yield wait_until(lambda: self.http.poller.polls["ok"] >= polls + 3, "three more polls")
+        self.assertEqual(len(self.run_lines()), 1)
+
+    @inlineCallbacks
+    def test_delivering_session_back_stops_polling(self) -> Any:
+        """
+        §9.3: polling runs while every upgrade is refused; once a session
+        whose hello_ack enables delivery is active, polling stops within one
+        poll interval (at most the poll then in flight is still answered),
+        the heartbeat goes on, and a new task comes by the session.
+        """
+        yield self.start(refuse=True)
+        yield wait_until(lambda: self.http.poller.polls["ok"] >= 3, "polls while refused")
+        self.assertTrue(self.http.coordinator.polling)
+        self.assertFalse(self.cp.sessions())
+        self.cp.clear_refusal()
+        yield self.cp.wait_active(AGENT, timeout=WAIT)
+        acked_at = time.monotonic()
+        yield wait_until(lambda: not self.http.coordinator.polling,
+                         "polling paused by the delivering session", timeout=WAIT,
+                         interval=0.005)
+        paused_after = time.monotonic() - acked_at
+        print(f"\n  hello_ack -> polling paused: {paused_after * 1000:.0f} ms")
+        self.assertLess(paused_after, POLL)
+        self.assertFalse(self.http.poller.describe()["polling"])
+        polls, heartbeats = self.polls(), sum(self.http.poller.heartbeats.values())
+        yield sleep(6 * POLL)
+        self.assertLessEqual(self.polls(), polls + 1)
+        self.assertGreater(sum(self.http.poller.heartbeats.values()), heartbeats)
+        # The session delivers now: a new task is not taken in by a poll.
+        task = self.cp.tasks.create(AGENT, self.task_command())
+        record = yield self.final(task.task_id)
+        self.assertEqual(record.status, "completed")
+        self.assertEqual(self.http.engine.offers["new"], 0)
+        self.assertEqual(len(self.tap.finals(record.execution_attempt_id)), 1)
         self.assertEqual(len(self.run_lines()), 1)
