@@ -184,3 +184,49 @@ class PollingTests(_Base):
         self.assertEqual(self.http.engine.offers["new"], 0)
         self.assertEqual(len(self.tap.finals(record.execution_attempt_id)), 1)
         self.assertEqual(len(self.run_lines()), 1)
+
+
+class OneRunTests(_Base):
+    @inlineCallbacks
+    def test_task_offered_by_heartbeat_poll_and_session_runs_once(self) -> Any:
+        """
+        §9.2: one attempt, offered by polls and heartbeats while every
+        upgrade is refused, then delivered by the session that comes back
+        while it runs, runs once; its one final goes by the session.
+        """
+        task = None
+        vias: list[str] = []
+        yield self.start(refuse=True)
+        poller = self.http.poller
+        offer = poller._offer
+
+        def recording(polled: Any, via: str) -> None:
+            if task is not None and polled.task_id == task.task_id:
+                vias.append(via)
+            offer(polled, via)
+
+        poller._offer = recording  # type: ignore[method-assign]
+        task = self.cp.tasks.create(AGENT, self.task_command(seconds=3))
+        attempt = task.execution_attempt_id
+        yield wait_until(lambda: self.run_lines(), "the task's run by an HTTP path")
+        yield wait_until(lambda: {"poll", "heartbeat"} <= set(vias) and len(vias) >= 4,
+                         "offers by poll and heartbeat")
+        self.assertGreaterEqual(self.http.engine.offers["known"], 3)
+        self.assertEqual(self.http.engine.offers["new"], 1)
+        # The control plane still holds it as delivered: the session delivers it again.
+        self.cp.clear_refusal()
+        yield self.cp.wait_active(AGENT, timeout=WAIT)
+        yield wait_until(lambda: self.cp.tasks.attempts(task.task_id)[0].deliveries >= 2,
+                         "the session's delivery")
+        # ... of the attempt still running (an ended one is adopted from the hello instead).
+        self.assertFalse(self.cp.tasks.get(task.task_id).finished)
+        self.assertEqual(len(self.run_lines()), 1)
+        # The agent answers a delivery of an attempt it runs with task.started (§8.2).
+        yield wait_until(lambda: self.tap.sent("task.started", attempt),
+                         "the agent's answer to the session's delivery")
+        record = yield self.final(task.task_id)
+        self.assertEqual((record.status, record.exit_code), ("completed", 0))
+        self.assertEqual(len(self.run_lines()), 1)
+        self.assertEqual(len(self.tap.finals(attempt)), 1)
+        self.assertEqual([a.execution_attempt_id for a in self.cp.tasks.attempts(task.task_id)],
+                         [attempt])
