@@ -8,6 +8,8 @@ the WebSocket upgrade refused by the control plane's test layer.
   and its final reaches the control plane by the HTTP report (§9.1, §9.2).
 * A delivering session back: polling stops (§9.3).
 * One task offered by heartbeat, poll and session runs once (§9.2).
+* A report that cannot land while the control plane is down arrives once
+  it is back (§9.1's retries).
 
 Every wait is bounded; each test ends with the agent stopped (its runner
 first) and the control plane stopped.
@@ -28,6 +30,7 @@ from hostlink_tw.agent.pollingwiring import HTTPPaths
 from hostlink_tw.controlplane import ControlPlane, TaskRecord
 from hostlink_tw.controlplane.taskhttp import REPORT_MESSAGE_PREFIX
 
+from .process_support import free_port
 from .tasks_support import (
     AGENT,
     WAIT,
@@ -233,3 +236,45 @@ class OneRunTests(_Base):
         self.assertEqual(len(self.tap.finals(attempt)), 1)
         self.assertEqual([a.execution_attempt_id for a in self.cp.tasks.attempts(task.task_id)],
                          [attempt])
+
+
+class ReportTests(_Base):
+    @inlineCallbacks
+    def test_report_arrives_after_the_control_plane_comes_back(self) -> Any:
+        """
+        The control plane goes away while a polled task runs: the task's
+        report fails on the network, is retried (1 s doubling) and reaches
+        the control plane once it is back on the same port and task file —
+        completed, its output whole, the task run once.
+        """
+        port = free_port()
+        self.cp = yield start_cp(self, self.dir, port)
+        self.cp.refuse_upgrades(503)
+        env = agent_environ(
+            self.cp.ws_url, self.dir,
+            SH_CONTROL_PLANE_URL=self.cp.url,
+            HOSTLINK_TASK_POLL_INTERVAL=f"{int(POLL * 1000)}ms",
+            HOSTLINK_HEARTBEAT_INTERVAL=f"{int(HEARTBEAT * 1000)}ms",
+            HOSTLINK_WS_POLLING_FALLBACK_THRESHOLD=f"{int(THRESHOLD * 1000)}ms",
+            HOSTLINK_WS_RESULTS_ENABLED="false",
+        )
+        self.agent = InProcessAgent(self, env)
+        yield wait_until(lambda: self.agent.service.http is not None, "the agent's HTTP paths")
+        task = self.cp.tasks.create(AGENT, self.task_command(1.0) + "; echo done")
+        yield wait_until(lambda: self.run_lines(), "the task's first run")
+        yield self.cp.stop()  # down before the task ends: its report cannot land
+        down_at = time.monotonic()
+        yield sleep(1.5)
+        results = self.http.engine.http_results
+        assert results is not None
+        self.assertEqual(results.reports["accepted"], 0)
+        back = yield start_cp(self, self.dir, port)
+        back.refuse_upgrades(503)
+        record = yield back.tasks.wait_final(task.task_id, timeout=WAIT)
+        print(f"\n  control plane down -> report accepted: "
+              f"{(time.monotonic() - down_at) * 1000:.0f} ms")
+        self.assertEqual((record.status, record.exit_code), ("completed", 0))
+        stdout, _ = back.tasks.output(task.task_id)
+        self.assertEqual(stdout, "polled\ndone\n")
+        self.assertEqual(len(self.run_lines()), 1)
+        yield wait_until(lambda: results.reports["accepted"] >= 1, "the report counted accepted")
