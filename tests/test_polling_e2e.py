@@ -10,6 +10,7 @@ the WebSocket upgrade refused by the control plane's test layer.
 * One task offered by heartbeat, poll and session runs once (§9.2).
 * A report that cannot land while the control plane is down arrives once
   it is back (§9.1's retries).
+* TLS: the HTTP paths trust the test CA only when HOSTLINK_WS_CA_FILE names it.
 
 Every wait is bounded; each test ends with the agent stopped (its runner
 first) and the control plane stopped.
@@ -27,8 +28,9 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from hostlink_tw.agent.pollingwiring import HTTPPaths
-from hostlink_tw.controlplane import ControlPlane, TaskRecord
+from hostlink_tw.controlplane import ControlPlane, TaskRecord, start_control_plane
 from hostlink_tw.controlplane.taskhttp import REPORT_MESSAGE_PREFIX
+from hostlink_tw.testing import make_test_certificates
 
 from .process_support import free_port
 from .tasks_support import (
@@ -41,6 +43,7 @@ from .tasks_support import (
     start_cp,
     wait_until,
 )
+from .test_client_support import key
 
 #: The HTTP loops' periods here (a real agent: 10 s and 5 s).
 POLL = 0.1
@@ -278,3 +281,50 @@ class ReportTests(_Base):
         self.assertEqual(stdout, "polled\ndone\n")
         self.assertEqual(len(self.run_lines()), 1)
         yield wait_until(lambda: results.reports["accepted"] >= 1, "the report counted accepted")
+
+
+class TLSTests(_Base):
+    """The HTTP paths trust what the session trusts: the test CA only when given."""
+
+    @inlineCallbacks
+    def start_tls(self, trust_ca: bool) -> Generator[Deferred[Any], Any, ControlPlane]:
+        self.certs = make_test_certificates(os.path.join(self.dir, "tls"))
+        settings = {"HOSTLINK_WS_CA_FILE": self.certs.ca} if trust_ca else {}
+        self.cp = yield start_control_plane(
+            {AGENT: key().public_key()}, listen=self.certs.listen(), ping_interval=0,
+            tasks_database=os.path.join(self.dir, "cp.db"),
+        )
+        self.addCleanup(self.cp.stop)
+        self.cp.refuse_upgrades(503)  # the HTTP paths alone
+        self.assertTrue(self.cp.url.startswith("https://"))
+        env = agent_environ(
+            self.cp.ws_url, self.dir,
+            SH_CONTROL_PLANE_URL=self.cp.url,
+            HOSTLINK_TASK_POLL_INTERVAL=f"{int(POLL * 1000)}ms",
+            HOSTLINK_HEARTBEAT_INTERVAL=f"{int(HEARTBEAT * 1000)}ms",
+            HOSTLINK_WS_RESULTS_ENABLED="false",
+            **settings,
+        )
+        self.agent = InProcessAgent(self, env)
+        yield wait_until(lambda: self.agent.service.http is not None, "the agent's HTTP paths")
+        return self.cp
+
+    @inlineCallbacks
+    def test_unknown_ca_is_refused(self) -> Any:
+        """Without HOSTLINK_WS_CA_FILE the test CA is not trusted: no request is
+        answered, no task is taken (it stays pending), nothing runs."""
+        yield self.start_tls(trust_ca=False)
+        task = self.cp.tasks.create(AGENT, self.task_command())
+        yield wait_until(lambda: self.http.poller.polls["error"] >= 3, "three refused polls")
+        self.assertEqual(self.http.poller.polls["ok"], 0)
+        self.assertEqual(self.run_lines(), [])
+        self.assertEqual(self.cp.tasks.get(task.task_id).status, "pending")
+
+    @inlineCallbacks
+    def test_test_ca_given_is_trusted(self) -> Any:
+        """With the CA in HOSTLINK_WS_CA_FILE the same task comes by poll and is reported."""
+        yield self.start_tls(trust_ca=True)
+        task = self.cp.tasks.create(AGENT, self.task_command())
+        record = yield self.final(task.task_id)
+        self.assertEqual((record.status, record.exit_code), ("completed", 0))
+        self.assertEqual(len(self.run_lines()), 1)
