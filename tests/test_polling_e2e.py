@@ -328,3 +328,41 @@ class TLSTests(_Base):
         record = yield self.final(task.task_id)
         self.assertEqual((record.status, record.exit_code), ("completed", 0))
         self.assertEqual(len(self.run_lines()), 1)
+
+
+class ObservabilityTests(_Base):
+    @inlineCallbacks
+    def test_metrics_and_status_follow_the_http_paths(self) -> Any:
+        """hostlink_polling_active, hostlink_polls_total{result},
+        hostlink_reports_total{result} and /status's polling, read from a real
+        agent that falls back to polling and reports by HTTP."""
+        from prometheus_client import CollectorRegistry
+
+        from hostlink_tw.taskstatus import PollingMetrics, polling_status
+
+        yield self.start(refuse=True, HOSTLINK_WS_RESULTS_ENABLED="false")
+        registry = CollectorRegistry()
+        PollingMetrics(lambda: self.agent.service.http, registry)
+        task = self.cp.tasks.create(AGENT, self.task_command())
+        yield self.final(task.task_id)
+        results = self.http.engine.http_results
+        assert results is not None
+        yield wait_until(lambda: results.reports["accepted"] == 1, "the report counted")
+
+        def sample(name: str, **labels: str) -> float | None:
+            return registry.get_sample_value(name, labels)
+
+        self.assertEqual(sample("hostlink_polling_active"), 1.0)
+        self.assertGreaterEqual(sample("hostlink_polls_total", result="ok") or 0, 1.0)
+        self.assertEqual(sample("hostlink_polls_total", result="error"), 0.0)
+        self.assertEqual(sample("hostlink_reports_total", result="accepted"), 1.0)
+        self.assertEqual(sample("hostlink_reports_total", result="refused"), 0.0)
+        status = polling_status(self.http, lambda t: f"t={t:.0f}")
+        assert status is not None
+        self.assertIs(status["polling"], True)
+        self.assertTrue(str(status["last_poll_at"]).startswith("t="))
+        self.assertEqual(status["reports"].get("accepted"), 1)
+        # A delivering session back: the gauge drops to 0.
+        self.cp.clear_refusal()
+        yield self.cp.wait_active(AGENT, timeout=WAIT)
+        yield wait_until(lambda: sample("hostlink_polling_active") == 0.0, "polling paused")
