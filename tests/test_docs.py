@@ -65,12 +65,13 @@ class ProtocolDocumentTests(SynchronousTestCase):
         for number, files in cited.items():
             self.assertIn(number, subsections, f"§{number} cited by {sorted(files)}")
 
-    def test_only_the_http_paths_are_planned(self) -> None:
-        """Phase 2 is built (§7, §8, §10), the Go agent's HTTP fallback (§9) in progress."""
+    def test_nothing_is_only_planned(self) -> None:
+        """Phase 2 is built, the Go agent's HTTP fallback (§9) included: nothing is planned."""
         headings = dict(_headings())
         for number in range(1, 11):
-            unfinished = "(in progress)" in headings[str(number)]
-            self.assertEqual(unfinished, number == 9, headings[str(number)])
+            unfinished = "(in progress)" in headings[str(number)] or "(planned)" in headings[
+                str(number)]
+            self.assertFalse(unfinished, headings[str(number)])
         text = PROTOCOL.read_text(encoding="utf-8")
         self.assertIn("\nWhere phase 2 differs from the Go agent, and why\n---", text)
 
