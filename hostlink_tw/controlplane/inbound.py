@@ -42,9 +42,28 @@ from hostlink_tw.wire.vocabulary import (
 if TYPE_CHECKING:
     from hostlink_tw.controlplane.hooks import GatewayHooks
 
-__all__ = ["InboundConnection", "InboundHandlers", "TaskHandling", "printable"]
+__all__ = ["InboundConnection", "InboundHandlers", "TaskHandling", "ack_envelope", "printable"]
 
 log = Logger()
+
+
+def ack_envelope(agent_id: str, envelope: Envelope, highest: int | None, now: float) -> Envelope:
+    """The ``ack`` of ``envelope``: its id and type, its task ids, and for a
+    ``task.output`` the highest output sequence held (``highest``)."""
+    return make_envelope(
+        ACK,
+        agent_id,
+        ack_payload(
+            envelope.message_id,
+            envelope.type,
+            envelope.task_id,
+            envelope.execution_attempt_id,
+            highest if envelope.type == TASK_OUTPUT else None,
+        ),
+        now=now,
+        task_id=envelope.task_id,
+        execution_attempt_id=envelope.execution_attempt_id,
+    )
 
 
 def printable(text: str | None, limit: int = 128) -> str:
@@ -172,20 +191,7 @@ class InboundHandlers:
 
     def _ack(self, connection: InboundConnection, session: Session, envelope: Envelope) -> None:
         connection.send_envelope(
-            make_envelope(
-                ACK,
-                session.agent_id,
-                ack_payload(
-                    envelope.message_id,
-                    envelope.type,
-                    envelope.task_id,
-                    envelope.execution_attempt_id,
-                    envelope.sequence if envelope.type == TASK_OUTPUT else None,
-                ),
-                now=self._clock(),
-                task_id=envelope.task_id,
-                execution_attempt_id=envelope.execution_attempt_id,
-            )
+            ack_envelope(session.agent_id, envelope, envelope.sequence, self._clock())
         )
 
     def _unexpected(

@@ -33,7 +33,7 @@ from typing import Protocol
 
 from twisted.logger import Logger
 
-from hostlink_tw.controlplane.inbound import InboundConnection
+from hostlink_tw.controlplane.inbound import InboundConnection, ack_envelope
 from hostlink_tw.controlplane.sessions import Session
 from hostlink_tw.controlplane.settings import ControlPlaneSettings
 from hostlink_tw.controlplane.taskmodel import (
@@ -56,15 +56,12 @@ from hostlink_tw.wire.errors import ProtocolError
 from hostlink_tw.wire.payloads import (
     TaskFinalPayload,
     TaskOutputPayload,
-    ack_payload,
     error_payload,
 )
 from hostlink_tw.wire.tasks import phase2_payload
 from hostlink_tw.wire.vocabulary import (
-    ACK,
     CLOSE_POLICY,
     ERROR,
-    TASK_OUTPUT,
     TASK_RECEIVED,
     TASK_STARTED,
 )
@@ -305,20 +302,7 @@ class TaskIntake:
         envelope: Envelope,
         highest: int | None = None,
     ) -> None:
-        ack = make_envelope(
-            ACK,
-            session.agent_id,
-            ack_payload(
-                envelope.message_id,
-                envelope.type,
-                envelope.task_id,
-                envelope.execution_attempt_id,
-                highest if envelope.type == TASK_OUTPUT else None,
-            ),
-            now=self._clock(),
-            task_id=envelope.task_id,
-            execution_attempt_id=envelope.execution_attempt_id,
-        )
+        ack = ack_envelope(session.agent_id, envelope, highest, self._clock())
         if self._gate is not None and self._gate.hold_ack(session, ack):
             return
         connection.send_envelope(ack)
