@@ -19,7 +19,7 @@ from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import LogEvent, Logger, formatEvent
 from twisted.python.failure import Failure
@@ -32,6 +32,7 @@ from hostlink_tw.protocol import AGENT_HELLO, AGENT_HELLO_ACK, ack_payload, make
 from hostlink_tw.signing import RequestSigner
 from hostlink_tw.testing import make_test_certificates
 
+from .test_agent_tunnel import ConnectProxyFactory, start_proxy
 from .test_client_support import AGENT, key, parse_client_frames, server_frame
 
 TIMEOUT = 5.0
@@ -532,103 +533,18 @@ class _DeafServerFactory(Factory):
         return defer.gatherResults([c.lost for c in self.conns])
 
 
-class _ConnectProxy(Protocol):
-    """A minimal HTTP CONNECT proxy: tunnels every request to the control plane."""
-
-    def __init__(self, factory: _ProxyFactory) -> None:
-        self.factory = factory
-        self.buffer = b""
-        self.relay: _Relay | None = None
-        self.lost: Deferred[None] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.relay is not None:
-            assert self.relay.transport is not None
-            self.relay.transport.write(data)
-            return
-        self.buffer += data
-        if b"\r\n\r\n" not in self.buffer:
-            return
-        head, rest = self.buffer.split(b"\r\n\r\n", 1)
-        lines = head.decode().split("\r\n")
-        self.factory.requests.append(lines)
-        if self.factory.refuse:
-            assert self.transport is not None
-            self.transport.write(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
-            self.transport.loseConnection()
-            return
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.factory.target_port)
-        relay = _Relay(self)
-        self.factory.relays.append(relay)
-
-        def connected(_: object) -> None:
-            self.relay = relay
-            assert self.transport is not None and relay.transport is not None
-            self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            if rest:
-                relay.transport.write(rest)
-
-        connectProtocol(endpoint, relay).addCallbacks(
-            connected, lambda f: self.transport and self.transport.loseConnection()
-        )
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self.relay is not None and self.relay.transport is not None:
-            self.relay.transport.loseConnection()
-        self.lost.callback(None)
-
-
-class _Relay(Protocol):
-    def __init__(self, proxy: _ConnectProxy) -> None:
-        self.proxy = proxy
-        self.lost: Deferred[None] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        assert self.proxy.transport is not None
-        self.proxy.transport.write(data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self.proxy.transport is not None:
-            self.proxy.transport.loseConnection()
-        self.lost.callback(None)
-
-
-class _ProxyFactory(Factory):
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.requests: list[list[str]] = []
-        self.proxies: list[_ConnectProxy] = []
-        self.relays: list[_Relay] = []
-        self.refuse = False
-
-    def buildProtocol(self, addr: Any) -> _ConnectProxy:
-        p = _ConnectProxy(self)
-        self.proxies.append(p)
-        return p
-
-    def all_lost(self) -> Deferred[Any]:
-        return defer.gatherResults(
-            [p.lost for p in self.proxies] + [r.lost for r in self.relays]
-        )
-
-
 class ProxyTests(_Base):
     """HTTPS_PROXY/HTTP_PROXY over real sockets: a CONNECT tunnel, TLS verified inside it."""
 
     @inlineCallbacks
-    def start_proxy(self, target_port: int) -> Generator[Deferred[Any], Any, _ProxyFactory]:
-        factory = _ProxyFactory(target_port)
-        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
-        self.proxy_port = port.getHost().port
-
-        @inlineCallbacks
-        def cleanup() -> Generator[Deferred[Any], Any, None]:
-            yield port.stopListening()
-            yield bounded(factory.all_lost())
-
+    def start_proxy(
+        self, target_port: int
+    ) -> Generator[Deferred[Any], Any, ConnectProxyFactory]:
         # Cleanups run last-in first-out: the client (added later) stops
-        # first, then this waits for the tunnels, then the control plane stops.
-        self.addCleanup(cleanup)
+        # first, then the proxy closes its tunnels, then the control plane stops.
+        factory = yield start_proxy(self, target_port)
+        assert factory.port is not None
+        self.proxy_port = factory.port.getHost().port
         return factory
 
     def proxied_client(self, url: str, env_name: str, **overrides: Any) -> HostlinkClient:
@@ -656,7 +572,7 @@ class ProxyTests(_Base):
         )
         client.start()
         yield cp.wait_active(AGENT, timeout=TIMEOUT)
-        (request,) = proxy.requests
+        (request,) = proxy.heads
         self.assertEqual(request[0], f"CONNECT cp.test:{cp.port} HTTP/1.1")
         self.assertIn("Proxy-Authorization: Basic dHVubmVsOnNAY3JldA==", request)
         self.assertNotIn("s@cret", "\n".join(self.messages()))
@@ -681,12 +597,12 @@ class ProxyTests(_Base):
     def test_ws_through_proxy_and_refusal(self) -> Generator[Deferred[Any], Any, None]:
         cp = yield self.start_cp()
         proxy = yield self.start_proxy(cp.port)
-        proxy.refuse = True
+        proxy.answer = b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n"
         client = self.proxied_client(f"ws://cp.test:{cp.port}/api/v1/agents/ws", "HTTP_PROXY")
         client.start()
         yield wait_event(client, "retry_scheduled")
         self.assertIn("proxy refused", client.last_failure or "")
-        proxy.refuse = False
+        proxy.answer = None
         yield cp.wait_active(AGENT, timeout=TIMEOUT)
 
 
