@@ -91,6 +91,8 @@ def _paced(nbytes: int, seconds: float, seed: int, progress: str | None) -> None
                 with open(progress + ".tmp", "w") as f:
                     f.write(str(written))
                 os.replace(progress + ".tmp", progress)
+        # The task's own pacing (this runs as the task, a child process):
+        # what it simulates is a command that prints over time.
         time.sleep(seconds / steps)
 
 
