@@ -13,13 +13,22 @@ Soak: a real agent against a control plane that restarts every few seconds.
   through :mod:`evidence.soak_app`, which adds a probe of the reactor's
   pending DelayedCalls; its ``--status-listen`` page tells whether it is
   active before each restart;
+* tasks (:mod:`evidence.soak_tasks`): the agent runs with both task flags
+  on and a local store kept ``--store-retention`` seconds (default 60, so
+  its purge runs during the soak); the control plane keeps its tasks in a
+  file across restarts and serves the operator API; every ``--task-every``
+  seconds (default 3) the harness submits a short task through that API,
+  retrying (bounded by ``--submit-timeout``) while the control plane is
+  down, and follows it to its final;
 * every ``--sample-every`` seconds (default 60; for runs shorter than ten
   minutes, a tenth of the run so there are enough points) the harness
   samples the agent's open file descriptors (``/proc/PID/fd``), RSS
-  (``VmRSS`` in ``/proc/PID/status``) and pending DelayedCalls (the probe).
-  File descriptors and DelayedCalls are each the minimum of five reads
-  0.2 s apart, so an attempt caught half-way (a socket being connected, a
-  handshake timer) does not count as growth; a leak survives the minimum.
+  (``VmRSS`` in ``/proc/PID/status``), threads (``Threads`` there), pending
+  DelayedCalls (the probe) and the store's bytes on disk (the database, its
+  ``-wal`` and ``-shm``).  File descriptors, threads and DelayedCalls are
+  each the minimum of five reads 0.2 s apart, so an attempt or a task
+  caught half-way (a socket being connected, a handshake timer, a task's
+  pipes) does not count as growth; a leak survives the minimum.
 
 Verdict: *flat* when, comparing the early steady state (the samples in the
 first quarter of the run after the first, which is taken just after start
@@ -29,8 +38,18 @@ and is warm-up) with the final state (the samples in the last quarter):
   (default 2) above the early maximum;
 * pending DelayedCalls: the final maximum is at most ``--timer-tolerance``
   (default 2) above the early maximum;
+* threads: the final maximum is at most ``--thread-tolerance`` (default 1)
+  above the early maximum;
 * RSS: the final median is at most ``max(--rss-tolerance-mib, 5 % of the
   early median)`` above the early median (default 4 MiB);
+* the store's size: the final maximum is at most ``--store-tolerance-kib``
+  (default 256) above the early maximum, the early window starting once
+  retention has passed and a purge has run
+  (:func:`evidence.soak_tasks.judge_store`);
+* tasks: every submitted task reached its final status exactly once, with
+  the expected exit code and output, attempted once and run once (each task
+  counts its runs in a file) -- checked after the last sample, once the
+  tasks still open have finished (``--drain-timeout``, default 60 s);
 
 and, so that the run proves something: the agent process stayed up, it was
 active before at least half of the restarts, and its log holds no
@@ -38,7 +57,9 @@ traceback.  Otherwise the exit status is 1 (2 when the harness itself
 could not run).
 
 ``--inject-leak`` makes the agent leak on purpose (an fd, a DelayedCall and
-256 KiB per session) to show that the verdict catches it.
+256 KiB per session) to show that the verdict catches it.  That the store
+and task verdicts can fail is shown by the unit tests (``tests/test_soak.py``),
+on synthetic samples and a fake control plane.
 
 Everything listens on and connects to 127.0.0.1 only; every wait has a
 deadline; both processes are stopped on every exit path (and, on Linux,
@@ -68,12 +89,25 @@ from types import FrameType
 from typing import Any
 
 from evidence.faults import free_port
+from evidence.soak_tasks import (
+    StorePoint,
+    TaskFeed,
+    TaskSummary,
+    agent_task_args,
+    control_plane_task_args,
+    judge_store,
+    store_bytes,
+    store_settle,
+    thread_count,
+    wal_resets,
+)
 from hostlink_tw.identity import (
     AgentState,
     generate_private_key,
     public_key_base64,
     write_agent_state,
 )
+from hostlink_tw.operatorclient import OperatorClient
 
 AGENT_ID = "agent-soak"
 HOST = "127.0.0.1"
@@ -203,6 +237,10 @@ class Sample:
     state: str
     restarts: int
     by_callable: dict[str, int] = field(default_factory=dict)
+    threads: int = 0
+    store_bytes: int = 0
+    wal_resets: int = -1
+    tasks: int = 0  # submitted so far
 
 
 # --- verdict -------------------------------------------------------------------------------
@@ -233,6 +271,9 @@ def judge(
     fd_tolerance: int,
     timer_tolerance: int,
     rss_tolerance_kib: int,
+    thread_tolerance: int = 1,
+    store_tolerance: int = 256 * 1024,
+    store_settle: float = 0.0,
 ) -> Verdict:
     """Compare the final state with the early steady state (see the module docstring)."""
     if len(samples) < 2:
@@ -255,11 +296,19 @@ def judge(
           "")
     check("pending DelayedCalls (max)", max(s.delayed_calls for s in early),
           max(s.delayed_calls for s in final), timer_tolerance, "")
+    check("threads (max)", max(s.threads for s in early), max(s.threads for s in final),
+          thread_tolerance, "")
     rss_early = statistics.median(s.rss_kib for s in early)
     rss_final = statistics.median(s.rss_kib for s in final)
     check("RSS (median)", round(rss_early / 1024, 1), round(rss_final / 1024, 1),
           round(max(rss_tolerance_kib, 0.05 * rss_early) / 1024, 1), " MiB")
-    return Verdict(flat, lines)
+    store_ok, store_line = judge_store(
+        [StorePoint(s.at, s.store_bytes, s.wal_resets > 0) for s in samples],
+        store_settle,
+        store_tolerance,
+    )
+    lines.append(store_line)
+    return Verdict(flat and store_ok, lines)
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -284,7 +333,11 @@ class Soak:
         self.cp_port = free_port()
         self.status_port = free_port()
         self.probe_port = free_port()
+        self.operator_port = free_port()
         state = self.dir / "state"
+        self.store = state / "task_store.db"
+        self.runs = self.dir / "runs"
+        self.runs.mkdir()
         key = generate_private_key(str(state / "agent.key"))
         write_agent_state(str(state), AgentState(agent_id=AGENT_ID))
         agents = self.dir / "agents.json"
@@ -301,7 +354,8 @@ class Soak:
             [f"--logfile={self.dir / 'controlplane.log'}", "hostlink-controlplane",
              "--listen", f"tcp:{self.cp_port}:interface={HOST}",
              "--agents", str(agents), "--ping-interval", "5s", "--ping-timeout", "3s",
-             "--operator-listen", "none"],
+             *control_plane_task_args(self.operator_port, self.dir / "operator.token",
+                                      self.dir / "tasks.db")],
             self.dir,
             env,
         )
@@ -317,6 +371,7 @@ class Soak:
             "--pong-timeout", "2s",
             "--hello-timeout", "5s",
             "--handshake-timeout", "5s",
+            *agent_task_args(self.store, options.store_retention, self.dir),
         ]
         self.agent = Daemon(
             "agent",
@@ -330,13 +385,33 @@ class Soak:
             },
         )
         self.run_info = Run()
+        self.feed: TaskFeed | None = None
+        self.summary: TaskSummary | None = None
 
     # -- pieces ------------------------------------------------------------------------------
 
     def start_control_plane(self) -> None:
         """Start the control plane and wait until it listens."""
         self.control_plane.start()
-        wait_for("the control plane to listen", lambda: port_open(self.cp_port), 20)
+
+        def listening() -> bool:
+            self.step_tasks()  # submissions meet the control plane down meanwhile
+            return port_open(self.cp_port) and port_open(self.operator_port)
+
+        wait_for("the control plane to listen", listening, 20)
+
+    def step_tasks(self) -> None:
+        """Let the task feed do what is due (nothing before the feed starts)."""
+        if self.feed is not None:
+            self.feed.step(time.monotonic())
+
+    def idle(self, seconds: float) -> None:
+        """Wait ``seconds``, stepping the task feed meanwhile."""
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            self.step_tasks()
+            due = self.feed.next_due() if self.feed is not None else until
+            time.sleep(max(0.0, min(due, until) - time.monotonic()))
 
     def agent_status(self) -> dict[str, Any]:
         """The agent's ``/status`` (its own status page)."""
@@ -362,7 +437,7 @@ class Soak:
             self.run_info.active_before_restart += 1
         sig = signal.SIGKILL if self.run_info.restarts % 2 else signal.SIGTERM
         self.control_plane.stop(sig)
-        time.sleep(self.options.down_for)
+        self.idle(self.options.down_for)
         self.start_control_plane()
         self.run_info.restarts += 1
 
@@ -370,12 +445,13 @@ class Soak:
         """One point: fds and timers as the minimum of five reads, RSS, state."""
         pid = self.agent.pid
         at = time.monotonic() - started
-        fds, calls = [], []
+        fds, calls, threads = [], [], []
         timers: dict[str, Any] = {}
         for i in range(5):
             if i:
-                time.sleep(0.2)
+                self.idle(0.2)
             fds.append(open_fds(pid))
+            threads.append(thread_count(pid))
             timers = get_json(self.probe_port, "/timers")
             calls.append(int(timers["delayed_calls"]))
         try:
@@ -391,6 +467,10 @@ class Soak:
             state=state,
             restarts=self.run_info.restarts,
             by_callable=dict(timers["by_callable"]),
+            threads=min(threads),
+            tasks=len(self.feed.tasks) if self.feed is not None else 0,
+            store_bytes=store_bytes(self.store),
+            wal_resets=wal_resets(self.store),
         )
 
     # -- the whole run -----------------------------------------------------------------------
@@ -400,17 +480,25 @@ class Soak:
         o = self.options
         self.out(
             f"soak: {o.minutes:g} min, control plane restarts every {o.restart_every:g}s "
-            f"(down {o.down_for:g}s), a sample every {o.sample_every:g}s; work dir {self.dir}"
+            f"(down {o.down_for:g}s), a task every {o.task_every:g}s, store retention "
+            f"{o.store_retention:g}s, a sample every {o.sample_every:g}s; work dir {self.dir}"
         )
         self.start_control_plane()
         self.agent.start()
         wait_for("the agent's first active session", self.agent_active, 60, every=0.2)
+        token = (self.dir / "operator.token").read_text().strip()
+        self.feed = TaskFeed(
+            OperatorClient(f"http://{HOST}:{self.operator_port}", token, timeout=5),
+            AGENT_ID, self.runs, every=o.task_every, submit_timeout=o.submit_timeout,
+        )
         started = time.monotonic()
+        self.feed.start(started)
         end = started + o.minutes * 60
         next_sample = started
         next_restart = started + o.restart_every
         self.out(f"\n{'t':>7} {'fds':>4} {'RSS MiB':>8} {'timers':>6} {'objects':>8} "
-                 f"{'restarts':>8}  state")
+                 f"{'threads':>7} {'store KiB':>9} {'WAL resets':>10} {'restarts':>8} {'tasks':>5}"
+                 f"  state")
         while True:
             now = time.monotonic()
             if now >= next_sample:
@@ -426,7 +514,12 @@ class Soak:
                 next_restart = max(next_restart + o.restart_every, time.monotonic())
                 continue
             self.check_agent()
-            time.sleep(max(0.0, min(next_sample, next_restart) - time.monotonic()))
+            self.step_tasks()
+            due = min(next_sample, next_restart, self.feed.next_due())
+            time.sleep(max(0.0, due - time.monotonic()))
+        if not self.feed.drain(o.drain_timeout, time.monotonic, time.sleep):
+            self.out(f"\nsome tasks were still open {o.drain_timeout:g}s after the last sample")
+        self.summary = self.feed.verify()
         return self.conclude()
 
     @staticmethod
@@ -434,7 +527,9 @@ class Soak:
         """One line of the printed series."""
         minutes, seconds = divmod(round(s.at), 60)
         return (f"{minutes:4d}:{seconds:02d} {s.fds:4d} {s.rss_kib / 1024:8.1f} "
-                f"{s.delayed_calls:6d} {s.gc_objects:8d} {s.restarts:8d}  {s.state}")
+                f"{s.delayed_calls:6d} {s.gc_objects:8d} {s.threads:7d} "
+                f"{s.store_bytes / 1024:9.0f} {s.wal_resets:10d} {s.restarts:8d} {s.tasks:5d}"
+                f"  {s.state}")
 
     def conclude(self) -> int:
         """Print the verdict; 0 when flat and the run proved something."""
@@ -445,6 +540,9 @@ class Soak:
             fd_tolerance=o.fd_tolerance,
             timer_tolerance=o.timer_tolerance,
             rss_tolerance_kib=round(o.rss_tolerance_mib * 1024),
+            thread_tolerance=o.thread_tolerance,
+            store_tolerance=round(o.store_tolerance_kib * 1024),
+            store_settle=store_settle(o.store_retention, o.task_every),
         )
         early, final = windows(info.samples)
         self.out(
@@ -456,6 +554,10 @@ class Soak:
         last = info.samples[-1]
         self.out(f"  pending DelayedCalls at the end: {last.by_callable}")
         ok = verdict.flat
+        if self.summary is not None:
+            for line in self.summary.lines():
+                self.out("  " + line)
+            ok = ok and self.summary.ok
         self.out(
             f"  control plane restarts: {info.restarts}; agent active before "
             f"{info.active_before_restart} of them"
@@ -502,6 +604,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fd-tolerance", type=int, default=2)
     parser.add_argument("--timer-tolerance", type=int, default=2)
     parser.add_argument("--rss-tolerance-mib", type=float, default=4.0)
+    parser.add_argument("--thread-tolerance", type=int, default=1)
+    parser.add_argument("--store-tolerance-kib", type=float, default=256.0)
+    parser.add_argument("--task-every", type=float, default=3.0, metavar="SECONDS",
+                        help="submit a task this often (default 3)")
+    parser.add_argument("--store-retention", type=float, default=60.0, metavar="SECONDS",
+                        help="the agent's store retention (default 60, the least it takes)")
+    parser.add_argument("--submit-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="give a submission up after this long (default 30)")
+    parser.add_argument("--drain-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="after the last sample, wait this long for open tasks (default 60)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory and logs")
     parser.add_argument("--inject-leak", action="store_true",
                         help="make the agent leak an fd, a DelayedCall and 256 KiB per session, "
@@ -509,6 +621,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     options = parser.parse_args(argv)
     if options.minutes <= 0 or options.restart_every <= 0 or options.down_for < 0:
         parser.error("--minutes and --restart-every must be positive, --down-for not negative")
+    if options.task_every <= 0 or options.submit_timeout <= 0 or options.drain_timeout <= 0:
+        parser.error("--task-every, --submit-timeout and --drain-timeout must be positive")
+    if options.store_retention < 60:
+        parser.error("--store-retention must be at least 60 (the agent's least)")
     if options.sample_every is None:
         options.sample_every = 60.0 if options.minutes >= 10 else options.minutes * 6
     if options.sample_every <= 0:
