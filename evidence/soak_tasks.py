@@ -159,16 +159,21 @@ def judge_store(
     if not steady:
         return False, "store size: too few samples for a verdict (run longer)"
     k = max(1, round(len(steady) / 4))
-    settled = [p for p in steady if p.at >= settle and p.wal_reset]
-    early, final = settled[:k], steady[-k:]
-    if not any(p.wal_reset for p in steady):
-        return False, "store size: the WAL was never reset after a checkpoint -> GROWING"
-    if not early or early[-1].at >= final[0].at:
+    final = steady[-k:]
+    past = [p for p in steady if p.at >= settle][:k]
+    if not past or past[-1].at >= final[0].at:
         return False, (
             f"store size: the run is too short for a verdict (steady after {settle:g}s and "
             f"the WAL's first reset, needs a quarter of the samples after that and before "
             f"the last quarter)"
         )
+    if not any(p.wal_reset for p in steady):
+        return False, ("store size: the WAL was never reset after a checkpoint, so it never "
+                       "reached its full size (run longer) or it grows without bound -> FAIL")
+    early = [p for p in steady if p.at >= settle and p.wal_reset][:k]
+    if early[-1].at >= final[0].at:
+        return False, ("store size: the WAL was first reset too late for a verdict (in the "
+                       "last quarter; run longer) -> FAIL")
     before = max(p.size for p in early) / 1024
     after = max(p.size for p in final) / 1024
     ok = after - before <= tolerance / 1024
@@ -261,6 +266,7 @@ class TaskSummary:
     finished: int = 0
     exactly_once: int = 0
     latencies: list[float] = field(default_factory=list)
+    slowest: str = ""  # the task of the longest latency at the control plane
     seen_latencies: list[float] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
@@ -275,7 +281,7 @@ class TaskSummary:
         latency = seen = "no task finished"
         if self.latencies:
             latency = (f"median {statistics.median(self.latencies):.0f} s, "
-                       f"max {max(self.latencies):.0f} s")
+                       f"max {max(self.latencies):.0f} s ({self.slowest})")
         if self.seen_latencies:
             seen = (f"median {statistics.median(self.seen_latencies):.1f} s, "
                     f"max {max(self.seen_latencies):.1f} s")
@@ -450,6 +456,8 @@ class TaskFeed:
             summary.finished += 1
             created, ended = _seconds(document["created_at"]), _seconds(document["ended_at"])
             if created is not None and ended is not None:
+                if ended - created > max(summary.latencies, default=-1.0):
+                    summary.slowest = f"task {spec.number}, {task.task_id}"
                 summary.latencies.append(ended - created)
         if runs != 1:
             problems.append(f"ran {runs} times")
