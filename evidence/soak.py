@@ -8,7 +8,8 @@ Soak: a real agent against a control plane that restarts every few seconds.
   stopped and started again every ``--restart-every`` seconds (default 5),
   alternately with SIGTERM (it closes the sessions) and SIGKILL (the agent
   sees the TCP connection die), down ``--down-for`` seconds each time (the
-  agent meets refused connections and backs off);
+  agent meets refused connections and backs off), and up at least half a
+  period once it listens again (on a busy machine starting takes seconds);
 * the agent is ``twistd hostlink`` (the same options and service) started
   through :mod:`evidence.soak_app`, which adds a probe of the reactor's
   pending DelayedCalls; its ``--status-listen`` page tells whether it is
@@ -44,7 +45,7 @@ and is warm-up) with the final state (the samples in the last quarter):
   early median)`` above the early median (default 4 MiB);
 * the store's size: the final maximum is at most ``--store-tolerance-kib``
   (default 256) above the early maximum, the early window starting once
-  retention has passed and a purge has run
+  retention has passed, a purge has run and SQLite has reset the WAL once
   (:func:`evidence.soak_tasks.judge_store`);
 * tasks: every submitted task reached its final status exactly once, with
   the expected exit code and output, attempted once and run once (each task
@@ -442,7 +443,7 @@ class Soak:
         self.run_info.restarts += 1
 
     def sample(self, started: float) -> Sample:
-        """One point: fds and timers as the minimum of five reads, RSS, state."""
+        """One point: fds, threads and timers as the minimum of five reads, RSS, store, state."""
         pid = self.agent.pid
         at = time.monotonic() - started
         fds, calls, threads = [], [], []
@@ -511,7 +512,10 @@ class Soak:
                 continue
             if now >= next_restart and now < end:
                 self.restart_control_plane()
-                next_restart = max(next_restart + o.restart_every, time.monotonic())
+                # Up for at least half a period once it listens: where starting takes
+                # seconds (a busy machine), restarts must not come back to back.
+                next_restart = max(next_restart + o.restart_every,
+                                   time.monotonic() + o.restart_every / 2)
                 continue
             self.check_agent()
             self.step_tasks()
