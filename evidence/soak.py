@@ -94,7 +94,9 @@ from evidence.soak_tasks import (
     StorePoint,
     TaskFeed,
     TaskSummary,
+    add_task_arguments,
     agent_task_args,
+    check_task_arguments,
     control_plane_task_args,
     judge_store,
     store_bytes,
@@ -608,16 +610,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fd-tolerance", type=int, default=2)
     parser.add_argument("--timer-tolerance", type=int, default=2)
     parser.add_argument("--rss-tolerance-mib", type=float, default=4.0)
-    parser.add_argument("--thread-tolerance", type=int, default=1)
-    parser.add_argument("--store-tolerance-kib", type=float, default=256.0)
-    parser.add_argument("--task-every", type=float, default=3.0, metavar="SECONDS",
-                        help="submit a task this often (default 3)")
-    parser.add_argument("--store-retention", type=float, default=60.0, metavar="SECONDS",
-                        help="the agent's store retention (default 60, the least it takes)")
-    parser.add_argument("--submit-timeout", type=float, default=30.0, metavar="SECONDS",
-                        help="give a submission up after this long (default 30)")
-    parser.add_argument("--drain-timeout", type=float, default=60.0, metavar="SECONDS",
-                        help="after the last sample, wait this long for open tasks (default 60)")
+    add_task_arguments(parser)
     parser.add_argument("--keep", action="store_true", help="keep the work directory and logs")
     parser.add_argument("--inject-leak", action="store_true",
                         help="make the agent leak an fd, a DelayedCall and 256 KiB per session, "
@@ -625,10 +618,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     options = parser.parse_args(argv)
     if options.minutes <= 0 or options.restart_every <= 0 or options.down_for < 0:
         parser.error("--minutes and --restart-every must be positive, --down-for not negative")
-    if options.task_every <= 0 or options.submit_timeout <= 0 or options.drain_timeout <= 0:
-        parser.error("--task-every, --submit-timeout and --drain-timeout must be positive")
-    if options.store_retention < 60:
-        parser.error("--store-retention must be at least 60 (the agent's least)")
+    check_task_arguments(parser, options)
     if options.sample_every is None:
         options.sample_every = 60.0 if options.minutes >= 10 else options.minutes * 6
     if options.sample_every <= 0:

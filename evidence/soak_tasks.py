@@ -32,6 +32,7 @@ never printed or logged.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import statistics
@@ -71,6 +72,28 @@ def control_plane_task_args(operator_port: int, token_file: Path, tasks_db: Path
         "--operator-listen", f"tcp:{operator_port}:interface=127.0.0.1",
         "--operator-token-file", str(token_file),
     ]
+
+
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """The soak's options for tasks, threads and the store."""
+    parser.add_argument("--thread-tolerance", type=int, default=1)
+    parser.add_argument("--store-tolerance-kib", type=float, default=256.0)
+    parser.add_argument("--task-every", type=float, default=3.0, metavar="SECONDS",
+                        help="submit a task this often (default 3)")
+    parser.add_argument("--store-retention", type=float, default=60.0, metavar="SECONDS",
+                        help="the agent's store retention (default 60, the least it takes)")
+    parser.add_argument("--submit-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="give a submission up after this long (default 30)")
+    parser.add_argument("--drain-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="after the last sample, wait this long for open tasks (default 60)")
+
+
+def check_task_arguments(parser: argparse.ArgumentParser, options: argparse.Namespace) -> None:
+    """A usage error (``parser.error``) for values the soak cannot use."""
+    if options.task_every <= 0 or options.submit_timeout <= 0 or options.drain_timeout <= 0:
+        parser.error("--task-every, --submit-timeout and --drain-timeout must be positive")
+    if options.store_retention < 60:
+        parser.error("--store-retention must be at least 60 (the agent's least)")
 
 
 def purge_interval(retention: float) -> float:
