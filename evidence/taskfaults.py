@@ -23,6 +23,8 @@ the agent's memory, the store's disk, and each task's verdict.
 :class:`StoreDisk`
     A small tmpfs for the agent's store that can be filled (``mount -t
     tmpfs`` needs root), or else ``RLIMIT_FSIZE`` on the agent (``prlimit``).
+
+Each task's verdict and the table are in :mod:`evidence.tasktable`.
 """
 
 from __future__ import annotations
@@ -36,13 +38,12 @@ import subprocess
 import sys
 from collections import Counter
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.task import LoopingCall
 
 from evidence.faults import REPO_ROOT
-from tests import taskgen
 
 __all__ = [
     "StoreDisk",
@@ -50,14 +51,12 @@ __all__ = [
     "StoredTask",
     "TaskBook",
     "TaskSpec",
-    "TaskVerdict",
     "WireLog",
-    "judge",
+    "WireMessage",
     "read_control_plane",
 ]
 
 TAP = "CHAOS-TAP "
-_REPLACEMENT = "\ufffd".encode()
 _TASKGEN = os.path.join(REPO_ROOT, "tests", "taskgen.py")
 
 
@@ -288,93 +287,6 @@ def read_control_plane(path: str, with_output: bool = True) -> list[StoredTask]:
                     setattr(task, stream, "".join(d for (d,) in data).encode())
             tasks.append(task)
     return tasks
-
-
-# -- the verdict ---------------------------------------------------------------------------
-
-
-@dataclass
-class TaskVerdict:
-    """One task's outcome, against the columns of :mod:`evidence.chaos_tasks`."""
-
-    name: str
-    interrupted_by_fault: bool
-    ran_once: bool = False
-    delivered_once: bool = False
-    output_complete: bool = False
-    interrupted_ok: bool = False
-    resent_finals: int = 0
-    resent_outputs: int = 0
-    problems: list[str] = field(default_factory=list)
-
-
-def judge(book: TaskBook, stored: StoredTask | None, wire: WireLog, name: str,
-          interrupted_by_fault: bool) -> TaskVerdict:
-    """The verdict on task ``name`` (see :mod:`evidence.chaos_tasks` for each column)."""
-    v = TaskVerdict(name, interrupted_by_fault)
-    spec = book.specs[name]
-    runs, done = book.runs(name), book.done(name)
-    if stored is None:
-        v.problems.append("the control plane has no such task")
-        return v
-    received = wire.finals(stored.attempt_id)
-    ids = {m.message_id for m in received}
-    v.resent_finals = max(0, len(received) - len(ids))
-    v.resent_outputs = wire.resent_outputs(stored.attempt_id)
-    conflicting = {(m.message_id, m.status, m.exit_code) for m in received}
-    one_final = (
-        stored.attempts == 1 and len(stored.finals) == 1 and len(conflicting) <= 1
-        and (not received or received[0].message_id == stored.finals[0][0])
-    )
-    if not one_final:
-        v.problems.append(
-            f"attempts {stored.attempts}, finals stored {len(stored.finals)}, "
-            f"distinct finals received {sorted(conflicting, key=str)}"
-        )
-    final = stored.finals[0][1] if stored.finals else {}
-    if interrupted_by_fault and done is None:
-        v.interrupted_ok = (
-            one_final and len(runs) <= 1 and stored.status == "interrupted"
-            and final.get("status") == "interrupted" and final.get("exit_code") == -1
-        )
-        expected = taskgen.stream_bytes(spec.nbytes, spec.seed)
-        # A task killed mid-character leaves a split character at the end of its
-        # stream, which the agent sends as U+FFFD (one per byte, as Go does).
-        kept, replaced = stored.stdout, 0
-        while kept.endswith(_REPLACEMENT) and replaced < 3:
-            kept, replaced = kept[: -len(_REPLACEMENT)], replaced + 1
-        if not expected.startswith(kept):
-            v.interrupted_ok = False
-            v.problems.append("stored stdout of the interrupted task is not a prefix of its output")
-        if not v.interrupted_ok:
-            v.problems.append(f"interrupted task: runs {len(runs)}, status {stored.status}, "
-                              f"final {final.get('status')}/{final.get('exit_code')}")
-        return v
-    v.interrupted_by_fault = False  # it finished by itself: judged as any other
-    v.ran_once = len(runs) == 1
-    if not v.ran_once:
-        v.problems.append(f"ran {len(runs)} times")
-    want = None
-    if done is not None:
-        want = ("completed" if done["exit"] == 0 else "failed", done["exit"])
-    got = (final.get("status"), final.get("exit_code"))
-    v.delivered_once = one_final and want is not None and got == want and (
-        (stored.status, stored.exit_code) == want)
-    if not v.delivered_once:
-        v.problems.append(f"final {got}, task {stored.status}/{stored.exit_code}, "
-                          f"its files say {want}")
-    v.output_complete = (
-        done is not None and not stored.truncated
-        and taskgen.digest(stored.stdout) == done["stdout"]
-        and taskgen.digest(stored.stderr) == done["stderr"]
-    )
-    if not v.output_complete:
-        v.problems.append(
-            f"output: stored {len(stored.stdout)}+{len(stored.stderr)} bytes, printed "
-            f"{(done or {}).get('stdout_bytes')}+{(done or {}).get('stderr_bytes')}, "
-            f"truncated flag {stored.truncated}"
-        )
-    return v
 
 
 # -- the agent's memory --------------------------------------------------------------------

@@ -19,16 +19,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from evidence.chaos_tasks import QUICK, QUICK_FAULTS, run_task_fault
 from evidence.faults import reap_all
-from evidence.taskfaults import (
-    StoredTask,
-    TaskBook,
-    TaskSpec,
-    TaskVerdict,
-    WireLog,
-    WireMessage,
-    judge,
-)
-from evidence.tasktable import TaskRow, format_rst, format_table
+from evidence.taskfaults import StoredTask, TaskBook, TaskSpec, WireLog, WireMessage
+from evidence.tasktable import TaskRow, TaskVerdict, format_rst, format_table, judge
 
 from . import taskgen
 
