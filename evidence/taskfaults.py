@@ -29,6 +29,7 @@ Each task's verdict and the table are in :mod:`evidence.tasktable`.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shlex
@@ -355,6 +356,8 @@ class StoreDisk:
             capture_output=True, timeout=10, check=False,
         )
         self.method = "tmpfs" if result.returncode == 0 else "rlimit-fsize"
+        if self.method == "tmpfs":
+            _MOUNTED.add(self)
         return self.method
 
     def fill(self, agent_pid: int | None, store_path: str) -> str:
@@ -406,9 +409,20 @@ class StoreDisk:
                 if subprocess.run(args, capture_output=True, timeout=10,
                                   check=False).returncode == 0:
                     self.method = "none"
+                    _MOUNTED.discard(self)
                     return
             except (OSError, subprocess.SubprocessError):
                 continue
+
+
+#: Mounted tmpfs not yet unmounted: an interrupted run (Ctrl-C) unmounts them at exit.
+_MOUNTED: set[StoreDisk] = set()
+
+
+@atexit.register
+def _unmount_all() -> None:
+    for disk in list(_MOUNTED):
+        disk.cleanup()
 
 
 def main(argv: list[str] | None = None) -> None:
