@@ -43,7 +43,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -212,11 +212,17 @@ class FaultRun:
         )
 
     async def control_plane_process(
-        self, port: int, name: str = "control-plane", status_port: int | None = None
+        self,
+        port: int,
+        name: str = "control-plane",
+        status_port: int | None = None,
+        extra: Sequence[str] = (),
+        launcher: Sequence[str] = (),
     ) -> ManagedProcess:
         """
         A ``twistd hostlink-controlplane`` on ``port`` (and its ``/status`` on
-        ``status_port``, if given), listening when this returns.
+        ``status_port``, if given), listening when this returns (``extra``,
+        ``launcher``: see :func:`~evidence.faults.spawn_control_plane`).
         """
         process = spawn_control_plane(
             f"tcp:{port}:interface=127.0.0.1",
@@ -225,6 +231,8 @@ class FaultRun:
             operator_listen=(
                 "none" if status_port is None else f"tcp:{status_port}:interface=127.0.0.1"
             ),
+            extra=extra,
+            launcher=launcher,
         )
         self.on_cleanup(process.reap)
         await process.wait_for(LISTENING, timeout=self.config.startup_timeout)

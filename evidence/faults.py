@@ -695,14 +695,18 @@ def spawn_control_plane(
     name: str = "control-plane",
     extra: Sequence[str] = (),
     operator_listen: str = "none",
+    launcher: Sequence[str] = (),
 ) -> ManagedProcess:
     """
     ``twistd -n hostlink-controlplane --listen … --agents …`` as a real process
     (``operator_listen``: its ``/status`` endpoint, off by default so that
     harnesses side by side do not compete for the default port 8081).
+    ``launcher``: a command that takes twistd's arguments and runs twistd
+    itself (``python -m evidence.taskfaults cp-twistd --``), instead of the
+    ``twistd`` script.
     """
     args = [
-        _twistd(), "-n", "--pidfile=", "--logfile=-", "hostlink-controlplane",
+        *(launcher or [_twistd()]), "-n", "--pidfile=", "--logfile=-", "hostlink-controlplane",
         "--listen", listen, "--agents", agents_file, "--operator-listen", operator_listen,
         *extra,
     ]

@@ -16,6 +16,13 @@ As a script::
         NBYTES of stdout spread evenly over about SECONDS; after each write
         the bytes written so far go to PROGRESS_FILE (when given), which is
         how a test sees a task blocked on a full pipe.
+    python taskgen.py counted RUNS_FILE DONE_FILE NBYTES SECONDS SEED EXIT [STDERR_NBYTES]
+        The chaos harness's task (evidence/chaos_tasks.py): first appends one
+        line ``run pgid=<its process group>`` to RUNS_FILE (flushed to disk),
+        then prints like ``paced`` (and STDERR_NBYTES on stderr at the end),
+        then writes DONE_FILE (JSON: its exit code and the digests and sizes of
+        what it printed on each stream, written atomically) and exits with
+        EXIT.  A task that was killed has a RUNS_FILE line and no DONE_FILE.
 
 The text is built from an alphabet with one-, two-, three- and four-byte
 UTF-8 characters, every line numbered: a lost, repeated or reordered chunk,
@@ -25,6 +32,7 @@ or a character split and replaced by U+FFFD, changes the bytes.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import sys
@@ -96,6 +104,37 @@ def _paced(nbytes: int, seconds: float, seed: int, progress: str | None) -> None
         time.sleep(seconds / steps)
 
 
+def _append_line(path: str, line: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _counted(argv: list[str]) -> int:
+    runs, done, nbytes, seconds, seed, code = argv[:6]
+    err_nbytes = int(argv[6]) if len(argv) > 6 else 0
+    _append_line(runs, f"run pgid={os.getpgid(0)}\n")
+    out = stream_bytes(int(nbytes), int(seed))
+    _paced(len(out), float(seconds), int(seed), None)
+    err = stream_bytes(err_nbytes, int(seed) + 1) if err_nbytes else b""
+    if err:
+        _write_pieces(2, err, random.Random(int(seed)))
+    summary = {
+        "exit": int(code),
+        "stdout": digest(out), "stdout_bytes": len(out),
+        "stderr": digest(err), "stderr_bytes": len(err),
+    }
+    with open(done + ".tmp", "w") as f:
+        json.dump(summary, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(done + ".tmp", done)
+    return int(code)
+
+
 def main(argv: list[str]) -> None:
     mode = argv[1]
     if mode == "stream":
@@ -109,6 +148,8 @@ def main(argv: list[str]) -> None:
             os.write(2, f"err {i}\n".encode())
     elif mode == "paced":
         _paced(int(argv[2]), float(argv[3]), int(argv[4]), argv[5] if len(argv) > 5 else None)
+    elif mode == "counted":
+        sys.exit(_counted(argv[2:]))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

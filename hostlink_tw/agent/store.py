@@ -22,6 +22,10 @@ ids; receipt, final, the local store, restart).  The task engine
   agent is refused rather than misread.
 * Any sqlite error (corrupt file, unreadable file, disk full) becomes one
   :class:`StoreError` whose message names the file -- never a traceback.
+  A full disk is waited out first: the call retries on the store's thread
+  for up to :data:`FULL_PATIENCE` (calls behind it wait their turn, so
+  nothing is reordered or dropped), logging once when it starts waiting and
+  once when there is room again; only then does it fail (:class:`StoreFullError`).
 
 Output messages are deleted when acked.  A final is only marked acked: it is
 kept with its ended attempt for the retention time, so a re-delivery can be
@@ -35,6 +39,7 @@ from __future__ import annotations
 import enum
 import json
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -42,6 +47,7 @@ from typing import Any, TypeVar, cast
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from hostlink_tw._files import private_file_problem
@@ -65,6 +71,7 @@ __all__ = [
     "Receipt",
     "RunningAttempt",
     "StoreError",
+    "StoreFullError",
     "StoreSnapshot",
     "StoredMessage",
     "TaskStore",
@@ -74,6 +81,8 @@ __all__ = [
 
 SCHEMA_VERSION = 2
 """The ``PRAGMA user_version`` this code writes and reads."""
+
+_log = Logger()
 
 FINAL = "task.final"
 OUTPUT = "task.output"
@@ -124,6 +133,26 @@ _MIGRATIONS: dict[int, Sequence[str]] = {
 
 class StoreError(Exception):
     """The store cannot be used; the message is one line naming the file."""
+
+
+class StoreFullError(StoreError):
+    """A write found no room (SQLITE_FULL: the disk or the file system is full)."""
+
+
+#: How long one store call waits for room on a full disk before it fails.
+FULL_PATIENCE = 60.0
+#: How often it tries again meanwhile.
+FULL_RETRY_INTERVAL = 0.5
+
+
+def _is_full(error: sqlite3.Error) -> bool:
+    code = getattr(error, "sqlite_errorcode", None)
+    return code == getattr(sqlite3, "SQLITE_FULL", 13) or "disk is full" in str(error)
+
+
+def _store_error(path: str, error: sqlite3.Error) -> StoreError:
+    kind = StoreFullError if _is_full(error) else StoreError
+    return kind(f"task store {path} failed: {error}")
 
 
 class LocalState(enum.Enum):
@@ -244,7 +273,7 @@ class Database(Reads):
                     self._conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as e:
-            raise StoreError(f"task store {self.path} failed: {e}") from None
+            raise _store_error(self.path, e) from None
         return result
 
     def _insert_message(self, values: tuple[Any, ...]) -> None:
@@ -568,6 +597,10 @@ class TaskStore:
         self._pool = ThreadPool(1, 1, name="hostlink-task-store")
         self._db: Database | None = None
         self._running = False
+        #: A full disk: how long a call waits for room, and how often it retries.
+        self.full_patience = FULL_PATIENCE
+        self.full_retry_interval = FULL_RETRY_INTERVAL
+        self._full_since: float | None = None
 
     def _call(self, fn: Callable[..., _T], *args: Any) -> Deferred[_T]:
         return deferToThreadPool(self._reactor, self._pool, fn, *args)
@@ -577,14 +610,44 @@ class TaskStore:
             # A stopped ThreadPool silently drops work: fail instead of never firing.
             return fail(StoreError(f"task store {self.path} is closed"))
 
-        def run() -> Any:
+        def once() -> Any:
             if self._db is None:
                 raise StoreError(f"task store {self.path} is not open")
             try:
                 return getattr(self._db, name)(*args)
-            except (sqlite3.Error, ValueError) as e:
-                # ValueError: a stored payload that is no longer JSON (a damaged file).
+            except sqlite3.Error as e:
+                raise _store_error(self.path, e) from None
+            except ValueError as e:
+                # A stored payload that is no longer JSON (a damaged file).
                 raise StoreError(f"task store {self.path} failed: {e}") from None
+
+        def run() -> Any:
+            # A full disk is usually a passing state (a log rotated, a cleanup):
+            # wait for room here, on the store's one thread, so that this write
+            # and every later one keep their order and nothing is dropped; the
+            # calls queued behind it wait too (task output pauses once the
+            # spool's count of issued bytes reaches its cap).  Bounded: after
+            # full_patience the call fails as any other store error does.
+            deadline = time.monotonic() + self.full_patience
+            while True:
+                try:
+                    result = once()
+                except StoreFullError as e:
+                    if not self._running or time.monotonic() >= deadline:
+                        raise
+                    if self._full_since is None:
+                        self._full_since = time.monotonic()
+                        self._reactor.callFromThread(
+                            _log.error, "task store full, waiting for room: {error}",
+                            error=str(e))
+                    time.sleep(self.full_retry_interval)
+                    continue
+                if self._full_since is not None:
+                    waited, self._full_since = time.monotonic() - self._full_since, None
+                    self._reactor.callFromThread(
+                        _log.info, "task store has room again after {seconds:.1f}s: {path}",
+                        seconds=waited, path=self.path)
+                return result
 
         return self._call(run)
 

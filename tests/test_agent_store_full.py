@@ -1,0 +1,117 @@
+"""
+The task store and engine when the store's disk is full for a while, then
+has room again: found by the chaos-with-tasks harness (``python -m
+evidence.chaos_tasks --only disk``, issue 15 §1).
+
+Before, a write that failed was logged and forgotten: the chunk's sequence
+was used up and its bytes lost (PROTOCOL §8.4: nothing unacked is ever
+dropped), the final was never recorded (the control plane showed the task
+``running`` until the agent restarted, then ``interrupted`` although it
+completed), and a queued attempt whose ``running`` could not be committed
+was dropped by the runner until a restart.  Now a call that finds the disk
+full waits for room on the store's thread (in order, bounded by
+``full_patience``) instead of failing.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from contextlib import closing
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+
+from hostlink_tw.agent.store import StoreFullError, TaskStore
+from hostlink_tw.agent.tasks import TaskEngine
+
+from .test_agent_tasks import EngineTestCase, Result, Spec, deliver
+
+
+def fail_next(store: TaskStore, name: str, times: int) -> list[int]:
+    """The next ``times`` calls of the open database's ``name`` raise SQLite's disk-full error."""
+    db: Any = store._db
+    real = getattr(db, name)
+    calls = [0]
+
+    def failing(*args: Any) -> Any:
+        calls[0] += 1
+        if calls[0] <= times:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(*args)
+
+    setattr(db, name, failing)
+    return calls
+
+
+class StoreFullTests(EngineTestCase):
+    """What waits for room is stored in order, exactly once; the wait is bounded."""
+
+    @inlineCallbacks
+    def engine(self, clock: Any = None, **settings: Any) -> Any:
+        engine = yield super().engine(clock, **settings)
+        engine.store.full_retry_interval = 0.01
+        return engine
+
+    def rows(self, kind: str) -> list[tuple[int | None, dict[str, Any]]]:
+        with closing(sqlite3.connect(self.path)) as db:
+            return [(seq, json.loads(payload)) for seq, payload in db.execute(
+                "SELECT sequence, payload FROM outbox WHERE type = ? ORDER BY rowid", (kind,))]
+
+    @inlineCallbacks
+    def start_one(self, engine: TaskEngine) -> Any:
+        engine.delivered(deliver("t", "a"), self.channel)
+        yield self.settle(engine)
+        spec = Spec("t", "a", "echo hi")
+        self.assertTrue((yield engine.before_start(spec)))
+        engine.started(spec, 0)
+        return spec
+
+    @inlineCallbacks
+    def test_a_chunk_that_found_the_disk_full_is_stored_in_order(self) -> Any:
+        engine = yield self.engine()
+        spec = yield self.start_one(engine)
+        calls = fail_next(engine.store, "enqueue_output", times=3)
+        for chunk in (b"one ", b"two ", b"three"):
+            engine.output(spec, "stdout", chunk, False)
+        yield self.settle(engine)
+        self.assertEqual(calls[0], 6)  # the first waited through three failures
+        stored = self.rows("task.output")
+        self.assertEqual([s for s, _ in stored], [1, 2, 3])
+        self.assertEqual("".join(p["data"] for _, p in stored), "one two three")
+
+    @inlineCallbacks
+    def test_a_final_that_found_the_disk_full_is_recorded_once(self) -> Any:
+        engine = yield self.engine()
+        fail_next(engine.store, "record_final", times=2)
+        yield self.run_one(engine, "t", "a", [b"x"], Result(status="failed", exit_code=3))
+        finals = self.rows("task.final")
+        self.assertEqual([(p["status"], p["exit_code"]) for _, p in finals], [("failed", 3)])
+
+    @inlineCallbacks
+    def test_an_attempt_starts_once_there_is_room(self) -> Any:
+        engine = yield self.engine()
+        fail_next(engine.store, "mark_running", times=2)
+        engine.delivered(deliver("t", "a"), self.channel)
+        yield self.settle(engine)
+        self.assertTrue((yield engine.before_start(Spec("t", "a", "echo hi"))))
+
+    @inlineCallbacks
+    def test_the_wait_for_room_is_bounded(self) -> Any:
+        engine = yield self.engine()
+        engine.store.full_patience = 0.05
+        fail_next(engine.store, "mark_running", times=10**6)
+        engine.delivered(deliver("t", "a"), self.channel)
+        yield self.settle(engine)
+        started = yield engine.before_start(Spec("t", "a", "echo hi"))
+        self.assertFalse(started)  # refused as before, once the patience ran out
+        self.flushLoggedErrors(StoreFullError)
+
+    @inlineCallbacks
+    def test_stopping_ends_the_wait(self) -> Any:
+        engine = yield self.engine()
+        engine.store.full_patience = 3600.0
+        fail_next(engine.store, "mark_running", times=10**6)
+        waiting = engine.store.mark_running("t", "a", 0.0)
+        yield engine.store.stop()
+        yield self.assertFailure(waiting, StoreFullError)
