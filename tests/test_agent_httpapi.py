@@ -35,6 +35,7 @@ from twisted.internet.interfaces import (
     IResolutionReceiver,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http import HTTPChannel
@@ -294,6 +295,19 @@ class SignedHeadersTests(_Base):
             yield api.list_tasks()
         self.assertEqual([s.path for s in server.resource.seen], ["/api/v1/tasks"] * 3)
         self.assertEqual(server.site.connections, 1)
+
+    @inlineCallbacks
+    def test_connections_are_not_logged(self) -> Generator[Deferred[Any], Any, None]:
+        """A heartbeat every few seconds must not log the pool's factory starting and stopping."""
+        server = yield self.start_server()
+        api = self.make_api(f"http://127.0.0.1:{server.port}")
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        yield api.list_tasks()
+        yield api.close()
+        text = [formatEvent(e) for e in events]
+        self.assertFalse([t for t in text if "factory" in t.lower()], text)
 
 
 class EndpointTests(_Base):

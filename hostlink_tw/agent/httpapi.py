@@ -38,6 +38,7 @@ from twisted.web.client import (
     RequestTransmissionFailed,
     ResponseDone,
     ResponseFailed,
+    _HTTP11ClientFactory,
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -65,6 +66,18 @@ MAX_ERROR_ANSWER_BYTES = 64 * 1024
 #: Task statuses the agent does not run (§9.1 [ours]).
 FINISHED_STATUSES = frozenset({"completed", "failed", "cancelled"})
 
+
+
+class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
+    """
+    The pool's connection factory without its "Starting factory" / "Stopping
+    factory" lines: the reference control plane closes every HTTP connection,
+    so each heartbeat and poll logged two lines (tens of thousands a day).
+    Twisted has no public switch for it (twisted/twisted#9330); replacing the
+    pool's ``_factory`` is the usual way.
+    """
+
+    noisy = False
 
 class ControlPlaneHTTPError(Exception):
     """A request failed; ``status`` is None for a network error or a timeout."""
@@ -247,6 +260,7 @@ class ControlPlaneAPI:
         self._max = max_answer_bytes
         self._pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
         self._pool.maxPersistentPerHost = 2
+        self._pool._factory = _QuietHTTP11ClientFactory
         self._agent = Agent.usingEndpointFactory(  # type: ignore[no-untyped-call]
             reactor, _Endpoints(reactor, ca_file, environ if environ is not None else {},
                                 timeout), pool=self._pool,
