@@ -35,6 +35,7 @@ from __future__ import annotations
 import enum
 import json
 import sqlite3
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -42,6 +43,7 @@ from typing import Any, TypeVar, cast
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from hostlink_tw._files import private_file_problem
@@ -373,6 +375,29 @@ class Database(Reads):
             now, False,
         )
 
+    def enqueue_outputs(self, chunks: Sequence[tuple[Any, ...]]) -> list[StoredMessage]:
+        """
+        Store several output chunks (each the arguments of :meth:`enqueue_output`,
+        in order) in one transaction: one commit, one fsync, for all of them.
+        """
+        texts = [json.dumps(c[5], ensure_ascii=False, separators=(",", ":")) for c in chunks]
+
+        def go() -> None:
+            for (task_id, attempt_id, message_id, stream, sequence, _payload, byte_count,
+                 now), text in zip(chunks, texts, strict=True):
+                self._insert_message(
+                    (message_id, task_id, attempt_id, OUTPUT, stream, sequence, text,
+                     byte_count, now)
+                )
+
+        self._tx(go)
+        return [
+            StoredMessage(message_id, task_id, attempt_id, OUTPUT, stream, sequence, payload,
+                          byte_count, now, False)
+            for (task_id, attempt_id, message_id, stream, sequence, payload, byte_count, now)
+            in chunks
+        ]
+
     def ack(self, message_id: str) -> bool:
         """Ack one message: output is deleted, a final is kept (marked acked)."""
 
@@ -551,11 +576,30 @@ def _interrupted_payload() -> dict[str, Any]:
     }
 
 
+class _OutputBatch:
+    """Output chunks waiting for one transaction (filled on the reactor thread)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.chunks: list[tuple[tuple[Any, ...], Deferred[StoredMessage]]] = []
+        #: Set by the store thread when it takes the chunks: later ones need a new batch.
+        self.taken = False
+
+
 class TaskStore:
     """:class:`Database` on its own thread: every method returns a Deferred.
 
     Call :meth:`start` before anything else and :meth:`stop` at shutdown.
     Errors arrive as a :class:`StoreError` failure.
+
+    Output chunks are committed in groups: chunks enqueued while the thread
+    is busy (an fsync takes milliseconds; a task writes a chunk in
+    microseconds) wait in one batch and are committed together, each
+    Deferred firing once the commit holding its chunk returned -- so each
+    chunk is still stored before it is sent, at one fsync per batch instead
+    of one per chunk.  A batch takes only chunks enqueued before any other
+    call: every call still runs in the order it was made.  A batch that
+    cannot be committed fails all of its chunks.
     """
 
     def __init__(self, path: str, reactor: IReactorFromThreads | None = None) -> None:
@@ -568,11 +612,15 @@ class TaskStore:
         self._pool = ThreadPool(1, 1, name="hostlink-task-store")
         self._db: Database | None = None
         self._running = False
+        #: The batch output chunks join, until another call is made or the thread takes it.
+        self._batch: _OutputBatch | None = None
 
     def _call(self, fn: Callable[..., _T], *args: Any) -> Deferred[_T]:
         return deferToThreadPool(self._reactor, self._pool, fn, *args)
 
     def _use(self, name: str, *args: Any) -> Deferred[Any]:
+        # Output enqueued after this call must not be committed before it.
+        self._batch = None
         if not self._running:
             # A stopped ThreadPool silently drops work: fail instead of never firing.
             return fail(StoreError(f"task store {self.path} is closed"))
@@ -644,8 +692,57 @@ class TaskStore:
         return self._use("record_final", task_id, attempt_id, message_id, payload, now)
 
     def enqueue_output(self, *args: Any) -> Deferred[StoredMessage]:
-        """See :meth:`Database.enqueue_output` (same arguments)."""
-        return self._use("enqueue_output", *args)
+        """See :meth:`Database.enqueue_output` (same arguments); committed in
+        a group with the chunks enqueued just before and after it."""
+        if not self._running:
+            return fail(StoreError(f"task store {self.path} is closed"))
+        d: Deferred[StoredMessage] = Deferred()
+        batch = self._batch
+        if batch is not None:
+            with batch.lock:
+                if not batch.taken:
+                    batch.chunks.append((args, d))
+                    return d
+        batch = self._batch = _OutputBatch()
+        batch.chunks.append((args, d))
+        self._write_batch(batch)
+        return d
+
+    def _write_batch(self, batch: _OutputBatch) -> None:
+        def take() -> list[tuple[tuple[Any, ...], Deferred[StoredMessage]]]:
+            with batch.lock:
+                batch.taken = True
+                return list(batch.chunks)
+
+        def run() -> tuple[list[Deferred[StoredMessage]], list[StoredMessage] | StoreError]:
+            chunks = take()
+            waiting = [d for _, d in chunks]
+            if self._db is None:
+                return waiting, StoreError(f"task store {self.path} is not open")
+            try:
+                return waiting, self._db.enqueue_outputs([args for args, _ in chunks])
+            except StoreError as e:
+                return waiting, e
+            except (sqlite3.Error, ValueError) as e:
+                return waiting, StoreError(f"task store {self.path} failed: {e}")
+
+        def fire(outcome: tuple[list[Deferred[StoredMessage]],
+                                list[StoredMessage] | StoreError]) -> None:
+            waiting, result = outcome
+            if isinstance(result, StoreError):
+                for d in waiting:
+                    d.errback(result)
+                return
+            for d, message in zip(waiting, result, strict=True):
+                d.callback(message)
+
+        def lost(failure: Failure) -> None:
+            # The thread itself failed (it never does): fail what is still waiting.
+            for _, d in batch.chunks:
+                if not d.called:
+                    d.errback(failure)
+
+        self._call(run).addCallbacks(fire, lost)
 
     def ack(self, message_id: str) -> Deferred[bool]:
         """See :meth:`Database.ack`."""
