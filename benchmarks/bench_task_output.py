@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -81,6 +82,8 @@ class OutputResult:
     cp_file_bytes: int
     #: The benchmark process's RSS growth (the control plane runs in it).
     cp_rss_growth: int
+    #: CPU seconds of the benchmark process over the transfer (the control plane's work).
+    cp_cpu: float = 0.0
     store_filesystem: str = "unknown"
     settings: dict[str, str] = field(default_factory=dict)
     title: str = "Output throughput"
@@ -152,7 +155,8 @@ class OutputResult:
             f"floor: {'yes' if self.floor_complete else '**no**'}.  Verdict: "
             f"{verdict(self.met)}.\n\n"
             f"The agent used {self.agent_cpu:.1f} s of CPU "
-            f"({self.agent_cpu / self.seconds:.0%} of one core over the transfer).  The "
+            f"({self.agent_cpu / self.seconds:.0%} of one core over the transfer), the "
+            f"control plane (this process) {self.cp_cpu:.1f} s.  The "
             f"control plane's task file held {self.cp_file_bytes / _MiB:.0f} MiB at the end "
             "(it keeps all output; its ``max_output_bytes`` caps it per attempt and stream), "
             f"and the process running it grew by {self.cp_rss_growth / _MiB:.1f} MiB.\n\n"
@@ -203,6 +207,7 @@ async def measure_output(
         rss_before = rss_bytes(pid)
         cp_rss_before = rss_bytes(os.getpid())
         cpu_before = cpu_seconds(pid)
+        cp_cpu_before = time.process_time()
         sampler.start(0.05)
         try:
             unsubscribe = rig.cp.tasks.on_output(stored)
@@ -211,6 +216,7 @@ async def measure_output(
         finally:
             sampler.stop()
         cpu = cpu_seconds(pid) - cpu_before
+        cp_cpu = time.process_time() - cp_cpu_before
         cp_rss_growth = max(0, rss_bytes(os.getpid()) - cp_rss_before)
         clock = rig.clock
         seconds = clock.round_trip(record.task_id)
@@ -226,5 +232,5 @@ async def measure_output(
     return OutputResult(
         size, flush_threshold, seconds, from_first, floor_seconds, rss_before,
         max([rss_before, *samples]), complete, floor_digest == expected, chunks, cpu,
-        cp_file, cp_rss_growth, fs, settings,
+        cp_file, cp_rss_growth, cp_cpu, fs, settings,
     )
