@@ -35,7 +35,6 @@ from __future__ import annotations
 import enum
 import json
 import sqlite3
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -43,10 +42,10 @@ from typing import Any, TypeVar, cast
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
-from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from hostlink_tw._files import private_file_problem
+from hostlink_tw.agent.storebatch import GroupCommit
 from hostlink_tw.agent.storereads import (
     SELECT_MESSAGE,
     OutputRange,
@@ -576,30 +575,15 @@ def _interrupted_payload() -> dict[str, Any]:
     }
 
 
-class _OutputBatch:
-    """Output chunks waiting for one transaction (filled on the reactor thread)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.chunks: list[tuple[tuple[Any, ...], Deferred[StoredMessage]]] = []
-        #: Set by the store thread when it takes the chunks: later ones need a new batch.
-        self.taken = False
-
-
 class TaskStore:
     """:class:`Database` on its own thread: every method returns a Deferred.
 
     Call :meth:`start` before anything else and :meth:`stop` at shutdown.
     Errors arrive as a :class:`StoreError` failure.
 
-    Output chunks are committed in groups: chunks enqueued while the thread
-    is busy (an fsync takes milliseconds; a task writes a chunk in
-    microseconds) wait in one batch and are committed together, each
-    Deferred firing once the commit holding its chunk returned -- so each
-    chunk is still stored before it is sent, at one fsync per batch instead
-    of one per chunk.  A batch takes only chunks enqueued before any other
-    call: every call still runs in the order it was made.  A batch that
-    cannot be committed fails all of its chunks.
+    Output chunks are committed in groups (:mod:`~hostlink_tw.agent.storebatch`):
+    those enqueued while the thread is busy share one transaction, and any
+    other call closes the group, so calls still run in the order they were made.
     """
 
     def __init__(self, path: str, reactor: IReactorFromThreads | None = None) -> None:
@@ -612,15 +596,16 @@ class TaskStore:
         self._pool = ThreadPool(1, 1, name="hostlink-task-store")
         self._db: Database | None = None
         self._running = False
-        #: The batch output chunks join, until another call is made or the thread takes it.
-        self._batch: _OutputBatch | None = None
+        self._outputs: GroupCommit[tuple[Any, ...], StoredMessage] = GroupCommit(
+            self._call, self._write_outputs
+        )
 
     def _call(self, fn: Callable[..., _T], *args: Any) -> Deferred[_T]:
         return deferToThreadPool(self._reactor, self._pool, fn, *args)
 
     def _use(self, name: str, *args: Any) -> Deferred[Any]:
         # Output enqueued after this call must not be committed before it.
-        self._batch = None
+        self._outputs.close()
         if not self._running:
             # A stopped ThreadPool silently drops work: fail instead of never firing.
             return fail(StoreError(f"task store {self.path} is closed"))
@@ -696,53 +681,16 @@ class TaskStore:
         a group with the chunks enqueued just before and after it."""
         if not self._running:
             return fail(StoreError(f"task store {self.path} is closed"))
-        d: Deferred[StoredMessage] = Deferred()
-        batch = self._batch
-        if batch is not None:
-            with batch.lock:
-                if not batch.taken:
-                    batch.chunks.append((args, d))
-                    return d
-        batch = self._batch = _OutputBatch()
-        batch.chunks.append((args, d))
-        self._write_batch(batch)
-        return d
+        return self._outputs.add(args)
 
-    def _write_batch(self, batch: _OutputBatch) -> None:
-        def take() -> list[tuple[tuple[Any, ...], Deferred[StoredMessage]]]:
-            with batch.lock:
-                batch.taken = True
-                return list(batch.chunks)
-
-        def run() -> tuple[list[Deferred[StoredMessage]], list[StoredMessage] | StoreError]:
-            chunks = take()
-            waiting = [d for _, d in chunks]
-            if self._db is None:
-                return waiting, StoreError(f"task store {self.path} is not open")
-            try:
-                return waiting, self._db.enqueue_outputs([args for args, _ in chunks])
-            except StoreError as e:
-                return waiting, e
-            except (sqlite3.Error, ValueError) as e:
-                return waiting, StoreError(f"task store {self.path} failed: {e}")
-
-        def fire(outcome: tuple[list[Deferred[StoredMessage]],
-                                list[StoredMessage] | StoreError]) -> None:
-            waiting, result = outcome
-            if isinstance(result, StoreError):
-                for d in waiting:
-                    d.errback(result)
-                return
-            for d, message in zip(waiting, result, strict=True):
-                d.callback(message)
-
-        def lost(failure: Failure) -> None:
-            # The thread itself failed (it never does): fail what is still waiting.
-            for _, d in batch.chunks:
-                if not d.called:
-                    d.errback(failure)
-
-        self._call(run).addCallbacks(fire, lost)
+    def _write_outputs(self, chunks: list[tuple[Any, ...]]) -> list[StoredMessage]:
+        """On the store's thread: one group of chunks, one transaction."""
+        if self._db is None:
+            raise StoreError(f"task store {self.path} is not open")
+        try:
+            return self._db.enqueue_outputs(chunks)
+        except (sqlite3.Error, ValueError) as e:
+            raise StoreError(f"task store {self.path} failed: {e}") from None
 
     def ack(self, message_id: str) -> Deferred[bool]:
         """See :meth:`Database.ack`."""
