@@ -21,7 +21,7 @@ from typing import Any
 
 from benchmarks.bench_support import ChildProcess, make_identity, spawn_agent
 
-__all__ = ["TaskRig", "WireClock", "filesystem_of"]
+__all__ = ["TaskRig", "WireClock", "commit_seconds", "filesystem_of"]
 
 #: Seconds the agent may take to start and say hello.
 START_TIMEOUT = 60.0
@@ -37,6 +37,35 @@ def filesystem_of(path: str) -> str:
         return "unknown"
     lines = out.stdout.split()
     return lines[-1] if len(lines) > 1 else "unknown"
+
+
+def commit_seconds(directory: str, runs: int = 200) -> list[float]:
+    """
+    Seconds of each of ``runs`` one-row commits to a fresh SQLite file in
+    ``directory`` in the agent store's mode (WAL, ``synchronous=FULL``):
+    what one state change of a task costs on this disk.
+    """
+    import sqlite3
+
+    path = os.path.join(directory, "commit-probe.db")
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("CREATE TABLE t (v BLOB)")
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO t VALUES (?)", (b"x" * 200,))
+            conn.execute("COMMIT")
+            times.append(time.perf_counter() - start)
+        return times
+    finally:
+        conn.close()
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(path + suffix):
+                os.unlink(path + suffix)
 
 
 class WireClock:

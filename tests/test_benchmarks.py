@@ -242,6 +242,7 @@ def _roundtrip(median_ms: float, floor_ms: float) -> RoundTripResult:
         stages=[(0.001, 0.002, 0.003)] * 3,
         elsewhere=[0.05],
         elsewhere_cpu=0.01,
+        commits=[0.001, 0.002, 0.004],
     )
 
 
@@ -293,6 +294,8 @@ class TaskReportTests(SynchronousTestCase):
         self.assertIn("not run", next(line for line in lines if line.startswith("Replay ")))
         self.assertIn("Not measured: not written yet", text)
         self.assertIn("posix_spawnp", text)  # the elsewhere-workdir note
+        self.assertIn("one commit takes 2.0 ms (median, p99 4.0 ms)", text)
+        self.assertIn("Ours, fixed — one fsync per chunk", text)
         self.assertEqual(render_tasks([]), "Phase 2: tasks\n--------------\nNot run.\n\n")
 
     def test_whole_document_and_json(self) -> None:
@@ -415,7 +418,10 @@ class ProcessSmokeTests(TestCase):
                 self.assertAlmostEqual(sum(stages), seconds, places=6)
                 self.assertTrue(all(s > 0 for s in stages), stages)
             self.assertGreater(result.floor, 0)
+            self.assertEqual(len(result.commits), 200)
+            self.assertTrue(all(c > 0 for c in result.commits))
             self.assertIn("Median", result.detail_rst())
+            self.assertIn("one commit takes", result.detail_rst())
 
         return defer.ensureDeferred(check())
 
