@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import shlex
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -235,10 +236,11 @@ async def measure_output(
         sampler.start(0.05)
         try:
             unsubscribe = rig.cp.tasks.on_output(stored)
-            record = await rig.run_task(f"cat {path}", timeout)
+            record = await rig.run_task(f"cat {shlex.quote(path)}", timeout)
             unsubscribe()
         finally:
-            sampler.stop()
+            if sampler.running:
+                sampler.stop()
         cpu = cpu_seconds(pid) - cpu_before
         cp_cpu = time.process_time() - cp_cpu_before
         cp_rss_growth = max(0, rss_bytes(os.getpid()) - cp_rss_before)
