@@ -18,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from benchmarks.bench_support import ChildProcess, make_identity, spawn_agent
 
@@ -180,9 +181,14 @@ class TaskRig:
                 **self._cp_options,
             )
             waiting = self.cp.wait_active(self.agent_id, timeout=START_TIMEOUT)
+            # The HTTP paths (heartbeat, polling fallback) to this control plane too:
+            # their default base URL is a public host.
+            http_base = "http://" + urlsplit(self.cp.ws_url).netloc
             self.agent = spawn_agent(
                 identity,
                 self.cp.ws_url,
+                "--control-plane-url",
+                http_base,
                 "--enable-delivery",
                 "--enable-results",
                 "--local-store-path",
