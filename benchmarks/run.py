@@ -191,6 +191,7 @@ async def _main(reactor: Any, args: argparse.Namespace) -> None:
     results = await _run(args)
     results.runtime = time.monotonic() - started
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         dump_json(args.json, results_to_dict(results))
     if args.no_write:
         return
