@@ -64,7 +64,8 @@ $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	touch $@
 
-# Cold start, idle cost, inbound throughput, reconnect storm; writes
+# Cold start, idle cost, inbound throughput, reconnect storm, and phase 2's
+# task round trip and task output throughput; writes
 # benchmarks/results/performance.rst and storm.png (git-ignored), never docs/.
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.run

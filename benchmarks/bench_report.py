@@ -13,6 +13,9 @@ from typing import Any
 
 from benchmarks.bench_coldstart import TARGET_RATIO, ColdStartResult
 from benchmarks.bench_idle import TARGET_CPU_PER_MINUTE, TARGET_RSS_OVER_FLOOR, IdleResult
+from benchmarks.bench_rst import section as _section
+from benchmarks.bench_rst import table as _table
+from benchmarks.bench_rst import verdict as _verdict
 from benchmarks.bench_storm import (
     BIN,
     RCF_JITTER,
@@ -20,6 +23,7 @@ from benchmarks.bench_storm import (
     arrivals_per_bin,
     recovery_bound,
 )
+from benchmarks.bench_tasks_report import TaskBenchResult, render_tasks, tasks_to_dict
 from benchmarks.bench_throughput import TARGET_PER_SECOND, ThroughputResult
 
 __all__ = ["Results", "plot_storm", "render"]
@@ -60,6 +64,8 @@ class Results:
     load: list[tuple[str, float]] = field(default_factory=list)
     #: The Go-jitter fleet at a larger size (run 1 only), if run.
     scale: StormResult | None = None
+    #: Phase 2's benchmarks, in the order they ran (see bench_tasks_report).
+    tasks: list[TaskBenchResult] = field(default_factory=list)
 
 
 def _cores(r: Results) -> int:
@@ -67,28 +73,6 @@ def _cores(r: Results) -> int:
         return int(r.machine.get("cores (nproc)", "1"))
     except ValueError:
         return 1
-
-
-def _verdict(met: bool | None) -> str:
-    if met is None:
-        return "not run"
-    return "**met**" if met else "**missed**"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """An RST grid-free "simple table"."""
-    cols = len(header)
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(cols)]
-    rule = "  ".join("=" * w for w in widths)
-    lines = [rule, "  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)), rule]
-    for row in rows:
-        lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-    lines.append(rule)
-    return "\n".join(lines)
-
-
-def _section(title: str, char: str = "-") -> str:
-    return f"{title}\n{char * len(title)}\n"
 
 
 def _fmt_s(value: float | None) -> str:
@@ -616,6 +600,7 @@ def render(r: Results) -> str:
     out.append(_cpu_bound_text(r))
     out.append(_choose_text(r))
     out.append(_findings_text(r))
+    out.append(render_tasks(r.tasks))
     return "".join(out)
 
 
@@ -679,4 +664,5 @@ def results_to_dict(r: Results) -> dict[str, Any]:
         "profile_top": r.profile_top,
         "profile_agents": r.profile_agents,
         "load": r.load,
+        "tasks": tasks_to_dict(r.tasks),
     }

@@ -8,7 +8,10 @@ Usage: ``python -m benchmarks.run [--agents 5000] [--only storm] …`` (see
 ``--help``).  At the default sizes the whole run takes a few minutes on two
 cores: cold start (7 + 7 runs), idle (60 s), throughput, and three fleet
 processes of 1,000 agents, each through a drop and a 10 s outage, plus one
-profiled drop.  All traffic stays on 127.0.0.1; every child process is
+profiled drop; then phase 2's task benchmarks (``task-roundtrip``: 1,000
+tasks of ``true`` and 200 more with another working directory, about a
+minute; ``task-output``: 256 MiB of task output, then the same through a
+loopback WebSocket).  All traffic stays on 127.0.0.1; every child process is
 stopped before the command returns.
 """
 
@@ -31,11 +34,13 @@ from benchmarks.bench_profile import breakdown, top_functions
 from benchmarks.bench_report import Results, plot_storm, render, results_to_dict
 from benchmarks.bench_storm import STRATEGIES, recovery_bound, run_storm
 from benchmarks.bench_support import REPO, dump_json, machine_description, raise_nofile_limit
+from benchmarks.bench_task_output import measure_output
+from benchmarks.bench_task_roundtrip import measure_roundtrip
 from benchmarks.bench_throughput import measure_throughput
 
 __all__ = ["main"]
 
-BENCHMARKS = ("coldstart", "idle", "throughput", "storm")
+BENCHMARKS = ("coldstart", "idle", "throughput", "storm", "task-roundtrip", "task-output")
 # A run writes here, never over the tracked docs/ (make bench-publish copies).
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -65,6 +70,17 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--scale-agents", type=int, default=5000,
                         help="one more go fleet of this size, run 1 only (0 skips)")
+    parser.add_argument("--tasks", type=int, default=1000,
+                        help="task-roundtrip: tasks timed, one after the other")
+    parser.add_argument("--workdir-tasks", type=int, default=200,
+                        help="task-roundtrip: more tasks with --task-workdir elsewhere (0 skips)")
+    parser.add_argument("--spawn-runs", type=int, default=300,
+                        help="task-roundtrip: spawns of /bin/sh -c true for the floor")
+    parser.add_argument("--output-mib", type=float, default=256.0,
+                        help="task-output: MiB the task prints")
+    parser.add_argument("--flush-threshold", type=int, default=16384,
+                        help="task-output: the agent's output flush threshold (chunk size), "
+                        "also the floor's message size")
     parser.add_argument("--no-profile", action="store_true",
                         help="skip the profiled storm run")
     parser.add_argument("--rst", default=str(RESULTS / "performance.rst"))
@@ -76,7 +92,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     for s in args.strategies:
         if s not in STRATEGIES:
             parser.error(f"unknown strategy {s!r}")
-    if args.agents < 1 or args.cold_runs < 1 or args.envelopes < 1 or args.repeats < 1:
+    if (args.agents < 1 or args.cold_runs < 1 or args.envelopes < 1 or args.repeats < 1
+            or args.tasks < 1 or args.spawn_runs < 1 or args.output_mib <= 0):
         parser.error("sizes must be >= 1")
     return args
 
@@ -145,6 +162,25 @@ async def _run(args: argparse.Namespace) -> Results:
                 results.profile_agents = args.agents
             for owner, seconds in results.profile[:8]:
                 _say(f"  {seconds:6.2f} s  {owner}")
+    if "task-roundtrip" in only:
+        load("task-roundtrip")
+        _say(f"task round trip: {args.spawn_runs} spawns of the floor, {args.tasks:,} tasks…")
+        rt = await measure_roundtrip(args.tasks, args.spawn_runs,
+                                     elsewhere_tasks=args.workdir_tasks)
+        results.tasks.append(rt)
+        _say(f"  median {rt.median * 1000:.1f} ms, p99 {rt.p99 * 1000:.1f} ms, floor "
+             f"{rt.floor * 1000:.1f} ms: floor + {rt.margin * 1000:.1f} ms "
+             f"({'met' if rt.met else 'MISSED'})")
+    if "task-output" in only:
+        load("task-output")
+        size = int(args.output_mib * 2**20)
+        _say(f"task output: {args.output_mib:g} MiB in chunks of {args.flush_threshold:,} "
+             "bytes, then the floor…")
+        out = await measure_output(size, args.flush_threshold)
+        results.tasks.append(out)
+        _say(f"  {out.rate:.1f} MiB/s vs floor {out.floor_rate:.1f} MiB/s ({out.ratio:.0%}), "
+             f"RSS +{out.rss_growth / 2**20:.1f} MiB, complete: {out.complete} "
+             f"({'met' if out.met else 'MISSED'})")
     load("end")
     return results
 
@@ -155,6 +191,7 @@ async def _main(reactor: Any, args: argparse.Namespace) -> None:
     results = await _run(args)
     results.runtime = time.monotonic() - started
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         dump_json(args.json, results_to_dict(results))
     if args.no_write:
         return

@@ -14,9 +14,10 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 from typing import Any
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from hostlink_tw.agent.store import (
@@ -283,6 +284,67 @@ class OutboxTests(StoreTestCase):
         self.assertGreater(final.byte_count, 0)
         unacked = yield s.unacked()
         self.assertEqual(unacked[0].payload, _chunk("ab"))
+
+    def _hold_thread(self) -> tuple[threading.Event, list[str]]:
+        """Block the store's thread until the event is set; count its COMMITs from now on."""
+        commits: list[str] = []
+        db: Any = self.store._db
+        execute = db._exec
+
+        def counting(sql: str, params: Any = ()) -> Any:
+            if sql == "COMMIT":
+                commits.append(sql)
+            return execute(sql, params)
+
+        db._exec = counting
+        release = threading.Event()
+        self.addCleanup(release.set)
+        self.store._call(release.wait, 10)
+        return release, commits
+
+    @inlineCallbacks
+    def test_output_enqueued_together_is_committed_together(self) -> Any:
+        """Chunks enqueued while the thread is busy share one commit; any other
+        call closes the group, so calls still run in the order they were made."""
+        s = self.store
+        release, commits = self._hold_thread()
+        first = [s.enqueue_output("t", "a", f"o{n}", "stdout", n, _chunk("x"), 1, 2.0)
+                 for n in (1, 2, 3)]
+        acked = s.ack("o2")  # after o1-o3 are stored, before o4 and o5
+        second = [s.enqueue_output("t", "a", f"o{n}", "stdout", n, _chunk("x"), 1, 2.0)
+                  for n in (4, 5)]
+        self.assertFalse(any(d.called for d in first + second))
+        release.set()
+        stored = yield gatherResults(first + second)
+        self.assertTrue((yield acked))
+        self.assertEqual([m.message_id for m in stored], ["o1", "o2", "o3", "o4", "o5"])
+        self.assertEqual([m.sequence for m in stored], [1, 2, 3, 4, 5])
+        self.assertEqual(len(commits), 3)  # o1-o3, the ack, o4-o5
+        ids = [m.message_id for m in (yield s.unacked())]
+        self.assertEqual(ids, ["o1", "o3", "o4", "o5"])
+
+    @inlineCallbacks
+    def test_a_group_that_cannot_be_committed_fails_every_chunk(self) -> Any:
+        s = self.store
+        yield s.enqueue_output("t", "a", "o1", "stdout", 1, _chunk("x"), 1, 2.0)
+        release, _ = self._hold_thread()
+        group = [s.enqueue_output("t", "a", "o2", "stdout", 2, _chunk("x"), 1, 2.0),
+                 s.enqueue_output("t", "a", "o1", "stdout", 3, _chunk("x"), 1, 2.0)]  # taken id
+        release.set()
+        for d in group:
+            yield self.assertFailure(d, StoreError)
+        self.assertEqual([m.message_id for m in (yield s.unacked())], ["o1"])
+        # The store goes on: the next chunk is stored.
+        yield s.enqueue_output("t", "a", "o2", "stdout", 2, _chunk("x"), 1, 2.0)
+        self.assertEqual([m.message_id for m in (yield s.unacked())], ["o1", "o2"])
+
+    @inlineCallbacks
+    def test_output_after_stop_fails(self) -> Any:
+        yield self.store.stop()
+        yield self.assertFailure(
+            self.store.enqueue_output("t", "a", "o1", "stdout", 1, _chunk("x"), 1, 2.0),
+            StoreError,
+        )
 
     @inlineCallbacks
     def test_cumulative_ack(self) -> Any:

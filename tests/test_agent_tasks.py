@@ -23,6 +23,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from hostlink_tw.agent.session import Session, ViolationError
+from hostlink_tw.agent.spool import store_limit
 from hostlink_tw.agent.store import TaskStore
 from hostlink_tw.agent.tasks import TaskEngine, TaskSettings
 from hostlink_tw.agent.tasksnapshot import process_identity
@@ -560,6 +561,27 @@ class SpoolTests(EngineTestCase):
         yield self.settle(engine)
         self.assertFalse(self.runner.paused)
         self.assertEqual(engine.spool_bytes, 0)
+
+
+    @inlineCallbacks
+    def test_output_waiting_for_the_store_pauses_output_until_stored(self) -> Any:
+        """Memory is bounded too: output read faster than the store commits it
+        pauses the pipes (the spool is far from full), and resumes once stored."""
+        engine = yield self.engine(flush_threshold=16384)
+        self.session(engine)
+        yield self.run_one(engine, "t", "a", [b"x"], None)
+        limit = store_limit(16384, 1)
+        chunk = b"y" * 16384
+        for _ in range(limit // len(chunk) - 1):
+            engine.output(Spec("t", "a", ""), "stdout", chunk, False)
+        self.assertFalse(self.runner.paused)
+        engine.output(Spec("t", "a", ""), "stdout", chunk, False)  # the limit reached
+        self.assertTrue(self.runner.paused)
+        self.assertFalse(engine.output_paused)  # not the spool: the store is behind
+        yield self.settle(engine)
+        self.assertFalse(self.runner.paused)
+        self.assertEqual(engine.spool.unstored, 0)
+        self.assertGreaterEqual(engine.spool_bytes, limit)  # stored, unacked: in the spool
 
 
 class RecoveryTests(EngineTestCase):

@@ -8,6 +8,7 @@ checked exactly.  These assert structure and sanity, never speed.
 from __future__ import annotations
 
 import cProfile
+import dataclasses
 import os
 import random
 import re
@@ -36,6 +37,15 @@ from benchmarks.bench_storm import (
     run_storm,
 )
 from benchmarks.bench_support import cpu_seconds, machine_description, rss_bytes
+from benchmarks.bench_task_output import OutputResult, measure_output, write_base64_file
+from benchmarks.bench_task_roundtrip import RoundTripResult, measure_roundtrip, percentile
+from benchmarks.bench_tasks_report import (
+    SUMMARY_HEADER,
+    NotMeasured,
+    TaskBenchResult,
+    render_tasks,
+    tasks_to_dict,
+)
 from benchmarks.bench_throughput import ThroughputResult, measure_throughput
 
 
@@ -200,7 +210,7 @@ class ReportTests(SynchronousTestCase):
 
     def test_missing_benchmarks_say_not_run(self) -> None:
         text = render(Results(date="d", machine={"CPU": "x"}))
-        self.assertEqual(text.count("Not run."), 4)
+        self.assertEqual(text.count("Not run."), 5)  # four of phase 1, phase 2's part
 
     def test_plot(self) -> None:
         try:
@@ -220,6 +230,106 @@ class ReportTests(SynchronousTestCase):
         drop = again.phases["drop"]
         self.assertEqual(drop.peak, max(arrivals_per_bin(drop.accepted)))
         self.assertEqual(sum(drop.arrivals), 10)
+
+
+def _roundtrip(median_ms: float, floor_ms: float) -> RoundTripResult:
+    return RoundTripResult(
+        tasks=[median_ms / 1000] * 3,
+        floor_twisted=[floor_ms / 1000] * 3,
+        floor_subprocess=[floor_ms / 1000] * 3,
+        store_filesystem="ext4",
+        agent_cpu=0.03,
+        stages=[(0.001, 0.002, 0.003)] * 3,
+        elsewhere=[0.05],
+        elsewhere_cpu=0.01,
+        commits=[0.001, 0.002, 0.004],
+    )
+
+
+def _output(seconds: float, floor_seconds: float, rss_max: int) -> OutputResult:
+    return OutputResult(
+        size=64 << 20, flush_threshold=16384, seconds=seconds,
+        seconds_from_first_output=seconds - 0.1, floor_seconds=floor_seconds,
+        rss_before=50 << 20, rss_max=rss_max, complete=True, floor_complete=True,
+        chunks=4097, agent_cpu=1.0, cp_file_bytes=70 << 20, cp_rss_growth=1 << 20,
+        store_filesystem="ext4", settings={"--output-flush-threshold": "16384"},
+    )
+
+
+class TaskReportTests(SynchronousTestCase):
+    """Phase 2's part of the document: one summary table, one subsection each."""
+
+    def test_results_satisfy_the_interface(self) -> None:
+        for result in (_roundtrip(20, 2), _output(2, 1, 60 << 20),
+                       NotMeasured("Replay", "≤ 3 s", "not written yet")):
+            self.assertIsInstance(result, TaskBenchResult)
+            self.assertEqual(len(result.summary_row()), len(SUMMARY_HEADER))
+
+    def test_roundtrip_verdict_follows_the_margin(self) -> None:
+        self.assertTrue(_roundtrip(16.9, 2).met)   # floor + 14.9 ms
+        self.assertFalse(_roundtrip(17.1, 2).met)  # floor + 15.1 ms
+        result = _roundtrip(30, 2)
+        self.assertAlmostEqual(result.margin, 0.028)
+        self.assertIn("floor + 28.0 ms", result.summary_row()[3])
+        self.assertEqual(percentile([5.0, 1.0, 3.0, 2.0, 4.0], 99), 5.0)
+        self.assertEqual(percentile([float(i) for i in range(1, 201)], 99), 198.0)
+
+    def test_output_verdict_needs_rate_rss_and_bytes(self) -> None:
+        self.assertTrue(_output(2.0, 1.0, 60 << 20).met)       # 50 %, +10 MiB
+        self.assertFalse(_output(2.1, 1.0, 60 << 20).met)      # 48 %
+        self.assertFalse(_output(1.0, 1.0, 71 << 20).met)      # +21 MiB
+        self.assertFalse(dataclasses.replace(_output(1.0, 1.0, 60 << 20), complete=False).met)
+        self.assertEqual(_output(1.0, 1.0, 40 << 20).rss_growth, 0)
+
+    def test_render(self) -> None:
+        results = [_roundtrip(30, 2), _output(2.0, 1.0, 60 << 20),
+                   NotMeasured("Replay", "≤ 3 s", "not written yet")]
+        text = render_tasks(results)
+        self.assertTrue(text.startswith("Phase 2: tasks\n--------------\n"))
+        for title in ("Task round trip", "Output throughput", "Replay"):
+            self.assertIn(f"\n{title}\n{'~' * len(title)}\n", text)
+        lines = text.splitlines()
+        self.assertIn("**missed**", next(line for line in lines if line.startswith("Task round")))
+        self.assertIn("**met**", next(line for line in lines if line.startswith("Output of")))
+        self.assertIn("not run", next(line for line in lines if line.startswith("Replay ")))
+        self.assertIn("Not measured: not written yet", text)
+        self.assertIn("posix_spawnp", text)  # the elsewhere-workdir note
+        self.assertIn("one commit takes 2.0 ms (median, p99 4.0 ms)", text)
+        self.assertIn("Ours, fixed — one fsync per chunk", text)
+        self.assertEqual(render_tasks([]), "Phase 2: tasks\n--------------\nNot run.\n\n")
+
+    def test_whole_document_and_json(self) -> None:
+        from benchmarks.bench_report import results_to_dict
+
+        results = _fake_results()
+        results.tasks = [_roundtrip(30, 2), _output(2.0, 1.0, 60 << 20)]
+        text = render(results)
+        self.assertIn("\nPhase 2: tasks\n", text)
+        self.assertNotIn("Phase 2: tasks\n--------------\nNot run.", text)
+        dumped = results_to_dict(results)["tasks"]
+        self.assertEqual([d["title"] for d in dumped], ["Task round trip", "Output throughput"])
+        self.assertEqual(dumped, tasks_to_dict(results.tasks))
+        self.assertFalse(dumped[0]["met"])
+        self.assertAlmostEqual(dumped[1]["ratio"], 0.5)
+
+    def test_run_knows_the_task_benchmarks(self) -> None:
+        from benchmarks.run import BENCHMARKS, _parse
+
+        self.assertIn("task-roundtrip", BENCHMARKS)
+        self.assertIn("task-output", BENCHMARKS)
+        args = _parse(["--only", "task-output", "--output-mib", "1"])
+        self.assertEqual((args.only, args.output_mib), (["task-output"], 1.0))
+
+    def test_base64_file(self) -> None:
+        import hashlib
+
+        path = self.mktemp()
+        digest = write_base64_file(path, 100_003)
+        with open(path, "rb") as f:
+            data = f.read()
+        self.assertEqual(len(data), 100_003)
+        self.assertEqual(hashlib.sha256(data).hexdigest(), digest)
+        data.decode("ascii")  # valid text: what the control plane stores is the bytes
 
 
 class ProfileTests(SynchronousTestCase):
@@ -295,6 +405,35 @@ class ProcessSmokeTests(TestCase):
             self.assertEqual(result.pings_seen, 0)
             self.assertGreaterEqual(result.cpu, 0)
             self.assertGreaterEqual(result.seconds, 1.0)
+
+        return defer.ensureDeferred(check())
+
+    def test_task_roundtrip(self) -> defer.Deferred[None]:
+        async def check() -> None:
+            result = await measure_roundtrip(tasks=3, floor_runs=2, elsewhere_tasks=1)
+            self.assertEqual((len(result.tasks), len(result.stages)), (3, 3))
+            self.assertEqual(len(result.elsewhere), 1)
+            self.assertEqual((len(result.floor_twisted), len(result.floor_subprocess)), (2, 2))
+            for seconds, stages in zip(result.tasks, result.stages, strict=True):
+                self.assertAlmostEqual(sum(stages), seconds, places=6)
+                self.assertTrue(all(s > 0 for s in stages), stages)
+            self.assertGreater(result.floor, 0)
+            self.assertEqual(len(result.commits), 200)
+            self.assertTrue(all(c > 0 for c in result.commits))
+            self.assertIn("Median", result.detail_rst())
+            self.assertIn("one commit takes", result.detail_rst())
+
+        return defer.ensureDeferred(check())
+
+    def test_task_output(self) -> defer.Deferred[None]:
+        async def check() -> None:
+            result = await measure_output(size=300_000, flush_threshold=16384)
+            self.assertTrue(result.complete)
+            self.assertTrue(result.floor_complete)
+            self.assertEqual(result.chunks, -(-300_000 // 16384))
+            self.assertGreaterEqual(result.rss_max, result.rss_before)
+            self.assertGreater(result.seconds, result.seconds_from_first_output)
+            self.assertGreater(result.cp_file_bytes, 300_000)
 
         return defer.ensureDeferred(check())
 

@@ -13,6 +13,13 @@ the count comes within what may still arrive after a pause (one flush
 threshold per stream and running slot), the runner stops reading every
 task's pipes; once acks bring it down to half, it reads again.  Nothing
 unacked is ever dropped.
+
+The store bounds memory too: output read but not yet committed is held in
+memory (the store commits what waits in one go, but a commit takes an fsync
+while a task can write far faster).  When that passes :func:`store_limit`
+the runner stops reading the same way, and reads again once the store has
+caught up to half of it -- so the agent's memory does not grow with a task's
+output rate, whatever the spool cap.
 """
 
 from __future__ import annotations
@@ -26,7 +33,15 @@ from twisted.python.failure import Failure
 
 from hostlink_tw.agent.store import StoreError, TaskStore
 
-__all__ = ["Spool"]
+__all__ = ["STORE_BEHIND_MIN_BYTES", "Spool", "store_limit"]
+
+#: Output bytes that may wait for the store in memory, at least.
+STORE_BEHIND_MIN_BYTES = 1 << 20
+
+
+def store_limit(flush_threshold: int, concurrency: int) -> int:
+    """Bytes of output read and not yet stored at which the runner stops reading."""
+    return max(STORE_BEHIND_MIN_BYTES, 4 * flush_threshold * concurrency)
 
 
 class Spool:
@@ -50,8 +65,12 @@ class Spool:
         self.bytes = 0
         #: Unacked messages in the outbox.
         self.messages = 0
-        #: Whether the runner's output is paused.
+        #: Whether the spool is full (the runner's output is paused).
         self.paused = False
+        #: Output bytes given to the store and not yet committed (held in memory).
+        self.unstored = 0
+        #: Whether the runner's output is paused because the store is behind.
+        self.store_behind = False
         # What was given to the store to add, ever: a count read from the
         # store is corrected by what was issued after the read.
         self._issued_messages = 0
@@ -67,6 +86,12 @@ class Spool:
         self.messages += 1
         self._issued_messages += 1
         self._issued_bytes += size
+        self.unstored += size
+        self.check()
+
+    def output_landed(self, size: int) -> None:
+        """The store committed (or failed to commit) an output chunk of ``size`` bytes."""
+        self.unstored = max(0, self.unstored - size)
         self.check()
 
     def final_issued(self) -> None:
@@ -138,16 +163,25 @@ class Spool:
         return pause_at, pause_at // 2
 
     def check(self) -> None:
-        """Pause or resume the runner's output on the current count."""
+        """Pause or resume the runner's output on the current counts."""
         if self.runner is None:
             return
+        was_paused = self.paused or self.store_behind
         pause_at, resume_at = self.limits()
         if not self.paused and self.bytes >= pause_at:
             self.paused = True
             self._log.info("spool full ({bytes} unacked bytes): pausing task output",
                            bytes=self.bytes)
-            self.runner.pause_output()
         elif self.paused and self.bytes <= resume_at:
             self.paused = False
             self._log.info("spool drained: resuming task output")
+        behind_at = store_limit(self._settings.flush_threshold, self._settings.concurrency)
+        if not self.store_behind and self.unstored >= behind_at:
+            self.store_behind = True  # routine under fast output: not worth a log line
+        elif self.store_behind and self.unstored <= behind_at // 2:
+            self.store_behind = False
+        if self.paused or self.store_behind:
+            if not was_paused:
+                self.runner.pause_output()
+        elif was_paused:
             self.runner.resume_output()

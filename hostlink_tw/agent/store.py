@@ -51,6 +51,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from hostlink_tw._files import private_file_problem
+from hostlink_tw.agent.storebatch import GroupCommit
 from hostlink_tw.agent.storereads import (
     SELECT_MESSAGE,
     OutputRange,
@@ -402,6 +403,29 @@ class Database(Reads):
             now, False,
         )
 
+    def enqueue_outputs(self, chunks: Sequence[tuple[Any, ...]]) -> list[StoredMessage]:
+        """
+        Store several output chunks (each the arguments of :meth:`enqueue_output`,
+        in order) in one transaction: one commit, one fsync, for all of them.
+        """
+        texts = [json.dumps(c[5], ensure_ascii=False, separators=(",", ":")) for c in chunks]
+
+        def go() -> None:
+            for (task_id, attempt_id, message_id, stream, sequence, _payload, byte_count,
+                 now), text in zip(chunks, texts, strict=True):
+                self._insert_message(
+                    (message_id, task_id, attempt_id, OUTPUT, stream, sequence, text,
+                     byte_count, now)
+                )
+
+        self._tx(go)
+        return [
+            StoredMessage(message_id, task_id, attempt_id, OUTPUT, stream, sequence, payload,
+                          byte_count, now, False)
+            for (task_id, attempt_id, message_id, stream, sequence, payload, byte_count, now)
+            in chunks
+        ]
+
     def ack(self, message_id: str) -> bool:
         """Ack one message: output is deleted, a final is kept (marked acked)."""
 
@@ -585,6 +609,10 @@ class TaskStore:
 
     Call :meth:`start` before anything else and :meth:`stop` at shutdown.
     Errors arrive as a :class:`StoreError` failure.
+
+    Output chunks are committed in groups (:mod:`~hostlink_tw.agent.storebatch`):
+    those enqueued while the thread is busy share one transaction, and any
+    other call closes the group, so calls still run in the order they were made.
     """
 
     def __init__(self, path: str, reactor: IReactorFromThreads | None = None) -> None:
@@ -601,55 +629,63 @@ class TaskStore:
         self.full_patience = FULL_PATIENCE
         self.full_retry_interval = FULL_RETRY_INTERVAL
         self._full_since: float | None = None
+        self._outputs: GroupCommit[tuple[Any, ...], StoredMessage] = GroupCommit(
+            self._call, self._write_outputs
+        )
 
     def _call(self, fn: Callable[..., _T], *args: Any) -> Deferred[_T]:
         return deferToThreadPool(self._reactor, self._pool, fn, *args)
 
     def _use(self, name: str, *args: Any) -> Deferred[Any]:
+        # Output enqueued after this call must not be committed before it.
+        self._outputs.close()
         if not self._running:
             # A stopped ThreadPool silently drops work: fail instead of never firing.
             return fail(StoreError(f"task store {self.path} is closed"))
+        return self._call(self._patiently, name, *args)
 
-        def once() -> Any:
-            if self._db is None:
-                raise StoreError(f"task store {self.path} is not open")
+    def _on_db(self, name: str, *args: Any) -> Any:
+        """On the store's thread: one :class:`Database` call, its errors as StoreError."""
+        if self._db is None:
+            raise StoreError(f"task store {self.path} is not open")
+        try:
+            return getattr(self._db, name)(*args)
+        except sqlite3.Error as e:
+            raise _store_error(self.path, e) from None
+        except ValueError as e:
+            # A stored payload that is no longer JSON (a damaged file).
+            raise StoreError(f"task store {self.path} failed: {e}") from None
+
+    def _patiently(self, name: str, *args: Any) -> Any:
+        """On the store's thread: :meth:`_on_db`, waiting for room on a full disk.
+
+        A full disk is usually a passing state (a log rotated, a cleanup):
+        wait for room here, on the store's one thread, so that this write and
+        every later one keep their order and nothing is dropped; the calls
+        queued behind it wait too (task output pauses once the spool's count
+        of issued bytes reaches its cap).  Bounded: after ``full_patience``
+        the call fails as any other store error does.
+        """
+        deadline = time.monotonic() + self.full_patience
+        while True:
             try:
-                return getattr(self._db, name)(*args)
-            except sqlite3.Error as e:
-                raise _store_error(self.path, e) from None
-            except ValueError as e:
-                # A stored payload that is no longer JSON (a damaged file).
-                raise StoreError(f"task store {self.path} failed: {e}") from None
-
-        def run() -> Any:
-            # A full disk is usually a passing state (a log rotated, a cleanup):
-            # wait for room here, on the store's one thread, so that this write
-            # and every later one keep their order and nothing is dropped; the
-            # calls queued behind it wait too (task output pauses once the
-            # spool's count of issued bytes reaches its cap).  Bounded: after
-            # full_patience the call fails as any other store error does.
-            deadline = time.monotonic() + self.full_patience
-            while True:
-                try:
-                    result = once()
-                except StoreFullError as e:
-                    if not self._running or time.monotonic() >= deadline:
-                        raise
-                    if self._full_since is None:
-                        self._full_since = time.monotonic()
-                        self._reactor.callFromThread(
-                            _log.error, "task store full, waiting for room: {error}",
-                            error=str(e))
-                    time.sleep(self.full_retry_interval)
-                    continue
-                if self._full_since is not None:
-                    waited, self._full_since = time.monotonic() - self._full_since, None
+                result = self._on_db(name, *args)
+            except StoreFullError as e:
+                if not self._running or time.monotonic() >= deadline:
+                    raise
+                if self._full_since is None:
+                    self._full_since = time.monotonic()
                     self._reactor.callFromThread(
-                        _log.info, "task store has room again after {seconds:.1f}s: {path}",
-                        seconds=waited, path=self.path)
-                return result
-
-        return self._call(run)
+                        _log.error, "task store full, waiting for room: {error}",
+                        error=str(e))
+                time.sleep(self.full_retry_interval)
+                continue
+            if self._full_since is not None:
+                waited, self._full_since = time.monotonic() - self._full_since, None
+                self._reactor.callFromThread(
+                    _log.info, "task store has room again after {seconds:.1f}s: {path}",
+                    seconds=waited, path=self.path)
+            return result
 
     def start(self) -> Deferred[None]:
         """Start the thread and open (create, migrate) the file on it."""
@@ -707,8 +743,16 @@ class TaskStore:
         return self._use("record_final", task_id, attempt_id, message_id, payload, now)
 
     def enqueue_output(self, *args: Any) -> Deferred[StoredMessage]:
-        """See :meth:`Database.enqueue_output` (same arguments)."""
-        return self._use("enqueue_output", *args)
+        """See :meth:`Database.enqueue_output` (same arguments); committed in
+        a group with the chunks enqueued just before and after it."""
+        if not self._running:
+            return fail(StoreError(f"task store {self.path} is closed"))
+        return self._outputs.add(args)
+
+    def _write_outputs(self, chunks: list[tuple[Any, ...]]) -> list[StoredMessage]:
+        """On the store's thread: one group of chunks, one transaction (waiting
+        for room on a full disk, as every other write does)."""
+        return cast("list[StoredMessage]", self._patiently("enqueue_outputs", chunks))
 
     def ack(self, message_id: str) -> Deferred[bool]:
         """See :meth:`Database.ack`."""

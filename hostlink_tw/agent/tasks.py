@@ -762,6 +762,13 @@ class TaskEngine:
             spec.task_id, spec.attempt_id, message_id, stream, sequence, payload, len(chunk),
             self._clock.seconds(),
         ))
+        size = len(chunk)
+
+        def landed(result: object) -> object:
+            self.spool.output_landed(size)
+            return result
+
+        d.addBoth(landed)
         d.addCallbacks(lambda _: self.outbox.nudge(), self._write_failed)
 
     def ended(self, spec: Any, result: Any) -> None:

@@ -1,0 +1,37 @@
+"""
+The reStructuredText pieces every benchmark report is built from: a simple
+table, a section heading, a verdict.  Phase 1's report
+(:mod:`benchmarks.bench_report`) and phase 2's
+(:mod:`benchmarks.bench_tasks_report`) share them so the two parts of
+``performance.rst`` look alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["section", "table", "verdict"]
+
+
+def verdict(met: bool | None) -> str:
+    """``**met**``, ``**missed**``, or ``not run`` when nothing was measured."""
+    if met is None:
+        return "not run"
+    return "**met**" if met else "**missed**"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """An RST grid-free "simple table"."""
+    cols = len(header)
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(cols)]
+    rule = "  ".join("=" * w for w in widths)
+    lines = [rule, "  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)), rule]
+    for row in rows:
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    lines.append(rule)
+    return "\n".join(lines)
+
+
+def section(title: str, char: str = "-") -> str:
+    """A heading underlined with ``char``, and its newline."""
+    return f"{title}\n{char * len(title)}\n"
