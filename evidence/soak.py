@@ -365,6 +365,8 @@ class Soak:
         agent_args = [
             "--enable",
             "--url", f"ws://{HOST}:{self.cp_port}/api/v1/agents/ws",
+            # The HTTP paths (heartbeats, polling) too, never the production default.
+            "--control-plane-url", f"http://{HOST}:{self.cp_port}",
             "--state-path", str(state),
             "--private-key-path", str(state / "agent.key"),
             "--status-listen", f"tcp:{self.status_port}:interface={HOST}",

@@ -227,6 +227,7 @@ class _DemoRun:
         settings = Settings(
             enabled=True,
             ws_url=cp.ws_url,
+            control_plane_url=cp.url,  # heartbeats and polls stay on loopback too
             state_path=state_path,
             private_key_path=key_path,
             ping_interval=DEMO_PING_INTERVAL,

@@ -118,6 +118,9 @@ def agent_environ(ws_url: str, directory: str, **settings: str) -> dict[str, str
         "LANG": "C.UTF-8",
         "HOSTLINK_WS_ENABLED": "true",
         "HOSTLINK_WS_URL": ws_url,
+        # The HTTP paths (heartbeats, polling) go to the same control plane,
+        # never to the production default.
+        "SH_CONTROL_PLANE_URL": ws_url.replace("ws", "http", 1).split("/api/v1/", 1)[0],
         "HOSTLINK_STATE_PATH": state,
         "HOSTLINK_PRIVATE_KEY_PATH": key_path,
         "HOSTLINK_WS_RECONNECT_MIN": "100ms",

@@ -6,6 +6,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from hostlink_tw.agent.polling import PollingCoordinator
+from hostlink_tw.agent.pollingwiring import split_control_plane
 
 
 class CoordinatorTests(SynchronousTestCase):
@@ -84,3 +85,20 @@ class CoordinatorTests(SynchronousTestCase):
         c.stop()
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertFalse(c.polling)
+
+
+class SplitControlPlaneTests(SynchronousTestCase):
+    """HOSTLINK_WS_URL set alone would send heartbeats and polls to the production default."""
+
+    def test_different_hosts_are_named(self) -> None:
+        message = split_control_plane("https://api.selfhost.dev",
+                                      "ws://127.0.0.1:8080/api/v1/agents/ws")
+        assert message is not None
+        self.assertIn("api.selfhost.dev (SH_CONTROL_PLANE_URL)", message)
+        self.assertIn("127.0.0.1 (HOSTLINK_WS_URL)", message)
+
+    def test_same_host_is_quiet(self) -> None:
+        self.assertIsNone(split_control_plane("http://127.0.0.1:8080",
+                                              "ws://127.0.0.1:8080/api/v1/agents/ws"))
+        self.assertIsNone(split_control_plane("https://cp.example/base",
+                                              "wss://cp.example/base/api/v1/agents/ws"))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -33,7 +34,7 @@ from hostlink_tw.agent.polling import PollingCoordinator
 from hostlink_tw.agent.session import Session
 from hostlink_tw.agent.tasks import TaskEngine
 
-__all__ = ["HTTPPaths", "build_polling"]
+__all__ = ["HTTPPaths", "build_polling", "split_control_plane"]
 
 _log = Logger(namespace="hostlink_tw.poller")
 
@@ -104,6 +105,24 @@ class HTTPPaths:
         self.coordinator.session_ended()
 
 
+def split_control_plane(control_plane_url: str, ws_url: str) -> str | None:
+    """
+    A warning when the HTTP paths and the session go to different hosts.
+
+    ``HOSTLINK_WS_URL`` set alone leaves ``SH_CONTROL_PLANE_URL`` at its
+    production default, so heartbeats and polls would leave for
+    ``api.selfhost.dev`` while the session goes elsewhere: legitimate with a
+    separate gateway host, but usually a forgotten variable.
+    """
+    http_host = urlsplit(control_plane_url).hostname
+    ws_host = urlsplit(ws_url).hostname
+    if http_host is None or ws_host is None or http_host == ws_host:
+        return None
+    return (f"heartbeats and polling go to {http_host} (SH_CONTROL_PLANE_URL) while the "
+            f"session goes to {ws_host} (HOSTLINK_WS_URL); set SH_CONTROL_PLANE_URL if "
+            "both are the same control plane")
+
+
 def build_polling(settings: Any, signer: Any, engine: TaskEngine, client: Any,
                   reactor: Any, environ: Any = None) -> HTTPPaths:
     """The HTTP paths of ``client`` from the settings, registered as its
@@ -111,6 +130,9 @@ def build_polling(settings: Any, signer: Any, engine: TaskEngine, client: Any,
 
     :raises ValueError: ``SH_CONTROL_PLANE_URL`` is not an http(s) URL.
     """
+    split = split_control_plane(settings.control_plane_url, settings.ws_url)
+    if split is not None:
+        _log.warn("{message}", message=split)
     api = ControlPlaneAPI(settings.control_plane_url, signer, reactor=reactor,
                           ca_file=settings.ca_file,
                           environ=os.environ if environ is None else environ)
