@@ -389,11 +389,16 @@ def spawn_agent(identity: Identity, ws_url: str, *extra_args: str) -> ChildProce
     ``twistd -n hostlink`` for ``identity`` against ``ws_url``, logging to
     stdout (kept by the :class:`ChildProcess`, for error reports).
     """
+    # Off by default: HOSTLINK_BENCH_AGENT_PROFILE=<file> runs the agent under
+    # cProfile and writes its stats there when it stops (for ``pstats``).
+    profile = os.environ.get("HOSTLINK_BENCH_AGENT_PROFILE", "")
+    profiling = [f"--profile={profile}", "--profiler=cprofile", "--savestats"] if profile else []
     argv = [
         twistd_path(),
         "-n",
         "--pidfile=",
         "--logfile=-",
+        *profiling,
         "hostlink",
         "--enable",
         "--url",
