@@ -413,6 +413,30 @@ class AckTests(EngineTestCase):
         self.assertEqual(ranges, [(1, 1), (3, 3)])
 
     @inlineCallbacks
+    def test_acks_of_receipts_and_starts_skip_the_store(self) -> Any:
+        """task.received and task.started are never stored: their acks cost no store call."""
+        engine = yield self.engine()
+        session = self.session(engine)
+        yield self.run_one(engine, "t1", "a1", [b"aa"], None)
+        calls: list[object] = []
+        ack_messages = engine.store.ack_messages
+
+        def counted(acks: Any) -> Any:
+            calls.append(acks)
+            return ack_messages(acks)
+
+        engine.store.ack_messages = counted  # type: ignore[method-assign]
+        for kind in (TASK_RECEIVED, TASK_STARTED):
+            self.ack(session, f"{kind}-id", kind)
+        yield self.settle(engine)
+        self.assertEqual(calls, [])
+        (output,) = [e for e in self.wire if e.type == TASK_OUTPUT]
+        self.ack(session, output.message_id)
+        yield self.settle(engine)
+        self.assertEqual(calls, [[(output.message_id, None)]])
+        self.assertEqual(engine.spool_bytes, 0)
+
+    @inlineCallbacks
     def test_gap_error_resends_the_stream_above_in_order(self) -> Any:
         engine = yield self.engine()
         session = self.session(engine)

@@ -107,6 +107,11 @@ TASK_ENDED = "task_ended"
 OUTBOX_RESENT = "outbox_resent"
 
 
+#: Message types the agent sends but never keeps in its outbox (only
+#: ``task.output`` and ``task.final`` are stored): their acks free nothing.
+_UNSTORED = frozenset({TASK_RECEIVED, TASK_STARTED})
+
+
 @dataclass(frozen=True)
 class TaskSettings:
     """What the engine needs of the phase-2 settings (PROTOCOL §10)."""
@@ -628,6 +633,10 @@ class TaskEngine:
         def ack(envelope: Envelope) -> None:
             on_ack(envelope)
             payload = AckPayload.from_dict(envelope.payload)
+            if payload.acked_type in _UNSTORED:
+                # Never in the outbox: no store transaction and recount for it
+                # (two turns of the store's one thread, ahead of the next write).
+                return
             self.outbox.acked(payload.acked_message_id, payload.highest_output_sequence)
 
         session.handlers[ACK] = ack
