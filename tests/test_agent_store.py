@@ -597,3 +597,38 @@ class CrashTests(StoreTestCase):
         for (payload,) in conn.execute("SELECT payload FROM outbox WHERE type = 'task.output'"):
             self.assertEqual(payload, '{"data":"' + "x" * 100 + '"}')
         self.assertGreater(len(committed_out), 0)
+
+
+class StoredTextTests(StoreTestCase):
+    """A stored message goes out as the exact text it was stored as (PROTOCOL.md
+    [wire]): the outbox writes the stored payload text instead of encoding again."""
+
+    def test_envelope_from_the_stored_text_is_byte_for_byte_the_same(self) -> None:
+        from hostlink_tw.agent.outbox import envelope_of
+        from hostlink_tw.wire.envelope import make_envelope
+        from hostlink_tw.wire.tasks import output_payload
+
+        db = Database(self.path)
+        self.addCleanup(db.close)
+        db.record_received("t1", "a1", 1.0)
+        db.mark_running("t1", "a1", 2.0)
+        raw = [b"plain", "é ü 日本 \u2028 😀".encode(), b"\x00\x01\x1f\x7f \"\\ / \t\n",
+               b"\xff\xfe bad \xc3", bytes(range(256))]
+        chunks = [("t1", "a1", f"m{n}", "stdout", n, output_payload("stdout", data),
+                   len(data), 3.0) for n, data in enumerate(raw, 1)]
+        db.enqueue_outputs(chunks)
+        db.record_final("t1", "a1", "fin", {**FINAL, "output": "é\x00😀",
+                                              "error": "\ufffd\u2029"}, 4.0)
+        messages = db.unacked()
+        self.assertEqual(len(messages), len(raw) + 1)
+        for message in messages:
+            self.assertIsNotNone(message.payload_text)
+            sent = envelope_of(message, "agent-1", 5.0)
+            encoded = make_envelope(
+                message.type, "agent-1", message.payload, message_id=message.message_id,
+                now=5.0, task_id=message.task_id, execution_attempt_id=message.attempt_id,
+                sequence=message.sequence,
+            )
+            self.assertIsNone(encoded.payload_text)
+            self.assertEqual(sent.to_json(), encoded.to_json())
+            self.assertEqual(sent, encoded)

@@ -59,6 +59,7 @@ def envelope_of(message: StoredMessage, agent_id: str, now: float) -> Envelope:
         task_id=message.task_id,
         execution_attempt_id=message.attempt_id,
         sequence=message.sequence,
+        payload_text=message.payload_text,
     )
 
 

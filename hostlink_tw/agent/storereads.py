@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
@@ -51,6 +51,9 @@ class StoredMessage:
     byte_count: int
     created_at: float
     acked: bool
+    #: ``payload`` as the store keeps it (compact JSON), when read from the store:
+    #: the envelope writes it as is (:attr:`~hostlink_tw.wire.envelope.Envelope.payload_text`).
+    payload_text: str | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,7 @@ _SELECT_RANGES = (
 def message_from_row(row: Sequence[Any]) -> StoredMessage:
     """A :class:`StoredMessage` from a row of :data:`SELECT_MESSAGE`."""
     m, t, a, ty, s, q, p, b, c, k = row[:10]
-    return StoredMessage(m, t, a, ty, s, q, json.loads(p), int(b), float(c), bool(k))
+    return StoredMessage(m, t, a, ty, s, q, json.loads(p), int(b), float(c), bool(k), p)
 
 
 class Reads:

@@ -24,7 +24,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Any
@@ -173,6 +173,11 @@ class Envelope:
     task_id: str = ""
     execution_attempt_id: str = ""
     sequence: int | None = None
+    #: The payload's compact JSON text when it is known already (a stored
+    #: message: the agent's store keeps exactly this text), so that
+    #: :meth:`to_json` writes it as is rather than encoding the payload again.
+    #: It must be ``json.dumps(payload, ensure_ascii=False, separators=(",", ":"))``.
+    payload_text: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         payload: object = self.payload
@@ -205,7 +210,8 @@ class Envelope:
         if self.sequence is not None:
             document["sequence"] = self.sequence
         document["sent_at"] = self.sent_at
-        document["payload"] = self.payload
+        if self.payload_text is None:
+            document["payload"] = self.payload
         try:
             text = json.dumps(
                 document,
@@ -214,6 +220,9 @@ class Envelope:
                 separators=(",", ":"),
                 default=_thaw,
             )
+            if self.payload_text is not None:
+                # "payload" is the last key: the same text json.dumps would write.
+                text = f'{text[:-1]},"payload":{self.payload_text}}}'
             text.encode("utf-8")  # a lone surrogate could not go out as a text frame
         except (TypeError, ValueError, RecursionError) as exc:
             raise ProtocolError(
@@ -429,6 +438,7 @@ def make_envelope(
     task_id: str = "",
     execution_attempt_id: str = "",
     sequence: int | None = None,
+    payload_text: str | None = None,
 ) -> Envelope:
     """Build an outbound envelope of protocol version 1.
 
@@ -436,6 +446,8 @@ def make_envelope(
     :param message_id: defaults to a fresh :data:`new_message_id` id.
     :param now: Unix time for ``sent_at``; defaults to :func:`time.time` (pass
         ``reactor.seconds()`` to follow a test clock).
+    :param payload_text: ``payload`` as compact JSON text, if known (see
+        :attr:`Envelope.payload_text`).
 
     Nothing is validated, so that deliberately broken envelopes can be built
     too; call :meth:`Envelope.validate` for a check.
@@ -449,5 +461,6 @@ def make_envelope(
         task_id=task_id,
         execution_attempt_id=execution_attempt_id,
         sequence=sequence,
+        payload_text=payload_text,
     )
 
