@@ -324,6 +324,31 @@ class OutboxTests(StoreTestCase):
         self.assertEqual(ids, ["o1", "o3", "o4", "o5"])
 
     @inlineCallbacks
+    def test_acks_join_the_output_group_in_order(self) -> Any:
+        """Acks (ack_messages) made while the thread is busy are committed with the
+        chunks enqueued around them, in call order: one commit, not one per batch."""
+        s = self.store
+        yield s.enqueue_output("t", "a", "o1", "stdout", 1, _chunk("aaa"), 3, 2.0)
+        yield s.enqueue_output("t", "a", "o2", "stdout", 2, _chunk("bb"), 2, 2.0)
+        release, commits = self._hold_thread()
+        third = s.enqueue_output("t", "a", "o3", "stdout", 3, _chunk("c"), 1, 2.0)
+        freed = s.ack_messages([("o2", 2)])  # cumulative: o1 and o2, not o3
+        fourth = s.enqueue_output("t", "a", "o4", "stdout", 4, _chunk("d"), 1, 2.0)
+        again = s.ack_messages([("o3", None), ("o9", None)])  # o9: unknown, a no-op
+        self.assertFalse(any(d.called for d in (third, freed, fourth, again)))
+        release.set()
+        stored = yield gatherResults([third, fourth])
+        self.assertEqual([m.message_id for m in stored], ["o3", "o4"])
+        self.assertEqual((yield freed), 5)
+        self.assertEqual((yield again), 1)
+        self.assertEqual(len(commits), 1)
+        self.assertEqual([m.message_id for m in (yield s.unacked())], ["o4"])
+        # Alone, an ack is its own transaction, as any other call.
+        self.assertEqual((yield s.ack_messages([("o4", 4)])), 1)
+        self.assertEqual(len(commits), 2)
+        self.assertEqual((yield s.unacked()), [])
+
+    @inlineCallbacks
     def test_a_group_that_cannot_be_committed_fails_every_chunk(self) -> Any:
         s = self.store
         yield s.enqueue_output("t", "a", "o1", "stdout", 1, _chunk("x"), 1, 2.0)

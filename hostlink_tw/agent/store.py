@@ -88,6 +88,10 @@ _log = Logger()
 FINAL = "task.final"
 OUTPUT = "task.output"
 
+# The kinds of write a group commit holds (TaskStore: output chunks and acks).
+_GROUP_OUTPUT = "output"
+_GROUP_ACKS = "acks"
+
 _T = TypeVar("_T")
 
 # Version 0 is a new, empty file; each step takes the schema one version up.
@@ -426,6 +430,30 @@ class Database(Reads):
             in chunks
         ]
 
+    def write_group(self, items: Sequence[tuple[str, Any]]) -> list[Any]:
+        """
+        Several writes in one transaction, in order: each item is
+        ``("output", arguments of enqueue_output)`` or ``("acks", acks of
+        ack_messages)``; one result per item (the StoredMessage, the bytes freed).
+        """
+        texts = [json.dumps(args[5], ensure_ascii=False, separators=(",", ":"))
+                 if kind == _GROUP_OUTPUT else "" for kind, args in items]
+
+        def go() -> list[Any]:
+            results: list[Any] = []
+            for (kind, args), text in zip(items, texts, strict=True):
+                if kind == _GROUP_OUTPUT:
+                    task_id, attempt_id, message_id, stream, sequence, payload, size, now = args
+                    self._insert_message((message_id, task_id, attempt_id, OUTPUT, stream,
+                                          sequence, text, size, now))
+                    results.append(StoredMessage(message_id, task_id, attempt_id, OUTPUT,
+                                                 stream, sequence, payload, size, now, False))
+                else:
+                    results.append(sum(self._ack_one(m, h) for m, h in args))
+            return results
+
+        return self._tx(go)
+
     def ack(self, message_id: str) -> bool:
         """Ack one message: output is deleted, a final is kept (marked acked)."""
 
@@ -610,7 +638,7 @@ class TaskStore:
     Call :meth:`start` before anything else and :meth:`stop` at shutdown.
     Errors arrive as a :class:`StoreError` failure.
 
-    Output chunks are committed in groups (:mod:`~hostlink_tw.agent.storebatch`):
+    Output chunks and acks are committed in groups (:mod:`~hostlink_tw.agent.storebatch`):
     those enqueued while the thread is busy share one transaction, and any
     other call closes the group, so calls still run in the order they were made.
     """
@@ -629,8 +657,8 @@ class TaskStore:
         self.full_patience = FULL_PATIENCE
         self.full_retry_interval = FULL_RETRY_INTERVAL
         self._full_since: float | None = None
-        self._outputs: GroupCommit[tuple[Any, ...], StoredMessage] = GroupCommit(
-            self._call, self._write_outputs
+        self._outputs: GroupCommit[tuple[str, Any], Any] = GroupCommit(
+            self._call, self._write_group
         )
 
     def _call(self, fn: Callable[..., _T], *args: Any) -> Deferred[_T]:
@@ -747,20 +775,27 @@ class TaskStore:
         a group with the chunks enqueued just before and after it."""
         if not self._running:
             return fail(StoreError(f"task store {self.path} is closed"))
-        return self._outputs.add(args)
+        return self._outputs.add((_GROUP_OUTPUT, args))
 
-    def _write_outputs(self, chunks: list[tuple[Any, ...]]) -> list[StoredMessage]:
-        """On the store's thread: one group of chunks, one transaction (waiting
-        for room on a full disk, as every other write does)."""
-        return cast("list[StoredMessage]", self._patiently("enqueue_outputs", chunks))
+    def _write_group(self, items: list[tuple[str, Any]]) -> list[Any]:
+        """On the store's thread: one group (chunks, acks), one transaction
+        (waiting for room on a full disk, as every other write does)."""
+        if all(kind == _GROUP_OUTPUT for kind, _ in items):
+            return cast("list[Any]", self._patiently("enqueue_outputs",
+                                                      [args for _, args in items]))
+        return cast("list[Any]", self._patiently("write_group", items))
 
     def ack(self, message_id: str) -> Deferred[bool]:
         """See :meth:`Database.ack`."""
         return self._use("ack", message_id)
 
     def ack_messages(self, acks: Sequence[tuple[str, int | None]]) -> Deferred[int]:
-        """See :meth:`Database.ack_messages`."""
-        return self._use("ack_messages", list(acks))
+        """See :meth:`Database.ack_messages`; committed in a group with the
+        output chunks enqueued just before and after (while output streams, an
+        ack costs no commit of its own), in the order of the calls."""
+        if not self._running:
+            return fail(StoreError(f"task store {self.path} is closed"))
+        return self._outputs.add((_GROUP_ACKS, list(acks)))
 
     def message(self, message_id: str) -> Deferred[StoredMessage | None]:
         """See :meth:`Reads.message`."""
