@@ -88,6 +88,9 @@ class FleetResult:
     fleet_cpu: float
     control_plane_cpu: float
     reconnect_min: float = RECONNECT_MIN
+    #: Seconds of the fleet's main thread by owner (:func:`profile_owners`),
+    #: when the run was profiled (profiling slows it: its times are not the figure).
+    profile: dict[str, float] = field(default_factory=dict)
     title: str = "Fleet"
     met: bool | None = field(init=False)
 
@@ -133,9 +136,29 @@ class FleetResult:
             ["restart → last final stored", s(self.finals_after)],
             ["finals by status", ", ".join(f"{k} {v:,}" for k, v in sorted(self.statuses.items()))
              + (f"; {self.missing:,} missing" if self.missing else "")],
-            ["fleet CPU from the restart to the last final", f"{self.fleet_cpu:.2f} s"],
+            ["fleet CPU from the restart to the last final",
+             f"{self.fleet_cpu:.2f} s ({1000 * self.fleet_cpu / self.agents:.1f} ms per agent)"],
             ["control plane CPU over the same", f"{self.control_plane_cpu:.2f} s"],
         ]
+        return (
+            self._intro() + rst_table(["measurement", "value"], rows)
+            + f"\n\nTarget: every final within the storm bound + {EXTRA_SECONDS:g} s = "
+            f"{self.bound:.2f} s: {verdict(self.met)}.\n" + self._profile_rst()
+        )
+
+    def _profile_rst(self) -> str:
+        if not self.profile:
+            return ""
+        busy = sum(self.profile.values())
+        rows = [[k, f"{v:.1f} s", f"{v / busy:.0%}"] for k, v in
+                sorted(self.profile.items(), key=lambda kv: -kv[1])]
+        return (
+            "\nWhere the fleet process's main thread went from the restart to the last "
+            "final, in a profiled run (cProfile; it slows everything alike):\n\n"
+            + rst_table(["owner", "seconds", "share"], rows) + "\n"
+        )
+
+    def _intro(self) -> str:
         return (
             f"{self.agents:,} whole agents (``HostlinkService``: identity read from disk, "
             "a local task store each — its own SQLite file and writer thread — and a "
@@ -145,9 +168,6 @@ class FleetResult:
             f"(``{self.command}``) for every agent, delivered on each agent's new "
             "session.  Times from the restart; the last final is when the control plane "
             "stored it.\n\n"
-            + rst_table(["measurement", "value"], rows)
-            + f"\n\nTarget: every final within the storm bound + {EXTRA_SECONDS:g} s = "
-            f"{self.bound:.2f} s: {verdict(self.met)}.\n"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -164,6 +184,31 @@ class FleetResult:
 
 
 # -- the fleet process ---------------------------------------------------------------
+
+#: Profile owners: a label and the (file suffix, function) whose cumulative time is theirs.
+_OWNERS = (
+    ("Twisted spawnProcess (posix_spawnp, after a scan of every open fd)", "process.py",
+     "_trySpawnInsteadOfFork"),
+    ("Autobahn debug-log arguments (pprint.pformat)", "pprint.py", "pformat"),
+    ("RSA-PSS signing of the upgrade", "signing.py", "sign_headers"),
+    ("task store calls (to its thread)", "agent/store.py", "_call"),
+)
+
+
+def profile_owners(path: str) -> dict[str, float]:
+    """Seconds by owner (cumulative, so nested owners would count twice: these do not
+    nest) and the rest of the busy time, from a cProfile of the measured phase."""
+    import pstats
+
+    stats: Any = pstats.Stats(path).stats  # type: ignore[attr-defined]
+    total = sum(v[2] for v in stats.values())
+    idle = sum(v[2] for k, v in stats.items() if "select.epoll" in k[2])
+    owners = {}
+    for label, suffix, function in _OWNERS:
+        owners[label] = sum(v[3] for k, v in stats.items()
+                            if k[0].endswith(suffix) and k[2] == function)
+    owners["everything else"] = max(0.0, total - idle - sum(owners.values()))
+    return owners
 
 
 def _say(text: str) -> None:
@@ -285,9 +330,11 @@ async def _fleet_main(reactor: Any, args: argparse.Namespace) -> None:
                                            "tasks"))["at"])
             _say("control plane restarted, tasks created")
             answer = await finals
+            owners: dict[str, float] = {}
             if profile is not None:
                 profile.disable()
                 profile.dump_stats(args.profile)
+                owners = profile_owners(args.profile)
             _say(f"finals: {answer['statuses']}, {answer['missing']} missing")
             fleet_cpu = sum(os.times()[:2]) - cpu
             cp_cpu = float((await cp.ask("cpu", "cpu"))["seconds"]) - cp_cpu
@@ -301,7 +348,7 @@ async def _fleet_main(reactor: Any, args: argparse.Namespace) -> None:
                 up_at - origin, tasks_at - origin, active,
                 float(answer["at"]) - origin if complete else None,
                 answer["statuses"], int(answer["missing"]), fleet_cpu, cp_cpu,
-                args.reconnect_min,
+                args.reconnect_min, owners,
             )
         finally:
             if cp.running:
@@ -322,8 +369,10 @@ async def _stop(service: Any) -> None:
 
 async def measure_fleet(agents: int = 1000, command: str = "true", *, keys: int = 8,
                         settle: float = 2.0, timeout: float = 120.0, seed: int = 1,
-                        reconnect_min: float = RECONNECT_MIN) -> FleetResult:
-    """Run the fleet process once and return what it measured."""
+                        reconnect_min: float = RECONNECT_MIN,
+                        profile: bool = False) -> FleetResult:
+    """Run the fleet process once and return what it measured (``profile``:
+    with a cProfile of its main thread over the measured phase)."""
     if agents < 1 or keys < 1:
         raise ValueError("agents and keys must be >= 1")
     with tempfile.TemporaryDirectory(prefix="hostlink-fleet-") as tmp:
@@ -332,7 +381,8 @@ async def measure_fleet(agents: int = 1000, command: str = "true", *, keys: int 
             [sys.executable, "-m", "benchmarks.bench_task_fleet", "--agents", str(agents),
              "--command", command, "--keys", str(keys), "--settle", f"{settle:g}",
              "--timeout", f"{timeout:g}", "--seed", str(seed),
-             "--reconnect-min", f"{reconnect_min:g}", "--output", output],
+             "--reconnect-min", f"{reconnect_min:g}", "--output", output,
+             *(["--profile", os.path.join(tmp, "fleet.prof")] if profile else [])],
             keep_lines=100,
         )
         limit = global_reactor().callLater(3 * timeout + 120, child.signal, "KILL")
@@ -361,6 +411,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
                         help="the agents' HOSTLINK_WS_RECONNECT_MIN, in seconds (0.1-300)")
     parser.add_argument("--profile", help="write a cProfile of the fleet's main thread from "
                         "the restart to the last final here")
+    parser.add_argument("--profiled", action="store_true",
+                        help="profile the fleet process and print where its time went")
     parser.add_argument("--output", help="run as the fleet process; write the JSON here")
     return parser.parse_args(argv)
 
@@ -368,7 +420,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 async def _print(reactor: Any, args: argparse.Namespace) -> None:
     r = await measure_fleet(args.agents, args.command, keys=args.keys, settle=args.settle,
                             timeout=args.timeout, seed=args.seed,
-                            reconnect_min=args.reconnect_min)
+                            reconnect_min=args.reconnect_min, profile=args.profiled)
     print(" | ".join(r.summary_row()))
     print(r.detail_rst())
 

@@ -103,10 +103,13 @@ class TaskBenchmarkSmokeTests(TestCase):
     def test_fleet(self) -> defer.Deferred[None]:
         async def check() -> None:
             result = await measure_fleet(agents=3, keys=1, settle=0.2, timeout=30,
-                                         reconnect_min=0.2)
+                                         reconnect_min=0.2, profile=True)
             self.assertEqual(result.statuses, {"completed": 3})
             self.assertEqual(result.missing, 0)
             self.assertIsNotNone(result.finals_after)
             self.assertGreaterEqual(result.threads, 3)  # a store writer per agent
+            self.assertIn("everything else", result.profile)
+            self.assertGreater(sum(result.profile.values()), 0)
+            self.assertIn("Where the fleet process", result.detail_rst())
 
         return defer.ensureDeferred(check())
