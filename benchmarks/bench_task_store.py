@@ -178,7 +178,7 @@ class StoreResult:
         ]
         quarters = self._quarters()
         return (
-            __doc__.split("\n\n", 1)[1].split("\n\n*Bounded*")[0].strip() + "\n\n"
+            _method() + "\n\n"
             + rst_table(["measurement", "value"], rows)
             + "\n\nStore size over the run (largest sample in each quarter): "
             + ", ".join(f"{q / _MB:.2f} MiB" for q in quarters) + ".\n\n"
@@ -227,6 +227,12 @@ class StoreResult:
             "samples": [[s.at, s.total, s.attempts, s.written] for s in self.samples],
             "met": self.met,
         }
+
+
+def _method() -> str:
+    """The module docstring's method paragraph (empty under ``python -OO``)."""
+    parts = (__doc__ or "").split("\n\n")
+    return parts[1].strip() if len(parts) > 1 else ""
 
 
 def _pages(path: str) -> tuple[int, int, int]:
