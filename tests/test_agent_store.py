@@ -347,6 +347,23 @@ class OutboxTests(StoreTestCase):
         )
 
     @inlineCallbacks
+    def test_ack_messages_counts_what_it_took_out(self) -> Any:
+        """A batch of acks says how many messages and bytes left the unacked
+        outbox: cumulative ranges, finals (marked, not deleted) and repeats
+        counted once, whatever the batch's order."""
+        s = self.store
+        for n in range(1, 6):
+            yield s.enqueue_output("t", "a", f"o{n}", "stdout", n, _chunk("x" * n), n, 2.0)
+        final = yield s.record_final("t", "a", "f", FINAL, 3.0)
+        taken = yield s.ack_messages(
+            [("o1", 1), ("o2", 2), ("o3", 3), ("o3", 3), ("f", None), ("nope", 9)]
+        )
+        self.assertEqual(taken, (4, 1 + 2 + 3 + final.byte_count))
+        self.assertEqual([m.message_id for m in (yield s.unacked())], ["o4", "o5"])
+        self.assertEqual((yield s.ack_messages([("o4", None), ("f", None)])), (1, 4))
+        self.assertEqual((yield s.outbox_totals()), (1, 5))
+
+    @inlineCallbacks
     def test_cumulative_ack(self) -> Any:
         """ack_through acks that attempt's stream up to the sequence, nothing else."""
         s = self.store

@@ -441,33 +441,50 @@ class Database(Reads):
 
         return self._tx(go)
 
-    def ack_messages(self, acks: Sequence[tuple[str, int | None]]) -> int:
-        """Apply ``ack`` messages (§7.5) in one transaction; the bytes they freed.
+    def ack_messages(self, acks: Sequence[tuple[str, int | None]]) -> tuple[int, int]:
+        """Apply ``ack`` messages (§7.5) in one transaction; how many messages
+        they took out of the unacked outbox, and those messages' bytes.
 
         Each ``(message_id, highest_output_sequence)``: the message is acked
         (output deleted, a final marked); when it is an output and a highest
         sequence is given, every output of the same attempt and stream up to
         that sequence is acked too.  Unknown or already acked ids are no-ops.
+        Acks are applied newest first: a batch of cumulative acks of one
+        stream is then one range delete and a lookup per older ack (the set
+        acked is the same in any order).
         """
-        return self._tx(lambda: sum(self._ack_one(m, h) for m, h in acks))
 
-    def _ack_one(self, message_id: str, highest_output_sequence: int | None) -> int:
+        def go() -> tuple[int, int]:
+            messages = size = 0
+            for message_id, highest in reversed(acks):
+                count, freed = self._ack_one(message_id, highest)
+                messages += count
+                size += freed
+            return messages, size
+
+        return self._tx(go)
+
+    def _ack_one(
+        self, message_id: str, highest_output_sequence: int | None
+    ) -> tuple[int, int]:
         row = self._exec(
             "SELECT task_id, attempt_id, type, stream FROM outbox"
             " WHERE message_id = ? AND acked = 0",
             (message_id,),
         ).fetchone()
         if row is None:
-            return 0
+            return 0, 0
         task_id, attempt_id, kind, stream = row
-        freed = 0
+        count, freed = 1, 0
         if kind == OUTPUT and highest_output_sequence is not None:
-            freed += int(self._exec(
-                "SELECT coalesce(sum(byte_count), 0) FROM outbox WHERE type = ?"
+            below = self._exec(
+                "SELECT count(*), coalesce(sum(byte_count), 0) FROM outbox WHERE type = ?"
                 " AND task_id = ? AND attempt_id = ? AND stream = ? AND sequence <= ?"
                 " AND message_id != ?",
                 (OUTPUT, task_id, attempt_id, stream, highest_output_sequence, message_id),
-            ).fetchone()[0])
+            ).fetchone()
+            count += int(below[0])
+            freed += int(below[1])
             self._exec(
                 "DELETE FROM outbox WHERE type = ? AND task_id = ? AND attempt_id = ?"
                 " AND stream = ? AND sequence <= ? AND message_id != ?",
@@ -480,7 +497,7 @@ class Database(Reads):
             self._exec("DELETE FROM outbox WHERE message_id = ?", (message_id,))
         else:
             self._exec("UPDATE outbox SET acked = 1 WHERE message_id = ?", (message_id,))
-        return freed
+        return count, freed
 
     def ack_through(self, task_id: str, attempt_id: str, stream: str, sequence: int) -> int:
         """Ack every output of that attempt and stream up to ``sequence``; the count."""
@@ -758,7 +775,7 @@ class TaskStore:
         """See :meth:`Database.ack`."""
         return self._use("ack", message_id)
 
-    def ack_messages(self, acks: Sequence[tuple[str, int | None]]) -> Deferred[int]:
+    def ack_messages(self, acks: Sequence[tuple[str, int | None]]) -> Deferred[tuple[int, int]]:
         """See :meth:`Database.ack_messages`."""
         return self._use("ack_messages", list(acks))
 

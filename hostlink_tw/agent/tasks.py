@@ -212,7 +212,7 @@ class TaskEngine:
         self._purge.clock = clock
         self._observers = Observers(self.log)
         self.outbox = Outbox(store, agent_id=agent_id, clock=clock,
-                             on_freed=lambda freed: self.spool.freed(freed),
+                             on_freed=lambda count, size: self.spool.acked(count, size),
                              on_resent=self._resent, log=self.log)
         self._closing = False
         self.spool = Spool(settings, store, log=self.log, track=self._track,
