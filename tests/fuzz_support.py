@@ -242,9 +242,10 @@ class TunnelConn(Conn):
 # --- the driver --------------------------------------------------------------------------
 
 
-def matching_hello_ack(message: bytes, hello_id: str) -> bool:
-    """Whether ``message`` is, by an independent reading, an ack of ``hello_id``."""
-    if len(message) > MAX_BYTES:
+def matching_hello_ack(message: bytes, hello_id: str, max_bytes: int = MAX_BYTES) -> bool:
+    """Whether ``message`` is, by an independent reading, an ack of ``hello_id``
+    (in a message within ``max_bytes``, the client's limit)."""
+    if len(message) > max_bytes:
         return False
     try:
         doc = json.loads(message.decode("utf-8"))
@@ -288,7 +289,8 @@ class Driver:
     """Runs one generated example against a fresh client and checks every invariant."""
 
     def __init__(
-        self, handshakes: tuple[Handshake, ...] = (), proxy: tuple[ProxyReply, ...] | None = None
+        self, handshakes: tuple[Handshake, ...] = (), proxy: tuple[ProxyReply, ...] | None = None,
+        max_bytes: int = MAX_BYTES,
     ) -> None:
         proxied: dict[str, Any] = {}
         if proxy is not None:
@@ -298,9 +300,10 @@ class Driver:
                 "environ": {"HTTP_PROXY": "http://proxy.corp:3128"},
             }
         self.proxy_replies = list(proxy or ())
+        self.max_bytes = max_bytes
         self.h = Harness(
             **proxied,
-            max_message_bytes=MAX_BYTES,
+            max_message_bytes=max_bytes,
             hello_timeout=4.0,
             ping_interval=3.0,
             pong_timeout=2.0,
@@ -334,7 +337,8 @@ class Driver:
         if hello_id is None:
             return "no hello was sent on this connection"
         if not any(
-            end <= line.sent and matching_hello_ack(m, hello_id) for end, m in line.messages
+            end <= line.sent and matching_hello_ack(m, hello_id, self.max_bytes)
+            for end, m in line.messages
         ):
             return f"no matching agent.hello_ack for {hello_id} received on this connection"
         if line.conn.close_frames():
