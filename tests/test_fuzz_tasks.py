@@ -387,3 +387,38 @@ class TaskDriverTests(SynchronousTestCase):
             driver.check()
         self.assertIn("unacked: task store", str(caught.exception))
 
+
+
+class FoundByFuzzingTests(SynchronousTestCase):
+    """Minimal reproductions of what the phase-2 fuzzing found, kept as regression tests."""
+
+    def setUp(self) -> None:
+        self.txaio_clock = Clock()
+        loop = replace_loop(self.txaio_clock)
+        loop.__enter__()
+        self.addCleanup(loop.__exit__, None, None, None)
+        self.dir = store_directory()
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.factory = patch_processes(self)
+
+    def test_interrupted_finals_of_attempts_whose_ids_map_to_one(self) -> None:
+        """
+        §7.6's ``interrupted`` id replaces ``/``, `` `` and ``|`` by ``-`` and
+        joins task and attempt with ``-``, so (``t-x``, ``a0``) and (``t``,
+        ``x-a0``) share one.  Both interrupted (two slots, a shutdown), the
+        second final used to fail the store's unique message id: lost, its
+        attempt left ``running`` -- and every later start's recovery failed
+        on the same id, refusing all delivery.  Each now gets its final.
+        """
+        driver = TaskDriver(self.factory, self.dir, config=TaskConfig(concurrency=2))
+        driver.start()
+        driver.run([StoreStep(0), Send((Message(HelloAck()),)),
+                    Send((Message(Deliver(2, 0)),)), Send((Message(Deliver(3, 2)),))])
+        self.assertEqual([(p.spec.task_id, p.spec.attempt_id) for p in driver.processes],
+                         [("t-x", "a0"), ("t", "x-a0")])
+        driver.finish_tasks()
+        finals = {(m.task_id, m.attempt_id): m for m, _ in driver.oracle.stored.values()}
+        self.assertEqual(sorted(finals), [("t", "x-a0"), ("t-x", "a0")])
+        self.assertEqual(len({m.message_id for m in finals.values()}), 2)
+        self.assertEqual({m.payload["status"] for m in finals.values()}, {"interrupted"})
+        driver.finish(self, self.txaio_clock)
