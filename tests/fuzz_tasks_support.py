@@ -165,11 +165,13 @@ class StoreHeld:
 
 @dataclass(frozen=True)
 class Emit:
-    """The ``index``-th (modulo) running process prints ``data`` on ``stream``."""
+    """The ``index``-th (modulo) running process prints ``data`` on ``stream``,
+    ``count`` times (while its output is not paused)."""
 
     index: int
     stream: str
     data: bytes
+    count: int = 1
 
 
 @dataclass(frozen=True)
@@ -296,7 +298,9 @@ class TaskDriver(Driver):
                 self.held = step.held
             elif isinstance(step, Emit):
                 process = self._process(step.index)
-                if process is not None and not process.paused:
+                for _ in range(step.count):
+                    if process is None or process.paused or process.done.called:
+                        break
                     process.on_output(step.stream, step.data, False)
             elif isinstance(step, Exit):
                 process = self._process(step.index)
@@ -532,6 +536,12 @@ def _mutate(doc: dict[str, Any], mutations: tuple[Mutation, ...]) -> dict[str, A
 
 
 def _encode(doc: dict[str, Any], pad: int = 0) -> bytes:
-    text = json.dumps(doc, ensure_ascii=False) + " " * pad
-    return text.encode("utf-8", "surrogatepass")
+    text = json.dumps(doc, ensure_ascii=False)
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate: escaped (``"\\ud800"``), it is valid UTF-8 and JSON,
+        # and only the envelope's own check refuses it.
+        data = json.dumps(doc).encode("ascii")
+    return data + b" " * pad
 

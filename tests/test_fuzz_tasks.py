@@ -86,8 +86,8 @@ from .fuzz_tasks_support import (
 # --- strategies ----------------------------------------------------------------------------
 
 _hostile_id = st.sampled_from(
-    ["", " ", "t0 ", "T0", "t/x", "t x", "t|x", "\u202e", "\x00", "x" * 300, 5, None, [], {},
-     True]
+    ["", " ", "t0 ", "T0", "t/x", "t x", "t|x", "\u202e", "t\ud800", "\x00", "x" * 300, 5,
+     None, [], {}, True]
 )
 _hostile_scalar = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(2**65), max_value=2**65),
@@ -182,6 +182,7 @@ _emit = st.builds(
     Emit, st.integers(min_value=0, max_value=2), st.sampled_from(["stdout", "stdout", "stderr"]),
     st.one_of(st.sampled_from([b"x", b"line\n", b"y" * 1000, b"\xff\xfe\x00"]),
               st.binary(min_size=1, max_size=64)),
+    st.sampled_from([1, 1, 2, 4, 8]),
 )
 _exit = st.builds(Exit, st.integers(min_value=0, max_value=2),
                   st.sampled_from([0, 0, 1, 2, None]))
@@ -229,7 +230,9 @@ class TaskFuzzTestCase(FuzzTestCase):
         driver = TaskDriver(self.factory, self.dir, config=config)
         driver.start()
         if activate:
-            driver.run([StoreStep(0), Send((Message(HelloAck()),)), StoreStep(0)])
+            # Active, with two attempts delivered (one or both running): traffic from the start.
+            driver.run([StoreStep(0), Send((Message(HelloAck()),)),
+                        Send((Message(Deliver(0, 0)), Message(Deliver(1, 1)))), StoreStep(0)])
             assert driver.h.client.is_active
         driver.run(steps)
         driver.check_outbox()
@@ -248,7 +251,8 @@ class TaskFuzzTests(TaskFuzzTestCase):
                      lambda example: self.life(*example))
 
     def test_active_session(self) -> None:
-        """A session active from the start, then anything (more traffic for the outbox)."""
+        """A session active from the start with tasks running, then anything
+        (more traffic for the outbox)."""
         self.explore(0.1, st.tuples(_config, task_steps),
                      lambda example: self.life(*example, activate=True))
 
