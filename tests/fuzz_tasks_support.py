@@ -260,8 +260,13 @@ class TaskDriver(Driver):
 
     def spawned(self, process: FakeProcess) -> None:
         """The runner started an attempt's process."""
+        key = (process.spec.task_id, process.spec.attempt_id)
+        if any((p.spec.task_id, p.spec.attempt_id) == key and not p.done.called
+               for p in self.processes):
+            # Even a new attempt (discarded, delivered again) waits for the old one's kill.
+            self.violations.append(f"attempt {key} spawned while an earlier run of it runs")
         self.processes.append(process)
-        problem = self.oracle.may_spawn((process.spec.task_id, process.spec.attempt_id))
+        problem = self.oracle.may_spawn(key)
         if problem:
             self.violations.append(problem)
 

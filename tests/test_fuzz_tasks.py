@@ -329,6 +329,20 @@ class TaskDriverTests(SynchronousTestCase):
             _deliver_and_run(driver)
         self.assertIn("spawned again", str(caught.exception))
 
+    def test_a_second_run_beside_the_first_is_caught(self) -> None:
+        """Even a legitimate new run of an attempt may not start while the old one runs."""
+        driver = self.driver()
+        _deliver_and_run(driver)
+        (first,) = driver.processes
+        driver.oracle.discards_directed.add(("t0", "a0"))
+        driver.oracle.discards_run[("t0", "a0")] = [driver.oracle.calls + 1]
+        again = type(first)(driver, first.spec, None, driver.h.reactor, first.on_output,
+                            driver.runner._log)
+        again.spawn([], {}, None, False)
+        with self.assertRaises(AssertionError) as caught:
+            driver.check()
+        self.assertIn("while an earlier run of it runs", str(caught.exception))
+
     def test_a_discarded_attempt_may_run_again(self) -> None:
         """§8.2: discarded by a hello_ack and delivered again, it is a new attempt."""
         driver = self.driver()
