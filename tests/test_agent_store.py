@@ -26,6 +26,7 @@ from hostlink_tw.agent.store import (
     LocalState,
     StoreError,
     TaskStore,
+    distinct_final_id,
     interrupted_message_id,
 )
 
@@ -416,6 +417,28 @@ class OutboxTests(StoreTestCase):
         self.assertEqual(len(finals), 2)
         self.assertEqual([q.attempt_id for q in (yield s.queued_attempts())], ["queued"])
         self.assertEqual((yield s.record_received("t", "a", 12.0)).state, LocalState.ENDED)
+
+    @inlineCallbacks
+    def test_recover_attempts_whose_interrupted_ids_map_to_one(self) -> Any:
+        """(``u-x``, ``b``) and (``u``, ``x-b``) share §7.6's interrupted id: each still
+        gets its final (the second a distinct id of its own), and recovery
+        succeeds -- it used to fail on the unique id, at every start."""
+        s = self.store
+        for task, attempt in (("u-x", "b"), ("u", "x-b")):
+            yield s.record_received(task, attempt, 1.0)
+            yield s.mark_running(task, attempt, 2.0)
+        finals = [m for m in (yield s.recover(10.0)) if m.task_id.startswith("u")]
+        self.assertEqual([(m.task_id, m.attempt_id) for m in finals],
+                         [("u-x", "b"), ("u", "x-b")])
+        first, second = (m.message_id for m in finals)
+        self.assertEqual(first, "local-interrupted-u-x-b")
+        self.assertEqual(second, distinct_final_id(first, finals[1].task_id,
+                                                   finals[1].attempt_id))
+        # Recorded again (a later shutdown's kill), each attempt keeps its own final.
+        again = yield s.record_final("u", "x-b", first, finals[1].payload, 20.0)
+        self.assertEqual(again.message_id, second)
+        unacked = [m.message_id for m in (yield s.unacked()) if m.task_id.startswith("u")]
+        self.assertEqual(unacked, [first, second])
 
     @inlineCallbacks
     def test_purge(self) -> Any:

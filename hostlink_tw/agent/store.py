@@ -37,6 +37,7 @@ except an HTTP report the control plane refused (§9.2: kept for inspection, nev
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import sqlite3
 import time
@@ -76,6 +77,7 @@ __all__ = [
     "StoreSnapshot",
     "StoredMessage",
     "TaskStore",
+    "distinct_final_id",
     "interrupted_message_id",
     "migrate",
 ]
@@ -186,6 +188,20 @@ def interrupted_message_id(task_id: str, attempt_id: str) -> str:
     if not attempt_id:
         return f"http-interrupted-{task_id}"
     return interrupted_final_message_id(task_id, attempt_id)
+
+
+def distinct_final_id(message_id: str, task_id: str, attempt_id: str) -> str:
+    """The id an attempt's final gets when another attempt's final has ``message_id``.
+
+    §7.6's ``interrupted`` id maps ``/``, space and ``|`` to ``-`` and joins
+    task and attempt with ``-``, so (``t-x``, ``a``) and (``t``, ``x-a``) get
+    the same one.  The second final takes this id instead -- still a function
+    of the attempt alone (a digest of its raw ids) -- rather than fail the
+    outbox's unique id and be lost (and a control plane that de-duplicates by
+    message id would drop it too).
+    """
+    raw = f"{task_id}\0{attempt_id}".encode("utf-8", "surrogatepass")
+    return f"{message_id}-{hashlib.sha256(raw).hexdigest()[:16]}"
 
 
 def migrate(conn: sqlite3.Connection, path: str) -> None:
@@ -345,6 +361,11 @@ class Database(Reads):
     ) -> StoredMessage:
         text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
         count = len(text.encode("utf-8"))
+        taken = self._exec(
+            "SELECT task_id, attempt_id FROM outbox WHERE message_id = ?", (message_id,)
+        ).fetchone()
+        if taken is not None and tuple(taken) != (task_id, attempt_id):
+            message_id = distinct_final_id(message_id, task_id, attempt_id)
         self._exec(
             "UPDATE executions SET state = 'ended', ended_at = ?"
             " WHERE task_id = ? AND attempt_id = ?",

@@ -63,6 +63,7 @@ from hostlink_tw.agent.store import (
     StoredMessage,
     StoreError,
     TaskStore,
+    distinct_final_id,
     interrupted_message_id,
 )
 from hostlink_tw.agent.tasksnapshot import build_hello, process_identity, read_boot_id
@@ -796,7 +797,7 @@ class TaskEngine:
         ))
 
         def stored(message: StoredMessage) -> None:
-            if message.message_id != message_id:
+            if message.message_id not in (message_id, distinct_final_id(message_id, *key)):
                 # The attempt had ended already: its first final stays, counted once.
                 self.spool.final_existed()
                 return
