@@ -49,10 +49,11 @@ chaos: $(STAMP)
 	$(BIN)/python -m evidence.chaos_tasks $(if $(CHAOS_RST),--rst $(CHAOS_RST)); tasks=$$?; \
 	test $$phase1 -eq 0 -a $$tasks -eq 0
 
-# Hypothesis against the client protocol: at least 100,000 examples.
+# Hypothesis against the client protocol (at least 100,000 examples) and
+# against the task engine behind it (its share of the same budget).
 FUZZ_EXAMPLES ?= 100000
 fuzz: $(STAMP)
-	HOSTLINK_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/trial tests.test_fuzz
+	HOSTLINK_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/trial tests.test_fuzz tests.test_fuzz_tasks
 
 # Control plane restarting every few seconds; fds, RSS and DelayedCalls sampled each minute.
 MINUTES ?= 30

@@ -23,6 +23,13 @@ them with its own):
     "refused": {...}}``.
 ``cpu``
     this process's CPU seconds so far: ``{"event": "cpu", "seconds": s}``.
+``tasks TIMEOUT COMMAND…``
+    create one task running COMMAND for every agent, at once:
+    ``{"event": "tasks", "at": t, "count": n}``; once every one of them has
+    its final stored (or TIMEOUT seconds passed), ``{"event": "finals",
+    "at": t_last, "count": n, "statuses": {...}, "missing": m}``, where
+    ``t_last`` is when the last final was stored (used by
+    :mod:`benchmarks.bench_task_fleet`).
 ``quit`` (or end of stdin)
     stop and exit.
 
@@ -136,10 +143,34 @@ class StormControlPlane(LineReceiver):
         elif name == "cpu":
             times = os.times()
             self.send(event="cpu", seconds=times.user + times.system)
+        elif name == "tasks":
+            await self._tasks(float(args[0]), " ".join(args[1:]))
         elif name == "quit":
             await self.quit()
         else:
             self.send(event="error", error=f"unknown command {name!r}")
+
+    async def _tasks(self, timeout: float, command: str) -> None:
+        at = time.time()
+        records = [self.cp.tasks.create(agent_id, command) for agent_id in self.agents]
+        self.send(event="tasks", at=at, count=len(records))
+        arrivals: list[float] = []
+
+        def arrived(record: Any) -> Any:
+            arrivals.append(time.time())
+            return record
+
+        waits = [
+            self.cp.tasks.wait_final(r.task_id, timeout=timeout).addCallback(arrived)
+            for r in records
+        ]
+        results = await defer.DeferredList(waits, consumeErrors=True)
+        statuses: dict[str, int] = {}
+        for ok, record in results:
+            if ok:
+                statuses[record.status] = statuses.get(record.status, 0) + 1
+        self.send(event="finals", at=max(arrivals, default=at), count=len(arrivals),
+                  statuses=statuses, missing=len(records) - len(arrivals))
 
     def _come_back(self) -> None:
         self._restart = None

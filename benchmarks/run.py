@@ -11,8 +11,11 @@ processes of 1,000 agents, each through a drop and a 10 s outage, plus one
 profiled drop; then phase 2's task benchmarks (``task-roundtrip``: 1,000
 tasks of ``true`` and 200 more with another working directory, about a
 minute; ``task-output``: 256 MiB of task output, then the same through a
-loopback WebSocket).  All traffic stays on 127.0.0.1; every child process is
-stopped before the command returns.
+loopback WebSocket; ``task-replay``: 10,000 unacked chunks replayed;
+``task-store``: 10,000 tasks on one agent until retention has purged them,
+the longest, about 10 minutes; ``task-fleet``: 1,000 agents in one process
+each running a task after a control-plane restart).  All traffic stays on
+127.0.0.1; every child process is stopped before the command returns.
 """
 
 from __future__ import annotations
@@ -34,13 +37,17 @@ from benchmarks.bench_profile import breakdown, top_functions
 from benchmarks.bench_report import Results, plot_storm, render, results_to_dict
 from benchmarks.bench_storm import STRATEGIES, recovery_bound, run_storm
 from benchmarks.bench_support import REPO, dump_json, machine_description, raise_nofile_limit
+from benchmarks.bench_task_fleet import measure_fleet
 from benchmarks.bench_task_output import measure_output
+from benchmarks.bench_task_replay import measure_replay
 from benchmarks.bench_task_roundtrip import measure_roundtrip
+from benchmarks.bench_task_store import measure_store
 from benchmarks.bench_throughput import measure_throughput
 
 __all__ = ["main"]
 
-BENCHMARKS = ("coldstart", "idle", "throughput", "storm", "task-roundtrip", "task-output")
+BENCHMARKS = ("coldstart", "idle", "throughput", "storm", "task-roundtrip", "task-output",
+              "task-replay", "task-store", "task-fleet")
 # A run writes here, never over the tracked docs/ (make bench-publish copies).
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -87,13 +94,22 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--png", default=str(RESULTS / "storm.png"))
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--replay-chunks", type=int, default=10_000,
+                        help="task-replay: unacked chunks in the store")
+    parser.add_argument("--store-tasks", type=int, default=10_000,
+                        help="task-store: tasks run on one agent")
+    parser.add_argument("--fleet-agents", type=int, default=1000,
+                        help="task-fleet: agents in the one fleet process")
+    parser.add_argument("--fleet-timeout", type=float, default=300.0,
+                        help="task-fleet: seconds before the fleet gives up")
     args = parser.parse_args(argv)
     args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     for s in args.strategies:
         if s not in STRATEGIES:
             parser.error(f"unknown strategy {s!r}")
     if (args.agents < 1 or args.cold_runs < 1 or args.envelopes < 1 or args.repeats < 1
-            or args.tasks < 1 or args.spawn_runs < 1 or args.output_mib <= 0):
+            or args.tasks < 1 or args.spawn_runs < 1 or args.output_mib <= 0
+            or args.replay_chunks < 1 or args.store_tasks < 1 or args.fleet_agents < 1):
         parser.error("sizes must be >= 1")
     return args
 
@@ -181,6 +197,21 @@ async def _run(args: argparse.Namespace) -> Results:
         _say(f"  {out.rate:.1f} MiB/s vs floor {out.floor_rate:.1f} MiB/s ({out.ratio:.0%}), "
              f"RSS +{out.rss_growth / 2**20:.1f} MiB, complete: {out.complete} "
              f"({'met' if out.met else 'MISSED'})")
+    if "task-replay" in only:
+        load("task-replay")
+        _say(f"task replay: {args.replay_chunks:,} unacked chunks…")
+        results.tasks.append(await measure_replay(args.replay_chunks))
+        _say(f"  {results.tasks[-1].summary_row()[1]} ({results.tasks[-1].summary_row()[4]})")
+    if "task-store" in only:
+        load("task-store")
+        _say(f"task store: {args.store_tasks:,} tasks, then retention…")
+        results.tasks.append(await measure_store(args.store_tasks))
+        _say(f"  {results.tasks[-1].summary_row()[1]} ({results.tasks[-1].summary_row()[4]})")
+    if "task-fleet" in only:
+        load("task-fleet")
+        _say(f"task fleet: {args.fleet_agents:,} agents, one task each after a restart…")
+        results.tasks.append(await measure_fleet(args.fleet_agents, timeout=args.fleet_timeout))
+        _say(f"  {results.tasks[-1].summary_row()[1]} ({results.tasks[-1].summary_row()[4]})")
     load("end")
     return results
 

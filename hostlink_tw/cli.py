@@ -542,9 +542,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--restart-after",
         type=float,
-        default=2.5,
-        help="restart the control plane once, this many seconds after the session first "
-        "comes up (default 2.5: in the middle of the first task)",
+        default=1.5,
+        help="restart the control plane once, this many seconds after the first task's "
+        "first line (default 1.5: in the middle of that task)",
     )
     demo.set_defaults(run=_demo, parser=demo)
     add_operator_commands(commands)

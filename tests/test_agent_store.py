@@ -26,6 +26,7 @@ from hostlink_tw.agent.store import (
     LocalState,
     StoreError,
     TaskStore,
+    distinct_final_id,
     interrupted_message_id,
 )
 
@@ -339,12 +340,12 @@ class OutboxTests(StoreTestCase):
         release.set()
         stored = yield gatherResults([third, fourth])
         self.assertEqual([m.message_id for m in stored], ["o3", "o4"])
-        self.assertEqual((yield freed), 5)
-        self.assertEqual((yield again), 1)
+        self.assertEqual((yield freed), (2, 5))
+        self.assertEqual((yield again), (1, 1))
         self.assertEqual(len(commits), 1)
         self.assertEqual([m.message_id for m in (yield s.unacked())], ["o4"])
         # Alone, an ack is its own transaction, as any other call.
-        self.assertEqual((yield s.ack_messages([("o4", 4)])), 1)
+        self.assertEqual((yield s.ack_messages([("o4", 4)])), (1, 1))
         self.assertEqual(len(commits), 2)
         self.assertEqual((yield s.unacked()), [])
 
@@ -370,6 +371,23 @@ class OutboxTests(StoreTestCase):
             self.store.enqueue_output("t", "a", "o1", "stdout", 1, _chunk("x"), 1, 2.0),
             StoreError,
         )
+
+    @inlineCallbacks
+    def test_ack_messages_counts_what_it_took_out(self) -> Any:
+        """A batch of acks says how many messages and bytes left the unacked
+        outbox: cumulative ranges, finals (marked, not deleted) and repeats
+        counted once, whatever the batch's order."""
+        s = self.store
+        for n in range(1, 6):
+            yield s.enqueue_output("t", "a", f"o{n}", "stdout", n, _chunk("x" * n), n, 2.0)
+        final = yield s.record_final("t", "a", "f", FINAL, 3.0)
+        taken = yield s.ack_messages(
+            [("o1", 1), ("o2", 2), ("o3", 3), ("o3", 3), ("f", None), ("nope", 9)]
+        )
+        self.assertEqual(taken, (4, 1 + 2 + 3 + final.byte_count))
+        self.assertEqual([m.message_id for m in (yield s.unacked())], ["o4", "o5"])
+        self.assertEqual((yield s.ack_messages([("o4", None), ("f", None)])), (1, 4))
+        self.assertEqual((yield s.outbox_totals()), (1, 5))
 
     @inlineCallbacks
     def test_cumulative_ack(self) -> Any:
@@ -424,6 +442,28 @@ class OutboxTests(StoreTestCase):
         self.assertEqual(len(finals), 2)
         self.assertEqual([q.attempt_id for q in (yield s.queued_attempts())], ["queued"])
         self.assertEqual((yield s.record_received("t", "a", 12.0)).state, LocalState.ENDED)
+
+    @inlineCallbacks
+    def test_recover_attempts_whose_interrupted_ids_map_to_one(self) -> Any:
+        """(``u-x``, ``b``) and (``u``, ``x-b``) share §7.6's interrupted id: each still
+        gets its final (the second a distinct id of its own), and recovery
+        succeeds -- it used to fail on the unique id, at every start."""
+        s = self.store
+        for task, attempt in (("u-x", "b"), ("u", "x-b")):
+            yield s.record_received(task, attempt, 1.0)
+            yield s.mark_running(task, attempt, 2.0)
+        finals = [m for m in (yield s.recover(10.0)) if m.task_id.startswith("u")]
+        self.assertEqual([(m.task_id, m.attempt_id) for m in finals],
+                         [("u-x", "b"), ("u", "x-b")])
+        first, second = (m.message_id for m in finals)
+        self.assertEqual(first, "local-interrupted-u-x-b")
+        self.assertEqual(second, distinct_final_id(first, finals[1].task_id,
+                                                   finals[1].attempt_id))
+        # Recorded again (a later shutdown's kill), each attempt keeps its own final.
+        again = yield s.record_final("u", "x-b", first, finals[1].payload, 20.0)
+        self.assertEqual(again.message_id, second)
+        unacked = [m.message_id for m in (yield s.unacked()) if m.task_id.startswith("u")]
+        self.assertEqual(unacked, [first, second])
 
     @inlineCallbacks
     def test_purge(self) -> Any:

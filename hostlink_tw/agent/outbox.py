@@ -70,7 +70,8 @@ class Outbox:
     :param store: the local store (already started).
     :param agent_id: this agent's id, for the envelopes.
     :param clock: for ``sent_at``.
-    :param on_freed: told of the bytes each batch of acks freed (spool accounting).
+    :param on_freed: told of the messages and bytes each batch of acks took
+        out of the unacked outbox (spool accounting).
     :param on_resent: told of each message sent for another reason than
         ``live`` (``replay``, ``gap``, ``redelivery``), for the status page.
     """
@@ -81,7 +82,7 @@ class Outbox:
         *,
         agent_id: str,
         clock: IReactorTime,
-        on_freed: Callable[[int], None],
+        on_freed: Callable[[int, int], None],
         on_resent: Callable[[str, StoredMessage], None] | None = None,
         log: Logger | None = None,
     ) -> None:
@@ -185,8 +186,8 @@ class Outbox:
         batch, self._acks = self._acks, []
         self._acking = True
 
-        def done(freed: int) -> None:
-            self._on_freed(freed)
+        def done(freed: tuple[int, int]) -> None:
+            self._on_freed(*freed)
 
         def failed(failure: Failure) -> None:
             if not isinstance(failure.value, StoreError):

@@ -2,11 +2,15 @@
 The spool (PROTOCOL §8.4): the outbox's unacked bytes and messages, and the pause.
 
 :class:`Spool` keeps both counts in memory, in step with the store: what the
-engine gives the store is added at once; what acks free is subtracted and
-then read back from the store (acks can free messages the engine cannot
-count itself, a cumulative ack for one).  The store runs calls in order, so
-a read sees every message issued before it and none issued after: those
-are added back (:meth:`Spool.recount`).
+engine gives the store is added at once; what the session's acks free is
+subtracted as the store's ack transaction counted it (a cumulative ack frees
+messages the engine cannot count itself).  A final the HTTP report delivered
+is subtracted, then the counts are read back from the store, as they are at
+start and on each activation: the store runs calls in order, so a read sees
+every message issued before it and none issued after, and those are added
+back (:meth:`Spool.recount`).  Acks never read the counts back: that read
+scans every unacked message, and a replay of N messages acked one batch at a
+time would cost O(N²).
 
 Unacked output never passes the spool cap minus the terminal reserve: when
 the count comes within what may still arrive after a pause (one flush
@@ -107,8 +111,15 @@ class Spool:
         """The attempt had its final already: nothing was added."""
         self.messages -= 1
 
+    def acked(self, messages: int, size: int) -> None:
+        """The session's acks took ``messages`` messages of ``size`` bytes out
+        of the unacked outbox (as the store's ack transaction counted them)."""
+        self.messages = max(0, self.messages - messages)
+        self.bytes = max(0, self.bytes - size)
+        self.check()
+
     def freed(self, size: int) -> None:
-        """Acks freed ``size`` bytes; the count is read back from the store."""
+        """A reported final freed ``size`` bytes; the count is read back from the store."""
         self.bytes = max(0, self.bytes - size)
         self.check()
         self.recount_soon()

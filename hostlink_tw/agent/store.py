@@ -37,6 +37,7 @@ except an HTTP report the control plane refused (§9.2: kept for inspection, nev
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import sqlite3
 import time
@@ -76,6 +77,7 @@ __all__ = [
     "StoreSnapshot",
     "StoredMessage",
     "TaskStore",
+    "distinct_final_id",
     "interrupted_message_id",
     "migrate",
 ]
@@ -190,6 +192,20 @@ def interrupted_message_id(task_id: str, attempt_id: str) -> str:
     if not attempt_id:
         return f"http-interrupted-{task_id}"
     return interrupted_final_message_id(task_id, attempt_id)
+
+
+def distinct_final_id(message_id: str, task_id: str, attempt_id: str) -> str:
+    """The id an attempt's final gets when another attempt's final has ``message_id``.
+
+    §7.6's ``interrupted`` id maps ``/``, space and ``|`` to ``-`` and joins
+    task and attempt with ``-``, so (``t-x``, ``a``) and (``t``, ``x-a``) get
+    the same one.  The second final takes this id instead -- still a function
+    of the attempt alone (a digest of its raw ids) -- rather than fail the
+    outbox's unique id and be lost (and a control plane that de-duplicates by
+    message id would drop it too).
+    """
+    raw = f"{task_id}\0{attempt_id}".encode("utf-8", "surrogatepass")
+    return f"{message_id}-{hashlib.sha256(raw).hexdigest()[:16]}"
 
 
 def migrate(conn: sqlite3.Connection, path: str) -> None:
@@ -349,6 +365,11 @@ class Database(Reads):
     ) -> StoredMessage:
         text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
         count = len(text.encode("utf-8"))
+        taken = self._exec(
+            "SELECT task_id, attempt_id FROM outbox WHERE message_id = ?", (message_id,)
+        ).fetchone()
+        if taken is not None and tuple(taken) != (task_id, attempt_id):
+            message_id = distinct_final_id(message_id, task_id, attempt_id)
         self._exec(
             "UPDATE executions SET state = 'ended', ended_at = ?"
             " WHERE task_id = ? AND attempt_id = ?",
@@ -434,7 +455,8 @@ class Database(Reads):
         """
         Several writes in one transaction, in order: each item is
         ``("output", arguments of enqueue_output)`` or ``("acks", acks of
-        ack_messages)``; one result per item (the StoredMessage, the bytes freed).
+        ack_messages)``; one result per item (the StoredMessage; the messages
+        and bytes the acks took out).
         """
         texts = [json.dumps(args[5], ensure_ascii=False, separators=(",", ":"))
                  if kind == _GROUP_OUTPUT else "" for kind, args in items]
@@ -449,7 +471,7 @@ class Database(Reads):
                     results.append(StoredMessage(message_id, task_id, attempt_id, OUTPUT,
                                                  stream, sequence, payload, size, now, False))
                 else:
-                    results.append(sum(self._ack_one(m, h) for m, h in args))
+                    results.append(self._apply_acks(args))
             return results
 
         return self._tx(go)
@@ -469,33 +491,50 @@ class Database(Reads):
 
         return self._tx(go)
 
-    def ack_messages(self, acks: Sequence[tuple[str, int | None]]) -> int:
-        """Apply ``ack`` messages (§7.5) in one transaction; the bytes they freed.
+    def ack_messages(self, acks: Sequence[tuple[str, int | None]]) -> tuple[int, int]:
+        """Apply ``ack`` messages (§7.5) in one transaction; how many messages
+        they took out of the unacked outbox, and those messages' bytes.
 
         Each ``(message_id, highest_output_sequence)``: the message is acked
         (output deleted, a final marked); when it is an output and a highest
         sequence is given, every output of the same attempt and stream up to
         that sequence is acked too.  Unknown or already acked ids are no-ops.
+        Acks are applied newest first: a batch of cumulative acks of one
+        stream is then one range delete and a lookup per older ack (the set
+        acked is the same in any order).
         """
-        return self._tx(lambda: sum(self._ack_one(m, h) for m, h in acks))
+        return self._tx(lambda: self._apply_acks(acks))
 
-    def _ack_one(self, message_id: str, highest_output_sequence: int | None) -> int:
+    def _apply_acks(self, acks: Sequence[tuple[str, int | None]]) -> tuple[int, int]:
+        """:meth:`ack_messages` inside the caller's transaction."""
+        messages = size = 0
+        for message_id, highest in reversed(acks):
+            count, freed = self._ack_one(message_id, highest)
+            messages += count
+            size += freed
+        return messages, size
+
+    def _ack_one(
+        self, message_id: str, highest_output_sequence: int | None
+    ) -> tuple[int, int]:
         row = self._exec(
             "SELECT task_id, attempt_id, type, stream FROM outbox"
             " WHERE message_id = ? AND acked = 0",
             (message_id,),
         ).fetchone()
         if row is None:
-            return 0
+            return 0, 0
         task_id, attempt_id, kind, stream = row
-        freed = 0
+        count, freed = 1, 0
         if kind == OUTPUT and highest_output_sequence is not None:
-            freed += int(self._exec(
-                "SELECT coalesce(sum(byte_count), 0) FROM outbox WHERE type = ?"
+            below = self._exec(
+                "SELECT count(*), coalesce(sum(byte_count), 0) FROM outbox WHERE type = ?"
                 " AND task_id = ? AND attempt_id = ? AND stream = ? AND sequence <= ?"
                 " AND message_id != ?",
                 (OUTPUT, task_id, attempt_id, stream, highest_output_sequence, message_id),
-            ).fetchone()[0])
+            ).fetchone()
+            count += int(below[0])
+            freed += int(below[1])
             self._exec(
                 "DELETE FROM outbox WHERE type = ? AND task_id = ? AND attempt_id = ?"
                 " AND stream = ? AND sequence <= ? AND message_id != ?",
@@ -508,7 +547,7 @@ class Database(Reads):
             self._exec("DELETE FROM outbox WHERE message_id = ?", (message_id,))
         else:
             self._exec("UPDATE outbox SET acked = 1 WHERE message_id = ?", (message_id,))
-        return freed
+        return count, freed
 
     def ack_through(self, task_id: str, attempt_id: str, stream: str, sequence: int) -> int:
         """Ack every output of that attempt and stream up to ``sequence``; the count."""
@@ -789,7 +828,7 @@ class TaskStore:
         """See :meth:`Database.ack`."""
         return self._use("ack", message_id)
 
-    def ack_messages(self, acks: Sequence[tuple[str, int | None]]) -> Deferred[int]:
+    def ack_messages(self, acks: Sequence[tuple[str, int | None]]) -> Deferred[tuple[int, int]]:
         """See :meth:`Database.ack_messages`; committed in a group with the
         output chunks enqueued just before and after (while output streams, an
         ack costs no commit of its own), in the order of the calls."""

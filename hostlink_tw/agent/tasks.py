@@ -63,6 +63,7 @@ from hostlink_tw.agent.store import (
     StoredMessage,
     StoreError,
     TaskStore,
+    distinct_final_id,
     interrupted_message_id,
 )
 from hostlink_tw.agent.tasksnapshot import build_hello, process_identity, read_boot_id
@@ -217,7 +218,7 @@ class TaskEngine:
         self._purge.clock = clock
         self._observers = Observers(self.log)
         self.outbox = Outbox(store, agent_id=agent_id, clock=clock,
-                             on_freed=lambda freed: self.spool.freed(freed),
+                             on_freed=lambda count, size: self.spool.acked(count, size),
                              on_resent=self._resent, log=self.log)
         self._closing = False
         self.spool = Spool(settings, store, log=self.log, track=self._track,
@@ -805,7 +806,7 @@ class TaskEngine:
         ))
 
         def stored(message: StoredMessage) -> None:
-            if message.message_id != message_id:
+            if message.message_id not in (message_id, distinct_final_id(message_id, *key)):
                 # The attempt had ended already: its first final stays, counted once.
                 self.spool.final_existed()
                 return
