@@ -665,7 +665,7 @@ class CrashTests(StoreTestCase):
 
 
 class StoredTextTests(StoreTestCase):
-    """A stored message goes out as the exact text it was stored as (PROTOCOL.md
+    """A stored message goes out as the exact text it was stored as (docs/protocol.rst
     [wire]): the outbox writes the stored payload text instead of encoding again."""
 
     def test_envelope_from_the_stored_text_is_byte_for_byte_the_same(self) -> None:
