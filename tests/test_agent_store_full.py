@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from contextlib import closing
 from typing import Any
 
@@ -25,7 +26,7 @@ from twisted.internet.defer import inlineCallbacks
 from hostlink_tw.agent.store import StoreFullError, TaskStore
 from hostlink_tw.agent.tasks import TaskEngine
 
-from .test_agent_tasks import EngineTestCase, Result, Spec, deliver
+from .test_agent_tasks import TASK_OUTPUT, EngineTestCase, Result, Spec, deliver
 
 
 def fail_next(store: TaskStore, name: str, times: int) -> list[int]:
@@ -117,3 +118,70 @@ class StoreFullTests(EngineTestCase):
         waiting = engine.store.mark_running("t", "a", 0.0)
         yield engine.store.stop()
         yield self.assertFailure(waiting, StoreFullError)
+
+
+class LongFullDiskTests(EngineTestCase):
+    """A full disk that outlasts the patience (found by review)."""
+
+    @inlineCallbacks
+    def test_lost_chunks_do_not_keep_output_paused(self) -> Any:
+        """Chunks that could not be stored leave the spool's count; output resumes once acked."""
+        engine = yield self.engine(spool_cap_bytes=200_000, terminal_reserve_bytes=50_000,
+                                   flush_threshold=16384)
+        store = engine.store
+        store.full_retry_interval = 0.01
+        store.full_patience = 0.05
+        session = self.session(engine)
+        engine.delivered(deliver("t", "a"), self.channel)
+        yield self.settle(engine)
+        spec = Spec("t", "a", "echo hi")
+        self.assertTrue((yield engine.before_start(spec)))
+        engine.started(spec, 0)
+        fail_next(store, "enqueue_outputs", times=10**6)
+        for _ in range(5):
+            engine.output(spec, "stdout", b"x" * 14_000, False)
+        yield self.settle(engine)
+        self.flushLoggedErrors()
+        db: Any = store._db
+        del db.enqueue_outputs  # room again: the class's own method
+        for _ in range(4):
+            engine.output(spec, "stdout", b"y" * 12_500, False)
+        yield self.settle(engine)
+        last = [e for e in self.wire if e.type == TASK_OUTPUT][-1]
+        self.ack(session, last.message_id, TASK_OUTPUT, highest=last.sequence)
+        yield self.settle(engine)
+        self.assertEqual((yield store.outbox_totals()), (0, 0))
+        self.assertEqual((engine.spool.bytes, engine.spool.messages), (0, 0))
+        self.assertFalse(self.runner.paused)
+
+    @inlineCallbacks
+    def test_shutdown_does_not_wait_for_room(self) -> Any:
+        """engine.close() ends the wait: queued writes fail at once instead of each waiting."""
+        engine = yield self.engine()
+        engine.store.full_patience = 30.0
+        engine.store.full_retry_interval = 0.02
+        engine.delivered(deliver("t", "a"), self.channel)
+        yield self.settle(engine)
+        fail_next(engine.store, "record_received", times=10**6)
+        for n in range(3):
+            engine.delivered(deliver("t", f"b{n}"), self.channel)
+        started = time.monotonic()
+        yield engine.close()
+        self.flushLoggedErrors()
+        self.assertLess(time.monotonic() - started, 5.0)
+
+    @inlineCallbacks
+    def test_patience_is_per_episode(self) -> Any:
+        """Once one call gave up, the calls queued behind it fail at once too."""
+        engine = yield self.engine()
+        store = engine.store
+        store.full_patience = 0.3
+        store.full_retry_interval = 0.02
+        fail_next(store, "record_received", times=10**6)
+        first = store.record_received("t", "x", 0.0)
+        second = store.record_received("t", "y", 0.0)
+        yield self.assertFailure(first, StoreFullError)
+        started = time.monotonic()
+        yield self.assertFailure(second, StoreFullError)
+        self.assertLess(time.monotonic() - started, 0.2)
+        self.flushLoggedErrors()

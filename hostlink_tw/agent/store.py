@@ -696,6 +696,7 @@ class TaskStore:
         self.full_patience = FULL_PATIENCE
         self.full_retry_interval = FULL_RETRY_INTERVAL
         self._full_since: float | None = None
+        self._waiting_for_room = True
         self._outputs: GroupCommit[tuple[str, Any], Any] = GroupCommit(
             self._call, self._write_group
         )
@@ -733,12 +734,15 @@ class TaskStore:
         of issued bytes reaches its cap).  Bounded: after ``full_patience``
         the call fails as any other store error does.
         """
-        deadline = time.monotonic() + self.full_patience
         while True:
             try:
                 result = self._on_db(name, *args)
             except StoreFullError as e:
-                if not self._running or time.monotonic() >= deadline:
+                # The patience is per episode of a full disk, not per call: once
+                # one call gave up, those queued behind it fail at once too.
+                since = self._full_since if self._full_since is not None else time.monotonic()
+                if (not self._running or not self._waiting_for_room
+                        or time.monotonic() >= since + self.full_patience):
                     raise
                 if self._full_since is None:
                     self._full_since = time.monotonic()
@@ -753,6 +757,10 @@ class TaskStore:
                     _log.info, "task store has room again after {seconds:.1f}s: {path}",
                     seconds=waited, path=self.path)
             return result
+
+    def stop_waiting_for_room(self) -> None:
+        """From now on a write that finds the disk full fails at once (shutdown)."""
+        self._waiting_for_room = False
 
     def start(self) -> Deferred[None]:
         """Start the thread and open (create, migrate) the file on it."""

@@ -349,6 +349,8 @@ class TaskEngine:
     def close(self) -> Deferred[None]:
         """Stop the purge and close the store (after the runner and the client stopped)."""
         self._closing = True
+        # A write waiting for room on a full disk must not hold the shutdown.
+        self.store.stop_waiting_for_room()
         if self._purge.running:
             self._purge.stop()
         if self.outbox.session is not None:
@@ -822,6 +824,10 @@ class TaskEngine:
 
     def _write_failed(self, failure: Failure) -> None:
         self.log.error("cannot store task output: {error}", error=str(failure.value))
+        # The spool counted the message when it was issued and no ack will
+        # ever take it out: read the true totals back, or output could stay
+        # paused for the rest of the session.
+        self.spool.recount_soon()
 
     # -- counts for the status page ----------------------------------------------------
 
