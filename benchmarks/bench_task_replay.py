@@ -162,13 +162,11 @@ class ReplayResult:
             f"\n\nPer chunk: {agent:.2f} ms of the agent's CPU (reading the store a page "
             "at a time, the envelope, Autobahn's framing and masking, then the ack: "
             f"parsed, checked against §5 and committed in batches) and {cp:.2f} ms of the "
-            "reference control plane's (parsing and checking the envelope, one SQLite "
-            "transaction per chunk, the ack).  Both run at once; whichever is the larger, "
-            "times the chunks, is the floor of the replay on an idle machine.  Half of "
-            "the messages are acks: the reference control plane acks every chunk, "
-            "although an ack carrying ``highest_output_sequence`` acks every chunk of "
-            "the stream up to it (§7.5), so a control plane may ack a run of chunks "
-            "with one message."
+            "reference control plane's (parsing and checking the envelope; then, per "
+            "read of the connection, one SQLite transaction for all its chunks and one "
+            "ack per stream carrying ``highest_output_sequence``, which acks every chunk "
+            "of the stream up to it, §7.5).  Both run at once; whichever is the larger, "
+            "times the chunks, is the floor of the replay on an idle machine."
         )
 
     def to_dict(self) -> dict[str, Any]:

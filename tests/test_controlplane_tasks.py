@@ -380,6 +380,27 @@ class IntakeTests(TaskTestMixin, TestCase):
         self.assertEqual(cp.tasks.output(task.task_id), ("hello world", "oops"))
 
     @inlineCallbacks
+    def test_each_read_of_the_connection_is_one_batch(self) -> Any:
+        cp = yield self.start()
+        agent = yield self.agent(cp)
+        task = yield self.received_task(cp, agent)
+        intake = cp.tasks.intake
+        batch = intake.batch
+        open_when_handled: list[bool] = []
+
+        def handle(connection: Any, session: Any, envelope: Envelope) -> None:
+            # The gateway opened the read's batch before handing it the message.
+            open_when_handled.append(connection in intake._batches)
+            with batch(connection):
+                intake._handle(connection, session, envelope)
+
+        self.patch(intake, "handle", handle)
+        sent = agent.output(task, 1, "hello")
+        ack = yield agent.expect(ACK)
+        self.assertEqual(ack.payload["acked_message_id"], sent.message_id)
+        self.assertEqual(open_when_handled, [True])
+
+    @inlineCallbacks
     def test_duplicates_acked_again_and_stored_once(self) -> Any:
         cp = yield self.start()
         agent = yield self.agent(cp)

@@ -272,6 +272,12 @@ class GatewayProtocol(WebSocketServerProtocol):
         if gateway.settings.ping_interval > 0:
             self._ping_call = gateway.reactor.callLater(gateway.settings.ping_interval, self._ping)
 
+    def dataReceived(self, data: bytes) -> None:
+        # One read is one batch: the output it brings is stored in one
+        # transaction and acked once per stream (TaskIntake.batch).
+        with self.factory.handlers.batch(self):
+            super().dataReceived(data)
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         session = self._session
         if session is None or session.closed or self.state != self.STATE_OPEN:

@@ -15,11 +15,14 @@ the hello is answered with the task side's payload (its snapshot's
 directives; a hello whose payload is neither ``{}`` nor a valid snapshot is
 refused like an invalid frame), the task side is told once the hello_ack is
 out, the ``task.*`` messages are its, and it sees the agent's errors too.
+The gateway makes each read of a connection one :meth:`InboundHandlers.batch`:
+the task side stores the output that read brings at once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Protocol
 
 from twisted.logger import Logger
@@ -106,6 +109,9 @@ class TaskHandling(Protocol):
     def agent_error(self, session: Session, envelope: Envelope) -> None:
         """An ``error`` from the agent (after it is logged)."""
 
+    def batch(self, connection: InboundConnection) -> AbstractContextManager[None]:
+        """The messages handled inside are one batch (their output is stored at once)."""
+
 
 class InboundHandlers:
     """The handlers of an active session's messages, by message type."""
@@ -131,6 +137,12 @@ class InboundHandlers:
         self._tasks = tasks
         for message_type in TASK_TYPES - {TASK_DELIVER}:
             self._table[message_type] = tasks.handle
+
+    def batch(self, connection: InboundConnection) -> AbstractContextManager[None]:
+        """The messages handled inside (one read of ``connection``) are one batch."""
+        if self._tasks is None:
+            return nullcontext()
+        return self._tasks.batch(connection)
 
     def handle(self, connection: InboundConnection, session: Session, envelope: Envelope) -> None:
         """Handle one valid envelope (already checked against the session's agent id)."""

@@ -21,20 +21,30 @@ What the control plane does with each ``task.received``, ``task.started``,
 * Every stored message is acked (``ack``: ``acked_message_id``,
   ``acked_type``, the task ids in the envelope and the payload) only once
   it is stored.  A test layer may hold acks back (:class:`AckGate`).
-* The store failing is one retryable ``error`` ``store_unavailable``, no
-  ack: the agent keeps the message and replays it on its next connection.
+* Output is stored and acked per batch (:meth:`TaskIntake.batch`: the
+  gateway makes each read of a connection one batch): the chunks a read
+  brings are stored in one transaction, then acked with one cumulative
+  ``ack`` per (attempt, stream) -- the id of its last message and
+  ``highest_output_sequence`` (PROTOCOL §7.5).  Any other message of the
+  connection, and a gap, first stores and acks the batch so far: a final's
+  ack never precedes the chunks before it, and the answers keep their order.
+* The store failing is one retryable ``error`` ``store_unavailable`` (for
+  a failed batch: about its first message), no ack: the agent keeps the
+  messages and replays them on its next connection.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Protocol
 
 from twisted.logger import Logger
 
 from hostlink_tw.controlplane.inbound import InboundConnection, ack_envelope
-from hostlink_tw.controlplane.sessions import Session
+from hostlink_tw.controlplane.sessions import NoSessionError, Session
 from hostlink_tw.controlplane.settings import ControlPlaneSettings
 from hostlink_tw.controlplane.taskmodel import (
     ATTEMPT_RECEIVED,
@@ -156,6 +166,18 @@ class OutputPositions:
         self._tracker.forget(attempt_id)
 
 
+@dataclass(frozen=True)
+class _Pending:
+    """An output message of a batch, waiting for the batch's commit."""
+
+    session: Session
+    envelope: Envelope
+    stream: str
+    key: str
+    #: What to store; None for a repeat (only acked again).
+    chunk: OutputChunk | None
+
+
 class TaskIntake:
     """The handlers of the agent's ``task.*`` messages (see the module docstring)."""
 
@@ -175,25 +197,57 @@ class TaskIntake:
         self._seen = DuplicateTracker(SEEN_MESSAGES)
         #: Output positions, seeded from the store.
         self.positions = OutputPositions(store.output.highest)
+        #: Connection → the output messages of its open batch.
+        self._batches: dict[InboundConnection, list[_Pending]] = {}
+
+    @contextmanager
+    def batch(self, connection: InboundConnection) -> Iterator[None]:
+        """
+        The output of ``connection`` handled inside is stored in one
+        transaction and acked when the block ends (or when another message
+        of the connection, or a gap, needs it stored first).  Nested: the
+        outer block decides.  Outside a batch, each message is one.
+        """
+        if connection in self._batches:
+            yield
+            return
+        self._batches[connection] = []
+        try:
+            yield
+        finally:
+            try:
+                self._flush(connection)
+            finally:
+                del self._batches[connection]
 
     def handle(self, connection: InboundConnection, session: Session, envelope: Envelope) -> None:
         """Handle one valid ``task.*`` envelope from the agent of ``session``."""
+        with self.batch(connection):
+            self._handle(connection, session, envelope)
+
+    def _handle(
+        self, connection: InboundConnection, session: Session, envelope: Envelope
+    ) -> None:
         try:
             payload = phase2_payload(envelope)
         except ProtocolError as e:
+            self._flush(connection)
             connection.refuse(CLOSE_POLICY, e.code, e.message, envelope.message_id)
             return
         key = f"{session.agent_id}\n{envelope.message_id}"
         try:
             attempt = self._store.attempt(envelope.execution_attempt_id)
-            if (
-                attempt is None
-                or attempt.task_id != envelope.task_id
-                or attempt.agent_id != session.agent_id
-            ):
-                self._ack(connection, session, envelope)  # not ours: nothing to store
-            elif isinstance(payload, TaskOutputPayload):
+            ours = (
+                attempt is not None
+                and attempt.task_id == envelope.task_id
+                and attempt.agent_id == session.agent_id
+            )
+            if ours and isinstance(payload, TaskOutputPayload):
                 self._output(connection, session, envelope, payload, key)
+                return
+            self._flush(connection)  # what came before is stored and acked first
+            if attempt is None or not ours:
+                self._ack(connection, session, envelope)  # not ours: nothing to store
             elif key in self._seen:
                 self._ack(connection, session, envelope)
             elif isinstance(payload, TaskFinalPayload):
@@ -239,6 +293,7 @@ class TaskIntake:
         payload: TaskOutputPayload,
         key: str,
     ) -> None:
+        """Judge one chunk; a next or repeated one joins the batch, a gap is answered."""
         attempt_id, stream = envelope.execution_attempt_id, payload.stream
         sequence = envelope.sequence
         assert sequence is not None  # Envelope.validate requires it for task.output
@@ -247,6 +302,7 @@ class TaskIntake:
         else:
             verdict = self.positions.check(attempt_id, stream, sequence)
         if verdict.status == SEQUENCE_GAP:
+            self._flush(connection)  # the chunks before the gap are acked first, as ever
             highest = verdict.expected - 1
             self._error(
                 connection, session, envelope, OUTPUT_SEQUENCE_GAP,
@@ -254,25 +310,61 @@ class TaskIntake:
                 highest,
             )
             return
-        stored: OutputChunk | None = None
+        chunk: OutputChunk | None = None
         if verdict.status != SEQUENCE_DUPLICATE:
             chunk = OutputChunk(
                 envelope.task_id, attempt_id, stream, sequence, payload.data,
                 payload.byte_count, payload.truncated_locally,
             )
-            try:
-                stored, flagged = self._store.output.append(
-                    chunk, self._settings.max_output_bytes, self._clock()
+        self._batches[connection].append(_Pending(session, envelope, stream, key, chunk))
+
+    def _flush(self, connection: InboundConnection) -> None:
+        """
+        Store the batch's chunks in one transaction, then ack them: one
+        cumulative ack per (attempt, stream), in the order their last
+        messages came; then tell the followers, chunk by chunk.
+        """
+        pending = self._batches.get(connection)
+        if not pending:
+            return
+        self._batches[connection] = []
+        chunks = [p.chunk for p in pending if p.chunk is not None]
+        try:
+            results = (
+                self._store.output.append_many(
+                    chunks, self._settings.max_output_bytes, self._clock()
                 )
-            except TaskStoreError:
-                self.positions.forget(attempt_id)  # the tracker counted it: read the store again
-                raise
+                if chunks
+                else []
+            )
+        except TaskStoreError as e:
+            for chunk in chunks:  # the tracker counted them: read the store again
+                self.positions.forget(chunk.execution_attempt_id)
+            log.error("task store failed, output not acked: {error}", error=str(e))
+            first = pending[0]
+            self._error(
+                connection, first.session, first.envelope, STORE_UNAVAILABLE,
+                "the control plane cannot store this message now; replay it later",
+            )
+            return
+        for _, flagged in results:
             if flagged is not None:
                 self._events.task_changed(flagged)
-        self._seen.seen(key)
-        self._ack(connection, session, envelope, self.positions.highest(attempt_id, stream))
-        if stored is not None:
-            self._events.output_stored(stored)
+        last: dict[tuple[str, str], _Pending] = {}
+        for p in pending:
+            self._seen.seen(p.key)
+            stream_key = (p.envelope.execution_attempt_id, p.stream)
+            last.pop(stream_key, None)  # ordered by each stream's last message
+            last[stream_key] = p
+        try:
+            for (attempt_id, stream), p in last.items():
+                highest = self.positions.highest(attempt_id, stream)
+                self._ack(connection, p.session, p.envelope, highest)
+        except NoSessionError:  # closed within the read: the agent replays, we ack again
+            pass
+        for stored, _ in results:
+            if stored is not None:
+                self._events.output_stored(stored)
 
     def _final(
         self,

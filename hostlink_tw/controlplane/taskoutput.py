@@ -14,7 +14,7 @@ chunk the agent marked ``truncated_locally`` flags the task too.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from hostlink_tw.controlplane.taskdb import TaskDatabase, TaskStoreError, task_from_row
 from hostlink_tw.controlplane.taskmodel import OutputChunk, TaskRecord, cut_utf8
@@ -47,42 +47,58 @@ class OutputLog:
         :returns: The chunk as stored (None when nothing of it fits), and the
             task if a truncation flag was newly set on it.
         """
+        return self.append_many([chunk], limit, now)[0]
+
+    def append_many(
+        self, chunks: Sequence[OutputChunk], limit: int, now: float
+    ) -> list[tuple[OutputChunk | None, TaskRecord | None]]:
+        """
+        :meth:`append` each chunk, in order, all in one transaction: every
+        one of them is stored, or (:class:`TaskStoreError`) none is.
+
+        :returns: What :meth:`append` returns, per chunk.
+        """
+        with self._db.transaction() as db:
+            return [self._append(db, chunk, limit, now) for chunk in chunks]
+
+    def _append(
+        self, db: sqlite3.Connection, chunk: OutputChunk, limit: int, now: float
+    ) -> tuple[OutputChunk | None, TaskRecord | None]:
         encoded = chunk.data.encode("utf-8")
         flagged: TaskRecord | None = None
-        with self._db.transaction() as db:
-            row = db.execute(
-                "SELECT highest_sequence, stored_bytes, truncated FROM streams "
-                "WHERE attempt_id = ? AND stream = ?",
-                (chunk.execution_attempt_id, chunk.stream),
-            ).fetchone()
-            highest, stored, truncated = row if row is not None else (0, 0, 0)
-            if chunk.sequence != highest + 1:
-                raise TaskStoreError(
-                    f"task store {self._db.path}: sequence {chunk.sequence} "
-                    f"does not follow {highest}"
-                )
-            kept: OutputChunk | None = chunk
-            room = max(limit - stored, 0)
-            if truncated:  # cut once: what follows would leave a hole
-                kept = None
-            elif len(encoded) > room:
-                kept = chunk.replace_data(cut_utf8(encoded, room)) if room else None
-                truncated = 1
-            if kept is not None:
-                db.execute(
-                    "INSERT INTO output (attempt_id, stream, sequence, data, byte_count, "
-                    "truncated_locally, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (kept.execution_attempt_id, kept.stream, kept.sequence, kept.data,
-                     kept.byte_count, int(kept.truncated_locally), now),
-                )
-                stored += len(kept.data.encode("utf-8"))
-            db.execute(
-                "INSERT OR REPLACE INTO streams (attempt_id, stream, highest_sequence, "
-                "stored_bytes, truncated) VALUES (?, ?, ?, ?, ?)",
-                (chunk.execution_attempt_id, chunk.stream, chunk.sequence, stored, truncated),
+        row = db.execute(
+            "SELECT highest_sequence, stored_bytes, truncated FROM streams "
+            "WHERE attempt_id = ? AND stream = ?",
+            (chunk.execution_attempt_id, chunk.stream),
+        ).fetchone()
+        highest, stored, truncated = row if row is not None else (0, 0, 0)
+        if chunk.sequence != highest + 1:
+            raise TaskStoreError(
+                f"task store {self._db.path}: sequence {chunk.sequence} "
+                f"does not follow {highest}"
             )
-            if truncated or chunk.truncated_locally:
-                flagged = self._flag(db, chunk.execution_attempt_id, chunk.stream, now)
+        kept: OutputChunk | None = chunk
+        room = max(limit - stored, 0)
+        if truncated:  # cut once: what follows would leave a hole
+            kept = None
+        elif len(encoded) > room:
+            kept = chunk.replace_data(cut_utf8(encoded, room)) if room else None
+            truncated = 1
+        if kept is not None:
+            db.execute(
+                "INSERT INTO output (attempt_id, stream, sequence, data, byte_count, "
+                "truncated_locally, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (kept.execution_attempt_id, kept.stream, kept.sequence, kept.data,
+                 kept.byte_count, int(kept.truncated_locally), now),
+            )
+            stored += len(kept.data.encode("utf-8"))
+        db.execute(
+            "INSERT OR REPLACE INTO streams (attempt_id, stream, highest_sequence, "
+            "stored_bytes, truncated) VALUES (?, ?, ?, ?, ?)",
+            (chunk.execution_attempt_id, chunk.stream, chunk.sequence, stored, truncated),
+        )
+        if truncated or chunk.truncated_locally:
+            flagged = self._flag(db, chunk.execution_attempt_id, chunk.stream, now)
         return kept, flagged
 
     def skip(self, attempt_id: str, stream: str, highest: int, now: float) -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import builtins
 import secrets
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 from twisted.internet import defer
@@ -314,6 +315,10 @@ class TaskService:
     def handle(self, connection: InboundConnection, session: Session, envelope: Envelope) -> None:
         """A ``task.*`` message from the agent."""
         self.intake.handle(connection, session, envelope)
+
+    def batch(self, connection: InboundConnection) -> AbstractContextManager[None]:
+        """See :meth:`TaskIntake.batch <hostlink_tw.controlplane.taskintake.TaskIntake.batch>`."""
+        return self.intake.batch(connection)
 
     def agent_error(self, session: Session, envelope: Envelope) -> None:
         """An ``error`` from the agent (it may refuse a delivery)."""
