@@ -573,7 +573,9 @@ class Soak:
         if info.restarts and info.active_before_restart * 2 < info.restarts:
             ok = False
             self.out("  the agent was active before fewer than half the restarts -> FAIL")
-        log = (self.dir / "agent.log").read_text(errors="replace")
+        # twistd rotates its log file at 1 MB: read the rotated ones too.
+        log = "".join(path.read_text(errors="replace")
+                      for path in sorted(self.dir.glob("agent.log*")))
         sessions = log.count("session active")
         tracebacks = log.count("Traceback") + log.count("Unhandled Error")
         self.out(f"  agent log: {sessions} sessions became active, {tracebacks} tracebacks")
