@@ -40,7 +40,7 @@ from __future__ import annotations
 import platform
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import MultiService
 from twisted.copyright import version as twisted_version
@@ -51,7 +51,6 @@ from twisted.python.failure import Failure
 
 from hostlink_tw import __version__
 from hostlink_tw.agent.identity import load_agent_state, load_private_key
-from hostlink_tw.agent.pollingwiring import HTTPPaths, build_polling
 from hostlink_tw.agent.runner import TaskRunner
 from hostlink_tw.agent.tasks import TaskEngine, build_tasks
 from hostlink_tw.backoff import Backoff
@@ -60,6 +59,9 @@ from hostlink_tw.config import Settings
 from hostlink_tw.identity import IdentityError
 from hostlink_tw.safetext import escape_control, redact_url
 from hostlink_tw.signing import RequestSigner, SigningError
+
+if TYPE_CHECKING:
+    from hostlink_tw.agent.pollingwiring import HTTPPaths
 
 __all__ = ["HostlinkService"]
 
@@ -308,6 +310,10 @@ class HostlinkService(MultiService):
                 "are both off"
             )
         else:
+            # Imported here: twisted.web.client costs about 80 ms of every
+            # start, and an agent without tasks never polls.
+            from hostlink_tw.agent.pollingwiring import build_polling
+
             try:
                 self.http = build_polling(self.settings, signer, engine, client, self.reactor)
             except ValueError as e:

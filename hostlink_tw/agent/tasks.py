@@ -39,7 +39,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -49,8 +49,6 @@ from twisted.python.failure import Failure
 
 from hostlink_tw import __version__
 from hostlink_tw.agent.events import ClientEvent, Observers
-from hostlink_tw.agent.httpapi import PolledTask
-from hostlink_tw.agent.httpresults import HTTPResults
 from hostlink_tw.agent.interfaces import Channel
 from hostlink_tw.agent.leftovers import LeftoverGroups
 from hostlink_tw.agent.outbox import Outbox
@@ -91,6 +89,11 @@ from hostlink_tw.wire.vocabulary import (
     TASK_RECEIVED,
     TASK_STARTED,
 )
+
+if TYPE_CHECKING:
+    # Only what polling needs: twisted.web.client is not loaded by an agent that never polls.
+    from hostlink_tw.agent.httpapi import PolledTask
+    from hostlink_tw.agent.httpresults import HTTPResults
 
 __all__ = ["OUTBOX_RESENT", "TASK_ENDED", "RunnerLike", "TaskEngine", "TaskSettings",
            "build_tasks"]
@@ -240,6 +243,8 @@ class TaskEngine:
     def attach_api(self, api: Any) -> None:
         """The control plane's HTTP API (§9.1): results of ``http`` attempts are
         reported through it."""
+        from hostlink_tw.agent.httpresults import HTTPResults
+
         self.http_results = HTTPResults(
             self.store, api, self._clock, log=self.log,
             on_accepted=lambda m: self.spool.freed(m.byte_count),
