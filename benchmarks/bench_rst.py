@@ -10,13 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["section", "table", "verdict"]
+__all__ = ["NOT_JUDGED", "section", "table", "verdict"]
 
 
-def verdict(met: bool | None) -> str:
-    """``**met**``, ``**missed**``, or ``not run`` when nothing was measured."""
+#: The verdict of a figure measured at a smaller size than its target's.
+NOT_JUDGED = "not judged"
+
+
+def verdict(met: bool | None, unjudged: str = "not run") -> str:
+    """``**met**``, ``**missed**``, or ``unjudged`` when there is no verdict
+    (``not run``; a smaller run than the target's says ``not judged``)."""
     if met is None:
-        return "not run"
+        return unjudged
     return "**met**" if met else "**missed**"
 
 

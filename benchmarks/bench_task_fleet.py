@@ -47,6 +47,7 @@ from typing import Any
 
 from twisted.internet import defer, task
 
+from benchmarks.bench_rst import NOT_JUDGED, table, verdict
 from benchmarks.bench_storm import _ControlPlaneChild, _Fleet, recovery_bound
 from benchmarks.bench_support import (
     ChildProcess,
@@ -56,7 +57,6 @@ from benchmarks.bench_support import (
     rss_bytes,
     sleep,
 )
-from benchmarks.bench_task_support import rst_table, verdict
 
 __all__ = ["EXTRA_SECONDS", "FleetResult", "measure_fleet"]
 
@@ -115,7 +115,7 @@ class FleetResult:
             f"{measured} ({self.statuses.get('completed', 0):,} completed)",
             f"≤ {self.bound:.2f} s",
             "" if self.finals_after is None else f"{self.finals_after / self.bound:.2f} × limit",
-            verdict(self.met),
+            verdict(self.met, NOT_JUDGED),
         ]
 
     def detail_rst(self) -> str:
@@ -141,9 +141,9 @@ class FleetResult:
             ["control plane CPU over the same", f"{self.control_plane_cpu:.2f} s"],
         ]
         return (
-            self._intro() + rst_table(["measurement", "value"], rows)
+            self._intro() + table(["measurement", "value"], rows)
             + f"\n\nTarget: every final within the storm bound + {EXTRA_SECONDS:g} s = "
-            f"{self.bound:.2f} s: {verdict(self.met)}.\n" + self._profile_rst()
+            f"{self.bound:.2f} s: {verdict(self.met, NOT_JUDGED)}.\n" + self._profile_rst()
         )
 
     def _profile_rst(self) -> str:
@@ -155,7 +155,7 @@ class FleetResult:
         return (
             "\nWhere the fleet process's main thread went from the restart to the last "
             "final, in a profiled run (cProfile; it slows everything alike):\n\n"
-            + rst_table(["owner", "seconds", "share"], rows) + "\n"
+            + table(["owner", "seconds", "share"], rows) + "\n"
         )
 
     def _intro(self) -> str:

@@ -39,6 +39,7 @@ from typing import Any
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 
+from benchmarks.bench_rst import NOT_JUDGED, table, verdict
 from benchmarks.bench_support import (
     ChildProcess,
     Identity,
@@ -49,12 +50,10 @@ from benchmarks.bench_support import (
     spawn_agent,
 )
 from benchmarks.bench_task_support import (
-    rst_table,
     start_task_control_plane,
     store_count,
     task_agent_args,
     unacked_messages,
-    verdict,
 )
 
 __all__ = ["TARGET_SECONDS", "ReplayResult", "measure_replay"]
@@ -112,7 +111,7 @@ class ReplayResult:
             measured,
             f"≤ {self._limit():.2f} s",
             ratio,
-            verdict(self.met),
+            verdict(self.met, NOT_JUDGED),
         ]
 
     def _limit(self) -> float:
@@ -136,7 +135,7 @@ class ReplayResult:
             ("CPU over the replay: agent process",
              "" if self.agent_cpu is None else f"{self.agent_cpu:.2f} s"),
         ]
-        table = rst_table(["measurement", "value"], [list(r) for r in rows])
+        figures = table(["measurement", "value"], [list(r) for r in rows])
         return (
             "The agent's own task filled its store: a task printing exactly "
             f"{self.chunks:,} × {self.chunk_bytes:,} bytes while the control plane was "
@@ -147,10 +146,10 @@ class ReplayResult:
             "Timed at the control plane, from sending ``agent.hello_ack`` to storing and "
             "acking the last chunk (``output_replay`` asked for sequence 1: nothing was "
             "stored there).\n\n"
-            + table
+            + figures
             + self._cpu_text()
             + f"\n\nTarget ≤ {self._limit():g} s for {TARGET_CHUNKS:,} chunks: "
-            + (verdict(self.met) if self.met is not None else "not judged (a smaller run)")
+            + verdict(self.met, "not judged (a smaller run)")
             + ".\n"
         )
 

@@ -38,6 +38,7 @@ from typing import Any
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 
+from benchmarks.bench_rst import NOT_JUDGED, table, verdict
 from benchmarks.bench_support import (
     global_reactor,
     make_identity,
@@ -46,12 +47,10 @@ from benchmarks.bench_support import (
     spawn_agent,
 )
 from benchmarks.bench_task_support import (
-    rst_table,
     start_task_control_plane,
     store_count,
     store_files,
     task_agent_args,
-    verdict,
     write_bytes,
 )
 
@@ -148,7 +147,7 @@ class StoreResult:
             + ("" if amp is None else f"{amp:.1f} bytes written per output byte"),
             "bounded",
             f"{self.peak_attempts:,} attempts held at most",
-            verdict(self.met),
+            verdict(self.met, NOT_JUDGED),
         ]
 
     def detail_rst(self) -> str:
@@ -179,7 +178,7 @@ class StoreResult:
         quarters = self._quarters()
         return (
             _method() + "\n\n"
-            + rst_table(["measurement", "value"], rows)
+            + table(["measurement", "value"], rows)
             + "\n\nStore size over the run (largest sample in each quarter): "
             + ", ".join(f"{q / _MB:.2f} MiB" for q in quarters) + ".\n\n"
             + "Write amplification counts every byte the agent process caused to be "
@@ -189,7 +188,7 @@ class StoreResult:
             "pages plus its fsync, and checkpoints copy pages into the database file "
             "again.  It is a per-task cost, so it shrinks as output per task grows.\n\n"
             + f"Bounded (the second half of the run no larger than the first, +10 %): "
-            f"{verdict(self.met)}.\n"
+            f"{verdict(self.met, NOT_JUDGED)}.\n"
         )
 
     def _quarters(self) -> list[int]:

@@ -18,36 +18,16 @@ from benchmarks.bench_support import Identity
 
 __all__ = [
     "STORE_SUFFIXES",
-    "rst_table",
     "start_task_control_plane",
     "store_count",
     "store_files",
     "task_agent_args",
     "unacked_messages",
-    "verdict",
     "write_bytes",
 ]
 
 #: The files of one SQLite store in WAL mode.
 STORE_SUFFIXES = ("", "-wal", "-shm")
-
-
-def verdict(met: bool | None) -> str:
-    """The verdict cell of a summary row (as ``bench_report``'s)."""
-    if met is None:
-        return "not judged"
-    return "**met**" if met else "**missed**"
-
-
-def rst_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """An RST simple table."""
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    rule = "  ".join("=" * w for w in widths)
-    lines = [rule, "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip(),
-             rule]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-              for r in rows]
-    return "\n".join([*lines, rule])
 
 
 def task_agent_args(cp_port: int, tmp: str, *extra: str) -> list[str]:
