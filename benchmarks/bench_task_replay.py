@@ -49,7 +49,7 @@ from benchmarks.bench_support import (
     sleep,
     spawn_agent,
 )
-from benchmarks.bench_task_support import (
+from benchmarks.bench_tasks_support import (
     start_task_control_plane,
     store_count,
     task_agent_args,

@@ -46,7 +46,7 @@ from benchmarks.bench_support import (
     sleep,
     spawn_agent,
 )
-from benchmarks.bench_task_support import (
+from benchmarks.bench_tasks_support import (
     start_task_control_plane,
     store_count,
     store_files,

@@ -8,21 +8,42 @@ its local store in the same temporary directory, waits for the active
 session, and stops both (the agent with SIGTERM, then SIGKILL) when it is
 left.  :class:`WireClock` notes, on the control plane's side, when each
 ``task.deliver`` was written and when each ``task.final`` arrived.
+
+The pieces the replay, store and fleet benchmarks build their own runs from:
+the agent's task options (:func:`task_agent_args`), the in-process control
+plane with a tasks file (:func:`start_task_control_plane`), looks at an
+agent's store from outside, and ``/proc/PID/io``.
+
+Everything talks to 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from benchmarks.bench_support import ChildProcess, make_identity, spawn_agent
+from benchmarks.bench_support import ChildProcess, Identity, make_identity, spawn_agent
 
-__all__ = ["TaskRig", "WireClock", "commit_seconds", "filesystem_of"]
+__all__ = [
+    "STORE_SUFFIXES",
+    "TaskRig",
+    "WireClock",
+    "commit_seconds",
+    "filesystem_of",
+    "start_task_control_plane",
+    "store_count",
+    "store_files",
+    "task_agent_args",
+    "unacked_messages",
+    "write_bytes",
+]
 
 #: Seconds the agent may take to start and say hello.
 START_TIMEOUT = 60.0
@@ -168,18 +189,12 @@ class TaskRig:
         self.clock = WireClock()
 
     async def __aenter__(self) -> TaskRig:
-        from hostlink_tw.controlplane import start_control_plane
-
         self._tmp = tempfile.TemporaryDirectory(prefix="hostlink-bench-", dir=self._parent)
         self.directory = self._tmp.name
         try:
             identity = make_identity(os.path.join(self.directory, "agent"), self.agent_id)
-            self.cp = await start_control_plane(
-                {identity.agent_id: identity.key.public_key()},
-                ping_interval=0,
-                tasks_database=os.path.join(self.directory, "tasks.db"),
-                **self._cp_options,
-            )
+            self.cp = await start_task_control_plane([identity], self.directory,
+                                                     **self._cp_options)
             waiting = self.cp.wait_active(self.agent_id, timeout=START_TIMEOUT)
             # The HTTP paths (heartbeat, polling fallback) to this control plane too:
             # their default base URL is a public host.
@@ -236,3 +251,82 @@ class TaskRig:
             self.cp.tasks.wait_final(task.task_id, timeout=timeout),
             f"task {task.task_id} got no final",
         )
+
+
+#: The files of one SQLite store in WAL mode.
+STORE_SUFFIXES = ("", "-wal", "-shm")
+
+
+def task_agent_args(cp_port: int, tmp: str, *extra: str) -> list[str]:
+    """
+    The ``twistd hostlink`` options of an agent that takes tasks from the
+    control plane on 127.0.0.1:``cp_port`` (its HTTP paths too, so nothing
+    leaves the machine), with its store and task directory under ``tmp``.
+    """
+    return [
+        "--control-plane-url", f"http://127.0.0.1:{cp_port}",
+        "--enable-delivery", "--enable-results",
+        "--local-store-path", os.path.join(tmp, "agent.db"),
+        "--task-workdir", tmp,
+        "--reconnect-min", "100ms", "--reconnect-max", "1s",
+        "--task-kill-grace", "1s",
+        *extra,
+    ]
+
+
+async def start_task_control_plane(identities: Sequence[Identity], tmp: str, port: int = 0,
+                                   **options: Any) -> Any:
+    """The reference control plane on 127.0.0.1:``port``, its tasks in ``tmp``/cp.db."""
+    from hostlink_tw.controlplane import start_control_plane
+
+    return await start_control_plane(
+        {i.agent_id: i.key.public_key() for i in identities},
+        listen=f"tcp:{port}:interface=127.0.0.1",
+        ping_interval=0,
+        tasks_database=os.path.join(tmp, "cp.db"),
+        **options,
+    )
+
+
+def unacked_messages(path: str) -> int:
+    """Unacked messages in an agent store no agent has open (the store's own read)."""
+    from hostlink_tw.agent.store import Database
+
+    db = Database(path)
+    try:
+        return db.outbox_totals()[0]
+    finally:
+        db.close()
+
+
+def store_count(path: str, sql: str) -> int:
+    """
+    One ``count(*)`` from an agent's store, read-only: safe beside the running
+    agent (WAL).  0 when the file does not exist yet.
+    """
+    if not os.path.exists(path):
+        return 0
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        return int(conn.execute(sql).fetchone()[0])
+    finally:
+        conn.close()
+
+
+def store_files(path: str) -> dict[str, int]:
+    """Bytes of the store's database, WAL and shared-memory files (0 if absent)."""
+    sizes = {}
+    for suffix in STORE_SUFFIXES:
+        try:
+            sizes[suffix or "db"] = os.path.getsize(path + suffix)
+        except OSError:
+            sizes[suffix or "db"] = 0
+    return {k.lstrip("-"): v for k, v in sizes.items()}
+
+
+def write_bytes(pid: int) -> int:
+    """Bytes process ``pid`` caused to be written to storage (``/proc/PID/io``)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("write_bytes:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no write_bytes for pid {pid}")
