@@ -37,7 +37,7 @@ from twisted.internet import task
 
 from benchmarks.bench_rst import table, verdict
 from benchmarks.bench_support import cpu_seconds, rss_bytes
-from benchmarks.bench_tasks_support import TaskRig, filesystem_of
+from benchmarks.bench_tasks_support import CP_TASKS_FILE, TaskRig, filesystem_of
 from benchmarks.bench_ws_echo import echo_floor
 
 __all__ = ["TARGET_RATIO", "TARGET_RSS_GROWTH", "OutputResult", "measure_output",
@@ -249,7 +249,7 @@ async def measure_output(
         from_first = clock.finals[record.task_id] - clock.first_output[record.task_id]
         complete = (digest.hexdigest() == expected and record.status == "completed"
                     and not record.output_truncated)
-        cp_file = _file_bytes(os.path.join(rig.directory, "tasks.db"))
+        cp_file = _file_bytes(os.path.join(rig.directory, CP_TASKS_FILE))
         fs = filesystem_of(rig.directory)
         # The floor after the agent is stopped, so it has the machine to itself.
         if rig.agent is not None:

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 from benchmarks.bench_support import ChildProcess, Identity, make_identity, spawn_agent
 
 __all__ = [
+    "CP_TASKS_FILE",
     "STORE_SUFFIXES",
     "TaskRig",
     "WireClock",
@@ -253,6 +254,9 @@ class TaskRig:
         )
 
 
+#: The control plane's tasks file, in the directory given to start_task_control_plane.
+CP_TASKS_FILE = "cp.db"
+
 #: The files of one SQLite store in WAL mode.
 STORE_SUFFIXES = ("", "-wal", "-shm")
 
@@ -283,7 +287,7 @@ async def start_task_control_plane(identities: Sequence[Identity], tmp: str, por
         {i.agent_id: i.key.public_key() for i in identities},
         listen=f"tcp:{port}:interface=127.0.0.1",
         ping_interval=0,
-        tasks_database=os.path.join(tmp, "cp.db"),
+        tasks_database=os.path.join(tmp, CP_TASKS_FILE),
         **options,
     )
 
