@@ -581,6 +581,15 @@ class Driver:
 # --- the test case ---------------------------------------------------------------------
 
 
+def use_txaio_clock(test: Any) -> Clock:
+    """A Clock as txaio's loop for the rest of ``test`` (Autobahn's timers run on it)."""
+    clock = Clock()
+    loop = replace_loop(clock)
+    loop.__enter__()
+    test.addCleanup(loop.__exit__, None, None, None)
+    return clock
+
+
 class FuzzTestCase(SynchronousTestCase):
     """Shared set-up: txaio's loop on a Clock, a global log watch, example counting."""
 
@@ -592,10 +601,7 @@ class FuzzTestCase(SynchronousTestCase):
         # directory, the current one while a test runs, not into the checkout.
         set_hypothesis_home_dir(os.path.abspath(".hypothesis"))
         self.addCleanup(set_hypothesis_home_dir, None)
-        self.txaio_clock = Clock()
-        loop = replace_loop(self.txaio_clock)
-        loop.__enter__()
-        self.addCleanup(loop.__exit__, None, None, None)
+        self.txaio_clock = use_txaio_clock(self)
         self.global_events: list[LogEvent] = []
         globalLogPublisher.addObserver(self.global_events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.global_events.append)

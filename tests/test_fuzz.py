@@ -59,9 +59,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hypothesis import strategies as st
-from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
-from txaio.testutil import replace_loop
 
 from hostlink_tw.client import MAX_RESPONSE_HEAD_BYTES, ClientState
 from hostlink_tw.protocol import (
@@ -92,6 +90,7 @@ from .fuzz_support import (
     Send,
     Step,
     matching_hello_ack,
+    use_txaio_clock,
 )
 from .test_client_support import AGENT
 
@@ -469,10 +468,7 @@ class DriverTests(SynchronousTestCase):
     """The fuzz harness can fail: its oracle and its checks see what they must."""
 
     def setUp(self) -> None:
-        self.txaio_clock = Clock()
-        loop = replace_loop(self.txaio_clock)
-        loop.__enter__()
-        self.addCleanup(loop.__exit__, None, None, None)
+        self.txaio_clock = use_txaio_clock(self)
 
     def test_oracle(self) -> None:
         good = EnvelopeSpec("hello_ack").render("msg_5")
@@ -521,10 +517,7 @@ class FoundByFuzzingTests(SynchronousTestCase):
     """Minimal reproductions of what the fuzzing found, kept as regression tests."""
 
     def setUp(self) -> None:
-        self.txaio_clock = Clock()
-        loop = replace_loop(self.txaio_clock)
-        loop.__enter__()
-        self.addCleanup(loop.__exit__, None, None, None)
+        self.txaio_clock = use_txaio_clock(self)
 
     def test_upgrade_response_not_utf8_is_contained(self) -> None:
         """

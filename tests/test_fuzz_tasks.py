@@ -56,14 +56,12 @@ from typing import Any
 
 from hypothesis import strategies as st
 from twisted.internet.defer import succeed
-from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
-from txaio.testutil import replace_loop
 
 from hostlink_tw.agent.tasks import TaskEngine
 from hostlink_tw.wire.vocabulary import TASK_OUTPUT
 
-from .fuzz_support import Act, Advance, FuzzTestCase, Message, Send
+from .fuzz_support import Act, Advance, FuzzTestCase, Message, Send, use_txaio_clock
 from .fuzz_tasks_fakes import patch_processes, store_directory
 from .fuzz_tasks_support import (
     DELETE,
@@ -261,17 +259,18 @@ def _deliver_and_run(driver: TaskDriver, task: int = 0, attempt: int = 0) -> Non
     driver.run([Send((Message(Deliver(task, attempt)),)), StoreStep(0)])
 
 
-class TaskDriverTests(SynchronousTestCase):
-    """The phase-2 harness can fail: a broken engine or a broken check is caught."""
+class _HarnessCase(SynchronousTestCase):
+    """txaio on a Clock, a store directory, fake task processes."""
 
     def setUp(self) -> None:
-        self.txaio_clock = Clock()
-        loop = replace_loop(self.txaio_clock)
-        loop.__enter__()
-        self.addCleanup(loop.__exit__, None, None, None)
+        self.txaio_clock = use_txaio_clock(self)
         self.dir = store_directory()
         self.addCleanup(shutil.rmtree, self.dir, True)
         self.factory = patch_processes(self)
+
+
+class TaskDriverTests(_HarnessCase):
+    """The phase-2 harness can fail: a broken engine or a broken check is caught."""
 
     def driver(self, **kwargs: Any) -> TaskDriver:
         driver = TaskDriver(self.factory, self.dir, **kwargs)
@@ -407,17 +406,8 @@ class TaskDriverTests(SynchronousTestCase):
 
 
 
-class FoundByFuzzingTests(SynchronousTestCase):
+class FoundByFuzzingTests(_HarnessCase):
     """Minimal reproductions of what the phase-2 fuzzing found, kept as regression tests."""
-
-    def setUp(self) -> None:
-        self.txaio_clock = Clock()
-        loop = replace_loop(self.txaio_clock)
-        loop.__enter__()
-        self.addCleanup(loop.__exit__, None, None, None)
-        self.dir = store_directory()
-        self.addCleanup(shutil.rmtree, self.dir, True)
-        self.factory = patch_processes(self)
 
     def test_interrupted_finals_of_attempts_whose_ids_map_to_one(self) -> None:
         """
