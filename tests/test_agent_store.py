@@ -681,7 +681,7 @@ class StoredTextTests(StoreTestCase):
                b"\xff\xfe bad \xc3", bytes(range(256))]
         chunks = [("t1", "a1", f"m{n}", "stdout", n, output_payload("stdout", data),
                    len(data), 3.0) for n, data in enumerate(raw, 1)]
-        db.enqueue_outputs(chunks)
+        db.write_group([("output", chunk) for chunk in chunks])
         db.record_final("t1", "a1", "fin", {**FINAL, "output": "é\x00😀",
                                               "error": "\ufffd\u2029"}, 4.0)
         messages = db.unacked()

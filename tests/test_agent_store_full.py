@@ -72,7 +72,7 @@ class StoreFullTests(EngineTestCase):
     def test_a_chunk_that_found_the_disk_full_is_stored_in_order(self) -> Any:
         engine = yield self.engine()
         spec = yield self.start_one(engine)
-        calls = fail_next(engine.store, "enqueue_outputs", times=3)
+        calls = fail_next(engine.store, "write_group", times=3)
         for chunk in (b"one ", b"two ", b"three"):
             engine.output(spec, "stdout", chunk, False)
         yield self.settle(engine)
@@ -137,13 +137,13 @@ class LongFullDiskTests(EngineTestCase):
         spec = Spec("t", "a", "echo hi")
         self.assertTrue((yield engine.before_start(spec)))
         engine.started(spec, 0)
-        fail_next(store, "enqueue_outputs", times=10**6)
+        fail_next(store, "write_group", times=10**6)
         for _ in range(5):
             engine.output(spec, "stdout", b"x" * 14_000, False)
         yield self.settle(engine)
         self.flushLoggedErrors()
         db: Any = store._db
-        del db.enqueue_outputs  # room again: the class's own method
+        del db.write_group  # room again: the class's own method
         for _ in range(4):
             engine.output(spec, "stdout", b"y" * 12_500, False)
         yield self.settle(engine)

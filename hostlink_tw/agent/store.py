@@ -428,29 +428,6 @@ class Database(Reads):
             now, False,
         )
 
-    def enqueue_outputs(self, chunks: Sequence[tuple[Any, ...]]) -> list[StoredMessage]:
-        """
-        Store several output chunks (each the arguments of :meth:`enqueue_output`,
-        in order) in one transaction: one commit, one fsync, for all of them.
-        """
-        texts = [json.dumps(c[5], ensure_ascii=False, separators=(",", ":")) for c in chunks]
-
-        def go() -> None:
-            for (task_id, attempt_id, message_id, stream, sequence, _payload, byte_count,
-                 now), text in zip(chunks, texts, strict=True):
-                self._insert_message(
-                    (message_id, task_id, attempt_id, OUTPUT, stream, sequence, text,
-                     byte_count, now)
-                )
-
-        self._tx(go)
-        return [
-            StoredMessage(message_id, task_id, attempt_id, OUTPUT, stream, sequence, payload,
-                          byte_count, now, False)
-            for (task_id, attempt_id, message_id, stream, sequence, payload, byte_count, now)
-            in chunks
-        ]
-
     def write_group(self, items: Sequence[tuple[str, Any]]) -> list[Any]:
         """
         Several writes in one transaction, in order: each item is
@@ -827,9 +804,6 @@ class TaskStore:
     def _write_group(self, items: list[tuple[str, Any]]) -> list[Any]:
         """On the store's thread: one group (chunks, acks), one transaction
         (waiting for room on a full disk, as every other write does)."""
-        if all(kind == _GROUP_OUTPUT for kind, _ in items):
-            return cast("list[Any]", self._patiently("enqueue_outputs",
-                                                      [args for _, args in items]))
         return cast("list[Any]", self._patiently("write_group", items))
 
     def ack(self, message_id: str) -> Deferred[bool]:
